@@ -1,0 +1,42 @@
+"""fusedpeft: fused kernels for parameter-efficient fine-tuning.
+
+LoRA and IA3 on linear layers as single fused ops (Triton on CUDA, a pure-PyTorch backend
+everywhere), nn.Module replacements, an injector for any torch model, and adapter files in HF
+peft's format."""
+from . import ops
+from .backends import backend_counts, last_backend, use_backend
+from .config import IA3Config, LoraConfig
+from .inject import (
+    disable_adapters,
+    eject,
+    enable_adapters,
+    inject,
+    mark_only_adapters_trainable,
+    merge,
+    print_trainable_parameters,
+    set_adapter,
+    unmerge,
+)
+from .modules import IA3Linear, LoraLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IA3Config",
+    "IA3Linear",
+    "LoraConfig",
+    "LoraLinear",
+    "backend_counts",
+    "disable_adapters",
+    "eject",
+    "enable_adapters",
+    "inject",
+    "last_backend",
+    "mark_only_adapters_trainable",
+    "merge",
+    "ops",
+    "print_trainable_parameters",
+    "set_adapter",
+    "unmerge",
+    "use_backend",
+]

@@ -1,0 +1,130 @@
+"""Backend registry: each op (``lora_linear``, ``ia3_linear``, ...) has one or more implementations
+(``torch`` everywhere; ``triton`` and ``cuda`` where they are built). The choice, per call:
+
+1. a ``use_backend(name)`` context, innermost first;
+2. else the ``FUSEDPEFT_BACKEND`` environment variable (``torch``, ``triton``, ``cuda`` or ``auto``);
+3. else the highest-priority backend whose ``supports`` accepts the inputs (device, dtype, shape).
+
+A backend named by 1 or 2 that cannot take the inputs raises, naming why: a forced choice is
+never silently replaced by another. ``last_backend(op)`` says which implementation ran last.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+ENV_VAR = "FUSEDPEFT_BACKEND"
+
+
+@dataclass
+class Backend:
+    name: str
+    priority: int
+    # supports(*tensors, forced=bool) -> None when the backend can run these inputs, else the reason
+    # it cannot. `forced` is True when the user named this backend (some paths, such as Triton's
+    # CPU interpreter, are for testing and are never picked automatically).
+    supports: Callable[..., Optional[str]]
+    # Either the implementation itself or a zero-argument loader returning it (imported lazily so
+    # that `import fusedpeft` never imports triton or compiles CUDA code).
+    load: Callable[[], Any]
+    _impl: Any = None
+    _load_error: Optional[str] = None
+
+    def impl(self):
+        if self._impl is None:
+            self._impl = self.load()
+        return self._impl
+
+    def unavailable_reason(self) -> Optional[str]:
+        if self._impl is not None:
+            return None
+        if self._load_error is None:
+            try:
+                self.impl()
+            except Exception as exc:  # the reason is reported to whoever asks for this backend
+                self._load_error = f"{type(exc).__name__}: {exc}"
+        return self._load_error
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+_LAST: dict[str, str] = {}
+_COUNTS: dict[tuple[str, str], int] = {}
+_local = threading.local()
+
+
+def register(op: str, name: str, load: Callable[[], Any], supports: Callable[..., Optional[str]], priority: int):
+    _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load)
+
+
+def registered(op: str) -> list[str]:
+    return sorted(_REGISTRY.get(op, {}), key=lambda n: -_REGISTRY[op][n].priority)
+
+
+def _forced() -> Optional[str]:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    return None if value in ("", "auto") else value
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force one backend for every fusedpeft op inside the block (``"auto"`` restores the default)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def select(op: str, *tensors) -> tuple[str, Any]:
+    """Pick the backend for ``op`` on these inputs; returns (name, implementation)."""
+    backends = _REGISTRY.get(op)
+    if not backends:
+        raise KeyError(f"no backend registered for op {op!r}")
+    forced = _forced()
+    if forced is not None:
+        backend = backends.get(forced)
+        if backend is None:
+            raise RuntimeError(
+                f"{op}: backend {forced!r} was requested (use_backend / {ENV_VAR}) but {op} has "
+                f"only {registered(op)}"
+            )
+        reason = backend.unavailable_reason() or backend.supports(*tensors, forced=True)
+        if reason:
+            raise RuntimeError(f"{op}: backend {forced!r} was requested but cannot run these inputs: {reason}")
+        return _record(op, backend)
+    for name in registered(op):
+        backend = backends[name]
+        if backend.supports(*tensors, forced=False) is None and backend.unavailable_reason() is None:
+            return _record(op, backend)
+    raise RuntimeError(f"{op}: no registered backend accepts these inputs")
+
+
+def _record(op: str, backend: Backend):
+    _LAST[op] = backend.name
+    key = (op, backend.name)
+    _COUNTS[key] = _COUNTS.get(key, 0) + 1
+    return backend.name, backend.impl()
+
+
+def last_backend(op: str) -> Optional[str]:
+    """Name of the backend that ran ``op`` most recently in this process (None if it never ran)."""
+    return _LAST.get(op)
+
+
+def backend_counts() -> dict[tuple[str, str], int]:
+    """How many calls each (op, backend) pair has served in this process."""
+    return dict(_COUNTS)
+
+
+def reset_counts():
+    _LAST.clear()
+    _COUNTS.clear()

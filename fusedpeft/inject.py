@@ -1,0 +1,297 @@
+"""The patcher: put fusedpeft adapter layers into any torch model in place, and take them out.
+
+Every function validates first and changes the model only once all checks passed, so a failed call
+leaves the model as it was."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import IA3Config, LoraConfig, _AdapterConfig, matches
+from .modules import AdapterLayer, IA3Linear, LoraLinear, ModulesToSaveWrapper, is_conv1d
+
+CONFIG_ATTR = "fusedpeft_config"  # {adapter_name: config} kept on the patched model
+_STATE_ATTR = "_fusedpeft_requires_grad"  # {parameter: requires_grad before the first inject}
+
+LAYER_CLASSES = {"LORA": LoraLinear, "IA3": IA3Linear}
+ADAPTER_PARAM_MARKERS = ("lora_", "ia3_l")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    """The output head that 'all-linear' leaves out (peft's rule)."""
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if head is not None:
+            names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _candidate_modules(model: nn.Module):
+    """(name, module) of the model's own modules: the insides of adapter layers and the copies held
+    by modules_to_save wrappers are not targets."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            skip.append(name)
+        yield name, module
+
+
+def find_targets(model: nn.Module, config: _AdapterConfig) -> list[str]:
+    """Names of the modules ``config`` adapts; raises naming the problem when a target is missing
+    or is not a linear layer."""
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError("target_modules must be given: a list of module-name suffixes, a regex, or 'all-linear'")
+    modules = list(_candidate_modules(model))
+    if spec == "all-linear" or spec == ["all-linear"]:
+        heads = _output_layer_names(model)
+        targets = [n for n, m in modules if (_is_linear(m) or isinstance(m, AdapterLayer)) and n not in heads]
+    else:
+        targets = [n for n, _ in modules if matches(spec, n)]
+        if isinstance(spec, list):
+            missing = [key for key in spec if not any(n == key or n.endswith("." + key) for n in targets)]
+            if missing:
+                raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
+    if config.exclude_modules is not None:
+        targets = [n for n in targets if not matches(config.exclude_modules, n)]
+    if not targets:
+        raise ValueError(f"target_modules {spec!r} match no module of {type(model).__name__}")
+    modules = dict(modules)
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in targets if not (_is_linear(modules[n]) or isinstance(modules[n], AdapterLayer))]
+    if bad:
+        raise TypeError(f"fusedpeft adapts linear layers (nn.Linear, transformers Conv1D) only; these targets are not: {bad}")
+    return targets
+
+
+def _new_layer(config: _AdapterConfig, name: str, base: nn.Module, adapter_name: str, autocast_adapter_dtype: bool):
+    if isinstance(config, LoraConfig):
+        r, alpha = config.rank_and_alpha(name)
+        return LoraLinear(
+            base, adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+            fan_in_fan_out=config.fan_in_fan_out, autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+    if isinstance(config, IA3Config):
+        return IA3Linear(
+            base, adapter_name, is_feedforward=config.is_feedforward(name),
+            init_ia3_weights=config.init_ia3_weights, fan_in_fan_out=config.fan_in_fan_out,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+    raise TypeError(f"unsupported config type {type(config).__name__}")
+
+
+def _add_to_layer(layer: AdapterLayer, config: _AdapterConfig, name: str, adapter_name: str, autocast_adapter_dtype: bool):
+    if isinstance(config, LoraConfig):
+        r, alpha = config.rank_and_alpha(name)
+        layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, autocast_adapter_dtype)
+    else:
+        layer.update_layer(adapter_name, config.init_ia3_weights, autocast_adapter_dtype)
+
+
+def inject(
+    model: nn.Module,
+    config: _AdapterConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
+    """Patch ``model`` in place with the adapter ``config`` describes and return it.
+
+    Targeted nn.Linear / Conv1D modules become LoraLinear / IA3Linear wrapping the same module
+    (no weight copy); a target that already holds adapters of the same method gets one more.
+    Only the adapter (plus modules_to_save, plus biases as ``config.bias`` says) is left trainable.
+    With autocast_adapter_dtype, adapter weights of a bf16/fp16 base are kept in float32 (peft's
+    default)."""
+    if not isinstance(config, (LoraConfig, IA3Config)):
+        raise TypeError(f"config must be a fusedpeft LoraConfig or IA3Config, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    configs = getattr(model, CONFIG_ATTR, {})
+    if adapter_name in configs:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    targets = find_targets(model, config)
+    layer_cls = LAYER_CLASSES[config.peft_type]
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer) and not isinstance(module, layer_cls):
+            raise TypeError(
+                f"{name} already holds {type(module).__name__} adapters; one layer takes one method "
+                f"({config.peft_type} asked)"
+            )
+    save_names = _modules_to_save_names(model, config)
+
+    # All checks passed: change the model.
+    if not hasattr(model, _STATE_ATTR):
+        object.__setattr__(model, _STATE_ATTR, {p: p.requires_grad for p in model.parameters()})
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            _add_to_layer(module, config, name, adapter_name, autocast_adapter_dtype)
+        else:
+            parent, child = _parent(model, name)
+            setattr(parent, child, _new_layer(config, name, module, adapter_name, autocast_adapter_dtype))
+    for name in save_names:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        else:
+            parent, child = _parent(model, name)
+            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+    object.__setattr__(model, CONFIG_ATTR, {**configs, adapter_name: config})
+    mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
+    return model
+
+
+def _modules_to_save_names(model: nn.Module, config: _AdapterConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in _candidate_modules(model) if matches(list(config.modules_to_save), n)]
+    missing = [k for k in config.modules_to_save if not any(n == k or n.endswith("." + k) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    return names
+
+
+def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+
+
+def _wrappers(model: nn.Module):
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+
+
+def _require_adapters(model: nn.Module):
+    if not any(True for _ in adapter_layers(model)):
+        raise ValueError(f"{type(model).__name__} has no fusedpeft adapter layers (call fusedpeft.inject first)")
+
+
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> nn.Module:
+    """Fold the (active, or named) adapters into every adapted layer's base weight."""
+    _require_adapters(model)
+    for _, layer in adapter_layers(model):
+        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.adapter_names]
+        layer.merge(safe_merge=safe_merge, adapter_names=names)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    _require_adapters(model)
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_names: Union[str, list[str]]) -> nn.Module:
+    """Make the named adapter(s) active (and trainable) in every layer that has them."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = set(getattr(model, CONFIG_ATTR, {}))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"adapter(s) {unknown} not found; the model has {sorted(known)}")
+    for _, layer in adapter_layers(model):
+        present = [n for n in names if n in layer.adapter_names]
+        if present:
+            layer.set_adapter(present)
+        else:
+            layer._active_adapter = []  # this layer has none of them: it runs as the base
+    for _, wrapper in _wrappers(model):
+        wrapper.set_adapter(names)
+    return model
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
+    for _, m in list(adapter_layers(model)) + list(_wrappers(model)):
+        m.enable_adapters(enabled)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block the model computes its base outputs bit for bit."""
+    enable_adapters(model, False)
+    try:
+        yield model
+    finally:
+        enable_adapters(model, True)
+
+
+def eject(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Take every fusedpeft layer out again. With merge=False the original modules come back as the
+    same objects with their weights bit for bit (any merged adapter is unmerged first, which is
+    exact up to one rounding) and their requires_grad flags as before inject; with merge=True the
+    active adapters are folded in first and modules_to_save keep their trained copies."""
+    for name, layer in list(adapter_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        parent, child = _parent(model, name)
+        setattr(parent, child, layer.base_layer)
+    for name, wrapper in list(_wrappers(model)):
+        parent, child = _parent(model, name)
+        keep = wrapper.modules_to_save[wrapper.active_adapters[0]] if merge and wrapper.active_adapters else wrapper.original_module
+        setattr(parent, child, keep)
+    flags = getattr(model, _STATE_ATTR, {})
+    for p in model.parameters():
+        if p in flags:
+            p.requires_grad_(flags[p])
+    for attr in (CONFIG_ATTR, _STATE_ATTR):
+        if attr in model.__dict__:
+            object.__delattr__(model, attr)
+    return model
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_PARAM_MARKERS)
+
+
+def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
+    """Freeze everything but the active adapters' parameters and modules_to_save copies.
+    bias: "none", "all" (every bias in the model trains) or "lora_only" (biases of adapted layers)."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        if layer.active_adapters:
+            layer.set_adapter(layer.active_adapters)
+        if bias == "lora_only" and layer.base_layer.bias is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in _wrappers(model):
+        wrapper.set_adapter(wrapper.active_adapters)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints peft's line: trainable params: N || all params: N || trainable%: P."""
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")

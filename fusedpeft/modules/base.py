@@ -1,0 +1,218 @@
+"""What every adapter layer shares: the wrapped frozen base layer, named adapters with one or more
+active, enable/disable and merge bookkeeping. Attribute and method names follow peft's
+BaseTunerLayer (``base_layer``, ``active_adapters``, ``merged_adapters``, ``set_adapter``,
+``enable_adapters``, ``merge``, ``unmerge``) so that code written against peft keeps working and
+parameter names stay identical."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style): a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"{type(module).__name__} is not a linear layer (nn.Linear or transformers Conv1D)")
+
+
+class AdapterLayer(nn.Module):
+    """Base of LoraLinear / IA3Linear. Subclasses name their per-adapter containers in
+    ``adapter_layer_names`` and implement ``update_layer``, ``_adapted_forward``, ``_delta_merge``."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear_shape(base_layer)
+        if is_conv1d(base_layer) and not fan_in_fan_out:
+            warnings.warn("the target is a transformers Conv1D (weight stored as (in, out)): setting fan_in_fan_out=True")
+            fan_in_fan_out = True
+        elif isinstance(base_layer, nn.Linear) and fan_in_fan_out:
+            warnings.warn("fan_in_fan_out=True but the target is an nn.Linear: setting fan_in_fan_out=False")
+            fan_in_fan_out = False
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ peft-style bookkeeping
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), a view (no copy) for Conv1D."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_layer_names[0]).keys())
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: Union[str, Iterable[str]]):
+        """Make these adapters active (and trainable); the others stay but neither run nor train."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise KeyError(f"adapter(s) {unknown} not found in this layer; it has {self.adapter_names}")
+        for layer_name in self.adapter_layer_names:
+            for key, module in getattr(self, layer_name).items():
+                params = [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+                for p in params:
+                    p.requires_grad_(key in names)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool):
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str):
+        if adapter_name not in self.adapter_names:
+            raise KeyError(f"adapter {adapter_name!r} not found; this layer has {self.adapter_names}")
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weight: unmerge it before deleting it")
+        for layer_name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, layer_name)
+            if adapter_name in container:
+                del container[adapter_name]
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+
+    def _check_new_adapter(self, adapter_name: str):
+        if adapter_name in self.adapter_names:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+
+    def _adapter_param_device_dtype(self, autocast_adapter_dtype: bool):
+        w = self.base_layer.weight
+        dtype = w.dtype
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # float32 master weights for the adapter, as peft does by default
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        return w.device, dtype
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None):
+        """Fold adapters (default: the active ones) into the base weight in place. The update is
+        computed in float32 (float64 for a float64 base) and rounded once. With safe_merge the
+        merged weight is checked for NaN/Inf before it is written."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name in self.merged_adapters:
+                warnings.warn(f"adapter {name!r} is already merged; skipping")
+                continue
+            if name not in self.adapter_names:
+                raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
+            self._merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self):
+        """Undo merge(), newest first. Restores the base weight up to one rounding of its dtype."""
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _write_base(self, new_weight: torch.Tensor, new_bias: Optional[torch.Tensor], safe_merge: bool, name: str):
+        if safe_merge:
+            for t in (new_weight, new_bias):
+                if t is not None and not torch.isfinite(t).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base layer; nothing was changed")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(new_weight.T if self.fan_in_fan_out else new_weight)
+            if new_bias is not None:
+                self.base_layer.bias.copy_(new_bias)
+
+    @staticmethod
+    def _merge_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or not self._active_adapter:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained whole (peft's modules_to_save): the original stays untouched for eject,
+    each adapter trains its own copy. Parameter names match peft's
+    (``original_module.*``, ``modules_to_save.<adapter>.*``)."""
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str):
+        import copy
+
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+        self.set_adapter(adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def set_adapter(self, adapter_names):
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [n for n in names if n in self.modules_to_save]
+        for key, module in self.modules_to_save.items():
+            for p in module.parameters():
+                p.requires_grad_(key in names[:1])
+        self._active_adapter = names[:1]
+
+    def enable_adapters(self, enabled: bool):
+        self._disable_adapters = not enabled
+
+    def forward(self, *args, **kwargs):
+        if self._disable_adapters or not self._active_adapter:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self._active_adapter[0]](*args, **kwargs)

@@ -1,0 +1,6 @@
+"""Functional ops, one file per method: the float reference, the autograd Function and the backend
+dispatch."""
+from .ia3 import ia3_linear, ia3_linear_reference
+from .lora import lora_linear, lora_linear_reference
+
+__all__ = ["ia3_linear", "ia3_linear_reference", "lora_linear", "lora_linear_reference"]

@@ -1,0 +1,69 @@
+"""Argument checks and dtype handling shared by every op (one place, so every method reports bad
+input the same way)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes in: the base layer's, or autocast's when autocast is on."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"{op}: x has last dimension {x.shape[-1]} but the layer takes in_features={in_features} "
+            f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise TypeError(
+            f"{op}: x is {x.dtype} but the base weight is {weight.dtype}; cast x (or run under "
+            f"torch.autocast) so both share one dtype"
+        )
+
+
+def check_adapter_tensor(op: str, name: str, t: torch.Tensor, shape: tuple, weight: torch.Tensor):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != weight.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
+
+
+def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    # Adapter weights are often kept in float32 beside a bf16 base (peft's default): they are cast
+    # to the compute dtype here, outside the autograd Function, so their gradients come back in
+    # their own dtype through autograd's cast.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """(*, K) -> (M, K) without a copy when the layout allows it."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Column sums (gradients of bias / per-channel scales) accumulated in float32 at least.
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.sum(0, dtype=acc).to(dtype)

@@ -1,0 +1,166 @@
+"""LoRA linear: y = x W^T + b + scaling * (dropout(x) A^T) B^T.
+
+Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r). This file holds the float reference, the
+``torch`` backend (hand-written forward/backward, any device), the autograd Function and the
+backend dispatch. Faster backends implement the same three functions (``forward``, ``backward``,
+``dropout_mask``) on 2-D inputs and register below.
+
+Dropout is never stored: the forward draws a seed, the mask is a pure function of (seed, shape,
+p, device) and the backward regenerates it. The low-rank activation u = dropout(x) A^T (M x r)
+is recomputed in the backward rather than saved: M*K*r FLOPs, r/N of the base GEMM.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+
+from .. import backends
+from . import _common
+
+OP = "lora_linear"
+
+
+# ----------------------------------------------------------------------------- reference
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0):
+    """The formula, written plainly; tests run it in float64. ``dropout_mask`` (same shape as x,
+    0/1) and ``dropout_p`` give dropout(x) = x * mask / (1 - p)."""
+    x_lora = x if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
+    y = x @ weight.T + scaling * ((x_lora @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """0/1 float32 mask of ``shape``, keep probability 1 - p; a pure function of its arguments
+    (drawn in float32 whatever the compute dtype, so forward and backward see the same mask)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen)
+
+
+def _masked(x, dropout_p, seed):
+    """x * mask, exact in any dtype. The 1 / (1 - p) of inverted dropout is folded into the
+    scalar that multiplies the rank-r products instead: rounding x / (1 - p) to bf16 element-wise
+    would be amplified by cancellation in x A^T."""
+    if dropout_p == 0.0:
+        return x
+    return x * _torch_dropout_mask(seed, x.shape, dropout_p, x.device).to(x.dtype)
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    u = _masked(x, dropout_p, seed) @ lora_A.T  # (M, r)
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    return y.addmm_(u, lora_B.T, alpha=scaling / (1.0 - dropout_p))
+
+
+def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
+    need_x, need_w, need_b, need_A, need_B = needs
+    s = scaling / (1.0 - dropout_p)
+    x_masked = _masked(x, dropout_p, seed)
+    g_low = grad_y @ lora_B  # (M, r): grad_y through B
+    grad_x = grad_w = grad_b = grad_A = grad_B = None
+    if need_x:
+        # d dropout(x)/dx = mask / (1 - p): the mask applied to the low-rank gradient.
+        grad_x = torch.addmm(_masked(g_low @ lora_A, dropout_p, seed), grad_y, weight, alpha=1.0, beta=s)
+    if need_w:
+        grad_w = grad_y.T @ x
+    if need_b:
+        grad_b = _common.sum_rows(grad_y, grad_y.dtype)
+    if need_A:
+        grad_A = (g_low.T @ x_masked) * s
+    if need_B:
+        grad_B = (grad_y.T @ (x_masked @ lora_A.T)) * s
+    return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+torch_backend = types.SimpleNamespace(
+    forward=_torch_forward, backward=_torch_backward, dropout_mask=_torch_dropout_mask
+)
+
+
+def _torch_supports(x, weight, forced=False):
+    return None
+
+
+backends.register(OP, "torch", load=lambda: torch_backend, supports=_torch_supports, priority=0)
+
+
+def _load_triton():
+    from .._kernels import triton_kernels
+
+    return triton_kernels.lora
+
+
+def _triton_supports(x, weight, forced=False):
+    from .._kernels import triton_usable
+
+    return triton_usable(x, weight, forced)
+
+
+backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10)
+
+
+# ----------------------------------------------------------------------------- autograd
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+        name, impl = backends.select(OP, x, weight)
+        x2 = _common.flatten_rows(x)
+        y = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.impl, ctx.scaling, ctx.dropout_p, ctx.seed = impl, scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        needs = (need_x, need_w, need_b and ctx.has_bias, need_A, need_B)
+        g2 = _common.flatten_rows(grad_out.contiguous())
+        gx, gw, gb, gA, gB = ctx.impl.backward(
+            g2, _common.flatten_rows(x), weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, needs
+        )
+        if gx is not None:
+            gx = gx.reshape(x.shape)
+        return gx, gw, gb, gA, gB, None, None, None
+
+
+def _new_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """x W^T + b + scaling * (dropout(x) A^T) B^T over any leading shape of x.
+
+    weight: (N, K) frozen base; lora_A: (r, K); lora_B: (N, r). Dropout applies to the LoRA
+    input only, and only when ``training``. Adapter tensors in another float dtype (float32
+    master weights beside a bf16 base) are cast to the compute dtype.
+    """
+    _common.check_linear_inputs(OP, x, weight, bias)
+    if lora_A.dim() != 2:
+        raise ValueError(f"{OP}: lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"{OP}: LoRA rank must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    _common.check_adapter_tensor(OP, "lora_A", lora_A, (r, weight.shape[1]), weight)
+    _common.check_adapter_tensor(OP, "lora_B", lora_B, (weight.shape[0], r), weight)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    dtype = _common.compute_dtype(x, weight)
+    args = [_common.cast(t, dtype) for t in (x, weight, bias, lora_A, lora_B)]
+    p = float(dropout_p) if training else 0.0
+    seed = _new_seed() if p > 0.0 else 0
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraLinearFunction.apply(*args, float(scaling), p, seed)

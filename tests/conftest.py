@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run through Triton's CPU interpreter. It must be switched on before
+# any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A new seed every run (printed on failure through the test id's log) so inputs are random each
+    # time, yet a failure can be replayed with FUSEDPEFT_TEST_SEED.
+    seed = int(os.environ.get("FUSEDPEFT_TEST_SEED", torch.seed() % (2**31)))
+    torch.manual_seed(seed)
+    print(f"seed={seed}")
+    yield

@@ -1,0 +1,176 @@
+"""Every op against its float64 reference: output and every gradient, over ragged shapes, 3-D input,
+M=0 and M=1, fp32 and bf16, each backend the op has."""
+import pytest
+import torch
+
+import fusedpeft
+from fusedpeft.ops import ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference
+from fusedpeft.ops import lora as lora_mod
+
+from helpers import BACKENDS, assert_close, leaf
+
+# (leading shape of x, K, N): sizes off any block multiple, 3-D input, M=1 and M=0.
+SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40), ((19,), 72, 8)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(lead, K, N, dtype, bias):
+    x = leaf(torch.randn(*lead, K), dtype)
+    W = leaf(torch.randn(N, K) / K**0.5, dtype)
+    b = leaf(torch.randn(N), dtype) if bias else None
+    return x, W, b
+
+
+def _check_grads(names, tensors, refs, dtype, what):
+    for name, t, r in zip(names, tensors, refs):
+        if t is not None:
+            assert t.grad is not None, f"{what}: no gradient for {name}"
+            assert_close(t.grad, r.grad, dtype, f"{what} grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS["lora_linear"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("r", [1, 8])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_matches_reference(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch):
+    x, W, b = _inputs(lead, K, N, dtype, bias)
+    A = leaf(torch.randn(r, K) / K**0.5, dtype)
+    B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never B = 0: that would hide the low-rank path
+    scaling = 1.7
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda: seed)
+    with fusedpeft.use_backend(backend):
+        y = lora_linear(x, W, b, A, B, scaling, dropout_p=dropout, training=True)
+    assert fusedpeft.last_backend("lora_linear") == backend
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    mask = None
+    if dropout:
+        from fusedpeft import backends
+
+        impl = backends._REGISTRY["lora_linear"][backend].impl()
+        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
+    y_ref = lora_linear_reference(*refs, scaling, dropout_mask=mask, dropout_p=dropout)
+    y_ref.backward(g.double())
+    what = f"lora[{backend}]"
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert_close(y, y_ref, dtype, what)
+    _check_grads("xWbAB", (x, W, b, A, B), refs, dtype, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["lora_linear"])
+def test_dropout_mask_keeps_one_minus_p(backend):
+    from fusedpeft import backends
+
+    impl = backends._REGISTRY["lora_linear"][backend].impl()
+    mask = impl.dropout_mask(1234, (64, 160), 0.25, torch.device("cpu"))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - 0.75) < 0.02
+    assert torch.equal(mask, impl.dropout_mask(1234, (64, 160), 0.25, torch.device("cpu"))), "mask not a function of the seed"
+    assert not torch.equal(mask, impl.dropout_mask(1235, (64, 160), 0.25, torch.device("cpu")))
+
+
+def test_lora_dropout_off_at_eval_and_fresh_mask_per_call():
+    x, W, b = _inputs((50,), 32, 16, torch.float64, True)
+    A, B = leaf(torch.randn(4, 32), torch.float64), leaf(torch.randn(16, 4), torch.float64)
+    y_eval = lora_linear(x, W, b, A, B, 2.0, dropout_p=0.5, training=False)
+    assert_close(y_eval, lora_linear_reference(x, W, b, A, B, 2.0), torch.float64, "eval ignores dropout")
+    y1 = lora_linear(x, W, b, A, B, 2.0, dropout_p=0.5, training=True)
+    y2 = lora_linear(x, W, b, A, B, 2.0, dropout_p=0.5, training=True)
+    assert not torch.equal(y1, y2), "two training calls drew the same dropout mask"
+
+
+@pytest.mark.parametrize("backend", BACKENDS["ia3_linear"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, bias):
+    x, W, b = _inputs(lead, K, N, dtype, bias)
+    scale = leaf(torch.randn(K if feedforward else N), dtype)  # never all ones
+    with fusedpeft.use_backend(backend):
+        y = ia3_linear(x, W, b, scale, feedforward)
+    assert fusedpeft.last_backend("ia3_linear") == backend
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, scale)]
+    y_ref = ia3_linear_reference(*refs, feedforward)
+    y_ref.backward(g.double())
+    what = f"ia3[{backend}, ff={feedforward}]"
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert_close(y, y_ref, dtype, what)
+    _check_grads(("x", "W", "b", "l"), (x, W, b, scale), refs, dtype, what)
+
+
+def test_float32_adapter_beside_bf16_base_gets_float32_grads():
+    x, W, b = _inputs((9,), 24, 16, torch.bfloat16, True)
+    W.requires_grad_(False)
+    A, B = leaf(torch.randn(4, 24)), leaf(torch.randn(16, 4))
+    y = lora_linear(x, W, b, A, B, 0.5)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    assert W.grad is None
+    ref = lora_linear_reference(*(t.detach().double() for t in (x, W, b, A, B)), 0.5)
+    assert_close(y, ref, torch.bfloat16, "mixed dtypes")
+
+
+def test_autocast_runs_in_autocast_dtype():
+    x, W, b = _inputs((7,), 16, 12, torch.float32, True)
+    A, B = leaf(torch.randn(2, 16)), leaf(torch.randn(12, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, b, A, B, 1.0)
+        z = ia3_linear(x, W, b, leaf(torch.randn(12)), False)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.bfloat16
+    assert_close(y, lora_linear_reference(*(t.detach().double() for t in (x, W, b, A, B)), 1.0), torch.bfloat16, "autocast")
+
+
+def test_nan_and_inf_pass_through_like_the_reference():
+    x, W, b = _inputs((4,), 8, 6, torch.float32, True)
+    x = x.detach().clone()
+    x[1, 2] = float("nan")
+    x[2, 3] = float("inf")
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    y = lora_linear(x, W.detach(), b.detach(), A, B, 1.0)
+    ref = lora_linear_reference(x, W.detach(), b.detach(), A, B, 1.0)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: lora_linear(torch.randn(3, 5), torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 2), 1.0), "last dimension 5"),
+        (lambda: lora_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(2, 5), torch.randn(4, 2), 1.0), "lora_A must have shape"),
+        (lambda: lora_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 3), 1.0), "lora_B must have shape"),
+        (lambda: lora_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(0, 6), torch.randn(4, 0), 1.0), "rank must be >= 1"),
+        (lambda: lora_linear(torch.randn(3, 6, dtype=torch.bfloat16), torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 2), 1.0), "x is torch.bfloat16 but the base weight is torch.float32"),
+        (lambda: lora_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(5), torch.randn(2, 6), torch.randn(4, 2), 1.0), "bias must have shape"),
+        (lambda: lora_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 2), 1.0, dropout_p=1.0), "dropout_p"),
+        (lambda: lora_linear(torch.ones(3, 6, dtype=torch.int32), torch.ones(4, 6, dtype=torch.int32), None, torch.randn(2, 6), torch.randn(4, 2), 1.0), "floating-point"),
+        (lambda: ia3_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(6), False), "4 entries"),
+        (lambda: ia3_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(4), True), "6 entries"),
+    ],
+)
+def test_bad_input_raises_clear_error(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_forced_backend_that_cannot_run_raises():
+    x, W = torch.randn(2, 4), torch.randn(3, 4)
+    with fusedpeft.use_backend("nonexistent"), pytest.raises(RuntimeError, match="has only"):
+        lora_linear(x, W, None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("FUSEDPEFT_BACKEND", "torch")
+    lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+    assert fusedpeft.last_backend("lora_linear") == "torch"
+    monkeypatch.setenv("FUSEDPEFT_BACKEND", "nonexistent")
+    with pytest.raises(RuntimeError, match="nonexistent"):
+        lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
