@@ -2,12 +2,13 @@
 
 Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r). This file holds the float reference, the
 ``torch`` backend (hand-written forward/backward, any device), the autograd Function and the
-backend dispatch. Faster backends implement the same three functions (``forward``, ``backward``,
-``dropout_mask``) on 2-D inputs and register below.
+backend dispatch. Faster backends implement the same three functions on 2-D inputs and register
+below: ``forward(...) -> (y, saved)``, ``backward(..., needs, saved) -> grads`` (``saved`` is the
+small tensors the forward chose to keep, here u) and ``dropout_mask(seed, shape, p, device)``.
 
 Dropout is never stored: the forward draws a seed, the mask is a pure function of (seed, shape,
 p, device) and the backward regenerates it. The low-rank activation u = dropout(x) A^T (M x r)
-is recomputed in the backward rather than saved: M*K*r FLOPs, r/N of the base GEMM.
+is saved: M*r values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
 """
 from __future__ import annotations
 
@@ -50,15 +51,15 @@ def _masked(x, dropout_p, seed):
 
 
 def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    u = _masked(x, dropout_p, seed) @ lora_A.T  # (M, r)
+    u = _masked(x, dropout_p, seed) @ lora_A.T  # (M, r), saved for grad_B
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    return y.addmm_(u, lora_B.T, alpha=scaling / (1.0 - dropout_p))
+    return y.addmm_(u, lora_B.T, alpha=scaling / (1.0 - dropout_p)), (u,)
 
 
-def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs):
+def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
     need_x, need_w, need_b, need_A, need_B = needs
+    (u,) = saved
     s = scaling / (1.0 - dropout_p)
-    x_masked = _masked(x, dropout_p, seed)
     g_low = grad_y @ lora_B  # (M, r): grad_y through B
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x:
@@ -69,9 +70,9 @@ def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed,
     if need_b:
         grad_b = _common.sum_rows(grad_y, grad_y.dtype)
     if need_A:
-        grad_A = (g_low.T @ x_masked) * s
+        grad_A = (g_low.T @ _masked(x, dropout_p, seed)) * s
     if need_B:
-        grad_B = (grad_y.T @ (x_masked @ lora_A.T)) * s
+        grad_B = (grad_y.T @ u) * s
     return grad_x, grad_w, grad_b, grad_A, grad_B
 
 
@@ -108,20 +109,20 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
         name, impl = backends.select(OP, x, weight)
         x2 = _common.flatten_rows(x)
-        y = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        y, saved = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, *saved)
         ctx.impl, ctx.scaling, ctx.dropout_p, ctx.seed = impl, scaling, dropout_p, seed
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B = ctx.saved_tensors
+        x, weight, lora_A, lora_B, *saved = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         needs = (need_x, need_w, need_b and ctx.has_bias, need_A, need_B)
         g2 = _common.flatten_rows(grad_out.contiguous())
         gx, gw, gb, gA, gB = ctx.impl.backward(
-            g2, _common.flatten_rows(x), weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, needs
+            g2, _common.flatten_rows(x), weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, needs, saved
         )
         if gx is not None:
             gx = gx.reshape(x.shape)

@@ -1,0 +1,254 @@
+"""The one GEMM core every method shares: out = epilogue(a @ w^T), persistent and tiled.
+
+    out[M, N] = a[M, K] @ w^T                  w stored [N, K] (W_KMAJOR, nn.Linear) or [K, N]
+              + scale * (lr @ q^T) (* mask)    low-rank term: lr[M, R] accumulates in the K loop
+                                              as (a * dropout mask) @ p^T, p stored [R, K];
+                                              q stored [N, R]
+              + bias[N]
+
+LoRA forward:  a = x, w = W, p = A, q = B                      (lr = u = drop(x) A^T, saved)
+LoRA grad_x:   a = grad_y, w = W (as [K, N]), p = B^T, q = A^T (lr = grad_y B, saved; the
+               dropout mask applies to the low-rank term at output positions)
+IA3 / SSF add their prologue (a scaled along K) and epilogue (out scaled/shifted along N) as
+further constexpr pieces of this same kernel.
+
+Schedule. A persistent grid (one program per SM) walks output tiles in grouped order (GROUP_M row
+blocks share the column sweep, so the W tiles in flight stay in L2). Per tile the K loop does the
+base MMA (BLOCK_M x BLOCK_N x BLOCK_K) and, when the tile's row block differs from the program's
+previous tile, the rank-R MMA (BLOCK_M x R x BLOCK_K) into lr: that extra tensor-core work is
+R / BLOCK_N of the base per recomputation (6% at R=16, BLOCK_N=256), paid once per (program, row
+block) run instead of once per tile. The epilogue does one BLOCK_M x BLOCK_N x R MMA.
+
+Cost of the LoRA forward: 2MNK + 2MKR + 2MNR FLOPs; bytes: x (MK) + W (NK) + y (MN) + A, B,
+u (MR): the low-rank path adds under 1% of the bytes at R <= 64 and K, N >= 4096, so the kernel
+is as compute-bound as the base GEMM (2MNK / bytes ~ 1000 FLOP/B at 4096^3 against the H100's
+~260 FLOP/B ridge).
+
+Loads go through device-side tensor descriptors (TMA on Hopper) when every operand allows it
+(16-byte-aligned base and row strides, unit last stride); otherwise through masked pointer loads.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands as their uint16 storage. Under
+# the interpreter, dot operands are widened to float32 first: bf16 x bf16 products are exact in
+# float32, so this reproduces the GPU's bf16-in / fp32-accumulate result.
+_WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation (tensor cores on the GPU)."""
+    if _WIDEN_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M consecutive row blocks sweep the columns together."""
+    num_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % group_size)
+    pid_n = (tile_id % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, ld, p):
+    """Dropout keep-mask (True = kept) at [rows, cols] of an (*, ld) tensor: a philox draw keyed by
+    (seed, row * ld + col), so the forward and backward regenerate the same mask."""
+    offsets = rows[:, None] * ld + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _load_2d(ptr, desc, r0, c0, R, C, stride_r, stride_c,
+             BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr):
+    """[BR, BC] tile at (r0, c0) of an R x C matrix; out-of-range entries read as zero."""
+    if USE_DESC:
+        return desc.load([r0, c0])
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _make_desc(ptr, R, C, stride_r, BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr):
+    if USE_DESC:
+        return tl.make_tensor_descriptor(ptr, shape=[R, C], strides=[stride_r, 1], block_shape=[BR, BC])
+    return ptr
+
+
+@triton.jit
+def _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
+    """acc += a @ (w tile as [BLOCK_K, BLOCK_N]), w stored [N, K] (K-major) or [K, N]."""
+    if W_KMAJOR:
+        w = _load_2d(w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, USE_DESC).T
+    else:
+        w = _load_2d(w_ptr, w_desc, off_k, off_n, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, USE_DESC)
+    return mma(a, w, acc)
+
+
+@triton.jit
+def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
+                 stride_am, stride_ak, stride_wn, stride_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
+    for ki in range(k_tiles):
+        off_k = ki * BLOCK_K
+        a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
+        acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
+                     BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+    return acc
+
+
+@triton.jit
+def fused_linear_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, p_ptr, q_ptr, lr_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+    stride_pr, stride_pk, stride_qn, stride_qr, stride_lm,
+    lr_scale, seed, dropout_p, mask_ld,
+    m_bucket,  # unused in the body: the autotuner's key for M's size class
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    W_KMAJOR: tl.constexpr,     # w stored [N, K] (True) or [K, N]
+    DROPOUT_IN: tl.constexpr,   # mask a (positions [m, k], ld = mask_ld) before the rank-R product
+    DROPOUT_OUT: tl.constexpr,  # mask the low-rank term (positions [m, n], ld = mask_ld)
+    SAVE_LR: tl.constexpr,      # write lr (fp32, [M, R]) from the tiles of column block 0
+    USE_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    dtype = out_ptr.dtype.element_ty
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+
+    a_desc = _make_desc(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, USE_DESC)
+    if W_KMAJOR:
+        w_desc = _make_desc(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_DESC)
+    else:
+        w_desc = _make_desc(w_ptr, K, N, stride_wk, BLOCK_K, BLOCK_N, USE_DESC)
+    out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
+    if HAS_LORA:
+        p_desc = _make_desc(p_ptr, R, K, stride_pr, BLOCK_R, BLOCK_K, USE_DESC)
+
+    lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    prev_m = -1
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA:
+            if pid_m != prev_m:
+                # lr depends on the row block only: recomputed when the row block changes.
+                lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for ki in range(k_tiles):
+                    off_k = ki * BLOCK_K
+                    a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
+                    acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
+                                 BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                    p = _load_2d(p_ptr, p_desc, 0, off_k, R, K, stride_pr, stride_pk, BLOCK_R, BLOCK_K, USE_DESC)
+                    if DROPOUT_IN:
+                        cols_k = off_k + tl.arange(0, BLOCK_K)
+                        a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
+                    lr = mma(a, p.T, lr)
+            else:
+                acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
+                                   stride_am, stride_ak, stride_wn, stride_wk,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+            prev_m = pid_m
+        else:
+            acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
+                               stride_am, stride_ak, stride_wn, stride_wk,
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+
+        cols_n = off_n + tl.arange(0, BLOCK_N)
+        if HAS_LORA:
+            if SAVE_LR:
+                if pid_n == 0:
+                    r_idx = tl.arange(0, BLOCK_R)
+                    tl.store(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], lr,
+                             mask=(rows[:, None] < M) & (r_idx[None, :] < R))
+            # Epilogue: + scale * lr @ q^T, q tile [BLOCK_N, BLOCK_R] read once per output tile.
+            r_idx = tl.arange(0, BLOCK_R)
+            q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
+                        mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
+            low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+            if DROPOUT_OUT:
+                low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
+            acc += low
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
+            acc += bias[None, :].to(tl.float32)
+        out = acc.to(dtype)
+        if USE_DESC:
+            out_desc.store([off_m, off_n], out)
+        else:
+            tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out,
+                     mask=(rows[:, None] < M) & (cols_n[None, :] < N))
+
+
+@triton.jit
+def lowrank_weight_grad_kernel(
+    l_ptr, s_ptr, out_ptr, colsum_ptr,
+    M, C, R,
+    stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
+    scale, seed, dropout_p, mask_ld,
+    DROPOUT: tl.constexpr, TRANSPOSE_OUT: tl.constexpr, COLSUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[C, R] = scale * (l * mask)^T @ s, reduced over all M rows inside one program per column
+    block (deterministic, no atomics): grad_B = s * grad_y^T u and grad_A^T = s * drop(x)^T g_low.
+    Memory-bound: reads l (M x C) once and s (M x R, small) once per column block; a column strip
+    per program keeps enough programs for K, N >= 4096 to cover the SMs. With COLSUM it also
+    writes the column sums of l (grad_bias = sum_m grad_y) from the tiles it already holds."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_idx = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        l = tl.load(l_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc,
+                    mask=(rows[:, None] < M) & (cols[None, :] < C), other=0.0)
+        if DROPOUT:
+            l = tl.where(dropout_keep(seed, rows, cols, mask_ld, dropout_p), l, 0.0)
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + r_idx[None, :],
+                    mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
+        acc = mma(l.T, s.to(l.dtype), acc)
+        if COLSUM:
+            colsum += tl.sum(l.to(tl.float32), axis=0)
+    if COLSUM:
+        tl.store(colsum_ptr + cols, colsum.to(colsum_ptr.dtype.element_ty), mask=cols < C)
+    acc = acc * scale
+    out = acc.to(out_ptr.dtype.element_ty)
+    mask = (cols[:, None] < C) & (r_idx[None, :] < R)
+    if TRANSPOSE_OUT:  # write out^T ([R, C]): grad_A comes out in A's own layout
+        tl.store(out_ptr + r_idx[None, :] * stride_or + cols[:, None] * stride_oc, out, mask=mask)
+    else:
+        tl.store(out_ptr + cols[:, None] * stride_oc + r_idx[None, :] * stride_or, out, mask=mask)
+
+
+@triton.jit
+def dropout_mask_kernel(out_ptr, M, C, seed, dropout_p, BLOCK: tl.constexpr):
+    """The keep-mask as 0/1 float32, for tests and the torch fallback's parity checks."""
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rows = pid_m + tl.arange(0, 1)
+    keep = dropout_keep(seed, rows, cols, C, dropout_p)
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], keep.to(tl.float32), mask=cols[None, :] < C)

@@ -1,0 +1,162 @@
+"""Launch helpers shared by every method's launcher: operand layout, tile configs, autotuning."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from .fused_linear import fused_linear_kernel
+
+# Tests flip this to exercise the pointer-load path on inputs a descriptor could take.
+USE_TENSOR_DESCRIPTORS = True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _alloc(size: int, alignment: int, stream):
+    # Device-side tensor descriptors need a small global scratch buffer per launch.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_allocator_set = False
+
+
+def ensure_allocator():
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(_alloc)
+        _allocator_set = True
+
+
+def descriptor_ok(*tensors) -> bool:
+    """TMA needs a 16-byte-aligned base, 16-byte-multiple row strides and a unit last stride."""
+    if not USE_TENSOR_DESCRIPTORS:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16:
+            return False
+        if (t.stride(0) * t.element_size()) % 16 or t.shape[1] * t.element_size() < 16:
+            return False
+    return True
+
+
+def weight_operand(mat: torch.Tensor):
+    """``mat`` is the logical [N_out, K_red] matrix of ``out = a @ mat^T``. Returns the tensor to
+    pass, W_KMAJOR, stride_wn, stride_wk so that no copy is made when either orientation of mat has
+    a unit stride (nn.Linear weight: K-major; its transpose, or a Conv1D weight: N-major)."""
+    if mat.stride(1) == 1:
+        return mat, True, mat.stride(0), 1
+    if mat.stride(0) == 1:
+        return mat.T, False, 1, mat.stride(1)
+    mat = mat.contiguous()
+    return mat, True, mat.stride(0), 1
+
+
+def block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_bucket(M: int) -> int:
+    """Autotuning key for M: the tile choice depends on its size class, not its exact value."""
+    return min(triton.next_power_of_2(max(M, 1)), 8192)
+
+
+def _gemm_configs():
+    cfgs = []
+    # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours.
+    for bm, bn, bk, warps, stages in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]:
+        for ws in (False, True):
+            cfgs.append(triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
+                num_warps=warps, num_stages=stages))
+    # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W.
+    for bm, bn, bk, warps, stages in [
+        (16, 32, 256, 4, 4),
+        (16, 64, 128, 4, 4),
+        (32, 32, 256, 4, 4),
+        (64, 64, 128, 4, 4),
+        (64, 32, 128, 4, 4),
+    ]:
+        cfgs.append(triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": False},
+            num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    M = named_args["M"]
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == (M <= 64)]
+    return keep or configs
+
+
+_fused_linear_tuned = triton.autotune(
+    configs=_gemm_configs(),
+    key=["m_bucket", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_LORA", "W_KMAJOR", "DROPOUT_IN", "DROPOUT_OUT", "USE_DESC"],
+    prune_configs_by={"early_config_prune": _prune},
+)(fused_linear_kernel)
+
+# The CPU interpreter runs one fixed small config: tiles smaller than the test shapes, so ragged
+# edges, several K steps and the persistent loop (3 "SMs") are all exercised.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "WARP_SPECIALIZE": False}
+INTERPRETER_SMS = 3
+
+
+def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
+                        seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False):
+    """out = a @ w_mat^T (+ lr_scale * (a' @ p^T) @ q^T, masked) (+ bias), see fused_linear_kernel.
+    a: [M, K]; w_mat: logical [N, K]; p: [R, K]; q: [N, R]; lr: [M, R] float32 to save into."""
+    M, K = a.shape
+    N = w_mat.shape[0]
+    if M == 0 or N == 0:
+        return out
+    w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
+    has_lora = p is not None
+    R = p.shape[0] if has_lora else 1
+    dummy = out  # never read: its constexpr flag is off
+    use_desc = descriptor_ok(a, w, out, p)
+    if use_desc and not interpreting():
+        ensure_allocator()
+    args = (
+        a, w, out, bias if bias is not None else dummy, p if has_lora else dummy,
+        q if has_lora else dummy, lr if lr is not None else dummy,
+        M, N, K, R,
+        a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), out.stride(1),
+        p.stride(0) if has_lora else 0, p.stride(1) if has_lora else 0,
+        q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
+        lr.stride(0) if lr is not None else 0,
+        float(lr_scale), int(seed), float(dropout_p), int(mask_ld), m_bucket(M),
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
+        DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
+        SAVE_LR=lr is not None, USE_DESC=use_desc, BLOCK_R=block_r(R),
+    )
+    if interpreting():
+        cfg = INTERPRETER_CONFIG
+        grid = (min(INTERPRETER_SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])),)
+        fused_linear_kernel[grid](*args, **flags, **cfg, NUM_SMS=grid[0])
+        return out
+    sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    _fused_linear_tuned[grid](*args, **flags, NUM_SMS=sms)
+    return out

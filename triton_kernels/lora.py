@@ -1,0 +1,97 @@
+"""LoRA launchers over the shared GEMM core: forward, backward and the dropout mask, on 2-D
+inputs. The op layer (fusedpeft/ops/lora.py) owns argument checks, reshapes and autograd.
+
+Forward, one launch: y = x W^T + b + s (drop(x) A^T) B^T; u = drop(x) A^T (M x r, float32)
+comes out of the same launch and is saved for the backward (M*r floats, no full-size tensor).
+
+Backward, three launches:
+1. grad_x = grad_y W + s ((grad_y B) A) * mask: the core with W read as [K, N], the rank-r
+   product g = grad_y B accumulated in the same N loop, written out as it goes (M x r).
+2. grad_A = s g^T drop(x): one column strip of x per program, reduced over M.
+3. grad_B = s grad_y^T u, and grad_bias = column sums of grad_y, from the same grad_y tiles.
+2 and 3 reduce over M while 1 reduces over N, so they cannot share 1's tiles without atomics
+across programs; they are memory-bound passes over x and grad_y (2MK + 2MN bytes in bf16).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import launch
+from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    u = torch.empty(M, r, dtype=torch.float32, device=x.device)
+    launch.launch_fused_linear(
+        x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u,
+        lr_scale=scaling / (1.0 - dropout_p), seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_in=True,
+    )
+    return y, (u,)
+
+
+def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
+    M, C = l.shape
+    R = s.shape[1]
+    if C == 0:
+        return
+    if M == 0:
+        out.zero_()
+        if colsum is not None:
+            colsum.zero_()
+        return
+    BLOCK_C = 16 if launch.interpreting() else 64
+    BLOCK_M = 16 if launch.interpreting() else 64
+    stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
+    lowrank_weight_grad_kernel[(triton.cdiv(C, BLOCK_C),)](
+        l, s, out, colsum if colsum is not None else out,
+        M, C, R,
+        l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
+        float(scale), int(seed), float(dropout_p), int(mask_ld),
+        DROPOUT=dropout_p > 0, TRANSPOSE_OUT=transpose_out, COLSUM=colsum is not None,
+        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R),
+        num_warps=4, num_stages=1 if launch.interpreting() else 4,
+    )
+
+
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
+    need_x, need_w, need_b, need_A, need_B = needs
+    (u,) = saved
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    s = scaling / (1.0 - dropout_p)
+    grad_x = grad_w = grad_b = grad_A = grad_B = None
+    if need_x or need_A:
+        g_low = torch.empty(M, r, dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
+        launch.launch_fused_linear(
+            grad_y, weight.T, grad_x, p=lora_B.T.contiguous(), q=lora_A.T, lr=g_low,
+            lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True,
+        )
+        if not need_x:
+            grad_x = None
+    if need_A:
+        grad_A = torch.empty(r, K, dtype=lora_A.dtype, device=x.device)
+        _weight_grad(x, g_low, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p, mask_ld=K)
+    if need_B or need_b:
+        grad_B = torch.empty(N, r, dtype=lora_B.dtype, device=x.device)
+        grad_b = torch.empty(N, dtype=grad_y.dtype, device=x.device) if need_b else None
+        _weight_grad(grad_y, u, grad_B, scale=s, transpose_out=False, colsum=grad_b)
+        if not need_B:
+            grad_B = None
+    if need_w:  # only when the user unfroze the base weight: one plain GEMM
+        grad_w = grad_y.T @ x
+    return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+def dropout_mask(seed, shape, p, device):
+    """The 0/1 keep-mask (float32) the kernels draw for (seed, shape, p)."""
+    M, C = shape
+    out = torch.empty(M, C, dtype=torch.float32, device=device)
+    if M and C:
+        BLOCK = 64
+        dropout_mask_kernel[(M, triton.cdiv(C, BLOCK))](out, M, C, int(seed), float(p), BLOCK=BLOCK)
+    return out
