@@ -46,6 +46,10 @@ def triton_usable(x, weight, forced=False):
     tests the kernels, and far too slow to pick automatically."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    import torch
+
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 and float32, not {x.dtype}"
     if x.device.type == "cuda":
         return None
     if x.device.type == "cpu" and interpreter_on() and forced:

@@ -108,6 +108,17 @@ def select(op: str, *tensors) -> tuple[str, Any]:
     raise RuntimeError(f"{op}: no registered backend accepts these inputs")
 
 
+def select_index(op: str, *tensors) -> tuple[int, Any]:
+    """Like select, but returns the backend's registration index (see impl_at)."""
+    name, impl = select(op, *tensors)
+    return list(_REGISTRY[op]).index(name), impl
+
+
+def impl_at(op: str, index: int):
+    """The implementation registered index-th for ``op`` (the backward runs the forward's backend)."""
+    return list(_REGISTRY[op].values())[index].impl()
+
+
 def _record(op: str, backend: Backend):
     _LAST[op] = backend.name
     key = (op, backend.name)

@@ -100,17 +100,43 @@ def _gemm_configs():
     return cfgs
 
 
-def _prune(configs, named_args, **kwargs):
-    M = named_args["M"]
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"] <= 64) == (M <= 64)]
-    return keep or configs
+def _candidates(M: int):
+    small = M <= 64
+    return [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
 
 
-_fused_linear_tuned = triton.autotune(
-    configs=_gemm_configs(),
-    key=["m_bucket", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_LORA", "W_KMAJOR", "DROPOUT_IN", "DROPOUT_OUT", "USE_DESC"],
-    prune_configs_by={"early_config_prune": _prune},
-)(fused_linear_kernel)
+# Autotuning, by hand rather than triton.autotune so that a config the installed Triton cannot
+# compile (warp specialisation around a data-dependent branch, say) is skipped instead of failing
+# the call. Key: M's size class, N, K and the constexpr flags; the first call per key times every
+# candidate (about 0.1-2 s each including compilation) and later calls reuse the winner.
+TUNED: dict = {}
+TUNE_LOG: list = []
+
+
+def _tuned_config(key, M, launch_with):
+    cfg = TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    import time
+
+    import triton.testing
+
+    t0 = time.perf_counter()
+    timings, errors = [], []
+    for cand in _candidates(M):
+        try:
+            ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
+            timings.append((ms, cand))
+        except Exception as exc:  # compile or resource failure: skip the candidate
+            errors.append(f"{cand}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    if not timings:
+        raise RuntimeError("no Triton config could run this GEMM:\n" + "\n".join(errors))
+    ms, cfg = min(timings, key=lambda t: t[0])
+    TUNED[key] = cfg
+    TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
+                     "failed": errors, "all": [(round(t, 4), str(c)) for t, c in sorted(timings, key=lambda t: t[0])]})
+    return cfg
+
 
 # The CPU interpreter runs one fixed small config: tiles smaller than the test shapes, so ragged
 # edges, several K steps and the persistent loop (3 "SMs") are all exercised.
@@ -155,8 +181,11 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         return out
     sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
 
-    def grid(meta):
-        return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+    def launch_with(cfg):
+        kw = cfg.kwargs
+        grid = (min(sms, triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"])),)
+        fused_linear_kernel[grid](*args, **flags, **kw, NUM_SMS=sms, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _fused_linear_tuned[grid](*args, **flags, NUM_SMS=sms)
+    key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
+    launch_with(_tuned_config(key, M, launch_with))
     return out

@@ -103,34 +103,78 @@ def _triton_supports(x, weight, forced=False):
 backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10)
 
 
-# ----------------------------------------------------------------------------- autograd
-class LoraLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-        name, impl = backends.select(OP, x, weight)
-        x2 = _common.flatten_rows(x)
-        y, saved = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, *saved)
-        ctx.impl, ctx.scaling, ctx.dropout_p, ctx.seed = impl, scaling, dropout_p, seed
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, *saved = ctx.saved_tensors
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        needs = (need_x, need_w, need_b and ctx.has_bias, need_A, need_B)
-        g2 = _common.flatten_rows(grad_out.contiguous())
-        gx, gw, gb, gA, gB = ctx.impl.backward(
-            g2, _common.flatten_rows(x), weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, needs, saved
-        )
-        if gx is not None:
-            gx = gx.reshape(x.shape)
-        return gx, gw, gb, gA, gB, None, None, None
+# ----------------------------------------------------------------------------- custom ops
+# The op is two torch custom ops (forward, backward) tied by register_autograd, so that
+# torch.compile(fullgraph=True) sees one opaque node per call and never traces the launchers.
+# The backend is chosen inside the forward op; its index travels to the backward as a small CPU
+# tensor so the backward runs on the same backend (and regenerates the same dropout mask) even if
+# the use_backend() block has been left by then.
 
 
-def _new_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _saved_dtype(dtype):
+    # u is kept in float32 at least (float64 stays float64).
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("fusedpeft::lora_linear_fwd", mutates_args=())
+def _lora_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+    lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    index, impl = backends.select_index(OP, x, weight)
+    y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return y, u.to(_saved_dtype(x.dtype)), torch.tensor(index)
+
+
+@_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    return x.new_empty(M, N), x.new_empty(M, r, dtype=_saved_dtype(x.dtype)), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fusedpeft::lora_linear_bwd", mutates_args=())
+def _lora_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    u: torch.Tensor, backend: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = backends.impl_at(OP, int(backend))
+    grads = impl.backward(
+        grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, int(seed), tuple(needs), (u.to(x.dtype),)
+    )
+    # Custom ops return tensors, not None: an empty tensor stands for "not needed".
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_lora_bwd.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, u, backend = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, backend, seed)
+    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+    ctx.mark_non_differentiable(u, backend)
+
+
+def _backward(ctx, grad_y, grad_u, grad_backend):
+    x, weight, lora_A, lora_B, u, backend, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    needs = [need_x, need_w, need_b and ctx.has_bias, need_A, need_B]
+    grads = _lora_bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, backend,
+                      ctx.scaling, ctx.dropout_p, seed, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, None, None, None)
+
+
+_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _new_seed() -> torch.Tensor:
+    """Dropout seed, a CPU int64 scalar tensor (a tensor, so torch.compile keeps it in the graph)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 def lora_linear(
@@ -162,6 +206,8 @@ def lora_linear(
     dtype = _common.compute_dtype(x, weight)
     args = [_common.cast(t, dtype) for t in (x, weight, bias, lora_A, lora_B)]
     p = float(dropout_p) if training else 0.0
-    seed = _new_seed() if p > 0.0 else 0
+    seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+    x2 = _common.flatten_rows(args[0])
     with torch.autocast(x.device.type, enabled=False):
-        return LoraLinearFunction.apply(*args, float(scaling), p, seed)
+        y, _, _ = _lora_fwd(x2, *args[1:], float(scaling), p, seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything the GPU must show, in one call on the device machine (results under $OUT):
+# versions, the cuda-marked tests, the LoRA benchmark table + plot, the autotuner's choices.
+set -uo pipefail
+OUT=${OUT:-/tmp/fusedpeft_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__); import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.txt"
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/test_cuda.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  timeout ${BENCH_TIMEOUT:-400} python3 - "$OUT" ${BENCH_ARGS:-} <<'PY' 2>&1 | tee "$OUT/bench.log" | tail -60
+import json, sys
+from benchmarks import lora
+out = sys.argv[1]
+lora.main(["--out", f"{out}/lora_table.md", "--plot", f"{out}/lora.png"] + sys.argv[2:])
+from fusedpeft._kernels import triton_kernels
+log = triton_kernels.launch.TUNE_LOG
+json.dump(log, open(f"{out}/tuning.json", "w"), indent=1, default=str)
+for entry in log:
+    print("tuned", entry["key"][:3], entry["best"], f"{entry['ms']:.4f} ms", f"tuning {entry['tuning_s']:.1f} s", "failed:", len(entry["failed"]))
+    for f in entry["failed"][:2]:
+        print("   ", f)
+PY
+fi

@@ -1,0 +1,108 @@
+"""GPU checks of the Triton backend at real sizes (marked cuda; skipped without a GPU). Run on the
+device with: python -m pytest -q -m cuda tests/test_cuda.py"""
+import pytest
+import torch
+from torch import nn
+
+import fusedpeft
+from fusedpeft.ops import lora as lora_ops
+from fusedpeft.ops import lora_linear, lora_linear_reference
+
+from helpers import leaf, rel_err
+
+pytestmark = pytest.mark.cuda
+
+# fp32 runs through tf32 tensor cores in the kernels (stated in the README).
+GPU_TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _run(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend="triton"):
+    dev = "cuda"
+    x = leaf(torch.randn(*lead, K, device=dev), dtype)
+    W = leaf(torch.randn(N, K, device=dev) / K**0.5, dtype, requires_grad=False)
+    b = leaf(torch.randn(N, device=dev), dtype) if bias else None
+    A = leaf(torch.randn(r, K, device=dev) / K**0.5, dtype)
+    B = leaf(torch.randn(N, r, device=dev) / r**0.5, dtype)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda: torch.tensor(seed))
+    with fusedpeft.use_backend(backend):
+        y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
+    assert fusedpeft.last_backend("lora_linear") == backend
+    g = torch.randn_like(y)
+    y.backward(g)
+    mask = None
+    if dropout:
+        impl = fusedpeft.backends._REGISTRY["lora_linear"][backend].impl()
+        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
+    y_ref = lora_linear_reference(*refs, 0.75, dropout_mask=mask, dropout_p=dropout)
+    y_ref.backward(g.double())
+    errs = {"y": rel_err(y, y_ref)}
+    for name, t, ref in zip("xWbAB", (x, W, b, A, B), refs):
+        if t is not None and t.requires_grad:
+            errs["grad_" + name] = rel_err(t.grad, ref.grad)
+    bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
+    assert not bad, f"{dtype} errors over {GPU_TOL[dtype]}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((77,), 4095, 513), ((1,), 4096, 4096), ((16,), 4096, 4096)])
+@pytest.mark.parametrize("r", [1, 16, 64])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_lora_matches_float64(lead, K, N, r, dtype, dropout, monkeypatch):
+    _run(lead, K, N, r, dtype, dropout, bias=True, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("use_desc", [True, False])
+def test_descriptor_and_pointer_paths(use_desc, monkeypatch):
+    from fusedpeft._kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels.launch, "USE_TENSOR_DESCRIPTORS", use_desc)
+    _run((300,), 512, 640, 8, torch.bfloat16, 0.1, bias=False, monkeypatch=monkeypatch)
+
+
+def test_triton_is_default_on_cuda():
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    lora_linear(x, W, None, torch.randn(4, 64, device="cuda"), torch.randn(32, 4, device="cuda"), 1.0)
+    assert fusedpeft.last_backend("lora_linear") == "triton"
+
+
+def _tiny_model(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 64))
+    model = model.to("cuda", torch.bfloat16)
+    return fusedpeft.inject(model, fusedpeft.LoraConfig(r=16, lora_alpha=32, target_modules=["0", "2", "4"], init_lora_weights=False))
+
+
+def test_compile_fullgraph_cuda():
+    model = _tiny_model(0).train()
+    x = torch.randn(8, 33, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.float().square().mean().backward()
+    y_eager = model(x.detach())
+    assert rel_err(y, y_eager) < 1e-2
+    assert fusedpeft.last_backend("lora_linear") == "triton"
+
+
+def test_training_loss_curve_matches_torch_backend():
+    curves = {}
+    for backend in ("torch", "triton"):
+        model = _tiny_model(1).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        target_map = torch.randn(256, 64, device="cuda", generator=gen)
+        losses = []
+        with fusedpeft.use_backend(backend):
+            for _ in range(20):
+                x = torch.randn(64, 256, device="cuda", generator=gen)
+                target = torch.tanh(x @ target_map)
+                loss = (model(x.bfloat16()).float() - target).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        curves[backend] = torch.tensor(losses)
+    assert curves["triton"][-1] < curves["triton"][0], "loss did not fall"
+    assert rel_err(curves["triton"], curves["torch"]) < 2e-2, curves
