@@ -44,8 +44,10 @@ _WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0
 def mma(a, b, acc):
     """acc + a @ b with fp32 accumulation (tensor cores on the GPU)."""
     if _WIDEN_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -72,19 +74,24 @@ def dropout_keep(seed, rows, cols, ld, p):
 def _load_2d(ptr, desc, r0, c0, R, C, stride_r, stride_c,
              BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr):
     """[BR, BC] tile at (r0, c0) of an R x C matrix; out-of-range entries read as zero."""
+    # One return per function: Triton compiles both sides of a constexpr branch's fall-through.
     if USE_DESC:
-        return desc.load([r0, c0])
-    rows = r0 + tl.arange(0, BR)
-    cols = c0 + tl.arange(0, BC)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
-    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+        tile = desc.load([r0, c0])
+    else:
+        rows = r0 + tl.arange(0, BR)
+        cols = c0 + tl.arange(0, BC)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        tile = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
 def _make_desc(ptr, R, C, stride_r, BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr):
     if USE_DESC:
-        return tl.make_tensor_descriptor(ptr, shape=[R, C], strides=[stride_r, 1], block_shape=[BR, BC])
-    return ptr
+        desc = tl.make_tensor_descriptor(ptr, shape=[R, C], strides=[stride_r, 1], block_shape=[BR, BC])
+    else:
+        desc = ptr
+    return desc
 
 
 @triton.jit
