@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -27,14 +28,15 @@ def _alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-_allocator_set = False
+_allocator_threads = threading.local()
 
 
 def ensure_allocator():
-    global _allocator_set
-    if not _allocator_set:
+    # Triton keeps the allocator per thread, and autograd runs CUDA backward passes on its own
+    # worker thread: set it once in every thread that launches.
+    if not getattr(_allocator_threads, "set", False):
         triton.set_allocator(_alloc)
-        _allocator_set = True
+        _allocator_threads.set = True
 
 
 def descriptor_ok(*tensors) -> bool:
@@ -77,6 +79,7 @@ def _gemm_configs():
     # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours.
     for bm, bn, bk, warps, stages in [
         (128, 256, 64, 8, 3),
+        (128, 256, 64, 8, 2),
         (128, 128, 64, 8, 4),
         (128, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
@@ -100,9 +103,13 @@ def _gemm_configs():
     return cfgs
 
 
-def _candidates(M: int):
+def _candidates(M: int, element_size: int):
     small = M <= 64
-    return [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
+    cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
+    if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
+        cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
+                               num_stages=min(c.num_stages, 3)) for c in cands]
+    return cands
 
 
 # Autotuning, by hand rather than triton.autotune so that a config the installed Triton cannot
@@ -114,7 +121,7 @@ TUNED: dict = {}
 TUNE_LOG: list = []
 
 
-def _tuned_config(key, M, launch_with):
+def _tuned_config(key, M, element_size, launch_with):
     cfg = TUNED.get(key)
     if cfg is not None:
         return cfg
@@ -125,7 +132,7 @@ def _tuned_config(key, M, launch_with):
     t0 = time.perf_counter()
     timings, errors = [], []
     tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
-    for cand in _candidates(M):
+    for cand in _candidates(M, element_size):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
@@ -195,5 +202,5 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         fused_linear_kernel[grid](*args, **flags, **kw, NUM_SMS=sms, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
-    launch_with(_tuned_config(key, M, launch_with))
+    launch_with(_tuned_config(key, M, a.element_size(), launch_with))
     return out
