@@ -4,6 +4,7 @@ clashes with the unrelated ``triton_kernels`` distribution on PyPI. From a sourc
 not installed, the folder beside the package is loaded under that same name."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -40,11 +41,16 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(x, weight, forced=False):
     """None when the Triton backend can run on these tensors, else why not. On CPU tensors it runs
     only when asked for by name under Triton's interpreter (TRITON_INTERPRET=1): that is how CI
     tests the kernels, and far too slow to pick automatically."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "triton is not installed"
     import torch
 

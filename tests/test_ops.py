@@ -174,3 +174,12 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("FUSEDPEFT_BACKEND", "nonexistent")
     with pytest.raises(RuntimeError, match="nonexistent"):
         lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+@pytest.mark.parametrize("lead,K,N,r", [((45,), 40, 24, 8), ((2, 9), 33, 47, 1)])
+def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch):
+    """The Triton backend's two schedules (one launch with u in the K loop; u as its own skinny
+    GEMM first) compute the same function; the default picks by M, so force each here."""
+    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", schedule)
+    test_lora_linear_matches_reference("triton", torch.bfloat16, lead, K, N, r, True, 0.25, monkeypatch)

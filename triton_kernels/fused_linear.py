@@ -107,12 +107,16 @@ def _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
 
 @triton.jit
 def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                 stride_am, stride_ak, stride_wn, stride_wk,
+                 stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
+                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr):
     for ki in range(k_tiles):
         off_k = ki * BLOCK_K
         a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
+        if MASK_A:  # dropout on the whole product (the rank-r u = drop(x) A^T as its own GEMM)
+            rows = off_m + tl.arange(0, BLOCK_M)
+            cols_k = off_k + tl.arange(0, BLOCK_K)
+            a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
         acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     return acc
@@ -132,6 +136,10 @@ def fused_linear_kernel(
     DROPOUT_IN: tl.constexpr,   # mask a (positions [m, k], ld = mask_ld) before the rank-R product
     DROPOUT_OUT: tl.constexpr,  # mask the low-rank term (positions [m, n], ld = mask_ld)
     SAVE_LR: tl.constexpr,      # write lr (fp32, [M, R]) from the tiles of column block 0
+    LR_PRECOMPUTED: tl.constexpr,  # lr was computed by an earlier launch: read it in the epilogue
+    MASK_A: tl.constexpr,       # dropout on a for the main product too (the u = drop(x) A^T GEMM)
+    IN_LOOP_LR: tl.constexpr,   # HAS_LORA and not LR_PRECOMPUTED
+    FLATTEN: tl.constexpr,      # not IN_LOOP_LR
     USE_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -149,18 +157,20 @@ def fused_linear_kernel(
     else:
         w_desc = _make_desc(w_ptr, K, N, stride_wk, BLOCK_K, BLOCK_N, USE_DESC)
     out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
-    if HAS_LORA:
+    if IN_LOOP_LR:
         p_desc = _make_desc(p_ptr, R, K, stride_pr, BLOCK_R, BLOCK_K, USE_DESC)
 
     lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     prev_m = -1
-    for tile_id in tl.range(start, num_tiles, NUM_SMS, warp_specialize=WARP_SPECIALIZE):
+    # The in-loop low-rank product branches on the row block, which the loop flattening of the
+    # software pipeliner cannot take; every other variant flattens the tile and K loops.
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_LORA:
+        if IN_LOOP_LR:
             if pid_m != prev_m:
                 # lr depends on the row block only: recomputed when the row block changes.
                 lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -176,17 +186,21 @@ def fused_linear_kernel(
                     lr = mma(a, p.T, lr)
             else:
                 acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                                   stride_am, stride_ak, stride_wn, stride_wk,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                                   stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False)
             prev_m = pid_m
         else:
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                               stride_am, stride_ak, stride_wn, stride_wk,
-                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A)
 
         cols_n = off_n + tl.arange(0, BLOCK_N)
         if HAS_LORA:
-            if SAVE_LR:
+            if LR_PRECOMPUTED:
+                r_idx = tl.arange(0, BLOCK_R)
+                lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
+                             mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
+            elif SAVE_LR:
                 if pid_n == 0:
                     r_idx = tl.arange(0, BLOCK_R)
                     tl.store(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], lr,
@@ -212,43 +226,40 @@ def fused_linear_kernel(
 
 @triton.jit
 def lowrank_weight_grad_kernel(
-    l_ptr, s_ptr, out_ptr, colsum_ptr,
-    M, C, R,
-    stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
-    scale, seed, dropout_p, mask_ld,
-    DROPOUT: tl.constexpr, TRANSPOSE_OUT: tl.constexpr, COLSUM: tl.constexpr,
+    l_ptr, s_ptr, partial_ptr, colsum_ptr,
+    M, C, R, rows_per_split,
+    stride_lm, stride_lc, stride_sm,
+    seed, dropout_p, mask_ld,
+    DROPOUT: tl.constexpr, COLSUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """out[C, R] = scale * (l * mask)^T @ s, reduced over all M rows inside one program per column
-    block (deterministic, no atomics): grad_B = s * grad_y^T u and grad_A^T = s * drop(x)^T g_low.
-    Memory-bound: reads l (M x C) once and s (M x R, small) once per column block; a column strip
-    per program keeps enough programs for K, N >= 4096 to cover the SMs. With COLSUM it also
-    writes the column sums of l (grad_bias = sum_m grad_y) from the tiles it already holds."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    """partial[split, C, R] = (l * mask)^T @ s over the rows of one split: the pieces of
+    grad_B = s grad_y^T u and grad_A^T = s drop(x)^T g. Memory-bound: l (M x C) is read once in
+    all; s (M x R, small) once per column block. With COLSUM it also writes the column sums of l
+    (grad_bias = sum_m grad_y) from the tiles it already holds."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_idx = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         l = tl.load(l_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc,
-                    mask=(rows[:, None] < M) & (cols[None, :] < C), other=0.0)
+                    mask=(rows[:, None] < row_end) & (cols[None, :] < C), other=0.0)
         if DROPOUT:
             l = tl.where(dropout_keep(seed, rows, cols, mask_ld, dropout_p), l, 0.0)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + r_idx[None, :],
-                    mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
+                    mask=(rows[:, None] < row_end) & (r_idx[None, :] < R), other=0.0)
         acc = mma(l.T, s.to(l.dtype), acc)
         if COLSUM:
             colsum += tl.sum(l.to(tl.float32), axis=0)
+    base = partial_ptr + split * C * R
+    tl.store(base + cols[:, None] * R + r_idx[None, :], acc, mask=(cols[:, None] < C) & (r_idx[None, :] < R))
     if COLSUM:
-        tl.store(colsum_ptr + cols, colsum.to(colsum_ptr.dtype.element_ty), mask=cols < C)
-    acc = acc * scale
-    out = acc.to(out_ptr.dtype.element_ty)
-    mask = (cols[:, None] < C) & (r_idx[None, :] < R)
-    if TRANSPOSE_OUT:  # write out^T ([R, C]): grad_A comes out in A's own layout
-        tl.store(out_ptr + r_idx[None, :] * stride_or + cols[:, None] * stride_oc, out, mask=mask)
-    else:
-        tl.store(out_ptr + cols[:, None] * stride_oc + r_idx[None, :] * stride_or, out, mask=mask)
+        tl.store(colsum_ptr + split * C + cols, colsum, mask=cols < C)
 
 
 @triton.jit

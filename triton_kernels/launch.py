@@ -103,9 +103,21 @@ def _gemm_configs():
     return cfgs
 
 
-def _candidates(M: int, element_size: int):
+def _skinny_configs(N):
+    # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
+    # enough that every SM streams its share of a.
+    bn = max(16, triton.next_power_of_2(N))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": False},
+                          num_warps=4, num_stages=st)
+            for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
+
+
+def _candidates(M: int, N: int, element_size: int):
     small = M <= 64
-    cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
+    if N <= 64:
+        cands = _skinny_configs(N)
+    else:
+        cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -121,7 +133,7 @@ TUNED: dict = {}
 TUNE_LOG: list = []
 
 
-def _tuned_config(key, M, element_size, launch_with):
+def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
     if cfg is not None:
         return cfg
@@ -132,7 +144,7 @@ def _tuned_config(key, M, element_size, launch_with):
     t0 = time.perf_counter()
     timings, errors = [], []
     tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
-    for cand in _candidates(M, element_size):
+    for cand in _candidates(M, N, element_size):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
@@ -160,26 +172,30 @@ INTERPRETER_SMS = 3
 
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
-                        seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False):
-    """out = a @ w_mat^T (+ lr_scale * (a' @ p^T) @ q^T, masked) (+ bias), see fused_linear_kernel.
-    a: [M, K]; w_mat: logical [N, K]; p: [R, K]; q: [N, R]; lr: [M, R] float32 to save into."""
+                        seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
+                        lr_precomputed=False, mask_a=False):
+    """out = a @ w_mat^T (+ lr_scale * lr @ q^T, masked) (+ bias), see fused_linear_kernel.
+    a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R] float32. With lr_precomputed, lr is
+    read; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K loop and saved into lr.
+    mask_a applies the dropout mask to a in the main product (for u = drop(x) A^T itself)."""
     M, K = a.shape
     N = w_mat.shape[0]
     if M == 0 or N == 0:
         return out
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
-    has_lora = p is not None
-    R = p.shape[0] if has_lora else 1
+    has_lora = q is not None
+    R = q.shape[1] if has_lora else 1
+    in_loop = has_lora and not lr_precomputed
     dummy = out  # never read: its constexpr flag is off
-    use_desc = descriptor_ok(a, w, out, p)
+    use_desc = descriptor_ok(a, w, out, p if in_loop else None)
     if use_desc and not interpreting():
         ensure_allocator()
     args = (
-        a, w, out, bias if bias is not None else dummy, p if has_lora else dummy,
+        a, w, out, bias if bias is not None else dummy, p if in_loop else dummy,
         q if has_lora else dummy, lr if lr is not None else dummy,
         M, N, K, R,
         a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), out.stride(1),
-        p.stride(0) if has_lora else 0, p.stride(1) if has_lora else 0,
+        p.stride(0) if in_loop else 0, p.stride(1) if in_loop else 0,
         q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
         lr.stride(0) if lr is not None else 0,
         float(lr_scale), int(seed), float(dropout_p), int(mask_ld), m_bucket(M),
@@ -187,7 +203,9 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     flags = dict(
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
-        SAVE_LR=lr is not None, USE_DESC=use_desc, BLOCK_R=block_r(R),
+        SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
+        MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop, FLATTEN=not in_loop,
+        USE_DESC=use_desc, BLOCK_R=block_r(R),
     )
     if interpreting():
         cfg = INTERPRETER_CONFIG
@@ -202,5 +220,5 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         fused_linear_kernel[grid](*args, **flags, **kw, NUM_SMS=sms, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
-    launch_with(_tuned_config(key, M, a.element_size(), launch_with))
+    launch_with(_tuned_config(key, M, N, a.element_size(), launch_with))
     return out

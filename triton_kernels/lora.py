@@ -1,18 +1,22 @@
 """LoRA launchers over the shared GEMM core: forward, backward and the dropout mask, on 2-D
 inputs. The op layer (fusedpeft/ops/lora.py) owns argument checks, reshapes and autograd.
 
-Forward, one launch: y = x W^T + b + s (drop(x) A^T) B^T; u = drop(x) A^T (M x r, float32)
-comes out of the same launch and is saved for the backward (M*r floats, no full-size tensor).
+Forward: y = x W^T + b + s (drop(x) A^T) B^T, and u = drop(x) A^T (M x r, float32) saved for
+the backward (M*r floats, no full-size tensor). Two schedules over the one GEMM core (see
+schedule()): 'fused', one launch with u accumulated in the K loop; 'split', u as a skinny GEMM
+(reads x once: 2MK bytes) and then the base GEMM with a rank-r epilogue.
 
-Backward, three launches:
-1. grad_x = grad_y W + s ((grad_y B) A) * mask: the core with W read as [K, N], the rank-r
-   product g = grad_y B accumulated in the same N loop, written out as it goes (M x r).
-2. grad_A = s g^T drop(x): one column strip of x per program, reduced over M.
+Backward:
+1. grad_x = grad_y W + s ((grad_y B) A) * mask: the core with W read as [K, N]; g = grad_y B
+   (M x r) in the same N loop ('fused') or as its own skinny GEMM first ('split').
+2. grad_A = s g^T drop(x): reduced over M (split across programs, partials summed in order).
 3. grad_B = s grad_y^T u, and grad_bias = column sums of grad_y, from the same grad_y tiles.
 2 and 3 reduce over M while 1 reduces over N, so they cannot share 1's tiles without atomics
 across programs; they are memory-bound passes over x and grad_y (2MK + 2MN bytes in bf16).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,19 +25,37 @@ from . import launch
 from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
 
 
+def schedule(M: int) -> str:
+    """'fused' (one launch: the rank-r product inside the GEMM's K loop) or 'split' (the rank-r
+    product as its own skinny GEMM first, then the base GEMM with a rank-r epilogue).
+    FUSEDPEFT_LORA_SCHEDULE=fused|split overrides. The rule comes from the H100 measurements in
+    benchmarks/RESULTS.md: at M <= 64 the layer is bound by reading W and the in-loop product is
+    free, while one more launch is not; at large M the in-loop MMA (N = r) stalls the tensor-core
+    pipeline more than a separate pass over x (2MK bytes) costs."""
+    forced = os.environ.get("FUSEDPEFT_LORA_SCHEDULE", "auto")
+    if forced in ("fused", "split"):
+        return forced
+    return "fused" if M <= 64 else "split"
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     u = torch.empty(M, r, dtype=torch.float32, device=x.device)
-    launch.launch_fused_linear(
-        x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u,
-        lr_scale=scaling / (1.0 - dropout_p), seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_in=True,
-    )
+    common = dict(lr_scale=scaling / (1.0 - dropout_p), seed=seed, dropout_p=dropout_p, mask_ld=K)
+    if schedule(M) == "fused":
+        launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u, dropout_in=True, **common)
+    else:
+        launch.launch_fused_linear(x, lora_A, u, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True)
+        launch.launch_fused_linear(x, weight, y, bias=bias, q=lora_B, lr=u, lr_precomputed=True, **common)
     return y, (u,)
 
 
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
+    """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l.
+    M is split across programs so that narrow C still fills the GPU; the float32 partials
+    ([splits, C, R], a few MB at most) are summed by torch in a fixed order: deterministic."""
     M, C = l.shape
     R = s.shape[1]
     if C == 0:
@@ -43,18 +65,29 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         if colsum is not None:
             colsum.zero_()
         return
-    BLOCK_C = 16 if launch.interpreting() else 64
-    BLOCK_M = 16 if launch.interpreting() else 64
-    stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    lowrank_weight_grad_kernel[(triton.cdiv(C, BLOCK_C),)](
-        l, s, out, colsum if colsum is not None else out,
-        M, C, R,
-        l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
-        float(scale), int(seed), float(dropout_p), int(mask_ld),
-        DROPOUT=dropout_p > 0, TRANSPOSE_OUT=transpose_out, COLSUM=colsum is not None,
+    interp = launch.interpreting()
+    BLOCK_C = 16 if interp else 64
+    BLOCK_M = 16 if interp else 64
+    col_blocks = triton.cdiv(C, BLOCK_C)
+    target = 2 if interp else 4 * launch.num_sms(l.device.index or 0)
+    splits = max(1, min(triton.cdiv(M, BLOCK_M * 4), triton.cdiv(target, col_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    splits = triton.cdiv(M, rows_per_split)
+    partial = torch.empty(splits, C, R, dtype=torch.float32, device=l.device)
+    partial_sum = torch.empty(splits, C, dtype=torch.float32, device=l.device) if colsum is not None else partial
+    lowrank_weight_grad_kernel[(col_blocks, splits)](
+        l, s, partial, partial_sum,
+        M, C, R, rows_per_split,
+        l.stride(0), l.stride(1), s.stride(0),
+        int(seed), float(dropout_p), int(mask_ld),
+        DROPOUT=dropout_p > 0, COLSUM=colsum is not None,
         BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R),
-        num_warps=4, num_stages=1 if launch.interpreting() else 4,
+        num_warps=4, num_stages=1 if interp else 4,
     )
+    total = partial.sum(0) * scale
+    out.copy_(total.T if transpose_out else total)
+    if colsum is not None:
+        colsum.copy_(partial_sum.sum(0))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
@@ -65,12 +98,14 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
     s = scaling / (1.0 - dropout_p)
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_A:
-        g_low = torch.empty(M, r, dtype=torch.float32, device=x.device)
+        g_low = torch.empty(M, r, dtype=torch.float32, device=x.device)  # grad_y B
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        launch.launch_fused_linear(
-            grad_y, weight.T, grad_x, p=lora_B.T.contiguous(), q=lora_A.T, lr=g_low,
-            lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True,
-        )
+        common = dict(q=lora_A.T, lr=g_low, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
+        if schedule(M) == "fused":
+            launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T.contiguous(), **common)
+        else:
+            launch.launch_fused_linear(grad_y, lora_B.T, g_low)
+            launch.launch_fused_linear(grad_y, weight.T, grad_x, lr_precomputed=True, **common)
         if not need_x:
             grad_x = None
     if need_A:

@@ -103,12 +103,12 @@ def _triton_supports(x, weight, forced=False):
 backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10)
 
 
-# ----------------------------------------------------------------------------- custom ops
-# The op is two torch custom ops (forward, backward) tied by register_autograd, so that
-# torch.compile(fullgraph=True) sees one opaque node per call and never traces the launchers.
-# The backend is chosen inside the forward op; its index travels to the backward as a small CPU
-# tensor so the backward runs on the same backend (and regenerates the same dropout mask) even if
-# the use_backend() block has been left by then.
+# ----------------------------------------------------------------------------- autograd
+# Two entry points over the same forward/backward: a plain autograd.Function in eager mode (the
+# lowest per-call overhead), and, under torch.compile, two torch custom ops tied by
+# register_autograd, so that compile(fullgraph=True) sees one opaque node per call and never
+# traces the launchers. The backend is chosen in the forward; the backward runs the same one (and
+# so regenerates the same dropout mask) even if the use_backend() block has been left by then.
 
 
 def _saved_dtype(dtype):
@@ -116,14 +116,48 @@ def _saved_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int):
+    index, impl = backends.select_index(OP, x, weight)
+    y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, u.to(_saved_dtype(x.dtype)), index
+
+
+def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed: int, needs):
+    impl = backends.impl_at(OP, index)
+    return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                         tuple(needs), (u.to(x.dtype),))
+
+
+def _needs(ctx, has_bias):
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    return [need_x, need_w, need_b and has_bias, need_A, need_B]
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Eager path: saves x, the frozen weight, A, B and u (M x r); nothing of size M x N."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+        y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        ctx.index, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = index, scaling, dropout_p, seed, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, u = ctx.saved_tensors
+        grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, ctx.index, ctx.scaling, ctx.dropout_p,
+                               ctx.seed, _needs(ctx, ctx.has_bias))
+        return (*grads, None, None, None)
+
+
 @torch.library.custom_op("fusedpeft::lora_linear_fwd", mutates_args=())
 def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    index, impl = backends.select_index(OP, x, weight)
-    y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
-    return y, u.to(_saved_dtype(x.dtype)), torch.tensor(index)
+    y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return y, u, torch.tensor(index)  # the backend index travels as a small CPU tensor
 
 
 @_lora_fwd.register_fake
@@ -137,10 +171,7 @@ def _lora_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     u: torch.Tensor, backend: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.impl_at(OP, int(backend))
-    grads = impl.backward(
-        grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, int(seed), tuple(needs), (u.to(x.dtype),)
-    )
+    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, int(backend), scaling, dropout_p, int(seed), needs)
     # Custom ops return tensors, not None: an empty tensor stands for "not needed".
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -159,17 +190,14 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(u, backend)
 
 
-def _backward(ctx, grad_y, grad_u, grad_backend):
+def _op_backward(ctx, grad_y, grad_u, grad_backend):
     x, weight, lora_A, lora_B, u, backend, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    needs = [need_x, need_w, need_b and ctx.has_bias, need_A, need_B]
-    grads = _lora_bwd(grad_y.contiguous(), x, weight, lora_A, lora_B, u, backend,
-                      ctx.scaling, ctx.dropout_p, seed, needs)
-    grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None)
+    needs = _needs(ctx, ctx.has_bias)
+    grads = _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, backend, ctx.scaling, ctx.dropout_p, seed, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
 
 
-_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+_lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _new_seed() -> torch.Tensor:
@@ -206,8 +234,12 @@ def lora_linear(
     dtype = _common.compute_dtype(x, weight)
     args = [_common.cast(t, dtype) for t in (x, weight, bias, lora_A, lora_B)]
     p = float(dropout_p) if training else 0.0
-    seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
     x2 = _common.flatten_rows(args[0])
     with torch.autocast(x.device.type, enabled=False):
-        y, _, _ = _lora_fwd(x2, *args[1:], float(scaling), p, seed)
+        if torch.compiler.is_compiling():
+            seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+            y, _, _ = _lora_fwd(x2, *args[1:], float(scaling), p, seed)
+        else:
+            seed = int(_new_seed()) if p > 0.0 else 0
+            y = LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
