@@ -5,6 +5,7 @@ leaves the model as it was."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterable, Optional, Union
 
 import torch
@@ -117,11 +118,13 @@ def inject(
 
     Targeted nn.Linear / Conv1D modules become LoraLinear / IA3Linear wrapping the same module
     (no weight copy); a target that already holds adapters of the same method gets one more.
+    An adapter added beside existing ones arrives inactive, as in peft: ``set_adapter`` turns it on.
     Only the adapter (plus modules_to_save, plus biases as ``config.bias`` says) is left trainable.
     With autocast_adapter_dtype, adapter weights of a bf16/fp16 base are kept in float32 (peft's
     default)."""
     if not isinstance(config, (LoraConfig, IA3Config)):
         raise TypeError(f"config must be a fusedpeft LoraConfig or IA3Config, got {type(config).__name__}")
+    dataclasses.replace(config)  # re-runs the config's checks: fields may have been set after construction
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     configs = getattr(model, CONFIG_ATTR, {})
@@ -137,6 +140,7 @@ def inject(
                 f"({config.peft_type} asked)"
             )
     save_names = _modules_to_save_names(model, config)
+    previous_active = _active_names(model) if configs else None
 
     # All checks passed: change the model.
     if not hasattr(model, _STATE_ATTR):
@@ -156,6 +160,10 @@ def inject(
             parent, child = _parent(model, name)
             setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
     object.__setattr__(model, CONFIG_ATTR, {**configs, adapter_name: config})
+    if previous_active is not None:
+        # As in peft, an adapter added beside others arrives inactive everywhere (also in layers
+        # that hold only it): the model keeps running, and training, what was active before.
+        set_adapter(model, previous_active)
     mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
     return model
 
@@ -167,6 +175,13 @@ def _modules_to_save_names(model: nn.Module, config: _AdapterConfig) -> list[str
     missing = [k for k in config.modules_to_save if not any(n == k or n.endswith("." + k) for n in names)]
     if missing:
         raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    return names
+
+
+def _active_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, m in list(adapter_layers(model)) + list(_wrappers(model)):
+        names += [n for n in m.active_adapters if n not in names]
     return names
 
 
@@ -211,7 +226,7 @@ def set_adapter(model: nn.Module, adapter_names: Union[str, list[str]]) -> nn.Mo
         if present:
             layer.set_adapter(present)
         else:
-            layer._active_adapter = []  # this layer has none of them: it runs as the base
+            layer.set_adapter([])  # this layer has none of them: it runs as the base, all frozen
     for _, wrapper in _wrappers(model):
         wrapper.set_adapter(names)
     return model

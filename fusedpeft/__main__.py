@@ -1,0 +1,31 @@
+"""Command line: ``python -m fusedpeft demo [options]`` (also the ``fusedpeft`` console script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedpeft", description="fused LoRA / IA3 kernels for PEFT")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    from . import demo
+
+    demo_parser = sub.add_parser(
+        "demo",
+        help="train LoRA + IA3 adapters on a tiny transformer, save and reload them (CPU, seconds)",
+        description=demo.__doc__.split("\n\n")[0],
+    )
+    demo.add_arguments(demo_parser)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.steps < 1:
+            parser.error("--steps must be >= 1")
+        return demo.run(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""LoraLinear / IA3Linear against the float64 formula: forward, gradients, several named adapters,
+enable/disable, merge/unmerge, around nn.Linear and transformers' Conv1D (weight stored (in, out))."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fusedpeft import IA3Linear, LoraLinear, backends
+from fusedpeft.ops import lora as lora_mod
+
+from helpers import assert_close, leaf, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: one thread is fastest, and immune to a busy machine's thread pool.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+# Conv1D always has a bias (its forward is addmm(bias, ...)).
+KINDS = [("linear", True), ("linear", False), ("conv1d", True)]
+K, N = 24, 20  # in_features, out_features (K != N so a transposed weight cannot pass)
+# A merge followed by an unmerge must give the weight back within this relative norm error: fp32
+# 1e-6; bf16 one rounding (unit roundoff 2^-8) per merge and per unmerge of each adapter.
+UNMERGE_TOL = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8}
+
+
+def _unmerge_tol(dtype, n_adapters=1):
+    return UNMERGE_TOL[dtype] * (2 * n_adapters if dtype == torch.bfloat16 else 1)
+
+
+def _base(kind, bias, dtype, in_f=K, out_f=N):
+    if kind == "conv1d":
+        layer = Conv1D(out_f, in_f)  # weight (in, out)
+    else:
+        layer = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight) / in_f**0.5)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn_like(layer.bias))
+    return layer.to(dtype)
+
+
+def _w_out_in(base):
+    """The base weight as (out, in), whatever the layer stores."""
+    return base.weight.T if isinstance(base, Conv1D) else base.weight
+
+
+def _lora(base, **kw):
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    kw.setdefault("init_lora_weights", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Conv1D: "setting fan_in_fan_out=True"
+        return LoraLinear(base, fan_in_fan_out=isinstance(base, Conv1D), **kw)
+
+
+def _ia3(base, **kw):
+    kw.setdefault("init_ia3_weights", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return IA3Linear(base, fan_in_fan_out=isinstance(base, Conv1D), **kw)
+
+
+def _d(t):
+    return None if t is None else t.detach().double()
+
+
+def _lora_ref(layer, x, names):
+    """float64: x W^T + b + sum_i s_i (x A_i^T) B_i^T."""
+    base = layer.base_layer
+    y = _d(x) @ _d(_w_out_in(base)).T
+    if base.bias is not None:
+        y = y + _d(base.bias)
+    for n in names:
+        y = y + layer.scaling[n] * ((_d(x) @ _d(layer.lora_A[n].weight).T) @ _d(layer.lora_B[n].weight).T)
+    return y
+
+
+def _ia3_ref(layer, x, names):
+    """float64: output scaling (x W^T + b) * prod l_i, or input scaling (x * prod l_i) W^T + b."""
+    base = layer.base_layer
+    scale = torch.ones(K if layer.is_feedforward else N, dtype=torch.float64)
+    for n in names:
+        scale = scale * _d(layer.ia3_l[n]).flatten()
+    xin = _d(x) * scale if layer.is_feedforward else _d(x)
+    y = xin @ _d(_w_out_in(base)).T
+    if base.bias is not None:
+        y = y + _d(base.bias)
+    return y if layer.is_feedforward else y * scale
+
+
+def _x(dtype, requires_grad=False):
+    return leaf(torch.randn(3, 5, K), dtype, requires_grad)
+
+
+def _trainable(layer):
+    return sorted(n for n, p in layer.named_parameters() if p.requires_grad)
+
+
+def _randomise_ia3(layer):
+    with torch.no_grad():
+        for p in layer.ia3_l.values():
+            p.copy_(1.0 + 0.5 * torch.randn_like(p))  # away from zero and one
+
+
+# ----------------------------------------------------------------------------- forward + grads
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_lora_forward_and_grads(kind, bias, dtype):
+    base = _base(kind, bias, dtype)
+    weight_obj, bias_obj, ptr = base.weight, base.bias, base.weight.data_ptr()
+    layer = _lora(base)
+    # The base layer is wrapped, not copied.
+    assert layer.base_layer is base and base.weight is weight_obj and base.bias is bias_obj
+    assert base.weight.data_ptr() == ptr
+    assert layer.fan_in_fan_out == (kind == "conv1d")
+    assert _trainable(layer) == ["lora_A.default.weight", "lora_B.default.weight"]
+    assert layer.lora_B["default"].weight.abs().sum() > 0
+
+    x = _x(dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, N) and y.dtype == dtype
+    xd = leaf(x, torch.float64)
+    A, B = leaf(layer.lora_A["default"].weight, torch.float64), leaf(layer.lora_B["default"].weight, torch.float64)
+    W = _d(_w_out_in(base))
+    y_ref = xd @ W.T + layer.scaling["default"] * ((xd @ A.T) @ B.T)
+    if bias:
+        y_ref = y_ref + _d(base.bias)
+    assert_close(y, y_ref, dtype, f"lora {kind} forward")
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert base.weight.grad is None and (base.bias is None or base.bias.grad is None)
+    assert_close(layer.lora_A["default"].weight.grad, A.grad, dtype, "grad A")
+    assert_close(layer.lora_B["default"].weight.grad, B.grad, dtype, "grad B")
+    assert_close(x.grad, xd.grad, dtype, "grad x")
+    assert [n for n, p in layer.named_parameters() if p.grad is not None] == _trainable(layer)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_forward_and_grads(kind, bias, dtype, feedforward):
+    base = _base(kind, bias, dtype)
+    weight_obj, ptr = base.weight, base.weight.data_ptr()
+    layer = _ia3(base, is_feedforward=feedforward)
+    assert layer.base_layer is base and base.weight is weight_obj and base.weight.data_ptr() == ptr
+    assert tuple(layer.ia3_l["default"].shape) == ((1, K) if feedforward else (N, 1))  # peft's shapes
+    assert _trainable(layer) == ["ia3_l.default"]
+    _randomise_ia3(layer)
+
+    x = _x(dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, 5, N) and y.dtype == dtype
+    xd = leaf(x, torch.float64)
+    l = leaf(layer.ia3_l["default"], torch.float64)
+    W, b = _d(_w_out_in(base)), _d(base.bias)
+    if feedforward:
+        y_ref = (xd * l.flatten()) @ W.T + (0 if b is None else b)
+    else:
+        y_ref = (xd @ W.T + (0 if b is None else b)) * l.flatten()
+    assert_close(y, y_ref, dtype, f"ia3 {kind} ff={feedforward}")
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert base.weight.grad is None and (base.bias is None or base.bias.grad is None)
+    assert layer.ia3_l["default"].grad.shape == layer.ia3_l["default"].shape
+    assert_close(layer.ia3_l["default"].grad, l.grad, dtype, "grad l")
+    assert_close(x.grad, xd.grad, dtype, "grad x")
+
+
+def test_adapter_weights_are_float32_beside_bf16_base_unless_asked():
+    base = _base("linear", True, torch.bfloat16)
+    assert _lora(base).lora_A["default"].weight.dtype == torch.float32
+    assert _lora(_base("linear", True, torch.bfloat16), autocast_adapter_dtype=False).lora_A["default"].weight.dtype == torch.bfloat16
+    assert _ia3(_base("linear", True, torch.bfloat16)).ia3_l["default"].dtype == torch.float32
+
+
+def test_conv1d_without_fan_in_fan_out_warns_and_fixes_it():
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
+        layer = LoraLinear(_base("conv1d", True, torch.float32), r=2, init_lora_weights=False)
+    assert layer.fan_in_fan_out
+    x = _x(torch.float32)
+    assert_close(layer(x), _lora_ref(layer, x, ["default"]), torch.float32, "conv1d auto fan_in_fan_out")
+
+
+def test_default_init_is_a_no_op():
+    base = _base("linear", True, torch.float32)
+    x = _x(torch.float32)
+    assert torch.equal(LoraLinear(base, r=4)(x), base(x))  # B = 0
+    base2 = _base("linear", True, torch.float32)
+    assert_close(IA3Linear(base2)(x), base2(x).double(), torch.float32, "ia3 scales of one")
+
+
+# ----------------------------------------------------------------------------- several adapters
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_lora_several_adapters(kind, bias, dtype):
+    layer = _lora(_base(kind, bias, dtype), adapter_name="a", r=2, lora_alpha=3)
+    layer.update_layer("b", 5, 7.0, init_lora_weights=False)
+    layer.update_layer("c", 3, 2.0, init_lora_weights=False, use_rslora=True)
+    assert layer.scaling["c"] == pytest.approx(2.0 / 3**0.5)
+    # New adapters arrive inactive and frozen; the first one stays active.
+    assert layer.active_adapters == ["a"] and layer.adapter_names == ["a", "b", "c"]
+    assert _trainable(layer) == ["lora_A.a.weight", "lora_B.a.weight"]
+    layer.eval()
+    x = _x(dtype)
+    assert_close(layer(x), _lora_ref(layer, x, ["a"]), dtype, "a")
+
+    layer.set_adapter("b")
+    assert layer.active_adapter == "b"
+    assert _trainable(layer) == ["lora_A.b.weight", "lora_B.b.weight"]
+    assert_close(layer(x), _lora_ref(layer, x, ["b"]), dtype, "b")
+
+    layer.set_adapter(["a", "c"])  # two at once: the updates add up
+    assert layer.active_adapters == ["a", "c"]
+    assert _trainable(layer) == ["lora_A.a.weight", "lora_A.c.weight", "lora_B.a.weight", "lora_B.c.weight"]
+    y = layer(x)
+    assert_close(y, _lora_ref(layer, x, ["a", "c"]), dtype, "a+c")
+    assert rel_err(y, _lora_ref(layer, x, ["a"])) > 10 * rel_err(y, _lora_ref(layer, x, ["a", "c"]))
+
+    # Gradients of two active adapters reach both and only them.
+    x_grad = _x(dtype, requires_grad=True)
+    layer(x_grad).square().sum().backward()
+    grads = sorted(n for n, p in layer.named_parameters() if p.grad is not None)
+    assert grads == ["lora_A.a.weight", "lora_A.c.weight", "lora_B.a.weight", "lora_B.c.weight"]
+
+    with pytest.raises(KeyError, match="nope"):
+        layer.set_adapter(["a", "nope"])
+    assert layer.active_adapters == ["a", "c"]
+    with pytest.raises(ValueError, match="already exists"):
+        layer.update_layer("b", 2, 2.0)
+
+    layer.delete_adapter("a")
+    assert layer.adapter_names == ["b", "c"] and layer.active_adapters == ["c"]
+    assert not any(".a." in k or k.endswith(".a") for k in layer.state_dict())
+    assert "a" not in layer.r and "a" not in layer.scaling and "a" not in layer.lora_dropout
+    assert_close(layer(x), _lora_ref(layer, x, ["c"]), dtype, "after delete")
+    with pytest.raises(KeyError, match="not found"):
+        layer.delete_adapter("a")
+
+
+def test_lora_two_active_adapters_with_dropout_use_independent_masks(monkeypatch):
+    """Training with dropout on two active adapters: adapter 1 fused (mask from the op's seed), adapter
+    2 added with its own nn.Dropout mask; check both against the formula with the masks replayed."""
+    dtype, p = torch.float32, 0.4
+    layer = _lora(_base("linear", True, dtype), adapter_name="a", r=3, lora_dropout=p)
+    layer.update_layer("b", 2, 5.0, lora_dropout=p, init_lora_weights=False)
+    layer.set_adapter(["a", "b"])
+    layer.train()
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(seed))
+    x = _x(dtype)
+    torch_seed = int(torch.randint(0, 2**31 - 1, ()))
+    torch.manual_seed(torch_seed)
+    with backends.use_backend("torch"):  # the mask replayed below is the torch backend's
+        y = layer(x)
+    impl = backends._REGISTRY["lora_linear"]["torch"].impl()
+    mask_a = impl.dropout_mask(seed, (15, K), p, x.device).reshape(x.shape).double()
+    torch.manual_seed(torch_seed)
+    mask_b = nn.functional.dropout(torch.ones_like(x), p, training=True).double() * (1 - p)
+    assert not torch.equal(mask_a, mask_b)
+    xd = _d(x)
+    ref = xd @ _d(layer.base_layer.weight).T + _d(layer.base_layer.bias)
+    for n, mask in (("a", mask_a), ("b", mask_b)):
+        xm = xd * mask / (1 - p)
+        ref = ref + layer.scaling[n] * ((xm @ _d(layer.lora_A[n].weight).T) @ _d(layer.lora_B[n].weight).T)
+    assert_close(y, ref, dtype, "two adapters with dropout")
+    layer.eval()
+    assert_close(layer(x), _lora_ref(layer, x, ["a", "b"]), dtype, "eval ignores dropout")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_several_adapters(dtype, feedforward):
+    layer = _ia3(_base("linear", True, dtype), adapter_name="a", is_feedforward=feedforward)
+    layer.update_layer("b", init_ia3_weights=False)
+    layer.update_layer("c", init_ia3_weights=False)
+    _randomise_ia3(layer)
+    assert layer.active_adapters == ["a"] and _trainable(layer) == ["ia3_l.a"]
+    x = _x(dtype)
+    assert_close(layer(x), _ia3_ref(layer, x, ["a"]), dtype, "a")
+    layer.set_adapter("c")
+    assert _trainable(layer) == ["ia3_l.c"]
+    assert_close(layer(x), _ia3_ref(layer, x, ["c"]), dtype, "c")
+    layer.set_adapter(["a", "b"])  # two at once: the scales multiply
+    assert _trainable(layer) == ["ia3_l.a", "ia3_l.b"]
+    assert_close(layer(x), _ia3_ref(layer, x, ["a", "b"]), dtype, "a*b")
+    x_grad = _x(dtype, requires_grad=True)
+    layer(x_grad).square().sum().backward()
+    assert sorted(n for n, p in layer.named_parameters() if p.grad is not None) == ["ia3_l.a", "ia3_l.b"]
+    layer.delete_adapter("b")
+    assert layer.adapter_names == ["a", "c"] and layer.active_adapters == ["a"]
+    assert_close(layer(x), _ia3_ref(layer, x, ["a"]), dtype, "after delete")
+
+
+# ----------------------------------------------------------------------------- enable / disable
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_disabled_output_is_the_base_output_bit_for_bit(method, kind, bias, dtype):
+    base = _base(kind, bias, dtype)
+    layer = _lora(base) if method == "lora" else _ia3(base)
+    x = _x(dtype)
+    y_base = base(x)
+    y_adapted = layer(x)
+    assert not torch.equal(y_adapted, y_base)
+    layer.enable_adapters(False)
+    assert layer.disable_adapters
+    assert torch.equal(layer(x), y_base)
+    layer.enable_adapters(True)
+    assert torch.equal(layer(x), y_adapted)
+    # No active adapter at all: the base runs too.
+    layer.set_adapter([])
+    assert torch.equal(layer(x), y_base)
+
+
+def test_disabling_a_merged_layer_unmerges_it():
+    base = _base("linear", True, torch.float32)
+    layer = _lora(base)
+    w0 = base.weight.detach().clone()
+    layer.merge()
+    layer.enable_adapters(False)
+    x = _x(torch.float32)
+    y = layer(x)
+    assert not layer.merged
+    assert rel_err(base.weight, w0) < UNMERGE_TOL[torch.float32]
+    assert torch.equal(y, base(x))
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_lora_merge_unmerge(kind, bias, dtype):
+    base = _base(kind, bias, dtype)
+    layer = _lora(base, adapter_name="a", r=3, lora_alpha=5)
+    layer.update_layer("b", 2, 4.0, init_lora_weights=False)
+    layer.set_adapter(["a", "b"])
+    layer.eval()
+    weight_obj = base.weight
+    w0, b0 = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+    x = _x(dtype)
+    ref = _lora_ref(layer, x, ["a", "b"])
+    y_unmerged = layer(x)
+
+    layer.merge()
+    assert layer.merged and layer.merged_adapters == ["a", "b"]
+    assert base.weight is weight_obj  # merged in place
+    assert not torch.equal(base.weight, w0)
+    # The merged weight is W + sum s_i B_i A_i, stored as the layer stores it.
+    delta = sum(layer.scaling[n] * _d(layer.lora_B[n].weight) @ _d(layer.lora_A[n].weight) for n in "ab")
+    expected = _d(w0.T if kind == "conv1d" else w0) + delta
+    assert_close(_w_out_in(base), expected, dtype, "merged weight")
+    y_merged = layer(x)
+    assert_close(y_merged, ref, dtype, "merged forward")
+    assert_close(y_merged, y_unmerged.double(), dtype, "merged vs unmerged")
+    if b0 is not None:
+        assert torch.equal(base.bias, b0)  # LoRA never touches the bias
+
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    assert layer.merged_adapters == ["a", "b"]
+
+    layer.unmerge()
+    assert not layer.merged and layer.merged_adapters == []
+    assert rel_err(base.weight, w0) <= _unmerge_tol(dtype, 2)
+    assert_close(layer(x), ref, dtype, "after unmerge")
+
+
+def test_lora_merge_of_one_named_adapter_then_forward_runs_base():
+    layer = _lora(_base("linear", True, torch.float32), adapter_name="a")
+    layer.update_layer("b", 2, 2.0, init_lora_weights=False)
+    x = _x(torch.float32)
+    ref_b = _lora_ref(layer, x, ["b"])
+    layer.merge(adapter_names=["b"])  # not active, merged anyway
+    assert layer.merged_adapters == ["b"]
+    # Once anything is merged the layer runs its base weight only (peft's rule), so "a" is off.
+    assert_close(layer(x), ref_b, torch.float32, "merged b")
+    with pytest.raises(KeyError, match="zzz"):
+        layer.merge(adapter_names=["zzz"])
+    with pytest.raises(RuntimeError, match="unmerge it"):
+        layer.delete_adapter("b")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_safe_merge_with_nan_adapter_raises_and_changes_nothing(method, dtype):
+    base = _base("linear", True, dtype)
+    layer = _lora(base) if method == "lora" else _ia3(base)
+    with torch.no_grad():
+        if method == "lora":
+            layer.lora_B["default"].weight[1, 0] = float("nan")
+        else:
+            layer.ia3_l["default"][2, 0] = float("nan")
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(base.weight, w0) and torch.equal(base.bias, b0)
+    assert not layer.merged and layer.merged_adapters == []
+
+
+def test_ia3_merge_of_zero_scale_raises():
+    base = _base("linear", True, torch.float32)
+    layer = _ia3(base)
+    with torch.no_grad():
+        layer.ia3_l["default"][0, 0] = 0.0
+    w0 = base.weight.detach().clone()
+    with pytest.raises(ValueError, match="zero"):
+        layer.merge()
+    assert torch.equal(base.weight, w0) and not layer.merged
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_merge_unmerge(kind, bias, dtype, feedforward):
+    base = _base(kind, bias, dtype)
+    layer = _ia3(base, adapter_name="a", is_feedforward=feedforward)
+    layer.update_layer("b", init_ia3_weights=False)
+    _randomise_ia3(layer)
+    layer.set_adapter(["a", "b"])
+    w0, b0 = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+    x = _x(dtype)
+    ref = _ia3_ref(layer, x, ["a", "b"])
+    y_unmerged = layer(x)
+    layer.merge()
+    assert layer.merged_adapters == ["a", "b"]
+    scale = _d(layer.ia3_l["a"]).flatten() * _d(layer.ia3_l["b"]).flatten()
+    w_out_in = _d(w0.T if kind == "conv1d" else w0)
+    if feedforward:  # input scaling: columns of W scaled, bias untouched
+        assert_close(_w_out_in(base), w_out_in * scale[None, :], dtype, "merged W (ff)")
+        if b0 is not None:
+            assert torch.equal(base.bias, b0)
+    else:  # output scaling: rows of W and the bias scaled
+        assert_close(_w_out_in(base), w_out_in * scale[:, None], dtype, "merged W")
+        if b0 is not None:
+            assert_close(base.bias, _d(b0) * scale, dtype, "merged bias")
+    y_merged = layer(x)
+    assert_close(y_merged, ref, dtype, "merged forward")
+    assert_close(y_merged, y_unmerged.double(), dtype, "merged vs unmerged")
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge(adapter_names=["a"])
+    layer.unmerge()
+    assert not layer.merged
+    assert rel_err(base.weight, w0) <= _unmerge_tol(dtype, 2)
+    if b0 is not None:
+        assert rel_err(base.bias, b0) <= _unmerge_tol(dtype, 2)
+    assert_close(layer(x), ref, dtype, "after unmerge")
+
+
+def test_r_larger_than_layer_only_warns():
+    with pytest.warns(UserWarning, match="exceeds"):
+        layer = LoraLinear(_base("linear", True, torch.float32, in_f=6, out_f=4), r=5, init_lora_weights=False)
+    x = torch.randn(7, 6)
+    ref = _d(x) @ _d(layer.base_layer.weight).T + _d(layer.base_layer.bias) + layer.scaling["default"] * (
+        _d(x) @ _d(layer.lora_A["default"].weight).T @ _d(layer.lora_B["default"].weight).T
+    )
+    assert_close(layer(x), ref, torch.float32, "r > min(in, out)")
+
+
+def test_bad_rank_raises():
+    with pytest.raises(ValueError, match="r must be an integer >= 1"):
+        LoraLinear(_base("linear", True, torch.float32), r=0)
+
+
+def test_non_linear_base_raises():
+    with pytest.raises(TypeError, match="Embedding is not a linear layer"):
+        LoraLinear(nn.Embedding(10, 4))
