@@ -17,7 +17,9 @@ from .inject import (
     set_adapter,
     unmerge,
 )
+from .io import load_adapter, save_adapter
 from .modules import IA3Linear, LoraLinear
+from .peft_compat import from_peft
 
 __version__ = "0.1.0"
 
@@ -30,12 +32,15 @@ __all__ = [
     "disable_adapters",
     "eject",
     "enable_adapters",
+    "from_peft",
     "inject",
     "last_backend",
+    "load_adapter",
     "mark_only_adapters_trainable",
     "merge",
     "ops",
     "print_trainable_parameters",
+    "save_adapter",
     "set_adapter",
     "unmerge",
     "use_backend",

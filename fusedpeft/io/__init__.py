@@ -1,0 +1,4 @@
+"""Adapter files: HF peft's on-disk format (adapter_config.json + adapter_model.safetensors)."""
+from .peft_format import adapter_config_dict, checkpoint_keys, load_adapter, save_adapter
+
+__all__ = ["adapter_config_dict", "checkpoint_keys", "load_adapter", "save_adapter"]

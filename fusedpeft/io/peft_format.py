@@ -1,0 +1,320 @@
+"""Adapter files in HF peft's format, both ways.
+
+A peft adapter directory holds ``adapter_config.json`` (the config's fields, peft's names) and
+``adapter_model.safetensors`` (or ``adapter_model.bin``) with only the adapter's tensors. A tensor's
+key is its parameter name in the ``PeftModel`` with the adapter name taken out, e.g.
+
+    base_model.model.<module path>.lora_A.weight        (model: <module path>.lora_A.<adapter>.weight)
+    base_model.model.<module path>.ia3_l                (model: <module path>.ia3_l.<adapter>)
+    base_model.model.<module_to_save path>.<key>        (model: <path>.modules_to_save.<adapter>.<key>)
+
+plus, with ``bias="all"`` / ``"lora_only"``, the biases that train with the adapter. fusedpeft's
+layers carry peft's parameter names, so one function (``checkpoint_keys``) maps file keys to model
+keys, and saving and loading both use it: what one writes the other reads.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import config_from_dict
+from ..inject import CONFIG_ATTR, inject, mark_only_adapters_trainable, set_adapter
+from ..modules import AdapterLayer, ModulesToSaveWrapper
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# peft config keys that do not change what a linear LoRA / IA3 layer computes.
+_IGNORED_KEYS = {
+    "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "peft_version", "megatron_config", "megatron_core", "use_qalora", "qalora_group_size", "layers_pattern",
+    "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+}
+# peft features that change the computation and that fusedpeft does not implement.
+_UNSUPPORTED_KEYS = (
+    "use_dora", "lora_bias", "layers_to_transform", "layer_replication", "target_parameters",
+    "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
+    "monteclora_config", "kasa_config",
+)
+# init_lora_weights values that only set the adapter's starting values (the file overwrites them);
+# the others (pissa, olora, corda, loftq, lora_ga, mica, ...) also rewrite the base weights.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# ----------------------------------------------------------------------------- keys
+def _remove_adapter_name(key: str, adapter_name: str) -> str:
+    """peft's rule: 'x.lora_A.<name>.weight' -> 'x.lora_A.weight', 'x.ia3_l.<name>' -> 'x.ia3_l'."""
+    if key.endswith("." + adapter_name):
+        return key[: -len(adapter_name) - 1]
+    head, _, last = key.rpartition(".")
+    head = re.sub(re.escape("." + adapter_name) + "$", "", head)
+    return f"{head}.{last}"
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def checkpoint_keys(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """{file key: model state_dict key} of adapter ``adapter_name``: what peft's
+    ``get_peft_model_state_dict`` selects for the same model (the adapter layers' own tensors,
+    the biases ``config.bias`` trains, the modules_to_save copies), keyed as peft writes them."""
+    configs = getattr(model, CONFIG_ATTR, {})
+    if adapter_name not in configs:
+        raise KeyError(f"the model has no fusedpeft adapter {adapter_name!r}; it has {sorted(configs)}")
+    config = configs[adapter_name]
+    others = [n for n in configs if n != adapter_name]
+    state = [
+        k for k in model.state_dict(keep_vars=True)
+        if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)
+    ]
+
+    layer_prefixes, layer_names, wrappers = set(), [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w, _ in wrappers):
+            continue  # the insides of a modules_to_save wrapper are saved through the wrapper
+        if isinstance(module, ModulesToSaveWrapper):
+            wrappers.append((name, module))
+        elif isinstance(module, AdapterLayer):
+            # Everything on an adapter layer but the wrapped base layer belongs to the adapters.
+            own = [n for n, _ in module.named_children()]
+            own += [n for n, _ in module.named_parameters(recurse=False)]
+            own += [n for n, _ in module.named_buffers(recurse=False)]
+            layer_prefixes.update(f"{name}.{n}" for n in own if n != "base_layer")
+            layer_names.append(name)
+
+    selected = {k: k for k in state if _under(k, layer_prefixes)}
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        selected.update({k: k for k in state if k == "bias" or k.endswith(".bias")})
+    elif bias == "lora_only":
+        selected.update({k: k for k in (f"{n}.base_layer.bias" for n in layer_names) if k in state})
+    for name, wrapper in wrappers:
+        if adapter_name in wrapper.modules_to_save:
+            for k in wrapper.modules_to_save[adapter_name].state_dict():
+                selected[f"{name}.{k}"] = f"{name}.modules_to_save.{adapter_name}.{k}"
+
+    out: dict[str, str] = {}
+    for key, model_key in selected.items():
+        file_key = PREFIX + _remove_adapter_name(key, adapter_name)
+        if out.get(file_key, model_key) != model_key:
+            raise ValueError(f"two model tensors ({out[file_key]}, {model_key}) map to the same file key {file_key}")
+        out[file_key] = model_key
+    return out
+
+
+# ----------------------------------------------------------------------------- save
+def _json_value(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
+    """The adapter's config as peft writes it in adapter_config.json."""
+    config = getattr(model, CONFIG_ATTR, {})[adapter_name]
+    out = {k: _json_value(v) for k, v in config.to_dict().items()}
+    name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
+    out.update(
+        task_type=None,
+        base_model_name_or_path=name_or_path or None,
+        revision=None,
+        inference_mode=True,
+        # what peft writes when task_type is None (AutoPeftModel reads it to pick the base class)
+        auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+    )
+    try:
+        json.dumps(out)  # fail before anything is written
+    except TypeError as e:
+        raise TypeError(f"the config of adapter {adapter_name!r} is not JSON-serialisable: {e}") from e
+    return out
+
+
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
+    """Write adapter ``adapter_name`` of a fusedpeft-patched ``model`` as peft does:
+    ``save_directory/adapter_config.json`` and ``save_directory/adapter_model.safetensors``, so
+    that ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it. Tensors are
+    written in the dtype they have (float32 master weights stay float32), on the CPU."""
+    from safetensors.torch import save_file
+
+    keys = checkpoint_keys(model, adapter_name)
+    config = adapter_config_dict(model, adapter_name)
+    state = model.state_dict(keep_vars=True)
+    # Own contiguous CPU copies: safetensors refuses tensors that share memory.
+    tensors = {fk: state[mk].detach().to("cpu", copy=True).contiguous() for fk, mk in keys.items()}
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
+    os.makedirs(save_directory, exist_ok=True)
+    save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- load
+def _read_config(directory: str):
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    bad = [f"{k}={data[k]!r}" for k in _UNSUPPORTED_KEYS if data.get(k)]
+    init = data.get("init_lora_weights", True)
+    if data.get("peft_type") == "LORA" and init not in _PLAIN_INITS:
+        bad.append(f"init_lora_weights={init!r} (it rewrites the base weights; convert the adapter to plain LoRA first)")
+    if bad:
+        raise ValueError(f"{path} uses peft features fusedpeft does not implement: {', '.join(bad)}")
+    try:
+        config = config_from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    if config.peft_type == "LORA" and config.init_lora_weights not in (True, False, "gaussian"):
+        config.init_lora_weights = True  # eva / orthogonal: starting values only, the file overwrites them
+    known = {f for f in config.to_dict()} | _IGNORED_KEYS | set(_UNSUPPORTED_KEYS) | {"init_lora_weights"}
+    unknown = sorted(k for k, v in data.items() if k not in known and v)
+    if unknown:
+        warnings.warn(f"{path}: ignoring config keys fusedpeft does not know: {unknown}")
+    return config
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    st, bn = os.path.join(directory, SAFETENSORS_NAME), os.path.join(directory, BIN_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st, device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise ValueError(f"cannot read {st}: {e}") from e
+    if os.path.isfile(bn):
+        try:
+            weights = torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:  # damaged file, or pickled objects other than tensors
+            raise ValueError(f"cannot read {bn}: {e}") from e
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ValueError(f"{bn} does not hold a state dict of tensors")
+        return weights
+    raise FileNotFoundError(f"no adapter weights in {directory!r}: expected {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device (no
+    memory, no compute): injecting into it shows the names and shapes a real inject would give."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _describe(keys, limit=5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _validate(weights, keys, state, directory, adapter_name):
+    """Every check on the file against the (planned) model; raises before anything is changed."""
+    # Biases that config.bias trains are loaded when present (they belong to the base model);
+    # the adapter's own tensors and the modules_to_save copies must all be there.
+    required = {fk for fk, mk in keys.items() if ".modules_to_save." in mk or not (mk == "bias" or mk.endswith(".bias"))}
+    missing = required - set(weights)
+    if missing:
+        raise ValueError(f"adapter file in {directory!r} is missing keys for adapter {adapter_name!r}: {_describe(missing)}")
+    unexpected = set(weights) - set(keys)
+    if unexpected:
+        raise ValueError(
+            f"adapter file in {directory!r} has unexpected keys (no such adapter tensor in the model): {_describe(unexpected)}"
+        )
+    for fk, t in sorted(weights.items()):
+        target = state[keys[fk]]
+        if tuple(t.shape) != tuple(target.shape):
+            raise ValueError(
+                f"adapter file in {directory!r}: {fk} has shape {tuple(t.shape)} but the model expects {tuple(target.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"adapter file in {directory!r}: {fk} is {t.dtype}, not a floating-point tensor")
+
+
+def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
+    """Load a peft adapter directory (what ``PeftModel.save_pretrained`` or :func:`save_adapter`
+    wrote; LoRA or IA3, safetensors or .bin) into ``model`` as adapter ``adapter_name`` and make it
+    the active adapter.
+
+    Where the model has no adapter of that name it is injected first (``fusedpeft.inject`` with
+    the file's config); an existing one of the same method and config gets its weights
+    replaced. Weights are cast to each parameter's dtype and device. With ``is_trainable=False``
+    (peft's default) the adapter's tensors (LoRA / IA3 weights, modules_to_save copies) are
+    frozen; as in peft, biases trained by ``bias="all"`` / ``"lora_only"`` stay trainable.
+
+    Everything (config, key set, shapes, targets) is checked before the model is touched: a bad
+    or mismatched file raises naming the problem and leaves the model exactly as it was.
+    """
+    if not os.path.isdir(load_directory):
+        raise FileNotFoundError(f"adapter directory {load_directory!r} does not exist")
+    config = _read_config(load_directory)
+    weights = _read_weights(load_directory)
+    configs = getattr(model, CONFIG_ATTR, {})
+    exists = adapter_name in configs
+
+    if exists:
+        current = configs[adapter_name]
+        if current.peft_type != config.peft_type:
+            raise ValueError(
+                f"the model's adapter {adapter_name!r} is {current.peft_type} but {load_directory!r} holds {config.peft_type}"
+            )
+        skip = {"init_lora_weights", "init_ia3_weights"}
+        a, b = current.to_dict(), config.to_dict()
+        differ = sorted(k for k in a if k not in skip and a[k] != b.get(k))
+        if differ:
+            raise ValueError(
+                f"the model already has an adapter {adapter_name!r} whose config differs from {load_directory!r} in "
+                f"{differ}; load it under another adapter_name"
+            )
+        planned = model
+    else:
+        planned = _meta_copy(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                inject(planned, config, adapter_name)
+        except (ValueError, TypeError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise type(e)(f"cannot load the adapter in {load_directory!r} into {type(model).__name__}: {msg}") from e
+    keys = checkpoint_keys(planned, adapter_name)
+    _validate(weights, keys, planned.state_dict(keep_vars=True), load_directory, adapter_name)
+    del planned
+
+    # All checks passed: change the model.
+    if not exists:
+        inject(model, config, adapter_name)
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for fk, t in weights.items():
+            state[keys[fk]].copy_(t)
+    set_adapter(model, adapter_name)
+    mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
+    if not is_trainable:
+        # peft's inference mode: the adapter's own tensors (names carrying the adapter name) are
+        # frozen; biases that config.bias trains keep the flag mark_only_adapters_trainable gave.
+        for mk in set(keys.values()):
+            if f".{adapter_name}." in mk or mk.endswith(f".{adapter_name}"):
+                state[mk].requires_grad_(False)
+    return model

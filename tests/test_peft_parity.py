@@ -1,0 +1,375 @@
+"""fusedpeft against HF peft itself: the same adapter weights give the same outputs and gradients
+(LoRA and its variants, IA3), on a small torch model and a tiny random Llama; and
+``fusedpeft.from_peft`` swapping the layers of a live PeftModel without changing what it computes,
+what it trains, or what it saves."""
+import copy
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fusedpeft
+from fusedpeft.peft_compat import PeftIA3Linear, PeftLoraLinear
+
+from helpers import assert_close
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+PREFIX = "base_model.model."
+
+
+# ----------------------------------------------------------------------------- models
+class MLP(nn.Module):
+    """A few nn.Linear of different shapes, one without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 20, bias=False)
+        self.out = nn.Linear(20, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = nn.functional.gelu(self.fc1(x))
+        return self.head(torch.tanh(self.out(nn.functional.silu(self.fc2(h)))))  # smooth: no ReLU kinks in bf16 grads
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2():
+    """transformers' Conv1D layers: weights stored (in, out), peft's fan_in_fan_out=True."""
+    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+MLP_TARGETS = ["fc1", "fc2", "out"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_base(kind, dtype=torch.float32):
+    model = {"mlp": MLP, "llama": tiny_llama, "gpt2": tiny_gpt2}[kind]()
+    return model.to(dtype)
+
+
+def make_input(kind, dtype=torch.float32):
+    if kind == "mlp":
+        return torch.randn(2, 7, 12, dtype=dtype)
+    return torch.randint(0, 100, (2, 9))
+
+
+def run(model, kind, x):
+    return model(x) if kind == "mlp" else model(input_ids=x).logits
+
+
+def peft_config(method, **kw):
+    return (peft.LoraConfig if method == "lora" else peft.IA3Config)(**kw)
+
+
+def fused_config(method, **kw):
+    return (fusedpeft.LoraConfig if method == "lora" else fusedpeft.IA3Config)(**kw)
+
+
+def strip(name):
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def twins(kind, method, kw, dtype=torch.float32):
+    """(base, peft model, fusedpeft model) holding the same adapter weights: peft draws them, the
+    fusedpeft model loads peft's state dict by name (strict: the parameter names are identical)."""
+    base = make_base(kind, dtype)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+    fm = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
+    fm.load_state_dict({strip(k): v for k, v in pm.state_dict().items()}, strict=True)
+    return base, pm, fm
+
+
+def trainable(model):
+    return {strip(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- parity
+LORA_MLP = {
+    "plain": dict(r=4, lora_alpha=8),
+    "rslora": dict(r=4, lora_alpha=6, use_rslora=True),
+    "bias_all": dict(r=4, lora_alpha=8, bias="all"),
+    "bias_lora_only": dict(r=3, lora_alpha=8, bias="lora_only"),
+    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"fc2": 2, "^out$": 6}, alpha_pattern={"fc1": 3}),
+    "modules_to_save": dict(r=2, lora_alpha=4, modules_to_save=["head"]),
+}
+LORA_LLAMA = {
+    "plain": dict(r=4, lora_alpha=8),
+    "rslora": dict(r=8, lora_alpha=4, use_rslora=True),
+    "patterns": dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+                     alpha_pattern={"gate_proj": 3, "o_proj": 16}),
+}
+IA3_CASES = {
+    ("mlp", "ff"): dict(target_modules=MLP_TARGETS, feedforward_modules=["fc2"]),
+    ("mlp", "no_ff"): dict(target_modules=MLP_TARGETS, feedforward_modules=[]),
+    ("llama", "ff"): dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ("llama", "no_ff"): dict(target_modules=["k_proj", "v_proj", "up_proj"], feedforward_modules=[]),
+}
+CASES = (
+    [("mlp", "lora", name, dict(kw, target_modules=MLP_TARGETS, init_lora_weights=False)) for name, kw in LORA_MLP.items()]
+    + [("llama", "lora", name, dict(kw, target_modules=LLAMA_TARGETS, init_lora_weights=False)) for name, kw in LORA_LLAMA.items()]
+    + [(kind, "ia3", name, dict(kw, init_ia3_weights=False)) for (kind, name), kw in IA3_CASES.items()]
+    + [("gpt2", "lora", "conv1d", dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True, r=4, lora_alpha=8,
+                                        bias="lora_only", init_lora_weights=False)),
+       ("gpt2", "ia3", "conv1d", dict(target_modules=GPT2_TARGETS, feedforward_modules=["c_proj"], fan_in_fan_out=True,
+                                       init_ia3_weights=False))]
+)
+
+
+def _compare_step(kind, pm, fm, dtype, what):
+    x = make_input(kind)
+    y_p, y_f = run(pm, kind, x), run(fm, kind, x)
+    assert_close(y_f, y_p, dtype, f"{what} output")
+    g = torch.randn_like(y_p)
+    y_p.backward(g)
+    y_f.backward(g)
+    t_p, t_f = trainable(pm), trainable(fm)
+    # fusedpeft's inject marks modules_to_save wrappers before applying bias="all", so the unused
+    # original copy's bias also shows requires_grad (peft wraps afterwards); it gets no gradient.
+    assert set(t_p) == {n for n in t_f if ".original_module." not in n}, what
+    assert any("lora_" in n or "ia3_l" in n for n in t_p)
+    for name, p in t_p.items():
+        assert p.grad is not None and t_f[name].grad is not None, f"{what}: no gradient for {name}"
+        assert_close(t_f[name].grad, p.grad, dtype, f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("kind,method,name,kw", CASES, ids=[f"{k}-{m}-{n}" for k, m, n, _ in CASES])
+def test_outputs_and_gradients_match_peft(kind, method, name, kw):
+    _, pm, fm = twins(kind, method, kw)
+    for layer in (m for m in fm.modules() if isinstance(m, fusedpeft.LoraLinear)):
+        assert all(w.abs().sum() > 0 for w in (l.weight for l in layer.lora_B.values())), "lora_B left at zero"
+    _compare_step(kind, pm, fm, torch.float32, f"{kind}/{method}/{name}")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_bf16_base_matches_peft_in_float64(method):
+    """bf16 base with float32 adapter weights (both libraries' default). peft runs the LoRA path in
+    float32, fusedpeft in bf16 (adapters cast to the compute dtype), so both are compared with a
+    float64 run of peft on the same weights, at bf16 tolerance."""
+    kw = dict(target_modules=MLP_TARGETS)
+    kw.update(dict(r=4, lora_alpha=8, bias="lora_only", init_lora_weights=False) if method == "lora"
+              else dict(feedforward_modules=["fc1"], init_ia3_weights=False))
+    base, pm, fm = twins("mlp", method, kw, torch.bfloat16)
+    assert all(p.dtype == torch.float32 for n, p in fm.named_parameters() if "lora_" in n or "ia3_l" in n)
+    ref = peft.get_peft_model(copy.deepcopy(base).double(), peft_config(method, **kw))
+    ref.load_state_dict({k: v.double() for k, v in pm.state_dict().items()}, strict=True)
+    x = make_input("mlp", torch.bfloat16)
+    y_f, y_p, y_ref = fm(x), pm(x), ref(x.double())
+    assert y_f.dtype == y_p.dtype == torch.bfloat16
+    assert_close(y_f, y_ref, torch.bfloat16, "fusedpeft bf16")
+    assert_close(y_p, y_ref, torch.bfloat16, "peft bf16")
+    g = torch.randn_like(y_ref)
+    y_f.backward(g.to(y_f.dtype))
+    y_ref.backward(g)
+    t_f, t_ref = trainable(fm), trainable(ref)
+    assert set(t_f) == set(t_ref)
+    for name, p in t_ref.items():
+        assert t_f[name].grad.dtype == t_f[name].dtype
+        assert_close(t_f[name].grad, p.grad, torch.bfloat16, f"bf16 grad {name}")
+
+
+# ----------------------------------------------------------------------------- from_peft
+def _names_and_ids(model):
+    return [(n, id(p)) for n, p in model.named_parameters()]
+
+
+SWAP_CASES = {
+    "llama-lora": ("llama", "lora", dict(target_modules=LLAMA_TARGETS, r=4, lora_alpha=8, init_lora_weights=False)),
+    "mlp-lora-bias-mts": ("mlp", "lora", dict(target_modules=MLP_TARGETS, r=4, lora_alpha=8, bias="all",
+                                              modules_to_save=["head"], init_lora_weights=False)),
+    "mlp-ia3": ("mlp", "ia3", dict(target_modules=MLP_TARGETS, feedforward_modules=["fc2"], init_ia3_weights=False)),
+    "llama-ia3": ("llama", "ia3", dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                       init_ia3_weights=False)),
+    "gpt2-lora": ("gpt2", "lora", dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True, r=4, lora_alpha=8,
+                                       init_lora_weights=False)),
+}
+
+
+def _peft_model(kind, method, kw):
+    base = make_base(kind)
+    return base, peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+
+
+@pytest.mark.parametrize("case", list(SWAP_CASES))
+def test_from_peft_keeps_names_parameters_outputs(case):
+    kind, method, kw = SWAP_CASES[case]
+    base, pm = _peft_model(kind, method, kw)
+    x = make_input(kind)
+    before = _names_and_ids(pm)
+    modules_before = [n for n, _ in pm.named_modules()]
+    y0 = run(pm, kind, x)
+    peft_layer = peft.tuners.lora.layer.Linear if method == "lora" else peft.tuners.ia3.layer.Linear
+    n_peft = sum(type(m) is peft_layer for m in pm.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing here is left behind
+        assert fusedpeft.from_peft(pm) is pm
+    fused_cls = PeftLoraLinear if method == "lora" else PeftIA3Linear
+    assert sum(type(m) is fused_cls for m in pm.modules()) == n_peft > 0
+    assert not any(type(m) is peft_layer for m in pm.modules())
+    assert _names_and_ids(pm) == before, "parameter names or objects changed"
+    assert [n for n, _ in pm.named_modules()] == modules_before
+    assert_close(run(pm, kind, x), y0, torch.float32, "output after the swap")
+    # peft sees the swapped layers as its own
+    assert isinstance(next(m for m in pm.modules() if isinstance(m, fused_cls)), peft.tuners.tuners_utils.BaseTunerLayer)
+    assert pm.get_model_status().active_adapters == ["default"]
+
+
+@pytest.mark.parametrize("case", ["llama-lora", "mlp-lora-bias-mts", "mlp-ia3"])
+def test_from_peft_optimizer_built_before_keeps_training_like_peft(case):
+    kind, method, kw = SWAP_CASES[case]
+    _, pm = _peft_model(kind, method, kw)
+    twin = copy.deepcopy(pm)
+    # Adam divides by sqrt(v) + eps: with the default eps an entry whose gradient is at rounding
+    # level moves by about lr with a random sign, in either model. An eps near the typical gradient
+    # size keeps the update a smooth function of the gradient (rounding stays at rounding level).
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2, eps=0.1)
+    opt_twin = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=1e-2, eps=0.1)
+    start = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    fusedpeft.from_peft(pm)
+    for _ in range(3):
+        x = make_input(kind)
+        g = torch.randn_like(run(twin, kind, x))
+        for model, o in ((pm, opt), (twin, opt_twin)):
+            o.zero_grad()
+            (run(model, kind, x) * g).sum().backward()
+            o.step()
+    assert {id(p) for p in opt.state} == {id(p) for p in pm.parameters() if p.requires_grad}, "optimizer lost track"
+    twin_params = dict(twin.named_parameters())
+    for n, p in pm.named_parameters():
+        assert_close(p, twin_params[n], torch.float32, f"{n} after 3 Adam steps")
+        if n in start:
+            assert not torch.equal(p, start[n]), f"{n} did not train"
+
+
+@pytest.mark.parametrize("case", ["llama-lora", "mlp-ia3", "gpt2-lora"])
+def test_from_peft_then_save_pretrained_loads_back_into_peft(case, tmp_path):
+    kind, method, kw = SWAP_CASES[case]
+    base, pm = _peft_model(kind, method, kw)
+    fusedpeft.from_peft(pm)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = make_input(kind)
+    assert_close(run(back, kind, x), run(pm, kind, x), torch.float32, "peft reload of a swapped model")
+
+
+@pytest.mark.parametrize("case", ["llama-lora", "mlp-ia3"])
+def test_from_peft_disable_adapter_gives_base_output(case):
+    kind, method, kw = SWAP_CASES[case]
+    base, pm = _peft_model(kind, method, kw)
+    fusedpeft.from_peft(pm)
+    x = make_input(kind)
+    y_base, y_adapted = run(base, kind, x), run(pm, kind, x)
+    with pm.disable_adapter():
+        assert_close(run(pm, kind, x), y_base, torch.float32, "inside disable_adapter()")
+    assert_close(run(pm, kind, x), y_adapted, torch.float32, "after disable_adapter()")
+    assert all(p.requires_grad for n, p in pm.named_parameters() if "lora_" in n or "ia3_l" in n)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_from_peft_set_adapter_and_peft_load_adapter(method, tmp_path):
+    kind = "llama" if method == "lora" else "mlp"
+    kw = dict(SWAP_CASES[f"{kind}-{method}"][2])
+    base, pm = _peft_model(kind, method, kw)
+    other = dict(kw, target_modules=kw["target_modules"][:2]) if method == "lora" else kw
+    pm.add_adapter("b", peft_config(method, **other))
+    # a third adapter, saved by peft, loaded by peft after the swap (peft calls update_layer on our layers)
+    _, donor = _peft_model(kind, method, kw)
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    donor.save_pretrained(tmp_path)
+    twin = copy.deepcopy(pm)
+    fusedpeft.from_peft(pm)
+    for model in (pm, twin):
+        model.load_adapter(str(tmp_path), adapter_name="c", is_trainable=True)
+    assert all(isinstance(m, (PeftLoraLinear, PeftIA3Linear)) for m in pm.modules()
+               if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer))
+    x = make_input(kind)
+    for name in ("b", "c", "default"):
+        pm.set_adapter(name)
+        twin.set_adapter(name)
+        assert_close(run(pm, kind, x), run(twin, kind, x), torch.float32, f"active adapter {name}")
+        flags = {n: p.requires_grad for n, p in twin.named_parameters()}
+        assert {n: p.requires_grad for n, p in pm.named_parameters()} == flags, f"requires_grad after set_adapter({name})"
+    assert pm.get_model_status().active_adapters == ["default"]
+    for model in (pm, twin):
+        model.delete_adapter("b")
+        model.merge_adapter(["c"])
+    assert pm.get_model_status().available_adapters == ["c", "default"]
+    assert_close(run(pm, kind, x), run(twin, kind, x), torch.float32, "after delete_adapter('b') and merging 'c'")
+
+
+def test_from_peft_keeps_merged_state_and_unmerges_and_unloads():
+    kind, method, kw = SWAP_CASES["llama-lora"]
+    base, pm = _peft_model(kind, method, kw)
+    x = make_input(kind)
+    y_adapted = run(pm, kind, x)
+    pm.merge_adapter()
+    y_merged = run(pm, kind, x)
+    fusedpeft.from_peft(pm)
+    layers = [m for m in pm.modules() if isinstance(m, PeftLoraLinear)]
+    assert layers and all(m.merged_adapters == ["default"] for m in layers)
+    assert_close(run(pm, kind, x), y_merged, torch.float32, "merged, after the swap")
+    pm.unmerge_adapter()
+    assert not any(m.merged for m in layers)
+    assert_close(run(pm, kind, x), y_adapted, torch.float32, "unmerged after the swap")
+    plain = pm.merge_and_unload()
+    assert not any(isinstance(m, fusedpeft.LoraLinear) for m in plain.modules())
+    assert_close(run(plain, kind, x), y_adapted, torch.float32, "merge_and_unload after the swap")
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.proj(self.emb(ids))
+
+
+def test_from_peft_leaves_unsupported_layers_with_a_warning():
+    model = peft.get_peft_model(WithEmbedding(), peft.LoraConfig(target_modules=["emb", "proj"], r=2, init_lora_weights=False))
+    ids = torch.randint(0, 30, (3, 5))
+    y0 = model(ids)
+    with pytest.warns(UserWarning, match=r"(?s)left 1 layer.*emb: .*Embedding"):
+        fusedpeft.from_peft(model)
+    assert type(model.base_model.model.emb) is peft.tuners.lora.layer.Embedding
+    assert type(model.base_model.model.proj) is PeftLoraLinear
+    assert_close(model(ids), y0, torch.float32, "partly swapped")
+
+    dora = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], use_dora=True, init_lora_weights=False))
+    with pytest.warns(UserWarning, match=r"(?s)fc1: DoRA"):
+        fusedpeft.from_peft(dora)
+    assert type(dora.base_model.model.fc1) is peft.tuners.lora.layer.Linear
+
+
+def test_from_peft_rejects_mixed_batch_adapter_names():
+    _, pm = _peft_model(*SWAP_CASES["mlp-ia3"][:2], SWAP_CASES["mlp-ia3"][2])
+    fusedpeft.from_peft(pm)
+    pm.eval()
+    with pytest.raises(NotImplementedError, match="mixed-batch"):
+        pm.base_model.model.fc1(torch.randn(2, 12), adapter_names=["default", "default"])
+
+
+def test_import_fusedpeft_does_not_import_peft():
+    code = "import sys, fusedpeft; bad = [m for m in ('peft', 'transformers') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
