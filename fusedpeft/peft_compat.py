@@ -303,15 +303,23 @@ def _base_reason(layer) -> Optional[str]:
     return None
 
 
-def _lora_reason(layer) -> Optional[str]:
+def _shared_reason(layer, adapters, method: str, children: set) -> Optional[str]:
+    """What every method's layer must satisfy: a swappable base, an adapter, no unknown state."""
     reason = _base_reason(layer)
     if reason:
         return reason
-    if not len(layer.lora_A):
-        return "holds no LoRA adapter"
-    extra = sorted(set(layer._modules) - _LORA_CHILDREN) + sorted(layer._parameters) + sorted(layer._buffers)
+    if not len(adapters):
+        return f"holds no {method} adapter"
+    extra = sorted(set(layer._modules) - children) + sorted(layer._parameters) + sorted(layer._buffers)
     if extra:
         return f"holds state fusedpeft does not know: {extra}"
+    return None
+
+
+def _lora_reason(layer) -> Optional[str]:
+    reason = _shared_reason(layer, layer.lora_A, "LoRA", _LORA_CHILDREN)
+    if reason:
+        return reason
     if any(layer.use_dora.values()) or len(layer.lora_magnitude_vector):
         return "DoRA (use_dora=True)"
     if any(getattr(layer, "lora_bias", {}).values()):
@@ -336,14 +344,9 @@ def _lora_reason(layer) -> Optional[str]:
 
 
 def _ia3_reason(layer) -> Optional[str]:
-    reason = _base_reason(layer)
+    reason = _shared_reason(layer, layer.ia3_l, "IA3", _IA3_CHILDREN)
     if reason:
         return reason
-    if not len(layer.ia3_l):
-        return "holds no IA3 adapter"
-    extra = sorted(set(layer._modules) - _IA3_CHILDREN) + sorted(layer._parameters) + sorted(layer._buffers)
-    if extra:
-        return f"holds state fusedpeft does not know: {extra}"
     shape = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
     for name, p in layer.ia3_l.items():
         if tuple(p.shape) != shape:

@@ -26,3 +26,12 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"seed={seed}")
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # For modules of tiny tensors: one thread is fastest, and immune to a busy machine's thread pool.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

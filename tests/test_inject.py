@@ -23,13 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 VOCAB, D, F = 48, 32, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: one thread is fastest, and immune to a busy machine's thread pool.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- models

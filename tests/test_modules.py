@@ -15,13 +15,7 @@ from helpers import assert_close, leaf, rel_err
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: one thread is fastest, and immune to a busy machine's thread pool.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 # Conv1D always has a bias (its forward is addmm(bias, ...)).
 KINDS = [("linear", True), ("linear", False), ("conv1d", True)]
 K, N = 24, 20  # in_features, out_features (K != N so a transposed weight cannot pass)

@@ -74,42 +74,26 @@ def m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
+def _config(bm, bn, bk, warps, stages, ws=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
+                         num_warps=warps, num_stages=stages)
+
+
 def _gemm_configs():
-    cfgs = []
-    # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours.
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 2),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-    ]:
-        for ws in (False, True):
-            cfgs.append(triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
-                num_warps=warps, num_stages=stages))
+    # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours, each
+    # with and without warp specialisation.
+    large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W.
-    for bm, bn, bk, warps, stages in [
-        (16, 32, 256, 4, 4),
-        (16, 64, 128, 4, 4),
-        (32, 32, 256, 4, 4),
-        (64, 64, 128, 4, 4),
-        (64, 32, 128, 4, 4),
-    ]:
-        cfgs.append(triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": False},
-            num_warps=warps, num_stages=stages))
-    return cfgs
+    small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4)]
+    return [_config(*c, ws=ws) for c in large for ws in (False, True)] + [_config(*c) for c in small]
 
 
 def _skinny_configs(N):
     # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
     # enough that every SM streams its share of a.
     bn = max(16, triton.next_power_of_2(N))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": False},
-                          num_warps=4, num_stages=st)
-            for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
+    return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
 
 
 def _candidates(M: int, N: int, element_size: int):
