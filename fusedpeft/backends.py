@@ -50,6 +50,9 @@ class Backend:
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
+_CHOICE: dict[tuple, Backend] = {}  # select()'s cache; cleared when a backend is registered
+_INDEX: dict[tuple[str, str], int] = {}  # (op, name) -> registration index, and back
+_BY_INDEX: dict[tuple[str, int], Backend] = {}
 _LAST: dict[str, str] = {}
 _COUNTS: dict[tuple[str, str], int] = {}
 _local = threading.local()
@@ -57,6 +60,10 @@ _local = threading.local()
 
 def register(op: str, name: str, load: Callable[[], Any], supports: Callable[..., Optional[str]], priority: int):
     _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load)
+    _CHOICE.clear()
+    for i, (n, b) in enumerate(_REGISTRY[op].items()):
+        _INDEX[(op, n)] = i
+        _BY_INDEX[(op, i)] = b
 
 
 def registered(op: str) -> list[str]:
@@ -85,11 +92,22 @@ def use_backend(name: str):
 
 
 def select(op: str, *tensors) -> tuple[str, Any]:
-    """Pick the backend for ``op`` on these inputs; returns (name, implementation)."""
+    """Pick the backend for ``op`` on these inputs; returns (name, implementation).
+
+    ``supports`` may look only at the tensors' device types and dtypes, so a choice is cached per
+    (op, forced name, device types, dtypes): the per-call cost is one dict lookup."""
+    forced = _forced()
+    key = (op, forced, *((t.device.type, t.dtype) for t in tensors))
+    hit = _CHOICE.get(key)
+    if hit is None:
+        hit = _CHOICE[key] = _choose(op, forced, tensors)
+    return _record(op, hit)
+
+
+def _choose(op: str, forced: Optional[str], tensors) -> Backend:
     backends = _REGISTRY.get(op)
     if not backends:
         raise KeyError(f"no backend registered for op {op!r}")
-    forced = _forced()
     if forced is not None:
         backend = backends.get(forced)
         if backend is None:
@@ -100,23 +118,23 @@ def select(op: str, *tensors) -> tuple[str, Any]:
         reason = backend.unavailable_reason() or backend.supports(*tensors, forced=True)
         if reason:
             raise RuntimeError(f"{op}: backend {forced!r} was requested but cannot run these inputs: {reason}")
-        return _record(op, backend)
+        return backend
     for name in registered(op):
         backend = backends[name]
         if backend.supports(*tensors, forced=False) is None and backend.unavailable_reason() is None:
-            return _record(op, backend)
+            return backend
     raise RuntimeError(f"{op}: no registered backend accepts these inputs")
 
 
 def select_index(op: str, *tensors) -> tuple[int, Any]:
     """Like select, but returns the backend's registration index (see impl_at)."""
     name, impl = select(op, *tensors)
-    return list(_REGISTRY[op]).index(name), impl
+    return _INDEX[(op, name)], impl
 
 
 def impl_at(op: str, index: int):
     """The implementation registered index-th for ``op`` (the backward runs the forward's backend)."""
-    return list(_REGISTRY[op].values())[index].impl()
+    return _BY_INDEX[(op, index)].impl()
 
 
 def _record(op: str, backend: Backend):

@@ -67,3 +67,12 @@ def sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Column sums (gradients of bias / per-channel scales) accumulated in float32 at least.
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     return t.sum(0, dtype=acc).to(dtype)
+
+
+def outside_autocast(device_type: str, fn, *args):
+    """fn(*args) with autocast off. The inputs were cast to the autocast dtype already; entering the
+    context costs microseconds per call, so it is entered only when autocast is on."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)

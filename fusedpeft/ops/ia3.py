@@ -122,5 +122,4 @@ def ia3_linear(
     _common.check_adapter_tensor(OP, "ia3_scale", scale, (size,), weight)
     dtype = _common.compute_dtype(x, weight)
     args = [_common.cast(t, dtype) for t in (x, weight, bias, scale)]
-    with torch.autocast(x.device.type, enabled=False):
-        return IA3LinearFunction.apply(*args, bool(feedforward))
+    return _common.outside_autocast(x.device.type, IA3LinearFunction.apply, *args, bool(feedforward))

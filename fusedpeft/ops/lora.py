@@ -205,6 +205,14 @@ def _new_seed() -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
+def _apply(x2, args, scaling, p):
+    if torch.compiler.is_compiling():
+        seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+        return _lora_fwd(x2, *args[1:], float(scaling), p, seed)[0]
+    seed = int(_new_seed()) if p > 0.0 else 0
+    return LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -235,11 +243,5 @@ def lora_linear(
     args = [_common.cast(t, dtype) for t in (x, weight, bias, lora_A, lora_B)]
     p = float(dropout_p) if training else 0.0
     x2 = _common.flatten_rows(args[0])
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():
-            seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
-            y, _, _ = _lora_fwd(x2, *args[1:], float(scaling), p, seed)
-        else:
-            seed = int(_new_seed()) if p > 0.0 else 0
-            y = LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
+    y = _common.outside_autocast(x.device.type, _apply, x2, args, scaling, p)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,46 @@
+"""Host-side profile of one LoRA layer call (where the time goes when the GPU work is short):
+    python -m benchmarks.profile_lora [M K N r]"""
+import sys
+import time
+
+import torch
+
+import fusedpeft
+from fusedpeft.ops import lora_linear
+
+
+def main(argv):
+    M, K, N, r = (int(v) for v in (argv or ["16", "4096", "4096", "16"]))
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    A = (torch.randn(r, K, device="cuda") / K**0.5).bfloat16().requires_grad_()
+    B = torch.randn(N, r, device="cuda").bfloat16().requires_grad_()
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    for backend in ("triton", "torch"):
+        with fusedpeft.use_backend(backend):
+            for _ in range(20):
+                lora_linear(x, W, None, A, B, 2.0).backward(g)
+            torch.cuda.synchronize()
+            for label, fn in (("fwd", lambda: lora_linear(x, W, None, A, B, 2.0)),
+                              ("train", lambda: lora_linear(x, W, None, A, B, 2.0).backward(g))):
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                host = (time.perf_counter() - t) / 200 * 1e3
+                torch.cuda.synchronize()
+                print(f"{backend:6s} {label:5s} host {host:.4f} ms/call (no sync inside)")
+    import cProfile
+    import pstats
+
+    with fusedpeft.use_backend("triton"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            lora_linear(x, W, None, A, B, 2.0).backward(g)
+        prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
