@@ -107,3 +107,19 @@ def test_training_loss_curve_matches_torch_backend():
         curves[backend] = torch.tensor(losses)
     assert curves["triton"][-1] < curves["triton"][0], "loss did not fall"
     assert rel_err(curves["triton"], curves["torch"]) < 2e-2, curves
+
+
+def test_cached_launches_follow_the_specialisation(monkeypatch):
+    """Repeated calls reuse compiled kernels (FAST_LAUNCH); sizes that change Triton's
+    specialisation (M divisible by 16 or not, misaligned views) must get their own kernel."""
+    dev, dt = "cuda", torch.bfloat16
+    W = torch.randn(640, 512, device=dev, dtype=dt) / 512**0.5
+    A = (torch.randn(16, 512, device=dev) / 512**0.5).to(dt)
+    B = torch.randn(640, 16, device=dev).to(dt)
+    for M in (128, 130, 128, 96, 97, 1, 16, 129, 128):
+        for offset in (0, 1):
+            x = torch.randn(M * 512 + 1, device=dev, dtype=dt)[offset:offset + M * 512].view(M, 512)
+            with fusedpeft.use_backend("triton"):
+                y = lora_linear(x, W, None, A, B, 0.5)
+            ref = lora_linear_reference(*(t.double() for t in (x, W)), None, A.double(), B.double(), 0.5)
+            assert rel_err(y, ref) < GPU_TOL[dt], (M, offset)

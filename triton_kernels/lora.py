@@ -75,13 +75,11 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty(splits, C, R, dtype=torch.float32, device=l.device)
     partial_sum = torch.empty(splits, C, dtype=torch.float32, device=l.device) if colsum is not None else partial
-    lowrank_weight_grad_kernel[(col_blocks, splits)](
-        l, s, partial, partial_sum,
-        M, C, R, rows_per_split,
-        l.stride(0), l.stride(1), s.stride(0),
-        int(seed), float(dropout_p), int(mask_ld),
-        DROPOUT=dropout_p > 0, COLSUM=colsum is not None,
-        BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R),
+    launch.cached_launch(
+        lowrank_weight_grad_kernel, (col_blocks, splits),
+        (l, s, partial, partial_sum, M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0),
+         int(seed), float(dropout_p), int(mask_ld)),
+        dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R)),
         num_warps=4, num_stages=1 if interp else 4,
     )
     total = partial.sum(0) * scale
