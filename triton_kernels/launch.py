@@ -185,7 +185,8 @@ def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stag
     key = (id(kernel), num_warps, num_stages, tuple(constexprs.items()), tuple(_specialization(v) for v in args))
     compiled = _COMPILED.get(key)
     if compiled is not None:
-        compiled[grid](*args, *(constexprs[n] for n in _constexpr_names(kernel)))
+        grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel takes a 3-D grid
+        compiled[grid3](*args, *(constexprs[n] for n in _constexpr_names(kernel)))
         return
     compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     if compiled is not None:
