@@ -294,7 +294,8 @@ def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> nn.Mod
         wrapper.set_adapter(wrapper.active_adapters)
     if bias == "all":
         for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
+            # The originals kept beside modules_to_save copies stay frozen (as in peft).
+            if (name == "bias" or name.endswith(".bias")) and ".original_module." not in name and not name.startswith("original_module."):
                 p.requires_grad_(True)
     return model
 
