@@ -30,5 +30,6 @@ def leaf(t: torch.Tensor, dtype=None, requires_grad=True) -> torch.Tensor:
 # backend that fails to load fails the tests instead of silently dropping out of them.
 BACKENDS = {
     "lora_linear": ["torch", "triton"],
-    "ia3_linear": ["torch"],
+    "ia3_linear": ["torch", "triton"],
+    "ssf_linear": ["torch", "triton"],
 }

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import fusedpeft
-from fusedpeft.ops import ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference
+from fusedpeft.ops import (
+    ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference, ssf_linear, ssf_linear_reference,
+)
 from fusedpeft.ops import lora as lora_mod
 
 from helpers import BACKENDS, assert_close, leaf
@@ -87,9 +89,11 @@ def test_lora_dropout_off_at_eval_and_fresh_mask_per_call():
 @pytest.mark.parametrize("backend", BACKENDS["ia3_linear"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
-@pytest.mark.parametrize("feedforward", [False, True])
+# The save / recompute choice exists for output scaling only; input scaling has one backward.
+@pytest.mark.parametrize("feedforward,grad_mode", [(False, "save"), (False, "recompute"), (True, "save")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, bias):
+def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, bias, grad_mode, monkeypatch):
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
     x, W, b = _inputs(lead, K, N, dtype, bias)
     scale = leaf(torch.randn(K if feedforward else N), dtype)  # never all ones
     with fusedpeft.use_backend(backend):
@@ -100,10 +104,64 @@ def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, b
     refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, scale)]
     y_ref = ia3_linear_reference(*refs, feedforward)
     y_ref.backward(g.double())
-    what = f"ia3[{backend}, ff={feedforward}]"
+    what = f"ia3[{backend}, ff={feedforward}, {grad_mode}]"
     assert y.shape == (*lead, N) and y.dtype == dtype
     assert_close(y, y_ref, dtype, what)
     _check_grads(("x", "W", "b", "l"), (x, W, b, scale), refs, dtype, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["ssf_linear"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_ssf_linear_matches_reference(backend, dtype, lead, K, N, bias, grad_mode, monkeypatch):
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    x, W, b = _inputs(lead, K, N, dtype, bias)
+    scale = leaf(1.0 + 0.5 * torch.randn(N), dtype)  # never the identity init
+    shift = leaf(torch.randn(N), dtype)
+    with fusedpeft.use_backend(backend):
+        y = ssf_linear(x, W, b, scale, shift)
+    assert fusedpeft.last_backend("ssf_linear") == backend
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, scale, shift)]
+    y_ref = ssf_linear_reference(*refs)
+    y_ref.backward(g.double())
+    what = f"ssf[{backend}, {grad_mode}]"
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert_close(y, y_ref, dtype, what)
+    _check_grads(("x", "W", "b", "scale", "shift"), (x, W, b, scale, shift), refs, dtype, what)
+
+
+def _saved(y):
+    node = y.grad_fn
+    while not hasattr(node, "saved_tensors"):  # past the reshape back to x's leading shape
+        node = node.next_functions[0][0]
+    return node.saved_tensors
+
+
+@pytest.mark.parametrize("op", ["ia3", "ssf"])
+def test_rescale_saves_z_only_when_asked(op, monkeypatch):
+    """'save' keeps the unscaled output (M x N) for the backward; 'recompute' keeps nothing of
+    that size; a frozen scale keeps nothing either."""
+    from fusedpeft.ops import _rescale
+
+    x, W, b = _inputs((6,), 8, 5, torch.float32, True)
+    scale, shift = leaf(torch.randn(5)), leaf(torch.randn(5))
+    call = (lambda: ia3_linear(x, W, b, scale, False)) if op == "ia3" else (lambda: ssf_linear(x, W, b, scale, shift))
+    for mode, expect in (("save", True), ("recompute", False)):
+        monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", mode)
+        saved = [t for t in _saved(call()) if t is not None]
+        assert any(t.shape == (6, 5) for t in saved) == expect, mode
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "sometimes")
+    with pytest.raises(ValueError, match="FUSEDPEFT_OUTPUT_SCALE_GRAD"):
+        call()
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "save")
+    scale.requires_grad_(False)
+    shift.requires_grad_(False)
+    assert not any(t is not None and t.shape == (6, 5) for t in _saved(call()))
+    assert _rescale.OUTPUT_GRAD_DEFAULT in ("save", "recompute")
 
 
 def test_float32_adapter_beside_bf16_base_gets_float32_grads():
@@ -154,6 +212,9 @@ def test_nan_and_inf_pass_through_like_the_reference():
         (lambda: lora_linear(torch.ones(3, 6, dtype=torch.int32), torch.ones(4, 6, dtype=torch.int32), None, torch.randn(2, 6), torch.randn(4, 2), 1.0), "floating-point"),
         (lambda: ia3_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(6), False), "4 entries"),
         (lambda: ia3_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(4), True), "6 entries"),
+        (lambda: ssf_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(6), torch.randn(4)), "ssf_scale must have shape"),
+        (lambda: ssf_linear(torch.randn(3, 6), torch.randn(4, 6), None, torch.randn(4), torch.randn(4, 1)), "ssf_shift must have shape"),
+        (lambda: ssf_linear(torch.randn(3, 5), torch.randn(4, 6), None, torch.randn(4), torch.randn(4)), "last dimension 5"),
     ],
 )
 def test_bad_input_raises_clear_error(call, match):

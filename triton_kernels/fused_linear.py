@@ -9,8 +9,12 @@
 LoRA forward:  a = x, w = W, p = A, q = B                      (lr = u = drop(x) A^T, saved)
 LoRA grad_x:   a = grad_y, w = W (as [K, N]), p = B^T, q = A^T (lr = grad_y B, saved; the
                dropout mask applies to the low-rank term at output positions)
-IA3 / SSF add their prologue (a scaled along K) and epilogue (out scaled/shifted along N) as
-further constexpr pieces of this same kernel.
+IA3 / SSF (triton_kernels/rescale.py) use the same kernel with small constexpr pieces:
+  prologue SCALE_A:   a tile scaled along K in registers before the MMA (input scaling, and
+                      grad_y * l in the grad_x of output scaling); never materialised.
+  epilogue:           + bias; SAVE_AUX writes the unscaled result z to aux; REDUCE_AUX writes
+                      per-row-block column sums of z * aux (and of aux) to ``partial``; then
+                      SCALE_OUT (* scale[N]), SHIFT_OUT (+ shift[N]), and the store (STORE_OUT).
 
 Schedule. A persistent grid (one program per SM) walks output tiles in grouped order (GROUP_M row
 blocks share the column sweep, so the W tiles in flight stay in L2). Per tile the K loop does the
@@ -107,12 +111,16 @@ def _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
 
 @triton.jit
 def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                 stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
+                 stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr):
+                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr, SCALE_A: tl.constexpr):
     for ki in range(k_tiles):
         off_k = ki * BLOCK_K
         a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
+        if SCALE_A:  # (a * scale[k]) rounded to a's dtype, as the unfused (x * l) would be
+            cols_k = off_k + tl.arange(0, BLOCK_K)
+            s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
+            a = (a.to(tl.float32) * s[None, :].to(tl.float32)).to(a.dtype)
         if MASK_A:  # dropout on the whole product (the rank-r u = drop(x) A^T as its own GEMM)
             rows = off_m + tl.arange(0, BLOCK_M)
             cols_k = off_k + tl.arange(0, BLOCK_K)
@@ -124,10 +132,10 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
 
 @triton.jit
 def fused_linear_kernel(
-    a_ptr, w_ptr, out_ptr, bias_ptr, p_ptr, q_ptr, lr_ptr,
+    a_ptr, w_ptr, out_ptr, bias_ptr, p_ptr, q_ptr, lr_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
-    stride_pr, stride_pk, stride_qn, stride_qr, stride_lm,
+    stride_pr, stride_pk, stride_qn, stride_qr, stride_lm, stride_xm, stride_xn,
     lr_scale, seed, dropout_p, mask_ld,
     m_bucket,  # unused in the body: the autotuner's key for M's size class
     HAS_BIAS: tl.constexpr,
@@ -140,6 +148,13 @@ def fused_linear_kernel(
     MASK_A: tl.constexpr,       # dropout on a for the main product too (the u = drop(x) A^T GEMM)
     IN_LOOP_LR: tl.constexpr,   # HAS_LORA and not LR_PRECOMPUTED
     FLATTEN: tl.constexpr,      # not IN_LOOP_LR
+    SCALE_A: tl.constexpr,      # prologue: a[:, k] *= scale[k]
+    SAVE_AUX: tl.constexpr,     # epilogue: aux = a @ w^T + bias (the unscaled output z)
+    REDUCE_AUX: tl.constexpr,   # epilogue: partial[0, pid_m, n] = sum over the tile's rows of z * aux
+    REDUCE_SUM: tl.constexpr,   # epilogue: partial[1, pid_m, n] = sum over the tile's rows of aux
+    SCALE_OUT: tl.constexpr,    # epilogue: out[:, n] *= scale[n]
+    SHIFT_OUT: tl.constexpr,    # epilogue: out[:, n] += shift[n]
+    STORE_OUT: tl.constexpr,    # write out (off when only the reduction is wanted)
     USE_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -156,7 +171,8 @@ def fused_linear_kernel(
         w_desc = _make_desc(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_DESC)
     else:
         w_desc = _make_desc(w_ptr, K, N, stride_wk, BLOCK_K, BLOCK_N, USE_DESC)
-    out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
+    if STORE_OUT:
+        out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
     if IN_LOOP_LR:
         p_desc = _make_desc(p_ptr, R, K, stride_pr, BLOCK_R, BLOCK_K, USE_DESC)
 
@@ -186,13 +202,13 @@ def fused_linear_kernel(
                     lr = mma(a, p.T, lr)
             else:
                 acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                                   stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False)
+                                   stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False, False)
             prev_m = pid_m
         else:
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld,
-                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A)
+                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A)
 
         cols_n = off_n + tl.arange(0, BLOCK_N)
         if HAS_LORA:
@@ -216,12 +232,30 @@ def fused_linear_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
             acc += bias[None, :].to(tl.float32)
-        out = acc.to(dtype)
-        if USE_DESC:
-            out_desc.store([off_m, off_n], out)
-        else:
-            tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out,
-                     mask=(rows[:, None] < M) & (cols_n[None, :] < N))
+        in_tile = (rows[:, None] < M) & (cols_n[None, :] < N)
+        aux_ptrs = aux_ptr + rows[:, None] * stride_xm + cols_n[None, :] * stride_xn
+        if SAVE_AUX:
+            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=in_tile)
+        if REDUCE_AUX:
+            # Rows past M read aux as 0, so their (bias-only) acc adds nothing. One tile per
+            # (pid_m, pid_n): each partial entry is written exactly once, no atomics.
+            other = tl.load(aux_ptrs, mask=in_tile, other=0.0).to(tl.float32)
+            col_mask = cols_n < N
+            tl.store(partial_ptr + pid_m * N + cols_n, tl.sum(acc * other, axis=0), mask=col_mask)
+            if REDUCE_SUM:
+                tl.store(partial_ptr + (num_pid_m + pid_m) * N + cols_n, tl.sum(other, axis=0), mask=col_mask)
+        if SCALE_OUT:
+            scale = tl.load(scale_ptr + cols_n, mask=cols_n < N, other=0.0)
+            acc = acc * scale[None, :].to(tl.float32)
+        if SHIFT_OUT:
+            shift = tl.load(shift_ptr + cols_n, mask=cols_n < N, other=0.0)
+            acc += shift[None, :].to(tl.float32)
+        if STORE_OUT:
+            out = acc.to(dtype)
+            if USE_DESC:
+                out_desc.store([off_m, off_n], out)
+            else:
+                tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out, mask=in_tile)
 
 
 @triton.jit
@@ -260,6 +294,36 @@ def lowrank_weight_grad_kernel(
     tl.store(base + cols[:, None] * R + r_idx[None, :], acc, mask=(cols[:, None] < C) & (r_idx[None, :] < R))
     if COLSUM:
         tl.store(colsum_ptr + split * C + cols, colsum, mask=cols < C)
+
+
+@triton.jit
+def column_dot_kernel(
+    g_ptr, z_ptr, partial_ptr, M, C, rows_per_split, stride_gm, stride_zm,
+    SUM_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """partial[split, c] = sum over the split's rows of g * z, and with SUM_G
+    partial[splits + split, c] = sum of g: grad_scale = sum_rows(grad_y * z) and
+    grad_shift = sum_rows(grad_y) of output scaling from a saved z. Memory-bound: reads g and z
+    once (4MN bytes in bf16), no FLOPs to speak of; unit column strides."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_end) & (cols[None, :] < C)
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * z, axis=0)
+        if SUM_G:
+            total += tl.sum(g, axis=0)
+    tl.store(partial_ptr + split * C + cols, dot, mask=cols < C)
+    if SUM_G:
+        tl.store(partial_ptr + (splits + split) * C + cols, total, mask=cols < C)
 
 
 @triton.jit

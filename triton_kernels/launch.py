@@ -201,52 +201,90 @@ INTERPRETER_SMS = 3
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
                         seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
-                        lr_precomputed=False, mask_a=False):
+                        lr_precomputed=False, mask_a=False, scale=None, scale_a=False, shift=None,
+                        aux=None, save_aux=False, reduce_aux=False, reduce_sum=False):
     """out = a @ w_mat^T (+ lr_scale * lr @ q^T, masked) (+ bias), see fused_linear_kernel.
     a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R] float32. With lr_precomputed, lr is
     read; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K loop and saved into lr.
-    mask_a applies the dropout mask to a in the main product (for u = drop(x) A^T itself)."""
+    mask_a applies the dropout mask to a in the main product (for u = drop(x) A^T itself).
+
+    Rescaling pieces: scale ([K] with scale_a: a scaled along K; [N] otherwise: out scaled along
+    N), shift ([N], added after the scale), aux ([M, N]: written with the unscaled result when
+    save_aux; read when reduce_aux). out may be None (nothing stored). With reduce_aux, returns
+    (sum_rows(z * aux), sum_rows(aux) if reduce_sum else None) as float32 [N] tensors, z being
+    a @ w^T + bias before the scale; otherwise returns out."""
     M, K = a.shape
     N = w_mat.shape[0]
     if M == 0 or N == 0:
+        if reduce_aux:
+            zeros = torch.zeros(N, dtype=torch.float32, device=a.device)
+            return zeros, (zeros.clone() if reduce_sum else None)
         return out
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
     R = q.shape[1] if has_lora else 1
     in_loop = has_lora and not lr_precomputed
-    dummy = out  # never read: its constexpr flag is off
+    store_out = out is not None
+    dummy = a  # never read: its constexpr flag is off
     use_desc = descriptor_ok(a, w, out, p if in_loop else None)
     if use_desc and not interpreting():
         ensure_allocator()
-    args = (
-        a, w, out, bias if bias is not None else dummy, p if in_loop else dummy,
-        q if has_lora else dummy, lr if lr is not None else dummy,
-        M, N, K, R,
-        a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), out.stride(1),
-        p.stride(0) if in_loop else 0, p.stride(1) if in_loop else 0,
-        q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
-        lr.stride(0) if lr is not None else 0,
-        float(lr_scale), int(seed), float(dropout_p), int(mask_ld), m_bucket(M),
-    )
+
+    def args_for(partial):
+        return (
+            a, w, out if store_out else dummy, bias if bias is not None else dummy, p if in_loop else dummy,
+            q if has_lora else dummy, lr if lr is not None else dummy, scale if scale is not None else dummy,
+            shift if shift is not None else dummy, aux if aux is not None else dummy,
+            partial if partial is not None else dummy,
+            M, N, K, R,
+            a.stride(0), a.stride(1), stride_wn, stride_wk,
+            out.stride(0) if store_out else 0, out.stride(1) if store_out else 0,
+            p.stride(0) if in_loop else 0, p.stride(1) if in_loop else 0,
+            q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
+            lr.stride(0) if lr is not None else 0,
+            aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+            float(lr_scale), int(seed), float(dropout_p), int(mask_ld), m_bucket(M),
+        )
+
+    def partial_for(cfg):
+        # [2 if reduce_sum else 1, row blocks, N] float32: one row per row block of the config.
+        if not reduce_aux:
+            return None
+        return torch.empty(2 if reduce_sum else 1, triton.cdiv(M, cfg["BLOCK_M"]), N, dtype=torch.float32, device=a.device)
+
     flags = dict(
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
         MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop, FLATTEN=not in_loop,
+        SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
+        REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
+        SHIFT_OUT=shift is not None, STORE_OUT=store_out,
         USE_DESC=use_desc, BLOCK_R=block_r(R),
     )
+
+    def finish(partial):
+        if partial is None:
+            return out
+        sums = partial.sum(1)
+        return sums[0], (sums[1] if reduce_sum else None)
+
     if interpreting():
         cfg = INTERPRETER_CONFIG
+        partial = partial_for(cfg)
         grid = (min(INTERPRETER_SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])),)
-        fused_linear_kernel[grid](*args, **flags, **cfg, NUM_SMS=grid[0])
-        return out
+        fused_linear_kernel[grid](*args_for(partial), **flags, **cfg, NUM_SMS=grid[0])
+        return finish(partial)
     sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    last = {}
 
     def launch_with(cfg):
         kw = cfg.kwargs
+        partial = last["partial"] = partial_for(kw)
         grid = (min(sms, triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"])),)
-        cached_launch(fused_linear_kernel, grid, args, {**flags, **kw, "NUM_SMS": sms}, cfg.num_warps, cfg.num_stages)
+        cached_launch(fused_linear_kernel, grid, args_for(partial), {**flags, **kw, "NUM_SMS": sms},
+                      cfg.num_warps, cfg.num_stages)
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
     launch_with(_tuned_config(key, M, N, a.element_size(), launch_with))
-    return out
+    return finish(last.get("partial"))

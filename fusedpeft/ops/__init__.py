@@ -2,5 +2,6 @@
 dispatch."""
 from .ia3 import ia3_linear, ia3_linear_reference
 from .lora import lora_linear, lora_linear_reference
+from .ssf import ssf_linear, ssf_linear_reference
 
-__all__ = ["ia3_linear", "ia3_linear_reference", "lora_linear", "lora_linear_reference"]
+__all__ = ["ia3_linear", "ia3_linear_reference", "lora_linear", "lora_linear_reference", "ssf_linear", "ssf_linear_reference"]

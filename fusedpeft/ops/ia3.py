@@ -3,22 +3,18 @@
 - output scaling (ordinary targets):      y = (x W^T + b) * l,   l: (N,)
 - input scaling (feedforward targets):    y = (x * l) W^T + b,   l: (K,)
 
-Backward (torch backend), with z = x W^T + b:
-- output: grad_x = (g * l) W,  grad_l = sum_rows(g * z),  grad_b = sum_rows(g * l).
-  z is recomputed from the saved x (one extra GEMM) instead of saving the M x N output.
-- input:  h = g W,  grad_x = h * l,  grad_l = sum_rows(h * x),  grad_b = sum_rows(g).
+The autograd, the backends and the backward's math are shared with SSF (``_rescale.py``).
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
 
-from .. import backends
-from . import _common
+from . import _common, _rescale
 
 OP = "ia3_linear"
+_rescale.register_backends(OP)
 
 
 def ia3_linear_reference(x, weight, bias, ia3_scale, feedforward: bool):
@@ -30,76 +26,6 @@ def ia3_linear_reference(x, weight, bias, ia3_scale, feedforward: bool):
     if bias is not None:
         y = y + bias
     return y * ia3_scale
-
-
-def _linear(x, weight, bias):
-    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-
-
-def _torch_forward(x, weight, bias, scale, feedforward):
-    if feedforward:
-        return _linear(x * scale, weight, bias)
-    return _linear(x, weight, bias).mul_(scale)
-
-
-def _torch_backward(grad_y, x, weight, bias, scale, feedforward, needs):
-    need_x, need_w, need_b, need_l = needs
-    grad_x = grad_w = grad_b = grad_l = None
-    dtype = grad_y.dtype
-    if feedforward:
-        h = grad_y @ weight  # gradient w.r.t. the scaled input x * l
-        if need_x:
-            grad_x = h * scale
-        if need_l:
-            grad_l = _common.sum_rows(h * x, dtype)
-        if need_w:
-            grad_w = grad_y.T @ (x * scale)
-        if need_b:
-            grad_b = _common.sum_rows(grad_y, dtype)
-        return grad_x, grad_w, grad_b, grad_l
-    g_scaled = grad_y * scale
-    if need_x:
-        grad_x = g_scaled @ weight
-    if need_l:
-        grad_l = _common.sum_rows(grad_y * _linear(x, weight, bias), dtype)
-    if need_w:
-        grad_w = g_scaled.T @ x
-    if need_b:
-        grad_b = _common.sum_rows(g_scaled, dtype)
-    return grad_x, grad_w, grad_b, grad_l
-
-
-torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward)
-
-backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, w, forced=False: None, priority=0)
-
-
-class IA3LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, feedforward: bool):
-        _, impl = backends.select(OP, x, weight)
-        y = impl.forward(_common.flatten_rows(x), weight, bias, scale, feedforward)
-        ctx.save_for_backward(x, weight, bias, scale)
-        ctx.impl, ctx.feedforward = impl, feedforward
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, scale = ctx.saved_tensors
-        need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
-        needs = (need_x, need_w, need_b and bias is not None, need_l)
-        gx, gw, gb, gl = ctx.impl.backward(
-            _common.flatten_rows(grad_out.contiguous()),
-            _common.flatten_rows(x),
-            weight,
-            bias,
-            scale,
-            ctx.feedforward,
-            needs,
-        )
-        if gx is not None:
-            gx = gx.reshape(x.shape)
-        return gx, gw, gb, gl, None
 
 
 def ia3_linear(
@@ -120,6 +46,4 @@ def ia3_linear(
         raise ValueError(f"{OP}: ia3_scale must have {size} entries, one per {kind}; got shape {tuple(ia3_scale.shape)}")
     scale = ia3_scale.reshape(size)
     _common.check_adapter_tensor(OP, "ia3_scale", scale, (size,), weight)
-    dtype = _common.compute_dtype(x, weight)
-    args = [_common.cast(t, dtype) for t in (x, weight, bias, scale)]
-    return _common.outside_autocast(x.device.type, IA3LinearFunction.apply, *args, bool(feedforward))
+    return _rescale.rescaled_linear(OP, x, weight, bias, scale, None, bool(feedforward))

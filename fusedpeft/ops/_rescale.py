@@ -1,0 +1,214 @@
+"""What IA3 and SSF share: a frozen linear layer with a learned per-channel rescaling, as one op.
+
+    output scaling (IA3, SSF):   z = x W^T + b,   y = z * scale (+ shift)     scale, shift: (N,)
+    input scaling (IA3 feedforward):              y = (x * scale) W^T + b     scale: (K,)
+
+Backward, with g = grad_y:
+- output scaling: grad_x = (g * scale) W, grad_scale = sum_rows(g * z), grad_shift = sum_rows(g),
+  grad_b = sum_rows(g * scale). grad_scale needs the unscaled output z (M x N). Two ways, picked
+  per call by ``output_grad_mode()`` (benchmarks/RESULTS.md has the measurements):
+    "save":      the forward also writes z and saves it: + M*N activations, no extra FLOPs;
+    "recompute": the backward recomputes z = x W^T + b (one more 2MNK GEMM) and reduces g * z in
+                 that GEMM's epilogue: no memory beyond x, +50% of the layer's training FLOPs.
+  (Saving y itself and dividing by scale would cost nothing, but loses z wherever scale is zero
+  and breaks on in-place edits of y: not done.)
+- input scaling:  h = g W, grad_x = h * scale, grad_scale = sum_rows(h * x), grad_b = sum_rows(g).
+
+The method files (ia3.py, ssf.py) hold their references and public functions; this file holds the
+torch backend, the autograd Function / custom ops and the dispatch they share. Backends implement
+``forward(x, weight, bias, scale, shift, input_scale, save_unscaled) -> (y, z or None)`` and
+``backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs) -> 5 grads`` on 2-D x.
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import Optional
+
+import torch
+
+from .. import backends
+from . import _common
+
+OUTPUT_GRAD_ENV = "FUSEDPEFT_OUTPUT_SCALE_GRAD"
+OUTPUT_GRAD_DEFAULT = "save"
+
+
+def output_grad_mode() -> str:
+    """'save' or 'recompute' (see the module docstring); FUSEDPEFT_OUTPUT_SCALE_GRAD overrides."""
+    mode = os.environ.get(OUTPUT_GRAD_ENV, OUTPUT_GRAD_DEFAULT).strip().lower()
+    if mode not in ("save", "recompute"):
+        raise ValueError(f"{OUTPUT_GRAD_ENV} must be 'save' or 'recompute', got {mode!r}")
+    return mode
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _linear(x, weight, bias):
+    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+
+
+def _torch_forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
+    if input_scale:
+        return _linear(x * scale, weight, bias), None
+    z = _linear(x, weight, bias)
+    y = z * scale if shift is None else torch.addcmul(shift, z, scale)
+    return y, (z if save_unscaled else None)
+
+
+def _torch_backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
+    need_x, need_w, need_b, need_scale, need_shift = needs
+    grad_x = grad_w = grad_b = grad_scale = grad_shift = None
+    dtype = grad_y.dtype
+    if input_scale:
+        h = grad_y @ weight  # gradient w.r.t. the scaled input x * scale
+        if need_x:
+            grad_x = h * scale
+        if need_scale:
+            grad_scale = _common.sum_rows(h * x, dtype)
+        if need_w:
+            grad_w = grad_y.T @ (x * scale)
+        if need_b:
+            grad_b = _common.sum_rows(grad_y, dtype)
+        return grad_x, grad_w, grad_b, grad_scale, grad_shift
+    g_scaled = grad_y * scale
+    if need_x:
+        grad_x = g_scaled @ weight
+    if need_scale:
+        if z is None:
+            z = _linear(x, weight, bias)
+        grad_scale = _common.sum_rows(grad_y * z, dtype)
+    if need_shift:
+        grad_shift = _common.sum_rows(grad_y, dtype)
+    if need_w:
+        grad_w = g_scaled.T @ x
+    if need_b:
+        grad_b = _common.sum_rows(g_scaled, dtype)
+    return grad_x, grad_w, grad_b, grad_scale, grad_shift
+
+
+torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward)
+
+
+def _load_triton():
+    from .._kernels import triton_kernels
+
+    return triton_kernels.rescale
+
+
+def _triton_supports(x, weight, forced=False):
+    from .._kernels import triton_usable
+
+    return triton_usable(x, weight, forced)
+
+
+def register_backends(op: str):
+    """Both methods run on the same implementations, registered in the same order."""
+    backends.register(op, "torch", load=lambda: torch_backend, supports=lambda x, w, forced=False: None, priority=0)
+    backends.register(op, "triton", load=_load_triton, supports=_triton_supports, priority=10)
+
+
+# ----------------------------------------------------------------------------- autograd
+# As for LoRA: an autograd.Function in eager mode, two custom ops tied by register_autograd under
+# torch.compile. The backward runs the forward's backend, found by its registration index.
+def _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled):
+    index, impl = backends.select_index(op, x, weight)
+    y, z = impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled)
+    return y, z, index
+
+
+def _backward_impl(op, grad_y, x, weight, bias, scale, shift, z, index, input_scale, needs):
+    impl = backends.impl_at(op, index)
+    return impl.backward(grad_y.contiguous(), x, weight, bias, scale, shift, input_scale, z, tuple(needs))
+
+
+def _needs(ctx, has_bias, has_shift):
+    need_x, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
+    return [need_x, need_w, need_b and has_bias, need_scale, need_shift and has_shift]
+
+
+class RescaledLinearFunction(torch.autograd.Function):
+    """Eager path: saves x, the frozen weight, bias, scale, shift, and z in "save" mode."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, input_scale: bool, save_unscaled: bool, op: str):
+        y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled)
+        ctx.save_for_backward(x, weight, bias, scale, shift, z)
+        ctx.op, ctx.index, ctx.input_scale = op, index, input_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, scale, shift, z = ctx.saved_tensors
+        needs = _needs(ctx, bias is not None, shift is not None)
+        grads = _backward_impl(ctx.op, grad_y, x, weight, bias, scale, shift, z, ctx.index, ctx.input_scale, needs)
+        return (*grads, None, None, None)
+
+
+@torch.library.custom_op("fusedpeft::rescaled_linear_fwd", mutates_args=())
+def _rescaled_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+    shift: Optional[torch.Tensor], input_scale: bool, save_unscaled: bool, op: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled)
+    # Custom ops return tensors: an empty z stands for "not saved"; the backend index travels
+    # as a small CPU tensor.
+    return y, (z if z is not None else x.new_empty(0)), torch.tensor(index)
+
+
+@_rescaled_fwd.register_fake
+def _(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
+    M, N = x.shape[0], weight.shape[0]
+    z = x.new_empty(M, N) if save_unscaled and not input_scale else x.new_empty(0)
+    return x.new_empty(M, N), z, torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fusedpeft::rescaled_linear_bwd", mutates_args=())
+def _rescaled_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    scale: torch.Tensor, shift: Optional[torch.Tensor], z: torch.Tensor, backend: torch.Tensor,
+    input_scale: bool, op: str, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward_impl(op, grad_y, x, weight, bias, scale, shift, z if z.dim() == 2 else None,
+                           int(backend), input_scale, needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_rescaled_bwd.register_fake
+def _(grad_y, x, weight, bias, scale, shift, z, backend, input_scale, op, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], scale.shape, scale.shape)
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, input_scale, save_unscaled, op = inputs
+    _, z, backend = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, z, backend)
+    ctx.input_scale, ctx.op, ctx.saved_z = input_scale, op, save_unscaled and not input_scale
+    ctx.mark_non_differentiable(z, backend)
+
+
+def _op_backward(ctx, grad_y, grad_z, grad_backend):
+    x, weight, bias, scale, shift, z, backend = ctx.saved_tensors
+    needs = _needs(ctx, bias is not None, shift is not None)
+    grads = _rescaled_bwd(grad_y, x, weight, bias, scale, shift, z, backend, ctx.input_scale, ctx.op, needs)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+
+
+_rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op):
+    if torch.compiler.is_compiling():
+        return _rescaled_fwd(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)[0]
+    return RescaledLinearFunction.apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)
+
+
+def rescaled_linear(op: str, x, weight, bias, scale, shift, input_scale: bool) -> torch.Tensor:
+    """The checked entry point of ia3_linear / ssf_linear: ``scale`` already (K,) or (N,)."""
+    dtype = _common.compute_dtype(x, weight)
+    x, weight, bias, scale, shift = (_common.cast(t, dtype) for t in (x, weight, bias, scale, shift))
+    # z is needed only when grad_scale will be asked for.
+    save = not input_scale and scale.requires_grad and torch.is_grad_enabled() and output_grad_mode() == "save"
+    x2 = _common.flatten_rows(x)
+    y = _common.outside_autocast(x.device.type, _apply, x2, weight, bias, scale, shift, bool(input_scale), save, op)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,43 @@
+"""SSF linear (scale-shift fine-tuning, Lian et al. 2022): a learned per-output-channel affine map
+after a frozen linear layer,
+
+    y = (x W^T + b) * scale + shift,     scale, shift: (N,)
+
+trained alone while W and b stay frozen. The autograd, the backends and the backward's math are
+shared with IA3's output scaling (``_rescale.py``): SSF is IA3 plus a shift.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _common, _rescale
+
+OP = "ssf_linear"
+_rescale.register_backends(OP)
+
+
+def ssf_linear_reference(x, weight, bias, ssf_scale, ssf_shift):
+    """The formula, written plainly; tests run it in float64."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y * ssf_scale + ssf_shift
+
+
+def ssf_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ssf_scale: torch.Tensor,
+    ssf_shift: torch.Tensor,
+) -> torch.Tensor:
+    """SSF over any leading shape of x: ``(x W^T + b) * ssf_scale + ssf_shift``, both (out_features,)."""
+    _common.check_linear_inputs(OP, x, weight, bias)
+    n = weight.shape[0]
+    for name, t in (("ssf_scale", ssf_scale), ("ssf_shift", ssf_shift)):
+        if t is None:
+            raise ValueError(f"{OP}: {name} is required")
+        _common.check_adapter_tensor(OP, name, t, (n,), weight)
+    return _rescale.rescaled_linear(OP, x, weight, bias, ssf_scale, ssf_shift, False)
