@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one call on the device machine (results under $OUT):
-# versions, the cuda-marked tests, the LoRA benchmark table + plot, the autotuner's choices.
+# versions, the cuda-marked tests, the LoRA and IA3/SSF benchmark tables + plots, the autotuner's
+# choices. BENCHES=lora,rescale picks the benchmarks; *_ARGS pass options through.
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedpeft_out}
 mkdir -p "$OUT"
@@ -11,11 +12,14 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   FUSEDPEFT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q --maxfail=5 -p no:cacheprovider -m cuda tests/test_cuda.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
-  timeout ${BENCH_TIMEOUT:-400} python3 - "$OUT" ${BENCH_ARGS:-} <<'PY' 2>&1 | tee "$OUT/bench.log" | tail -60
+  timeout ${BENCH_TIMEOUT:-500} python3 - "$OUT" "${BENCHES:-lora,rescale}" "${LORA_ARGS:-}" "${RESCALE_ARGS:-}" <<'PY' 2>&1 | tee "$OUT/bench.log" | tail -80
 import json, sys
-from benchmarks import lora
-out = sys.argv[1]
-lora.main(["--out", f"{out}/lora_table.md", "--plot", f"{out}/lora.png"] + sys.argv[2:])
+from benchmarks import lora, rescale
+out, benches, lora_args, rescale_args = sys.argv[1:5]
+if "lora" in benches.split(","):
+    lora.main(["--out", f"{out}/lora_table.md", "--plot", f"{out}/lora.png"] + lora_args.split())
+if "rescale" in benches.split(","):
+    rescale.main(["--out", f"{out}/rescale_table.md", "--plot", f"{out}/rescale.png"] + rescale_args.split())
 from fusedpeft._kernels import triton_kernels
 log = triton_kernels.launch.TUNE_LOG
 json.dump(log, open(f"{out}/tuning.json", "w"), indent=1, default=str)

@@ -130,3 +130,49 @@ def plot(results: list[Result], base: str, path: str, title: str):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def cli(doc: str, add_args: Callable, make_cases: Callable, title: str, argv=None, default_shapes=()) -> list[Result]:
+    """The command line every method's benchmark shares: --shapes MxKxN,... --dtype --out --plot,
+    plus the method's own options (add_args(parser)); make_cases(M, K, N, dtype, with_peft, args)
+    returns that shape's cases. Prints the table and writes it (and the plot) when asked."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(default_shapes), help="tokens x in x out, comma-separated")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--out", default=None, help="write the Markdown table here")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        import peft  # noqa: F401
+
+        with_peft = True
+    except ImportError:
+        with_peft = False
+    dtype = getattr(torch, args.dtype)
+    all_cases = []
+    for shape in args.shapes.split(","):
+        M, K, N = (int(v) for v in shape.lower().split("x"))
+        all_cases += make_cases(M, K, N, dtype, with_peft, args)
+    results = run(all_cases)
+    md = f"{environment()}, {args.dtype}\n\n" + table(results, "base (cuBLAS)", "peft" if with_peft else None)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md + "\n")
+    if args.plot:
+        plot(results, "base (cuBLAS)", args.plot, f"{title}, {environment()}")
+    return results
+
+
+def step_fn(forward: Callable, grad: torch.Tensor, params) -> Callable:
+    """A training step: clear the gradients of params, forward, backward with grad."""
+
+    def step():
+        for p in params:
+            p.grad = None
+        forward().backward(grad)
+
+    return step

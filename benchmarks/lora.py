@@ -8,8 +8,6 @@ Shapes are tokens x in_features x out_features. "train" is forward + backward wi
 and grad_x computed, as in fine-tuning."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
@@ -27,15 +25,6 @@ def _inputs(M, K, N, r, dtype):
     return x, W, A, B, g
 
 
-def _step(forward, g, params):
-    def step():
-        for p in params:
-            p.grad = None
-        forward().backward(g)
-
-    return step
-
-
 def cases(M, K, N, r, dtype=torch.bfloat16, with_peft=True):
     import fusedpeft
     from fusedpeft._kernels import triton_kernels
@@ -48,7 +37,7 @@ def cases(M, K, N, r, dtype=torch.bfloat16, with_peft=True):
     def base():
         x, W, _, _, g = _inputs(M, K, N, r, dtype)
         fwd = lambda: F.linear(x, W)
-        return fwd, _step(fwd, g, [x])
+        return fwd, harness.step_fn(fwd, g, [x])
 
     def core():
         x, W, _, _, g = _inputs(M, K, N, r, dtype)
@@ -93,7 +82,7 @@ def cases(M, K, N, r, dtype=torch.bfloat16, with_peft=True):
             autocast_adapter_dtype=False,  # bf16 adapters, as in the other variants
         )
         fwd = lambda: model(x)
-        return fwd, _step(fwd, g, [x] + [p for p in model.parameters() if p.requires_grad])
+        return fwd, harness.step_fn(fwd, g, [x] + [p for p in model.parameters() if p.requires_grad])
 
     out = [
         harness.Case(group, "base (cuBLAS)", base, flops=2.0 * M * N * K),
@@ -107,34 +96,12 @@ def cases(M, K, N, r, dtype=torch.bfloat16, with_peft=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
-    parser.add_argument("--ranks", default="16,64")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--out", default=None, help="write the Markdown table here")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
-    args = parser.parse_args(argv)
-    try:
-        import peft  # noqa: F401
-
-        with_peft = True
-    except ImportError:
-        with_peft = False
-    dtype = getattr(torch, args.dtype)
-    all_cases = []
-    for shape in args.shapes.split(","):
-        M, K, N = (int(v) for v in shape.lower().split("x"))
-        for r in (int(v) for v in args.ranks.split(",")):
-            all_cases += cases(M, K, N, r, dtype, with_peft)
-    results = harness.run(all_cases)
-    md = f"{harness.environment()}, {args.dtype}\n\n" + harness.table(results, "base (cuBLAS)", "peft" if with_peft else None)
-    print(md)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
-    if args.plot:
-        harness.plot(results, "base (cuBLAS)", args.plot, f"LoRA, {harness.environment()}")
-    return results
+    return harness.cli(
+        __doc__,
+        lambda parser: parser.add_argument("--ranks", default="16,64"),
+        lambda M, K, N, dtype, with_peft, args: [c for r in args.ranks.split(",") for c in cases(M, K, N, int(r), dtype, with_peft)],
+        "LoRA", argv, DEFAULT_SHAPES,
+    )
 
 
 if __name__ == "__main__":

@@ -45,3 +45,53 @@ def test_opcheck():
     x, W = torch.randn(7, 32), torch.randn(24, 32)
     A, B = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     torch.library.opcheck(lora_ops._lora_fwd, (x, W, torch.randn(24), A, B, 0.5, 0.0, torch.zeros((), dtype=torch.int64)))
+
+
+class _Rescaled(nn.Module):
+    """Three layers through the rescaling ops: IA3 output scaling, IA3 input scaling, SSF."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(32, 24), nn.Linear(24, 16), nn.Linear(16, 8)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.ia3_out = nn.Parameter(1 + 0.5 * torch.randn(24))
+        self.ia3_in = nn.Parameter(1 + 0.5 * torch.randn(24))
+        self.ssf_scale, self.ssf_shift = nn.Parameter(1 + 0.5 * torch.randn(8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        from fusedpeft.ops import ia3_linear, ssf_linear
+
+        h = torch.relu(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
+        h = torch.relu(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
+        return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)
+
+
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_compile_fullgraph_rescaling_ops(grad_mode, monkeypatch):
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    model = _Rescaled()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = None
+    x2 = x.detach().clone().requires_grad_()
+    model(x2).square().sum().backward()
+    assert_close(x.grad, x2.grad, torch.float32, "compiled grad_x")
+    assert len(grads) == 4
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.abs().sum() > 0
+            assert_close(grads[n], p.grad, torch.float32, f"compiled grad {n}")
+
+
+@pytest.mark.parametrize("input_scale,save", [(False, True), (False, False), (True, False)])
+def test_opcheck_rescaled(input_scale, save):
+    from fusedpeft.ops import _rescale
+
+    x, W, b = torch.randn(7, 32), torch.randn(24, 32), torch.randn(24)
+    scale = torch.randn(32 if input_scale else 24, requires_grad=True)
+    shift = None if input_scale else torch.randn(24, requires_grad=True)
+    torch.library.opcheck(_rescale._rescaled_fwd, (x, W, b, scale, shift, input_scale, save, "ssf_linear" if shift is not None else "ia3_linear"))

@@ -123,3 +123,97 @@ def test_cached_launches_follow_the_specialisation(monkeypatch):
                 y = lora_linear(x, W, None, A, B, 0.5)
             ref = lora_linear_reference(*(t.double() for t in (x, W)), None, A.double(), B.double(), 0.5)
             assert rel_err(y, ref) < GPU_TOL[dt], (M, offset)
+
+
+# ----------------------------------------------------------------------------- IA3 / SSF
+RESCALE_KINDS = ["ia3_out", "ia3_ff", "ssf"]
+
+
+def _rescale_case(kind, lead, K, N, dtype, dev="cuda"):
+    from fusedpeft.ops import ia3_linear, ssf_linear
+
+    x = leaf(torch.randn(*lead, K, device=dev), dtype)
+    W = leaf(torch.randn(N, K, device=dev) / K**0.5, dtype, requires_grad=False)
+    b = leaf(torch.randn(N, device=dev), dtype)
+    size = K if kind == "ia3_ff" else N
+    scale = leaf(1 + 0.5 * torch.randn(size, device=dev), dtype)
+    shift = leaf(torch.randn(N, device=dev), dtype) if kind == "ssf" else None
+    if kind == "ssf":
+        return (x, W, b, scale, shift), lambda x, W, b, s, t: ssf_linear(x, W, b, s, t)
+    return (x, W, b, scale), lambda x, W, b, s: ia3_linear(x, W, b, s, kind == "ia3_ff")
+
+
+@pytest.mark.parametrize("kind", RESCALE_KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((77,), 4095, 513), ((1,), 4096, 4096), ((16,), 4096, 4096)])
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, monkeypatch):
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    tensors, fn = _rescale_case(kind, lead, K, N, dtype)
+    op = "ssf_linear" if kind == "ssf" else "ia3_linear"
+    with fusedpeft.use_backend("triton"):
+        y = fn(*tensors)
+    assert fusedpeft.last_backend(op) == "triton"
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) for t in tensors]
+    y_ref = fn(*refs)  # the torch backend in float64 is the reference formula
+    y_ref.backward(g.double())
+    errs = {"y": rel_err(y, y_ref)}
+    for i, (t, ref) in enumerate(zip(tensors, refs)):
+        if t.requires_grad:
+            errs[f"grad_{i}"] = rel_err(t.grad, ref.grad)
+    bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
+    assert not bad, f"{kind} {dtype} errors over {GPU_TOL[dtype]}: {bad}"
+
+
+def test_triton_is_default_on_cuda_for_rescaling():
+    for kind in RESCALE_KINDS:
+        tensors, fn = _rescale_case(kind, (4,), 64, 32, torch.bfloat16)
+        fn(*tensors)
+        assert fusedpeft.last_backend("ssf_linear" if kind == "ssf" else "ia3_linear") == "triton", kind
+
+
+class _RescaledMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(256, 64)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.ia3_out = nn.Parameter(1 + 0.1 * torch.randn(512))
+        self.ia3_in = nn.Parameter(1 + 0.1 * torch.randn(512))
+        self.ssf_scale, self.ssf_shift = nn.Parameter(1 + 0.1 * torch.randn(64)), nn.Parameter(0.1 * torch.randn(64))
+
+    def forward(self, x):
+        from fusedpeft.ops import ia3_linear, ssf_linear
+
+        h = torch.nn.functional.gelu(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
+        h = torch.nn.functional.gelu(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
+        return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)
+
+
+def test_rescale_compile_and_training_curve_match_torch_backend():
+    curves = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(3)
+        model = _RescaledMLP().to("cuda")
+        model.l1.to(torch.bfloat16), model.l2.to(torch.bfloat16), model.l3.to(torch.bfloat16)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        target_map = torch.randn(256, 64, device="cuda", generator=gen)
+        losses = []
+        with fusedpeft.use_backend(backend):
+            for _ in range(20):
+                x = torch.randn(64, 256, device="cuda", generator=gen)
+                loss = (model(x.bfloat16()).float() - torch.tanh(x @ target_map)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            if backend == "triton":
+                x = torch.randn(8, 33, 256, device="cuda", dtype=torch.bfloat16)
+                y = torch.compile(model, fullgraph=True)(x)
+                assert rel_err(y, model(x)) < 1e-2
+        curves[backend] = torch.tensor(losses)
+    assert curves["triton"][-1] < curves["triton"][0], "loss did not fall"
+    assert rel_err(curves["triton"], curves["torch"]) < 2e-2, curves
