@@ -1,11 +1,11 @@
 """fusedpeft: fused kernels for parameter-efficient fine-tuning.
 
-LoRA and IA3 on linear layers as single fused ops (Triton on CUDA, a pure-PyTorch backend
-everywhere), nn.Module replacements, an injector for any torch model, and adapter files in HF
-peft's format."""
+LoRA, IA3 and SSF (scale-shift fine-tuning) on linear layers as single fused ops (Triton on CUDA,
+a pure-PyTorch backend everywhere), nn.Module replacements, an injector for any torch model, and
+adapter files in HF peft's format (SSF, which peft lacks, in the same layout)."""
 from . import ops
 from .backends import backend_counts, last_backend, use_backend
-from .config import IA3Config, LoraConfig
+from .config import IA3Config, LoraConfig, SSFConfig
 from .inject import (
     disable_adapters,
     eject,
@@ -18,7 +18,7 @@ from .inject import (
     unmerge,
 )
 from .io import load_adapter, save_adapter
-from .modules import IA3Linear, LoraLinear
+from .modules import IA3Linear, LoraLinear, SSFLinear
 from .peft_compat import from_peft
 
 __version__ = "0.1.0"
@@ -28,6 +28,8 @@ __all__ = [
     "IA3Linear",
     "LoraConfig",
     "LoraLinear",
+    "SSFConfig",
+    "SSFLinear",
     "backend_counts",
     "disable_adapters",
     "eject",

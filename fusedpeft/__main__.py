@@ -7,14 +7,14 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusedpeft", description="fused LoRA / IA3 kernels for PEFT")
+    parser = argparse.ArgumentParser(prog="fusedpeft", description="fused LoRA / IA3 / SSF kernels for PEFT")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     from . import demo
 
     demo_parser = sub.add_parser(
         "demo",
-        help="train LoRA + IA3 adapters on a tiny transformer, save and reload them (CPU, seconds)",
+        help="train LoRA + IA3 + SSF adapters on a tiny transformer, save and reload them (CPU, seconds)",
         description=demo.__doc__.split("\n\n")[0],
     )
     demo.add_arguments(demo_parser)

@@ -1,5 +1,6 @@
 """Adapter configs. Field names and meanings follow HF peft's LoraConfig / IA3Config so that a
-peft config (or its adapter_config.json) translates one to one."""
+peft config (or its adapter_config.json) translates one to one. SSFConfig, which peft lacks, is
+built the same way."""
 from __future__ import annotations
 
 import dataclasses
@@ -118,6 +119,28 @@ class IA3Config(_AdapterConfig):
         return self.feedforward_modules is not None and matches(self.feedforward_modules, module_name)
 
 
+@dataclass
+class SSFConfig(_AdapterConfig):
+    """SSF (scale-shift fine-tuning, Lian et al. 2022): a learned per-output-channel affine map
+    after each target, (x W^T + b) * scale + shift, scale and shift of shape (out_features,).
+    init_ssf_weights: True (scale one, shift zero: the adapter starts as a no-op), "ssf" (the
+    paper's init: scale ~ N(1, 0.02), shift ~ N(0, 0.02)), or False (both clearly random; for
+    tests only). peft has no SSF: fusedpeft writes its own adapter files (see fusedpeft.io)."""
+
+    init_ssf_weights: Union[bool, str] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = "SSF"
+        check_ssf_init(self.init_ssf_weights, "SSFConfig.init_ssf_weights")
+
+
+def check_ssf_init(value, what: str):
+    # isinstance first: 1 == True and 0 == False would pass a plain `in` test.
+    if not (isinstance(value, bool) or value == "ssf"):
+        raise ValueError(f"{what} must be True, False or 'ssf', got {value!r}")
+
+
 def matches(spec: TargetSpec, module_name: str) -> bool:
     """peft's rule: a string is a regex that must match the whole name; a list matches a name
     equal to an entry or ending in '.' + entry."""
@@ -136,7 +159,7 @@ def _pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-CONFIG_CLASSES = {"LORA": LoraConfig, "IA3": IA3Config}
+CONFIG_CLASSES = {"LORA": LoraConfig, "IA3": IA3Config, "SSF": SSFConfig}
 
 
 def config_from_dict(data: dict[str, Any]) -> _AdapterConfig:

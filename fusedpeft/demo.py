@@ -2,14 +2,15 @@
 
 1. builds a small pre-norm transformer in plain torch (token + position embeddings, 2 blocks with
    q/k/v/o attention projections and an up/down MLP, lm head; random weights, no download);
-2. injects two adapters on different modules, both active: LoRA ("lora") on the attention
-   projections and IA3 ("ia3") on the MLP, with the down projection as a feedforward module;
+2. injects three adapters on different modules, all active: LoRA ("lora") on the attention
+   projections, IA3 ("ia3") on the MLP, with the down projection as a feedforward module, and
+   SSF ("ssf", a per-logit scale and shift) on the lm head;
 3. trains only the adapters for --steps AdamW steps on a synthetic task: the next token of a
    fixed-rule sequence (x[t+1] = (x[t] + STRIDE) mod V, random start), with a tqdm bar;
 4. checks the held-out loss fell and the frozen base weights did not move;
-5. saves each adapter with ``fusedpeft.save_adapter`` (HF peft's format, one directory each),
-   reloads both with ``fusedpeft.load_adapter`` into a freshly built base model (same seed) and
-   checks its outputs equal the trained model's;
+5. saves each adapter with ``fusedpeft.save_adapter`` (HF peft's format, one directory each; SSF
+   in fusedpeft's own format of the same layout), reloads all three with ``fusedpeft.load_adapter``
+   into a freshly built base model (same seed) and checks its outputs equal the trained model's;
 6. prints which backend ran each fused op (``fusedpeft.backend_counts()``).
 
 Exits non-zero when any check fails. On a CPU the default run takes a few seconds.
@@ -31,6 +32,8 @@ import fusedpeft
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 IA3_TARGETS = ["up_proj", "down_proj"]
+SSF_TARGETS = ["lm_head"]
+ADAPTERS = ("lora", "ia3", "ssf")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -132,10 +135,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def attach_adapters(model: nn.Module) -> nn.Module:
-    """LoRA on attention and IA3 on the MLP: two named adapters on different modules, both active."""
+    """LoRA on attention, IA3 on the MLP, SSF on the lm head: three named adapters on different
+    modules, all active."""
     fusedpeft.inject(model, fusedpeft.LoraConfig(target_modules=LORA_TARGETS, r=8, lora_alpha=16, lora_dropout=0.05), "lora")
     fusedpeft.inject(model, fusedpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]), "ia3")
-    fusedpeft.set_adapter(model, ["lora", "ia3"])
+    fusedpeft.inject(model, fusedpeft.SSFConfig(target_modules=SSF_TARGETS), "ssf")
+    fusedpeft.set_adapter(model, list(ADAPTERS))
     return model
 
 
@@ -210,19 +215,19 @@ def run(args: argparse.Namespace) -> int:
     moved = [k for k, v in base_state.items() if not torch.equal(state[_adapted_key(state, k)], v)]
     check(not moved, "frozen base weights unchanged by training" + (f" (moved: {moved[:3]})" if moved else ""))
 
-    # Save each adapter in peft's format, reload both into a freshly built base model.
+    # Save each adapter in peft's format, reload them all into a freshly built base model.
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="fusedpeft-demo-")
     dirs = {}
-    for name in ("lora", "ia3"):
+    for name in ADAPTERS:
         dirs[name] = os.path.join(out_dir, name)
         fusedpeft.save_adapter(model, dirs[name], adapter_name=name)
         files = sorted(os.listdir(dirs[name]))
         print(f"saved adapter {name!r} to {dirs[name]} ({', '.join(files)})")
 
     reloaded = build_base(args.seed, device, dtype)
-    for name in ("lora", "ia3"):
+    for name in ADAPTERS:
         fusedpeft.load_adapter(reloaded, dirs[name], adapter_name=name)
-    fusedpeft.set_adapter(reloaded, ["lora", "ia3"])
+    fusedpeft.set_adapter(reloaded, list(ADAPTERS))
     model.eval()
     reloaded.eval()
     with torch.no_grad():

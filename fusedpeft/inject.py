@@ -11,14 +11,14 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .config import IA3Config, LoraConfig, _AdapterConfig, matches
-from .modules import AdapterLayer, IA3Linear, LoraLinear, ModulesToSaveWrapper, is_conv1d
+from .config import CONFIG_CLASSES, IA3Config, LoraConfig, SSFConfig, _AdapterConfig, matches
+from .modules import AdapterLayer, IA3Linear, LoraLinear, ModulesToSaveWrapper, SSFLinear, is_conv1d
 
 CONFIG_ATTR = "fusedpeft_config"  # {adapter_name: config} kept on the patched model
 _STATE_ATTR = "_fusedpeft_requires_grad"  # {parameter: requires_grad before the first inject}
 
-LAYER_CLASSES = {"LORA": LoraLinear, "IA3": IA3Linear}
-ADAPTER_PARAM_MARKERS = ("lora_", "ia3_l")
+LAYER_CLASSES = {"LORA": LoraLinear, "IA3": IA3Linear, "SSF": SSFLinear}
+ADAPTER_PARAM_MARKERS = ("lora_", "ia3_l", "ssf_")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -97,6 +97,11 @@ def _new_layer(config: _AdapterConfig, name: str, base: nn.Module, adapter_name:
             init_ia3_weights=config.init_ia3_weights, fan_in_fan_out=config.fan_in_fan_out,
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
+    if isinstance(config, SSFConfig):
+        return SSFLinear(
+            base, adapter_name, init_ssf_weights=config.init_ssf_weights, fan_in_fan_out=config.fan_in_fan_out,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
     raise TypeError(f"unsupported config type {type(config).__name__}")
 
 
@@ -104,8 +109,10 @@ def _add_to_layer(layer: AdapterLayer, config: _AdapterConfig, name: str, adapte
     if isinstance(config, LoraConfig):
         r, alpha = config.rank_and_alpha(name)
         layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, autocast_adapter_dtype)
-    else:
+    elif isinstance(config, IA3Config):
         layer.update_layer(adapter_name, config.init_ia3_weights, autocast_adapter_dtype)
+    else:
+        layer.update_layer(adapter_name, config.init_ssf_weights, autocast_adapter_dtype)
 
 
 def inject(
@@ -116,14 +123,14 @@ def inject(
 ) -> nn.Module:
     """Patch ``model`` in place with the adapter ``config`` describes and return it.
 
-    Targeted nn.Linear / Conv1D modules become LoraLinear / IA3Linear wrapping the same module
-    (no weight copy); a target that already holds adapters of the same method gets one more.
+    Targeted nn.Linear / Conv1D modules become LoraLinear / IA3Linear / SSFLinear wrapping the same
+    module (no weight copy); a target that already holds adapters of the same method gets one more.
     An adapter added beside existing ones arrives inactive, as in peft: ``set_adapter`` turns it on.
     Only the adapter (plus modules_to_save, plus biases as ``config.bias`` says) is left trainable.
     With autocast_adapter_dtype, adapter weights of a bf16/fp16 base are kept in float32 (peft's
     default)."""
-    if not isinstance(config, (LoraConfig, IA3Config)):
-        raise TypeError(f"config must be a fusedpeft LoraConfig or IA3Config, got {type(config).__name__}")
+    if not isinstance(config, tuple(CONFIG_CLASSES.values())):
+        raise TypeError(f"config must be a fusedpeft LoraConfig, IA3Config or SSFConfig, got {type(config).__name__}")
     dataclasses.replace(config)  # re-runs the config's checks: fields may have been set after construction
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
@@ -251,20 +258,24 @@ def disable_adapters(model: nn.Module):
 def eject(model: nn.Module, merge: bool = False) -> nn.Module:
     """Take every fusedpeft layer out again. With merge=False the original modules come back as the
     same objects with their weights bit for bit (any merged adapter is unmerged first, which is
-    exact up to one rounding) and their requires_grad flags as before inject; with merge=True the
-    active adapters are folded in first and modules_to_save keep their trained copies."""
+    exact up to one rounding, and a bias a merged SSF shift added is removed) and their
+    requires_grad flags as before inject; with merge=True the active adapters are folded in first
+    and modules_to_save keep their trained copies."""
+    flags = dict(getattr(model, _STATE_ATTR, {}))
     for name, layer in list(adapter_layers(model)):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
+        base = layer.base_layer
+        for p in base.parameters():  # a bias that merging gave the layer (SSF's shift) trains as its weight did
+            flags.setdefault(p, flags.get(base.weight, p.requires_grad))
         parent, child = _parent(model, name)
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, base)
     for name, wrapper in list(_wrappers(model)):
         parent, child = _parent(model, name)
         keep = wrapper.modules_to_save[wrapper.active_adapters[0]] if merge and wrapper.active_adapters else wrapper.original_module
         setattr(parent, child, keep)
-    flags = getattr(model, _STATE_ATTR, {})
     for p in model.parameters():
         if p in flags:
             p.requires_grad_(flags[p])

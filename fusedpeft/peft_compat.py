@@ -9,6 +9,9 @@ LoraLinear / IA3Linear that also speak peft's layer protocol (``set_adapter(...,
 :func:`from_peft` first runs, so peft's model-wide code (``disable_adapter()``, ``set_adapter``,
 ``merge_adapter``, ``save_pretrained``, ``add_adapter`` / ``load_adapter``, ``merge_and_unload``)
 finds and drives them. peft is imported only inside :func:`from_peft`.
+
+peft has no SSF, so there is nothing to swap for it: fusedpeft's SSFLinear layers (like any layer
+fusedpeft already made) are left as they are by :func:`from_peft`.
 """
 from __future__ import annotations
 

@@ -45,13 +45,13 @@ def test_demo_trains_saves_reloads_and_reports(tmp_path):
     assert "FAIL" not in out and out.count("[ok]") >= 4
     assert out.rstrip().splitlines()[-1].startswith("demo passed in ")
     # Each fused op reports the backend that ran it (the torch one on a CPU).
-    calls = dict(re.findall(r"^  (lora_linear|ia3_linear): torch x (\d+)$", out, re.M))
-    assert set(calls) == {"lora_linear", "ia3_linear"} and all(int(n) > 0 for n in calls.values())
+    calls = dict(re.findall(r"^  (lora_linear|ia3_linear|ssf_linear): torch x (\d+)$", out, re.M))
+    assert set(calls) == {"lora_linear", "ia3_linear", "ssf_linear"} and all(int(n) > 0 for n in calls.values())
     # The tqdm bar went to stderr with the running loss.
     assert "training" in err and "loss=" in err
 
-    # One directory per adapter, in peft's format.
-    for name, peft_type in (("lora", "LORA"), ("ia3", "IA3")):
+    # One directory per adapter, in peft's format (SSF: fusedpeft's own, in the same layout).
+    for name, peft_type in (("lora", "LORA"), ("ia3", "IA3"), ("ssf", "SSF")):
         d = out_dir / name
         assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
         assert json.loads((d / "adapter_config.json").read_text())["peft_type"] == peft_type

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import fusedpeft
-from fusedpeft import IA3Config, IA3Linear, LoraConfig, LoraLinear
+from fusedpeft import IA3Config, IA3Linear, LoraConfig, LoraLinear, SSFConfig, SSFLinear
 from fusedpeft.inject import adapter_layers
 from fusedpeft.modules import ModulesToSaveWrapper
 
@@ -125,6 +125,11 @@ def _ia3(**kw):
     return IA3Config(**kw)
 
 
+def _ssf(**kw):
+    kw.setdefault("init_ssf_weights", False)
+    return SSFConfig(**kw)
+
+
 def _inject(model, config, name="default"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Conv1D: "setting fan_in_fan_out=True"
@@ -132,8 +137,9 @@ def _inject(model, config, name="default"):
 
 
 def _randomise_adapters(model):
-    """Adapter weights away from their no-op init (B = 0, l = 1), whatever the config said, every
-    adapter of every layer: IA3 scales around one, LoRA updates s B A about as large as W itself
+    """Adapter weights away from their no-op init (B = 0, l = 1, scale 1 and shift 0), whatever the
+    config said, every adapter of every layer: IA3 and SSF scales around one, SSF shifts about as
+    large as the layer's output, LoRA updates s B A about as large as W itself
     (a real change of each layer that does not drown the base, so deep models stay well conditioned)."""
     with torch.no_grad():
         for _, layer in adapter_layers(model):
@@ -141,6 +147,10 @@ def _randomise_adapters(model):
             for a in layer.adapter_names:
                 if isinstance(layer, IA3Linear):
                     layer.ia3_l[a].copy_(1.0 + 0.5 * torch.randn_like(layer.ia3_l[a]))
+                    continue
+                if isinstance(layer, SSFLinear):
+                    layer.ssf_scale[a].copy_(1.0 + 0.5 * torch.randn_like(layer.ssf_scale[a]))
+                    layer.ssf_shift[a].copy_(0.5 * torch.randn_like(layer.ssf_shift[a]))
                     continue
                 A, B, r = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.r[a]
                 A.copy_(torch.randn_like(A) / layer.in_features**0.5)
@@ -150,7 +160,8 @@ def _randomise_adapters(model):
 def _reference(base_copy, model):
     """float64 forward of the formula: a float64 copy of the original model with each adapted layer's
     active adapters folded in exactly (LoRA: W + sum s B A; IA3: rows of W and b, or columns of W,
-    times prod l) and each modules_to_save module replaced by its active trained copy."""
+    times prod l; SSF: rows of W times each scale, b -> b * scale + shift in order, from a zero
+    bias where the layer has none) and each modules_to_save module replaced by its active trained copy."""
     ref = copy.deepcopy(base_copy).double()
     with torch.no_grad():
         for name, layer in adapter_layers(model):
@@ -161,6 +172,12 @@ def _reference(base_copy, model):
                 if isinstance(layer, LoraLinear):
                     B, A = layer.lora_B[a].weight.double(), layer.lora_A[a].weight.double()
                     w += layer.scaling[a] * (B @ A)
+                elif isinstance(layer, SSFLinear):
+                    s, t = layer.ssf_scale[a].double(), layer.ssf_shift[a].double()
+                    w *= s[:, None]
+                    if target.bias is None:
+                        target.bias = nn.Parameter(torch.zeros_like(s))
+                    target.bias.mul_(s).add_(t)
                 else:
                     l = layer.ia3_l[a].double().flatten()
                     if layer.is_feedforward:
@@ -394,7 +411,8 @@ def test_model_merge_unmerge(dtype):
     base_copy = copy.deepcopy(model)
     _inject(model, _lora(target_modules=["q", "v", "proj"]), "lora")
     _inject(model, _ia3(target_modules=["up", "down", "k"], feedforward_modules=["down"]), "ia3")
-    fusedpeft.set_adapter(model, ["lora", "ia3"])
+    _inject(model, _ssf(target_modules=["o", "lm_head"]), "ssf")  # both without a bias
+    fusedpeft.set_adapter(model, ["lora", "ia3", "ssf"])
     _randomise_adapters(model)
     weights0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     ids = _ids()
@@ -403,9 +421,11 @@ def test_model_merge_unmerge(dtype):
     assert_close(y, ref, dtype, "unmerged")
     fusedpeft.merge(model)
     assert all(layer.merged for _, layer in adapter_layers(model))
+    assert model.lm_head.base_layer.bias is not None  # the merged shift needs a bias
     assert_close(_out(model, ids), ref, dtype, "merged")
     fusedpeft.unmerge(model)
     assert not any(layer.merged for _, layer in adapter_layers(model))
+    assert {n for n, _ in model.named_parameters() if "base_layer" in n} == weights0.keys()  # that bias is gone
     for n, p in model.named_parameters():
         if n in weights0:
             assert rel_err(p, weights0[n]) <= (1e-6 if dtype == torch.float32 else 2 * 2.0**-8), n
@@ -431,15 +451,22 @@ def _changed(config, **fields):
         ("lora", _lora(target_modules=["v"]), "first", ValueError, "already has an adapter named 'first'"),
         ("ia3", _lora(target_modules=["v", "q"]), "x", TypeError, "already holds IA3Linear adapters"),
         ("lora", _ia3(target_modules=["k", "q"]), "x", TypeError, "already holds LoraLinear adapters"),
+        ("ssf", _lora(target_modules=["v", "q"]), "x", TypeError, r"already holds SSFLinear adapters; .* \(LORA asked\)"),
+        ("lora", _ssf(target_modules=["k", "q"]), "x", TypeError, r"already holds LoraLinear adapters; .* \(SSF asked\)"),
+        (None, _ssf(target_modules=["q", "nope"]), "x", ValueError, r"target_modules \['nope'\] match no module of Toy"),
+        (None, _ssf(target_modules=["q", "embed"]), "x", TypeError, r"embed \(Embedding\)"),
+        (None, _ssf(target_modules=["q"], modules_to_save=["nohead"]), "x", ValueError, "nohead"),
         # Fields set after the config was built are checked again by inject, before any change.
         (None, _changed(_lora(target_modules=["q", "v"]), r=0), "x", ValueError, "r must be an integer >= 1"),
         (None, _changed(_lora(target_modules=["q", "v"]), rank_pattern={"v": 0}), "x", ValueError, r"rank_pattern\['v'\]"),
         (None, _changed(_lora(target_modules=["q"]), bias="some"), "x", ValueError, "bias must be 'none', 'all' or 'lora_only'"),
         (None, _changed(_ia3(target_modules=["up"]), feedforward_modules=["down"]), "x", ValueError, "feedforward_modules"),
+        (None, _changed(_ssf(target_modules=["up"]), init_ssf_weights="paper"), "x", ValueError, "init_ssf_weights"),
     ],
     ids=[
         "unknown", "embedding", "unknown-save", "bad-name", "duplicate", "lora-on-ia3", "ia3-on-lora",
-        "r0-set-later", "rank-pattern0-set-later", "bias-set-later", "feedforward-set-later",
+        "lora-on-ssf", "ssf-on-lora", "ssf-unknown", "ssf-embedding", "ssf-unknown-save",
+        "r0-set-later", "rank-pattern0-set-later", "bias-set-later", "feedforward-set-later", "ssf-init-set-later",
     ],
 )
 def test_inject_errors_leave_model_unchanged(setup, config, name, exc, match):
@@ -448,6 +475,8 @@ def test_inject_errors_leave_model_unchanged(setup, config, name, exc, match):
         _inject(model, _lora(target_modules=["q"]), "first")
     elif setup == "ia3":
         _inject(model, _ia3(target_modules=["q"]), "first")
+    elif setup == "ssf":
+        _inject(model, _ssf(target_modules=["q"]), "first")
     snap = _snapshot(model)
     ids = _ids()
     y0 = _out(model, ids)
@@ -465,6 +494,8 @@ def test_inject_errors_leave_model_unchanged(setup, config, name, exc, match):
         (lambda: LoraConfig(target_modules=["q"], bias="some"), "bias must be 'none', 'all' or 'lora_only'"),
         (lambda: LoraConfig(target_modules=["q"], lora_dropout=1.0), "lora_dropout"),
         (lambda: IA3Config(target_modules=["q", "up"], feedforward_modules=["down"]), r"feedforward_modules \['down'\]"),
+        (lambda: SSFConfig(target_modules=["q"], init_ssf_weights="gaussian"), "init_ssf_weights must be True, False or 'ssf'"),
+        (lambda: SSFConfig(target_modules=["q"], init_ssf_weights=0), "init_ssf_weights must be True, False or 'ssf'"),
     ],
 )
 def test_bad_configs_raise(make, match):
@@ -483,7 +514,7 @@ def test_bad_bias_for_mark_only_adapters_trainable_changes_nothing():
 def test_non_config_and_missing_targets_raise():
     model = _toy()
     snap = _snapshot(model)
-    with pytest.raises(TypeError, match="LoraConfig or IA3Config"):
+    with pytest.raises(TypeError, match="LoraConfig, IA3Config or SSFConfig"):
         fusedpeft.inject(model, peft.LoraConfig(target_modules=["q"]))
     with pytest.raises(ValueError, match="target_modules must be given"):
         fusedpeft.inject(model, LoraConfig())
@@ -509,11 +540,13 @@ def test_eject_restores_the_original_model_exactly():
 
     _inject(model, _lora(target_modules=["q", "v", "proj"], modules_to_save=["lm_head"]), "a")
     _inject(model, _ia3(target_modules=["up", "down"], feedforward_modules=["down"]), "b")
-    fusedpeft.set_adapter(model, ["a", "b"])
+    _inject(model, _ssf(target_modules=["o", "k"]), "c")  # o has no bias, k has one
+    fusedpeft.set_adapter(model, ["a", "b", "c"])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     _out(model, ids).square().mean().backward()
     opt.step()  # adapters and the lm_head copy train; the base does not
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "ia3" not in n and "modules_to_save" not in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if "lora_" not in n and "ia3" not in n and "ssf_" not in n and "modules_to_save" not in n)
 
     assert fusedpeft.eject(model) is model
     assert dict(model.named_modules()).keys() == modules.keys()
@@ -536,16 +569,20 @@ def test_eject_merge_gives_a_plain_model_with_the_adapted_output(dtype):
     model = _toy(dtype)
     _inject(model, _lora(target_modules=["q", "v", "proj"], modules_to_save=["lm_head"]), "a")
     _inject(model, _ia3(target_modules=["up", "down", "k"], feedforward_modules=["down"]), "b")
-    fusedpeft.set_adapter(model, ["a", "b"])
+    _inject(model, _ssf(target_modules=["o"]), "c")
+    fusedpeft.set_adapter(model, ["a", "b", "c"])
     _randomise_adapters(model)
     with torch.no_grad():
         model.lm_head.modules_to_save["a"].weight.mul_(1.5)
     ids = _ids()
     y = _out(model, ids)
     fusedpeft.eject(model, merge=True)
-    assert not any(isinstance(m, (LoraLinear, IA3Linear, ModulesToSaveWrapper)) for m in model.modules())
+    assert not any(isinstance(m, (LoraLinear, IA3Linear, SSFLinear, ModulesToSaveWrapper)) for m in model.modules())
     assert type(model.lm_head) is nn.Linear and type(model.blocks[0].proj) is Conv1D
-    assert not any("lora" in k or "ia3" in k for k in model.state_dict())
+    assert not any("lora" in k or "ia3" in k or "ssf" in k for k in model.state_dict())
+    # o had no bias: it now holds the merged SSF shift, and trains as o's weight did before inject
+    o = model.blocks[0].attn.o
+    assert type(o) is nn.Linear and o.bias is not None and o.bias.requires_grad == o.weight.requires_grad
     assert_close(_out(model, ids), y.double(), dtype, "eject(merge=True)")
 
 
@@ -557,6 +594,95 @@ def test_eject_after_merge_restores_within_a_rounding():
     fusedpeft.eject(model)
     for k, v in model.state_dict().items():
         assert rel_err(v, state[k]) <= 1e-6, k
+
+
+@pytest.mark.parametrize("unmerge_first", [False, True], ids=["eject-unmerges", "unmerge-then-eject"])
+def test_eject_after_ssf_merge_restores_the_original_modules(unmerge_first):
+    """A merged SSF shift gives a bias-free layer a bias; unmerge (or eject's own unmerge) takes it
+    out again: the same module objects, the same state_dict keys, weights within a rounding."""
+    model = _toy()
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _inject(model, _ssf(target_modules=["q", "o", "proj"]))  # o without a bias, q and proj (Conv1D) with one
+    _randomise_adapters(model)
+    # Unmerging a bias subtracts the shift and divides by the scale: per entry it is exact up to a
+    # few roundings of |bias| + |shift / scale|.
+    eps = torch.finfo(torch.float32).eps
+    bias_tol = {f"{n}.bias": 4 * eps * (layer.ssf_shift["default"] / layer.ssf_scale["default"]).detach().abs()
+                for n, layer in adapter_layers(model)}
+    fusedpeft.merge(model)
+    assert model.blocks[0].attn.o.base_layer.bias is not None
+    if unmerge_first:
+        fusedpeft.unmerge(model)
+        assert model.blocks[0].attn.o.base_layer.bias is None
+    fusedpeft.eject(model)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert model.blocks[0].attn.o.bias is None and "blocks.0.attn.o.bias" not in model.state_dict()
+    assert model.state_dict().keys() == state.keys()
+    for k, v in model.state_dict().items():
+        if k in bias_tol:
+            assert ((v - state[k]).abs() <= 4 * eps * state[k].abs() + bias_tol[k]).all(), k
+        else:
+            assert rel_err(v, state[k]) <= 1e-6, k
+
+
+def test_two_ssf_adapters_compose_where_both_live():
+    model = _toy()
+    base_copy = copy.deepcopy(model)
+    _inject(model, _ssf(target_modules=["q", "o"]), "s1")
+    _inject(model, _ssf(target_modules=["o", "up"]), "s2")
+    o, up = model.blocks[0].attn.o, model.blocks[0].mlp.up
+    assert o.adapter_names == ["s1", "s2"] and o.active_adapters == ["s1"] and up.active_adapters == []
+    assert _trainable(model) == sorted(f"blocks.{i}.attn.{m}.ssf_{p}.s1" for i in "01" for m in "qo" for p in ("scale", "shift"))
+    _randomise_adapters(model)
+    ids = _ids()
+    assert_close(_out(model, ids), _out(_reference(base_copy, model), ids), torch.float32, "s1")
+    fusedpeft.set_adapter(model, ["s1", "s2"])  # o applies s1, then s2
+    assert o.active_adapters == ["s1", "s2"] and len(_trainable(model)) == 2 * 2 * 4
+    y = _out(model, ids)
+    assert_close(y, _out(_reference(base_copy, model), ids), torch.float32, "s1 then s2")
+    fusedpeft.set_adapter(model, ["s2", "s1"])
+    assert_close(_out(model, ids), _out(_reference(base_copy, model), ids), torch.float32, "s2 then s1")
+    assert rel_err(_out(model, ids), y) > 1e-3  # the order matters
+
+
+def test_print_trainable_parameters_counts_ssf(capsys):
+    model = _toy()
+    total = sum(p.numel() for p in model.parameters())
+    _inject(model, _ssf(target_modules=["q", "o", "up", "proj"]))
+    trainable = 2 * 2 * (D + D + F + D)  # two blocks, a scale and a shift per output channel
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    capsys.readouterr()
+    fusedpeft.print_trainable_parameters(model)
+    total += trainable
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}\n"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_llama_ssf_all_linear(dtype):
+    """SSF on every linear layer of a Llama (attention with biases, the MLP without): forward against
+    the float64 formula, gradients reach every scale and shift, merge, and eject."""
+    model = _llama(dtype)
+    base_copy = copy.deepcopy(model)
+    _inject(model, _ssf(target_modules="all-linear"))
+    assert len(_names(model, SSFLinear)) == 2 * 7 and "lm_head" not in _names(model, SSFLinear)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "ssf_" in n)
+    _randomise_adapters(model)
+    ids = _ids()
+    ref = _out(_reference(base_copy, model), ids)
+    y = _out(model, ids)
+    assert_close(y, ref, dtype, "ssf llama")
+    y.float().square().mean().backward()
+    assert sorted(n for n, p in model.named_parameters() if p.grad is not None) == _trainable(model)
+    fusedpeft.merge(model)
+    assert model.model.layers[0].mlp.up_proj.base_layer.bias is not None
+    assert_close(_out(model, ids), ref, dtype, "merged ssf llama")
+    fusedpeft.eject(model)
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear and model.model.layers[0].mlp.up_proj.bias is None
+    assert model.state_dict().keys() == base_copy.state_dict().keys()
 
 
 # ----------------------------------------------------------------------------- transformers Llama vs peft
@@ -669,7 +795,8 @@ def test_backend_registry_nesting_last_backend_and_counts():
     model = _toy()
     _inject(model, _lora(target_modules=["q", "v"]), "lora")  # 4 LoRA layers
     _inject(model, _ia3(target_modules=["up"]), "ia3")  # 2 IA3 layers
-    fusedpeft.set_adapter(model, ["lora", "ia3"])
+    _inject(model, _ssf(target_modules=["o"]), "ssf")  # 2 SSF layers
+    fusedpeft.set_adapter(model, ["lora", "ia3", "ssf"])
     ids = _ids()
     before = fusedpeft.backend_counts()
     with fusedpeft.use_backend("torch"):
@@ -684,6 +811,8 @@ def test_backend_registry_nesting_last_backend_and_counts():
     assert fusedpeft.last_backend("lora_linear") == "torch" and fusedpeft.last_backend("ia3_linear") == "torch"
     assert after.get(("lora_linear", "torch"), 0) - before.get(("lora_linear", "torch"), 0) == 3 * 4
     assert after.get(("ia3_linear", "torch"), 0) - before.get(("ia3_linear", "torch"), 0) == 3 * 2
+    assert after.get(("ssf_linear", "torch"), 0) - before.get(("ssf_linear", "torch"), 0) == 3 * 2
+    assert fusedpeft.last_backend("ssf_linear") == "torch"
     # "auto" inside a forced block restores automatic choice (torch on CPU).
     with fusedpeft.use_backend("nonexistent"), fusedpeft.use_backend("auto"):
         _out(model, ids)

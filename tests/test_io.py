@@ -1,7 +1,8 @@
 """Adapter files in HF peft's format both ways: fusedpeft.save_adapter -> peft.PeftModel.from_pretrained,
 peft's save_pretrained -> fusedpeft.load_adapter (safetensors and .bin), the same bytes-level key set
-either way, modules_to_save and trainable biases; and every malformed or mismatched file raising a
-clear error while leaving the model exactly as it was."""
+either way, modules_to_save and trainable biases; SSF in fusedpeft's own format of the same layout,
+round trip; and every malformed or mismatched file raising a clear error while leaving the model
+exactly as it was."""
 import copy
 import json
 import os
@@ -273,3 +274,151 @@ def test_save_adapter_unknown_adapter_name(tmp_path):
     with pytest.raises(KeyError, match="no fusedpeft adapter 'nope'"):
         fusedpeft.save_adapter(model, tmp_path, adapter_name="nope")
     assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- SSF: fusedpeft's own format
+SSF_CASES = {
+    "mlp": ("mlp", dict(target_modules=MLP_TARGETS)),  # fc2 has no bias
+    "mlp-mts": ("mlp", dict(target_modules=["fc1", "fc2"], modules_to_save=["head"])),
+    "llama": ("llama", dict(target_modules="all-linear")),
+    "gpt2": ("gpt2", dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True)),
+}
+
+
+def _ssf_model(kind, **kw):
+    """A fusedpeft model with a random SSF adapter (and moved modules_to_save copies), and its base."""
+    base = make_base(kind)
+    model = fusedpeft.inject(copy.deepcopy(base), fusedpeft.SSFConfig(init_ssf_weights=False, **kw))
+    _perturb(p for n, p in model.named_parameters() if "modules_to_save" in n)
+    return base, model
+
+
+def _ssf_file(tmp_path, kind="mlp", **kw):
+    kw.setdefault("target_modules", MLP_TARGETS)
+    base, model = _ssf_model(kind, **kw)
+    fusedpeft.save_adapter(model, tmp_path)
+    return base, model
+
+
+@pytest.mark.parametrize("case", list(SSF_CASES))
+def test_ssf_save_load_round_trip(case, tmp_path):
+    kind, kw = SSF_CASES[case]
+    base, fm = _ssf_model(kind, **kw)
+    fusedpeft.save_adapter(fm, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = fusedpeft.SSFConfig(init_ssf_weights=False, **kw).to_dict()
+    assert {k: config[k] for k in fields} == fields and config["peft_type"] == "SSF"
+    # peft's key rule: base_model.model.<module path>.ssf_scale / .ssf_shift, adapter name removed
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    layers = [(n, m) for n, m in fm.named_modules() if isinstance(m, fusedpeft.SSFLinear)]
+    expected = {f"base_model.model.{n}.ssf_{p}": (m.out_features,) for n, m in layers for p in ("scale", "shift")}
+    assert {k: tuple(v.shape) for k, v in tensors.items() if "ssf_" in k} == expected
+    assert all(v.dtype == F32 for v in tensors.values())
+    saved_copies = sorted(k for k in tensors if "ssf_" not in k)
+    assert saved_copies == (["base_model.model.head.bias", "base_model.model.head.weight"] if "modules_to_save" in kw else [])
+
+    loaded = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert type(loaded.fusedpeft_config["default"]) is fusedpeft.SSFConfig
+    assert loaded.fusedpeft_config["default"].to_dict() == fields
+    assert not any(p.requires_grad for p in loaded.parameters()), "is_trainable=False freezes the adapter"
+    theirs = loaded.state_dict()
+    assert sorted(theirs) == sorted(fm.state_dict())
+    for k, v in fm.state_dict().items():
+        assert torch.equal(theirs[k], v), k
+    fm.eval()
+    loaded.eval()
+    x = make_input(kind)
+    with torch.no_grad():
+        assert torch.equal(run(loaded, kind, x), run(fm, kind, x))
+
+
+def test_ssf_load_trainable_into_bf16_model_and_beside_another_adapter(tmp_path):
+    base, fm = _ssf_file(tmp_path)
+    model = fusedpeft.inject(copy.deepcopy(base).to(torch.bfloat16),
+                             fusedpeft.SSFConfig(target_modules=["fc1"], init_ssf_weights=False))
+    x = make_input("mlp")
+    with torch.no_grad():
+        y_default = model(x.to(torch.bfloat16))
+    fusedpeft.load_adapter(model, tmp_path, adapter_name="other", is_trainable=True)
+    assert model.fc1.adapter_names == ["default", "other"] and model.fc1.active_adapters == ["other"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.ssf_{p}.other" for m in MLP_TARGETS for p in ("scale", "shift")}
+    assert model.fc2.ssf_scale["other"].dtype == F32, "float32 adapter weights beside a bf16 base"
+    with torch.no_grad():
+        assert_close(model(x.to(torch.bfloat16)), fm(x), torch.bfloat16, "bf16 model, float32 file")
+        fusedpeft.set_adapter(model, "default")
+        assert torch.equal(model(x.to(torch.bfloat16)), y_default), "the first adapter is still there"
+
+
+def test_ssf_load_replaces_weights_of_an_existing_adapter(tmp_path):
+    base, fm = _ssf_file(tmp_path, modules_to_save=["head"])
+    model = fusedpeft.inject(copy.deepcopy(base), fusedpeft.SSFConfig(target_modules=MLP_TARGETS, modules_to_save=["head"]))
+    params = [(n, id(p)) for n, p in model.named_parameters()]
+    fusedpeft.load_adapter(model, tmp_path)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params, "no new parameters: the existing ones were filled"
+    _outputs_equal(model, fm, "mlp", "existing SSF adapter overwritten")
+
+    other = fusedpeft.inject(copy.deepcopy(base), fusedpeft.SSFConfig(target_modules=["fc1", "fc2"]))
+    snap = _snapshot(other)
+    with pytest.raises(ValueError, match=r"already has an adapter 'default'.*target_modules"):
+        fusedpeft.load_adapter(other, tmp_path)
+    _assert_unchanged(other, snap)
+
+
+def _drop_one(part):
+    def edit(t):
+        del t[next(k for k in sorted(t) if part in k)]
+    return edit
+
+
+def _grow_one(part):
+    def edit(t):
+        k = next(k for k in sorted(t) if part in k)
+        t[k] = torch.randn(t[k].shape[0] + 1)
+    return edit
+
+
+SSF_BAD = {
+    "missing shift": (lambda d: _edit_weights(d, _drop_one("ssf_shift")), ValueError, r"missing keys .*fc1\.ssf_shift"),
+    "missing scale": (lambda d: _edit_weights(d, _drop_one("ssf_scale")), ValueError, r"missing keys .*fc1\.ssf_scale"),
+    "wrong shape": (lambda d: _edit_weights(d, _grow_one("ssf_scale")), ValueError,
+                    r"fc1\.ssf_scale has shape \(25,\) but the model expects \(24,\)"),
+    "unexpected key": (lambda d: _edit_weights(d, lambda t: t.update({"base_model.model.fc1.ssf_bias": torch.ones(24)})),
+                       ValueError, r"unexpected keys .*fc1\.ssf_bias"),
+    "int tensor": (lambda d: _edit_weights(d, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if "shift" in k})),
+                   ValueError, "not a floating-point tensor"),
+    "unknown peft_type": (lambda d: _edit_config(d, peft_type="LOHA"), ValueError, "unsupported peft_type 'LOHA'"),
+    "bad init": (lambda d: _edit_config(d, init_ssf_weights="paper"), ValueError, "init_ssf_weights must be True, False or 'ssf'"),
+    "non-linear target": (lambda d: _edit_config(d, target_modules=["fc1", "act"]), TypeError, r"linear layers .*act \(GELU\)"),
+    "target not in model": (lambda d: _edit_config(d, target_modules=["fc1", "decoder"]), ValueError, r"\['decoder'\] match no module"),
+}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "with-adapter"])
+@pytest.mark.parametrize("bad", list(SSF_BAD))
+def test_bad_ssf_file_raises_and_leaves_model_unchanged(bad, existing, tmp_path):
+    base = MLPWithAct(make_base("mlp"))
+    model = fusedpeft.inject(copy.deepcopy(base), fusedpeft.SSFConfig(target_modules=MLP_TARGETS, init_ssf_weights=False))
+    fusedpeft.save_adapter(model, tmp_path)
+    edit, exc, match = SSF_BAD[bad]
+    edit(tmp_path)
+
+    model = copy.deepcopy(base)
+    if existing:  # an SSF adapter in layers the file also targets: the failed load must not touch it
+        fusedpeft.inject(model, fusedpeft.SSFConfig(target_modules=["fc2", "out"], init_ssf_weights=False))
+    snap = _snapshot(model)
+    with pytest.raises(exc, match=match):
+        fusedpeft.load_adapter(model, tmp_path, adapter_name="other" if existing else "default")
+    _assert_unchanged(model, snap)
+
+
+def test_ssf_file_into_an_adapter_of_another_method_is_refused(tmp_path):
+    base, _ = _ssf_file(tmp_path, target_modules=["fc1"])
+    model = fusedpeft.inject(copy.deepcopy(base), fusedpeft.IA3Config(target_modules=["fc1"]))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="adapter 'default' is IA3 but .* holds SSF"):
+        fusedpeft.load_adapter(model, tmp_path)
+    with pytest.raises(TypeError, match="already holds IA3Linear adapters"):
+        fusedpeft.load_adapter(model, tmp_path, adapter_name="other")
+    _assert_unchanged(model, snap)

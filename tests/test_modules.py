@@ -1,4 +1,4 @@
-"""LoraLinear / IA3Linear against the float64 formula: forward, gradients, several named adapters,
+"""LoraLinear / IA3Linear / SSFLinear against the float64 formula: forward, gradients, several named adapters,
 enable/disable, merge/unmerge, around nn.Linear and transformers' Conv1D (weight stored (in, out))."""
 import warnings
 
@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fusedpeft import IA3Linear, LoraLinear, backends
+from fusedpeft import IA3Linear, LoraLinear, SSFLinear, backends
 from fusedpeft.ops import lora as lora_mod
+from fusedpeft.ops import ssf_linear_reference
 
 from helpers import assert_close, leaf, rel_err
 
@@ -61,16 +62,29 @@ def _ia3(base, **kw):
         return IA3Linear(base, fan_in_fan_out=isinstance(base, Conv1D), **kw)
 
 
+def _ssf(base, **kw):
+    kw.setdefault("init_ssf_weights", False)  # random scale and shift: the identity init hides a dead path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SSFLinear(base, fan_in_fan_out=isinstance(base, Conv1D), **kw)
+
+
+MAKERS = {"lora": _lora, "ia3": _ia3, "ssf": _ssf}
+
+
 def _d(t):
     return None if t is None else t.detach().double()
 
 
+def _base_ref(base, x):
+    """float64: x W^T + b of the base layer."""
+    y = _d(x) @ _d(_w_out_in(base)).T
+    return y if base.bias is None else y + _d(base.bias)
+
+
 def _lora_ref(layer, x, names):
     """float64: x W^T + b + sum_i s_i (x A_i^T) B_i^T."""
-    base = layer.base_layer
-    y = _d(x) @ _d(_w_out_in(base)).T
-    if base.bias is not None:
-        y = y + _d(base.bias)
+    y = _base_ref(layer.base_layer, x)
     for n in names:
         y = y + layer.scaling[n] * ((_d(x) @ _d(layer.lora_A[n].weight).T) @ _d(layer.lora_B[n].weight).T)
     return y
@@ -78,15 +92,19 @@ def _lora_ref(layer, x, names):
 
 def _ia3_ref(layer, x, names):
     """float64: output scaling (x W^T + b) * prod l_i, or input scaling (x * prod l_i) W^T + b."""
-    base = layer.base_layer
     scale = torch.ones(K if layer.is_feedforward else N, dtype=torch.float64)
     for n in names:
         scale = scale * _d(layer.ia3_l[n]).flatten()
-    xin = _d(x) * scale if layer.is_feedforward else _d(x)
-    y = xin @ _d(_w_out_in(base)).T
-    if base.bias is not None:
-        y = y + _d(base.bias)
+    y = _base_ref(layer.base_layer, _d(x) * scale if layer.is_feedforward else x)
     return y if layer.is_feedforward else y * scale
+
+
+def _ssf_ref(layer, x, names):
+    """float64: the active adapters' affine maps applied in order, ((z s_1 + t_1) s_2 + t_2) ..."""
+    y = _base_ref(layer.base_layer, x)
+    for n in names:
+        y = y * _d(layer.ssf_scale[n]) + _d(layer.ssf_shift[n])
+    return y
 
 
 def _x(dtype, requires_grad=False):
@@ -171,11 +189,46 @@ def test_ia3_forward_and_grads(kind, bias, dtype, feedforward):
     assert_close(x.grad, xd.grad, dtype, "grad x")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_ssf_forward_and_grads(kind, bias, dtype):
+    base = _base(kind, bias, dtype)
+    weight_obj, ptr = base.weight, base.weight.data_ptr()
+    layer = _ssf(base)
+    assert layer.base_layer is base and base.weight is weight_obj and base.weight.data_ptr() == ptr
+    assert layer.fan_in_fan_out == (kind == "conv1d")
+    scale, shift = layer.ssf_scale["default"], layer.ssf_shift["default"]
+    assert tuple(scale.shape) == tuple(shift.shape) == (N,)
+    assert _trainable(layer) == ["ssf_scale.default", "ssf_shift.default"]
+    assert (scale - 1).abs().min() > 0 and shift.abs().min() > 0  # random, far from the identity
+
+    x = _x(dtype, requires_grad=True)  # 3-D input
+    y = layer(x)
+    assert y.shape == (3, 5, N) and y.dtype == dtype
+    xd, s, t = leaf(x, torch.float64), leaf(scale, torch.float64), leaf(shift, torch.float64)
+    y_ref = ssf_linear_reference(xd, _d(_w_out_in(base)), _d(base.bias), s, t)
+    assert_close(y, y_ref, dtype, f"ssf {kind} forward")
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert base.weight.grad is None and (base.bias is None or base.bias.grad is None)
+    assert scale.grad.shape == shift.grad.shape == (N,)
+    assert_close(scale.grad, s.grad, dtype, "grad scale")
+    assert_close(shift.grad, t.grad, dtype, "grad shift")
+    assert_close(x.grad, xd.grad, dtype, "grad x")
+    assert [n for n, p in layer.named_parameters() if p.grad is not None] == _trainable(layer)
+
+
 def test_adapter_weights_are_float32_beside_bf16_base_unless_asked():
     base = _base("linear", True, torch.bfloat16)
     assert _lora(base).lora_A["default"].weight.dtype == torch.float32
     assert _lora(_base("linear", True, torch.bfloat16), autocast_adapter_dtype=False).lora_A["default"].weight.dtype == torch.bfloat16
     assert _ia3(_base("linear", True, torch.bfloat16)).ia3_l["default"].dtype == torch.float32
+    ssf = _ssf(_base("linear", True, torch.bfloat16))
+    assert ssf.ssf_scale["default"].dtype == ssf.ssf_shift["default"].dtype == torch.float32
+    ssf.update_layer("b", autocast_adapter_dtype=False)
+    assert ssf.ssf_scale["b"].dtype == ssf.ssf_shift["b"].dtype == torch.bfloat16
 
 
 def test_conv1d_without_fan_in_fan_out_warns_and_fixes_it():
@@ -192,6 +245,20 @@ def test_default_init_is_a_no_op():
     assert torch.equal(LoraLinear(base, r=4)(x), base(x))  # B = 0
     base2 = _base("linear", True, torch.float32)
     assert_close(IA3Linear(base2)(x), base2(x).double(), torch.float32, "ia3 scales of one")
+    base3 = _base("linear", True, torch.float32)
+    ssf = SSFLinear(base3)
+    assert torch.equal(ssf.ssf_scale["default"], torch.ones(N)) and torch.equal(ssf.ssf_shift["default"], torch.zeros(N))
+    assert_close(ssf(x), base3(x).double(), torch.float32, "ssf scale one, shift zero")
+
+
+def test_ssf_paper_init_and_bad_init():
+    layer = SSFLinear(nn.Linear(4, 4000), init_ssf_weights="ssf")  # scale ~ N(1, 0.02), shift ~ N(0, 0.02)
+    scale, shift = layer.ssf_scale["default"], layer.ssf_shift["default"]
+    assert abs(scale.mean().item() - 1) < 0.005 and 0.015 < scale.std().item() < 0.025
+    assert abs(shift.mean().item()) < 0.005 and 0.015 < shift.std().item() < 0.025
+    for bad in ("gaussian", 1, None):
+        with pytest.raises(ValueError, match="init_ssf_weights must be True, False or 'ssf'"):
+            SSFLinear(nn.Linear(4, 3), init_ssf_weights=bad)
 
 
 # ----------------------------------------------------------------------------- several adapters
@@ -296,13 +363,59 @@ def test_ia3_several_adapters(dtype, feedforward):
     assert_close(layer(x), _ia3_ref(layer, x, ["a"]), dtype, "after delete")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_ssf_several_adapters(kind, bias, dtype):
+    layer = _ssf(_base(kind, bias, dtype), adapter_name="a")
+    layer.update_layer("b", init_ssf_weights=False)
+    layer.update_layer("c", init_ssf_weights=False)
+    assert layer.active_adapters == ["a"] and layer.adapter_names == ["a", "b", "c"]
+    assert _trainable(layer) == ["ssf_scale.a", "ssf_shift.a"]
+    x = _x(dtype)
+    assert_close(layer(x), _ssf_ref(layer, x, ["a"]), dtype, "a")
+    layer.set_adapter("c")
+    assert _trainable(layer) == ["ssf_scale.c", "ssf_shift.c"]
+    assert_close(layer(x), _ssf_ref(layer, x, ["c"]), dtype, "c")
+
+    layer.set_adapter(["a", "b"])  # two at once: b's map applied to a's output
+    assert _trainable(layer) == ["ssf_scale.a", "ssf_scale.b", "ssf_shift.a", "ssf_shift.b"]
+    y_ab = layer(x)
+    assert_close(y_ab, _ssf_ref(layer, x, ["a", "b"]), dtype, "a then b")
+    layer.set_adapter(["b", "a"])  # the order matters
+    y_ba = layer(x)
+    assert_close(y_ba, _ssf_ref(layer, x, ["b", "a"]), dtype, "b then a")
+    assert rel_err(y_ba, _ssf_ref(layer, x, ["a", "b"])) > 10 * rel_err(y_ba, _ssf_ref(layer, x, ["b", "a"]))
+
+    # Gradients of two active adapters reach both (scale and shift) and only them, against float64.
+    layer.set_adapter(["a", "b"])
+    x_grad = _x(dtype, requires_grad=True)
+    y = layer(x_grad)
+    leaves = {f"{c}.{n}": leaf(getattr(layer, c)[n], torch.float64) for c in ("ssf_scale", "ssf_shift") for n in "ab"}
+    xd = leaf(x_grad, torch.float64)
+    y_ref = ssf_linear_reference(xd, _d(_w_out_in(layer.base_layer)), _d(layer.base_layer.bias), leaves["ssf_scale.a"], leaves["ssf_shift.a"])
+    y_ref = y_ref * leaves["ssf_scale.b"] + leaves["ssf_shift.b"]
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    params = dict(layer.named_parameters())
+    assert sorted(n for n, p in params.items() if p.grad is not None) == sorted(leaves)
+    for name, ref in leaves.items():
+        assert_close(params[name].grad, ref.grad, dtype, f"grad {name}")
+    assert_close(x_grad.grad, xd.grad, dtype, "grad x")
+
+    layer.delete_adapter("b")
+    assert layer.adapter_names == ["a", "c"] and layer.active_adapters == ["a"]
+    assert not any(k.endswith(".b") for k in layer.state_dict())
+    assert_close(layer(x), _ssf_ref(layer, x, ["a"]), dtype, "after delete")
+
+
 # ----------------------------------------------------------------------------- enable / disable
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", list(MAKERS))
 @pytest.mark.parametrize("kind,bias", KINDS)
 def test_disabled_output_is_the_base_output_bit_for_bit(method, kind, bias, dtype):
     base = _base(kind, bias, dtype)
-    layer = _lora(base) if method == "lora" else _ia3(base)
+    layer = MAKERS[method](base)
     x = _x(dtype)
     y_base = base(x)
     y_adapted = layer(x)
@@ -317,9 +430,10 @@ def test_disabled_output_is_the_base_output_bit_for_bit(method, kind, bias, dtyp
     assert torch.equal(layer(x), y_base)
 
 
-def test_disabling_a_merged_layer_unmerges_it():
-    base = _base("linear", True, torch.float32)
-    layer = _lora(base)
+@pytest.mark.parametrize("method,bias", [("lora", True), ("ssf", False)])
+def test_disabling_a_merged_layer_unmerges_it(method, bias):
+    base = _base("linear", bias, torch.float32)
+    layer = MAKERS[method](base)
     w0 = base.weight.detach().clone()
     layer.merge()
     layer.enable_adapters(False)
@@ -327,23 +441,30 @@ def test_disabling_a_merged_layer_unmerges_it():
     y = layer(x)
     assert not layer.merged
     assert rel_err(base.weight, w0) < UNMERGE_TOL[torch.float32]
+    assert base.bias is None or bias  # SSF's merged shift on a bias-free layer is gone again
     assert torch.equal(y, base(x))
 
 
 # ----------------------------------------------------------------------------- merge / unmerge
+def _before_merge(layer, ref_fn, dtype):
+    """Make adapters "a" and "b" active; return the base weight and bias as they are, an input,
+    its float64 reference output and the unmerged output."""
+    layer.set_adapter(["a", "b"])
+    base = layer.base_layer
+    w0, b0 = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+    x = _x(dtype)
+    return w0, b0, x, ref_fn(layer, x, ["a", "b"]), layer(x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,bias", KINDS)
 def test_lora_merge_unmerge(kind, bias, dtype):
     base = _base(kind, bias, dtype)
     layer = _lora(base, adapter_name="a", r=3, lora_alpha=5)
     layer.update_layer("b", 2, 4.0, init_lora_weights=False)
-    layer.set_adapter(["a", "b"])
     layer.eval()
     weight_obj = base.weight
-    w0, b0 = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
-    x = _x(dtype)
-    ref = _lora_ref(layer, x, ["a", "b"])
-    y_unmerged = layer(x)
+    w0, b0, x, ref, y_unmerged = _before_merge(layer, _lora_ref, dtype)
 
     layer.merge()
     assert layer.merged and layer.merged_adapters == ["a", "b"]
@@ -384,32 +505,52 @@ def test_lora_merge_of_one_named_adapter_then_forward_runs_base():
         layer.delete_adapter("b")
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize(
+    "method,bias", [("lora", True), ("ia3", True), ("ssf", True), ("ssf", False)], ids=["lora", "ia3", "ssf", "ssf-no-bias"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_safe_merge_with_nan_adapter_raises_and_changes_nothing(method, dtype):
-    base = _base("linear", True, dtype)
-    layer = _lora(base) if method == "lora" else _ia3(base)
+def test_safe_merge_with_nan_adapter_raises_and_changes_nothing(method, bias, dtype):
+    base = _base("linear", bias, dtype)
+    layer = MAKERS[method](base)
     with torch.no_grad():
         if method == "lora":
             layer.lora_B["default"].weight[1, 0] = float("nan")
-        else:
+        elif method == "ia3":
             layer.ia3_l["default"][2, 0] = float("nan")
-    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+        else:
+            layer.ssf_shift["default"][2] = float("nan")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match="NaN"):
         layer.merge(safe_merge=True)
-    assert torch.equal(base.weight, w0) and torch.equal(base.bias, b0)
+    assert base.state_dict().keys() == state.keys()  # no bias was added to a bias-free layer
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items())
     assert not layer.merged and layer.merged_adapters == []
 
 
-def test_ia3_merge_of_zero_scale_raises():
-    base = _base("linear", True, torch.float32)
-    layer = _ia3(base)
+@pytest.mark.parametrize("method,bias", [("ia3", True), ("ssf", True), ("ssf", False)])
+def test_merge_of_zero_scale_raises(method, bias):
+    base = _base("linear", bias, torch.float32)
+    layer = MAKERS[method](base)
     with torch.no_grad():
-        layer.ia3_l["default"][0, 0] = 0.0
-    w0 = base.weight.detach().clone()
-    with pytest.raises(ValueError, match="zero"):
+        (layer.ia3_l if method == "ia3" else layer.ssf_scale)["default"].view(-1)[0] = 0.0
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{method.upper()} adapter 'default' has zero scales"):
         layer.merge()
-    assert torch.equal(base.weight, w0) and not layer.merged
+    assert base.state_dict().keys() == state.keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in state.items()) and not layer.merged
+
+
+def _merged_forward_then_unmerge(layer, x, ref, y_unmerged, w0, dtype):
+    """After merge() of adapters "a" and "b": the merged forward, a second merge skipped with a
+    warning, and unmerge giving the weight back within two adapters' roundings."""
+    y_merged = layer(x)
+    assert_close(y_merged, ref, dtype, "merged forward")
+    assert_close(y_merged, y_unmerged.double(), dtype, "merged vs unmerged")
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge(adapter_names=["a"])
+    layer.unmerge()
+    assert not layer.merged and layer.merged_adapters == []
+    assert rel_err(layer.base_layer.weight, w0) <= _unmerge_tol(dtype, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -420,11 +561,7 @@ def test_ia3_merge_unmerge(kind, bias, dtype, feedforward):
     layer = _ia3(base, adapter_name="a", is_feedforward=feedforward)
     layer.update_layer("b", init_ia3_weights=False)
     _randomise_ia3(layer)
-    layer.set_adapter(["a", "b"])
-    w0, b0 = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
-    x = _x(dtype)
-    ref = _ia3_ref(layer, x, ["a", "b"])
-    y_unmerged = layer(x)
+    w0, b0, x, ref, y_unmerged = _before_merge(layer, _ia3_ref, dtype)
     layer.merge()
     assert layer.merged_adapters == ["a", "b"]
     scale = _d(layer.ia3_l["a"]).flatten() * _d(layer.ia3_l["b"]).flatten()
@@ -437,17 +574,62 @@ def test_ia3_merge_unmerge(kind, bias, dtype, feedforward):
         assert_close(_w_out_in(base), w_out_in * scale[:, None], dtype, "merged W")
         if b0 is not None:
             assert_close(base.bias, _d(b0) * scale, dtype, "merged bias")
-    y_merged = layer(x)
-    assert_close(y_merged, ref, dtype, "merged forward")
-    assert_close(y_merged, y_unmerged.double(), dtype, "merged vs unmerged")
-    with pytest.warns(UserWarning, match="already merged"):
-        layer.merge(adapter_names=["a"])
-    layer.unmerge()
-    assert not layer.merged
-    assert rel_err(base.weight, w0) <= _unmerge_tol(dtype, 2)
+    _merged_forward_then_unmerge(layer, x, ref, y_unmerged, w0, dtype)
     if b0 is not None:
         assert rel_err(base.bias, b0) <= _unmerge_tol(dtype, 2)
     assert_close(layer(x), ref, dtype, "after unmerge")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,bias", KINDS)
+def test_ssf_merge_unmerge(kind, bias, dtype):
+    base = _base(kind, bias, dtype)
+    layer = _ssf(base, adapter_name="a")
+    layer.update_layer("b", init_ssf_weights=False)
+    with torch.no_grad():  # scales away from zero (unmerge divides by them), either sign
+        for p in layer.ssf_scale.values():
+            p.copy_((0.5 + torch.rand_like(p)) * torch.randn_like(p).sign())
+    weight_obj = base.weight
+    w0, b0, x, ref, y_unmerged = _before_merge(layer, _ssf_ref, dtype)
+
+    layer.merge()
+    assert layer.merged_adapters == ["a", "b"] and base.weight is weight_obj
+    s = {n: _d(layer.ssf_scale[n]) for n in "ab"}
+    t = {n: _d(layer.ssf_shift[n]) for n in "ab"}
+    w_out_in = _d(w0.T if kind == "conv1d" else w0)
+    assert_close(_w_out_in(base), w_out_in * (s["a"] * s["b"])[:, None], dtype, "merged W")
+    b_start = torch.zeros(N, dtype=torch.float64) if b0 is None else _d(b0)
+    b_merged = (b_start * s["a"] + t["a"]) * s["b"] + t["b"]
+    assert_close(base.bias, b_merged, dtype, "merged bias")
+    if b0 is None:  # the bias-free layer gained a frozen bias of its own dtype and device
+        assert isinstance(base.bias, nn.Parameter) and not base.bias.requires_grad
+        assert base.bias.dtype == dtype and base.bias.device == base.weight.device
+    _merged_forward_then_unmerge(layer, x, ref, y_unmerged, w0, dtype)
+    if b0 is None:
+        assert base.bias is None and list(base.state_dict()) == ["weight"]
+    else:
+        # Unmerging the bias subtracts the shift and divides by the scale: the merged bias's
+        # rounding grows by |merged bias| / |scale| against |bias|.
+        growth = max(1.0, (b_merged.norm() / b_start.norm()).item() / min(v.abs().min().item() for v in s.values()))
+        assert rel_err(base.bias, b0) <= _unmerge_tol(dtype, 2) * growth
+    assert_close(layer(x), ref, dtype, "after unmerge")
+
+
+def test_ssf_merge_of_a_zero_shift_adds_no_bias():
+    base = _base("linear", False, torch.float32)
+    layer = _ssf(base, adapter_name="a")
+    layer.update_layer("b", init_ssf_weights=False)
+    with torch.no_grad():
+        layer.ssf_shift["a"].zero_()
+    x = _x(torch.float32)
+    ref = _ssf_ref(layer, x, ["a", "b"])
+    layer.merge(adapter_names=["a"])  # only a scale: nothing to put in a bias
+    assert base.bias is None
+    layer.merge(adapter_names=["b"])  # b's shift: the bias appears, and goes with b's unmerge
+    assert base.bias is not None
+    assert_close(layer(x), ref, torch.float32, "merged a, b")
+    layer.unmerge()
+    assert base.bias is None and list(base.state_dict()) == ["weight"]
 
 
 def test_r_larger_than_layer_only_warns():

@@ -362,6 +362,21 @@ def test_from_peft_leaves_unsupported_layers_with_a_warning():
     assert type(dora.base_model.model.fc1) is peft.tuners.lora.layer.Linear
 
 
+def test_from_peft_leaves_fusedpeft_ssf_layers_alone():
+    """peft has no SSF: from_peft swaps the peft layers and leaves fusedpeft's SSF layers as they are."""
+    pm = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], r=2, init_lora_weights=False))
+    fusedpeft.inject(pm.base_model.model, fusedpeft.SSFConfig(target_modules=["fc2", "out"], init_ssf_weights=False))
+    ssf = {n: m for n, m in pm.named_modules() if isinstance(m, fusedpeft.SSFLinear)}
+    x = make_input("mlp")
+    y0 = pm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left over as unswappable either
+        fusedpeft.from_peft(pm)
+    assert type(pm.base_model.model.fc1) is PeftLoraLinear
+    assert {n: m for n, m in pm.named_modules() if isinstance(m, fusedpeft.SSFLinear)} == ssf
+    assert_close(pm(x), y0, torch.float32, "after from_peft")
+
+
 def test_from_peft_rejects_mixed_batch_adapter_names():
     _, pm = _peft_model(*SWAP_CASES["mlp-ia3"][:2], SWAP_CASES["mlp-ia3"][2])
     fusedpeft.from_peft(pm)

@@ -1,4 +1,5 @@
-"""Adapter files: HF peft's on-disk format (adapter_config.json + adapter_model.safetensors)."""
+"""Adapter files: HF peft's on-disk format (adapter_config.json + adapter_model.safetensors), and
+fusedpeft's own format for SSF in the same layout."""
 from .peft_format import adapter_config_dict, checkpoint_keys, load_adapter, save_adapter
 
 __all__ = ["adapter_config_dict", "checkpoint_keys", "load_adapter", "save_adapter"]

@@ -11,6 +11,18 @@ key is its parameter name in the ``PeftModel`` with the adapter name taken out, 
 plus, with ``bias="all"`` / ``"lora_only"``, the biases that train with the adapter. fusedpeft's
 layers carry peft's parameter names, so one function (``checkpoint_keys``) maps file keys to model
 keys, and saving and loading both use it: what one writes the other reads.
+
+SSF has no peft format (peft has no SSF), so fusedpeft's own follows the same layout and rules:
+
+    adapter_config.json        {"peft_type": "SSF", "target_modules": ..., "exclude_modules": ...,
+                                "fan_in_fan_out": ..., "modules_to_save": ..., "init_ssf_weights": ...}
+                               plus the bookkeeping keys peft writes (task_type, auto_mapping, ...)
+    adapter_model.safetensors  base_model.model.<module path>.ssf_scale   (out_features,)
+                               base_model.model.<module path>.ssf_shift   (out_features,)
+                               (model: <module path>.ssf_scale.<adapter>, .ssf_shift.<adapter>)
+                               plus the modules_to_save copies, keyed as above
+
+It is written and read by the same code as LoRA and IA3, with the same checks. peft cannot load it.
 """
 from __future__ import annotations
 
@@ -33,7 +45,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# peft config keys that do not change what a linear LoRA / IA3 layer computes.
+# peft config keys that do not change what a linear LoRA / IA3 / SSF layer computes.
 _IGNORED_KEYS = {
     "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
     "peft_version", "megatron_config", "megatron_core", "use_qalora", "qalora_group_size", "layers_pattern",
@@ -144,7 +156,8 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
     """Write adapter ``adapter_name`` of a fusedpeft-patched ``model`` as peft does:
     ``save_directory/adapter_config.json`` and ``save_directory/adapter_model.safetensors``, so
-    that ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it. Tensors are
+    that ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it (LoRA, IA3; an
+    SSF adapter is written in the same layout, which only fusedpeft reads). Tensors are
     written in the dtype they have (float32 master weights stay float32), on the CPU."""
     from safetensors.torch import save_file
 
@@ -255,13 +268,13 @@ def _validate(weights, keys, state, directory, adapter_name):
 
 def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "default", is_trainable: bool = False) -> nn.Module:
     """Load a peft adapter directory (what ``PeftModel.save_pretrained`` or :func:`save_adapter`
-    wrote; LoRA or IA3, safetensors or .bin) into ``model`` as adapter ``adapter_name`` and make it
-    the active adapter.
+    wrote; LoRA or IA3, safetensors or .bin; SSF in fusedpeft's own format, see the module
+    docstring) into ``model`` as adapter ``adapter_name`` and make it the active adapter.
 
     Where the model has no adapter of that name it is injected first (``fusedpeft.inject`` with
     the file's config); an existing one of the same method and config gets its weights
     replaced. Weights are cast to each parameter's dtype and device. With ``is_trainable=False``
-    (peft's default) the adapter's tensors (LoRA / IA3 weights, modules_to_save copies) are
+    (peft's default) the adapter's tensors (LoRA / IA3 / SSF weights, modules_to_save copies) are
     frozen; as in peft, biases trained by ``bias="all"`` / ``"lora_only"`` stay trainable.
 
     Everything (config, key set, shapes, targets) is checked before the model is touched: a bad
@@ -280,7 +293,7 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
             raise ValueError(
                 f"the model's adapter {adapter_name!r} is {current.peft_type} but {load_directory!r} holds {config.peft_type}"
             )
-        skip = {"init_lora_weights", "init_ia3_weights"}
+        skip = {"init_lora_weights", "init_ia3_weights", "init_ssf_weights"}  # starting values only
         a, b = current.to_dict(), config.to_dict()
         differ = sorted(k for k in a if k not in skip and a[k] != b.get(k))
         if differ:

@@ -27,8 +27,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 class AdapterLayer(nn.Module):
-    """Base of LoraLinear / IA3Linear. Subclasses name their per-adapter containers in
-    ``adapter_layer_names`` and implement ``update_layer``, ``_adapted_forward``, ``_delta_merge``."""
+    """Base of LoraLinear / IA3Linear / SSFLinear. Subclasses name their per-adapter containers in
+    ``adapter_layer_names`` and implement ``update_layer``, ``_adapted_forward``, ``_merge_one``,
+    ``_unmerge_one``."""
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
@@ -148,18 +149,55 @@ class AdapterLayer(nn.Module):
             self._unmerge_one(self.merged_adapters.pop())
 
     def _write_base(self, new_weight: torch.Tensor, new_bias: Optional[torch.Tensor], safe_merge: bool, name: str):
+        """Copy the merged weight (and bias) into the base layer in place. A bias written into a
+        layer that has none becomes a new frozen Parameter of the weight's dtype and device (SSF's
+        shift); ``_remove_base_bias`` takes it out again."""
         if safe_merge:
             for t in (new_weight, new_bias):
                 if t is not None and not torch.isfinite(t).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/Inf into the base layer; nothing was changed")
         with torch.no_grad():
-            self.base_layer.weight.copy_(new_weight.T if self.fan_in_fan_out else new_weight)
+            w = self.base_layer.weight
+            w.copy_(new_weight.T if self.fan_in_fan_out else new_weight)
             if new_bias is not None:
+                if self.base_layer.bias is None:
+                    zeros = torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
+                    self.base_layer.bias = nn.Parameter(zeros, requires_grad=False)
                 self.base_layer.bias.copy_(new_bias)
+
+    def _remove_base_bias(self):
+        self.base_layer.bias = None  # nn.Module keeps the name registered, as nn.Linear(bias=False) does
 
     @staticmethod
     def _merge_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _refuse_zero_scale(method: str, name: str, scale: torch.Tensor):
+        # unmerge divides by the scale
+        if (scale == 0).any():
+            raise ValueError(f"{method} adapter {name!r} has zero scales: merging it could not be undone; nothing was changed")
+
+    def _output_affine(self, scale: torch.Tensor, shift: Optional[torch.Tensor], invert: bool):
+        """The base (weight as (out, in), bias) with y -> y * scale + shift folded in (``invert``:
+        the inverse, y -> (y - shift) / scale): rows of W times scale, bias -> bias * scale +
+        shift, where a missing bias counts as zero when there is a shift. Computed in float32
+        (float64 for float64) and rounded once to the base dtype."""
+        w, b = self.base_weight(), self.base_layer.bias
+        dt = self._merge_dtype(w)
+        s = scale.flatten().to(dt)
+        t = None if shift is None else shift.to(dt)
+        if invert:
+            s = 1.0 / s
+        new_w = (w.to(dt) * s[:, None]).to(w.dtype)
+        if b is None and t is None:
+            return new_w, None
+        bias = torch.zeros_like(s) if b is None else b.to(dt)
+        if t is None:
+            new_b = bias * s
+        else:
+            new_b = (bias - t) * s if invert else bias * s + t
+        return new_w, new_b.to(w.dtype if b is None else b.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

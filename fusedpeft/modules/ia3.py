@@ -50,19 +50,17 @@ class IA3Linear(AdapterLayer):
         return ia3_linear(x, self.base_weight(), self.base_layer.bias, self.combined_scale(), self.is_feedforward)
 
     def _scaled_base(self, name: str, invert: bool):
-        w, b = self.base_weight(), self.base_layer.bias
-        dt = self._merge_dtype(w)
-        scale = self.ia3_l[name].flatten().to(dt)
+        if not self.is_feedforward:  # output scaling: rows of W and the bias scaled
+            return self._output_affine(self.ia3_l[name], None, invert)
+        # input scaling: column k of W times l_k; the bias is not scaled
+        w = self.base_weight()
+        scale = self.ia3_l[name].flatten().to(self._merge_dtype(w))
         if invert:
             scale = 1.0 / scale
-        if self.is_feedforward:  # input scaling: column k of W times l_k; the bias is not scaled
-            return (w.to(dt) * scale[None, :]).to(w.dtype), None
-        new_b = None if b is None else (b.to(dt) * scale).to(b.dtype)
-        return (w.to(dt) * scale[:, None]).to(w.dtype), new_b
+        return (w.to(scale.dtype) * scale[None, :]).to(w.dtype), None
 
     def _merge_one(self, name: str, safe_merge: bool):
-        if (self.ia3_l[name] == 0).any():
-            raise ValueError(f"IA3 adapter {name!r} has zero scales: merging it could not be undone; nothing was changed")
+        self._refuse_zero_scale("IA3", name, self.ia3_l[name])
         w, b = self._scaled_base(name, invert=False)
         self._write_base(w, b, safe_merge, name)
 
