@@ -46,11 +46,25 @@ _WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0
 
 @triton.jit
 def mma(a, b, acc):
-    """acc + a @ b with fp32 accumulation (tensor cores on the GPU)."""
+    """acc + a @ b with fp32 accumulation (tensor cores on the GPU; tf32 for fp32 inputs)."""
     if _WIDEN_DOT:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def mma_ieee(a, b, acc):
+    """acc + a @ b in full fp32 for fp32 inputs (no tf32). Used for the rank-r products
+    u = x A^T and grad_y B of fp32 layers: at small r each entry of the adapter's gradient is
+    scaled by one long dot product, and tf32's 10-bit inputs lose it when that sum cancels
+    (measured on the H100: 23% error in grad_A at M = r = 1). They are 2MKr of the layer's
+    2MNK FLOPs, so the slower non-tensor-core path costs little."""
+    if _WIDEN_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc
 
 
@@ -100,20 +114,26 @@ def _make_desc(ptr, R, C, stride_r, BR: tl.constexpr, BC: tl.constexpr, USE_DESC
 
 @triton.jit
 def _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr,
+           PRECISE: tl.constexpr):
     """acc += a @ (w tile as [BLOCK_K, BLOCK_N]), w stored [N, K] (K-major) or [K, N]."""
     if W_KMAJOR:
         w = _load_2d(w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, USE_DESC).T
     else:
         w = _load_2d(w_ptr, w_desc, off_k, off_n, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, USE_DESC)
-    return mma(a, w, acc)
+    if PRECISE:
+        acc = mma_ieee(a, w, acc)
+    else:
+        acc = mma(a, w, acc)
+    return acc
 
 
 @triton.jit
 def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                  stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr, SCALE_A: tl.constexpr):
+                 W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr, SCALE_A: tl.constexpr,
+                 PRECISE: tl.constexpr):
     for ki in range(k_tiles):
         off_k = ki * BLOCK_K
         a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
@@ -126,7 +146,7 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
             cols_k = off_k + tl.arange(0, BLOCK_K)
             a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
         acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
-                     BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                     BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, PRECISE)
     return acc
 
 
@@ -155,6 +175,8 @@ def fused_linear_kernel(
     SCALE_OUT: tl.constexpr,    # epilogue: out[:, n] *= scale[n]
     SHIFT_OUT: tl.constexpr,    # epilogue: out[:, n] += shift[n]
     STORE_OUT: tl.constexpr,    # write out (off when only the reduction is wanted)
+    PRECISE_MAIN: tl.constexpr,  # a @ w^T in full fp32 (the skinny rank-r GEMMs of fp32 layers)
+    PRECISE_LR: tl.constexpr,    # the in-loop rank-r product in full fp32 (fp32 layers)
     USE_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
@@ -194,21 +216,24 @@ def fused_linear_kernel(
                     off_k = ki * BLOCK_K
                     a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
                     acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
-                                 BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                                 BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False)
                     p = _load_2d(p_ptr, p_desc, 0, off_k, R, K, stride_pr, stride_pk, BLOCK_R, BLOCK_K, USE_DESC)
                     if DROPOUT_IN:
                         cols_k = off_k + tl.arange(0, BLOCK_K)
                         a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
-                    lr = mma(a, p.T, lr)
+                    if PRECISE_LR:
+                        lr = mma_ieee(a, p.T, lr)
+                    else:
+                        lr = mma(a, p.T, lr)
             else:
                 acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                                    stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False, False)
+                                   BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False, False, False)
             prev_m = pid_m
         else:
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                                stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
-                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A)
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
 
         cols_n = off_n + tl.arange(0, BLOCK_N)
         if HAS_LORA:

@@ -202,7 +202,7 @@ INTERPRETER_SMS = 3
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
                         seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
                         lr_precomputed=False, mask_a=False, scale=None, scale_a=False, shift=None,
-                        aux=None, save_aux=False, reduce_aux=False, reduce_sum=False):
+                        aux=None, save_aux=False, reduce_aux=False, reduce_sum=False, precise=False):
     """out = a @ w_mat^T (+ lr_scale * lr @ q^T, masked) (+ bias), see fused_linear_kernel.
     a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R] float32. With lr_precomputed, lr is
     read; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K loop and saved into lr.
@@ -212,7 +212,10 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     N), shift ([N], added after the scale), aux ([M, N]: written with the unscaled result when
     save_aux; read when reduce_aux). out may be None (nothing stored). With reduce_aux, returns
     (sum_rows(z * aux), sum_rows(aux) if reduce_sum else None) as float32 [N] tensors, z being
-    a @ w^T + bias before the scale; otherwise returns out."""
+    a @ w^T + bias before the scale; otherwise returns out.
+
+    precise: for fp32 inputs, the product a @ w^T (a skinny rank-r GEMM) skips tf32. The in-loop
+    rank-r product of fp32 inputs always does (see mma_ieee)."""
     M, K = a.shape
     N = w_mat.shape[0]
     if M == 0 or N == 0:
@@ -260,6 +263,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
         SHIFT_OUT=shift is not None, STORE_OUT=store_out,
+        PRECISE_MAIN=bool(precise and a.dtype == torch.float32), PRECISE_LR=bool(in_loop and a.dtype == torch.float32),
         USE_DESC=use_desc, BLOCK_R=block_r(R),
     )
 

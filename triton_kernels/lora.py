@@ -47,7 +47,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if schedule(M) == "fused":
         launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u, dropout_in=True, **common)
     else:
-        launch.launch_fused_linear(x, lora_A, u, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True)
+        launch.launch_fused_linear(x, lora_A, u, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True, precise=True)
         launch.launch_fused_linear(x, weight, y, bias=bias, q=lora_B, lr=u, lr_precomputed=True, **common)
     return y, (u,)
 
@@ -102,7 +102,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
         if schedule(M) == "fused":
             launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T.contiguous(), **common)
         else:
-            launch.launch_fused_linear(grad_y, lora_B.T, g_low)
+            launch.launch_fused_linear(grad_y, lora_B.T, g_low, precise=True)
             launch.launch_fused_linear(grad_y, weight.T, grad_x, lr_precomputed=True, **common)
         if not need_x:
             grad_x = None
