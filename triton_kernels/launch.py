@@ -67,13 +67,35 @@ def weight_operand(mat: torch.Tensor):
     return mat, True, mat.stride(0), 1
 
 
+# Plain-Python helpers: triton.cdiv / triton.next_power_of_2 are constexpr-function wrappers in
+# recent Triton, about 15 us a call on the host, and the launchers call them on every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def split_rows(M: int, C: int, block_m: int, block_c: int, device) -> tuple[int, int, int]:
+    """Grid of the column reductions (weight gradients, column dot products): (column blocks,
+    row splits, rows per split). M is split across programs so that narrow C still fills the
+    GPU (about 4 programs per SM); each split's partial result is summed afterwards in a fixed
+    order, so the result is deterministic."""
+    col_blocks = cdiv(C, block_c)
+    target = 2 if interpreting() else 4 * num_sms(device.index or 0)
+    splits = max(1, min(cdiv(M, block_m * 4), cdiv(target, col_blocks)))
+    rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    return col_blocks, cdiv(M, rows_per_split), rows_per_split
+
+
 def block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def m_bucket(M: int) -> int:
     """Autotuning key for M: the tile choice depends on its size class, not its exact value."""
-    return min(triton.next_power_of_2(max(M, 1)), 8192)
+    return min(next_power_of_2(max(M, 1)), 8192)
 
 
 def _config(bm, bn, bk, warps, stages, ws=False):
@@ -94,7 +116,7 @@ def _gemm_configs():
 def _skinny_configs(N):
     # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
     # enough that every SM streams its share of a.
-    bn = max(16, triton.next_power_of_2(N))
+    bn = max(16, next_power_of_2(N))
     return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
 
 
@@ -167,14 +189,28 @@ def _constexpr_names(kernel) -> tuple:
     return tuple(n for n, prm in inspect.signature(fn).parameters.items() if prm.annotation in ("tl.constexpr", tl.constexpr))
 
 
-def _specialization(v):
-    if isinstance(v, torch.Tensor):
-        return (v.dtype, v.data_ptr() % 16 == 0)
-    if isinstance(v, bool):
-        return ("bool", v)
-    if isinstance(v, int):
-        return ("int", v == 1, v % 16 == 0, -(2**31) <= v < 2**31)
-    return type(v)
+_INT32 = 2**31
+
+
+def _specialization_key(args) -> tuple:
+    """The facts Triton specialises on, per argument: a tensor's dtype and 16-byte alignment; an
+    int's being 1, its divisibility by 16 and whether it fits int32 (packed into one small int);
+    bools and floats by value / type. One pass without isinstance chains: this runs on every
+    launch, and was a third of its host time (benchmarks/RESULTS.md)."""
+    key = []
+    append = key.append
+    for v in args:
+        kind = type(v)
+        if kind is int:
+            append((v == 1) | ((v & 15) == 0) << 1 | (not -_INT32 <= v < _INT32) << 2)
+        elif kind is float:
+            append(float)
+        elif kind is bool:
+            append((bool, v))
+        else:  # a tensor (Parameter and other subclasses included)
+            append(v.dtype)
+            append(v.data_ptr() & 15 == 0)
+    return tuple(key)
 
 
 def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
@@ -182,7 +218,7 @@ def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stag
     if not FAST_LAUNCH or interpreting():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    key = (id(kernel), num_warps, num_stages, tuple(constexprs.items()), tuple(_specialization(v) for v in args))
+    key = (id(kernel), num_warps, num_stages, tuple(constexprs.items()), _specialization_key(args))
     compiled = _COMPILED.get(key)
     if compiled is not None:
         grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel takes a 3-D grid
@@ -253,7 +289,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         # [2 if reduce_sum else 1, row blocks, N] float32: one row per row block of the config.
         if not reduce_aux:
             return None
-        return torch.empty(2 if reduce_sum else 1, triton.cdiv(M, cfg["BLOCK_M"]), N, dtype=torch.float32, device=a.device)
+        return torch.empty(2 if reduce_sum else 1, cdiv(M, cfg["BLOCK_M"]), N, dtype=torch.float32, device=a.device)
 
     flags = dict(
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
@@ -276,7 +312,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     if interpreting():
         cfg = INTERPRETER_CONFIG
         partial = partial_for(cfg)
-        grid = (min(INTERPRETER_SMS, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])),)
+        grid = (min(INTERPRETER_SMS, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])),)
         fused_linear_kernel[grid](*args_for(partial), **flags, **cfg, NUM_SMS=grid[0])
         return finish(partial)
     sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
@@ -285,7 +321,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     def launch_with(cfg):
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
-        grid = (min(sms, triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(N, kw["BLOCK_N"])),)
+        grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
         cached_launch(fused_linear_kernel, grid, args_for(partial), {**flags, **kw, "NUM_SMS": sms},
                       cfg.num_warps, cfg.num_stages)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from . import launch
 from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
@@ -68,11 +67,7 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     interp = launch.interpreting()
     BLOCK_C = 16 if interp else 64
     BLOCK_M = 16 if interp else 64
-    col_blocks = triton.cdiv(C, BLOCK_C)
-    target = 2 if interp else 4 * launch.num_sms(l.device.index or 0)
-    splits = max(1, min(triton.cdiv(M, BLOCK_M * 4), triton.cdiv(target, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
+    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device)
     partial = torch.empty(splits, C, R, dtype=torch.float32, device=l.device)
     partial_sum = torch.empty(splits, C, dtype=torch.float32, device=l.device) if colsum is not None else partial
     launch.cached_launch(
@@ -126,5 +121,5 @@ def dropout_mask(seed, shape, p, device):
     out = torch.empty(M, C, dtype=torch.float32, device=device)
     if M and C:
         BLOCK = 64
-        dropout_mask_kernel[(M, triton.cdiv(C, BLOCK))](out, M, C, int(seed), float(p), BLOCK=BLOCK)
+        dropout_mask_kernel[(M, launch.cdiv(C, BLOCK))](out, M, C, int(seed), float(p), BLOCK=BLOCK)
     return out

@@ -22,7 +22,6 @@ Backward, with g = grad_y:
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import launch
 from .fused_linear import column_dot_kernel
@@ -47,11 +46,7 @@ def _column_dot(g, z, want_sum):
         return zeros, (zeros.clone() if want_sum else None)
     interp = launch.interpreting()
     BLOCK_C, BLOCK_M = (16, 16) if interp else (128, 32)
-    col_blocks = triton.cdiv(C, BLOCK_C)
-    target = 2 if interp else 4 * launch.num_sms(g.device.index or 0)
-    splits = max(1, min(triton.cdiv(M, BLOCK_M * 4), triton.cdiv(target, col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
-    splits = triton.cdiv(M, rows_per_split)
+    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, g.device)
     partial = torch.empty(2 if want_sum else 1, splits, C, dtype=torch.float32, device=g.device)
     launch.cached_launch(
         column_dot_kernel, (col_blocks, splits),
