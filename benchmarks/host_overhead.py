@@ -1,0 +1,86 @@
+"""Host (Python) cost of fusedpeft's Triton path with the GPU taken out, runnable on a CPU-only
+machine: the compiled-kernel cache answers every launch with a no-op, so what is timed is the
+launchers, the cache key, the autograd Function and the small torch ops around them.
+
+    python -m benchmarks.host_overhead            # M=16, K=N=256, bf16
+
+The absolute figures are this machine's, not the GPU host's; use it to compare two versions of
+the host code (benchmarks/RESULTS.md quotes it), and benchmarks.profile_lora / diag_rescale on
+the GPU for the real thing."""
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
+
+import torch  # noqa: E402
+
+
+def _stub_gpu(launch):
+    class _NoOpKernel:
+        def __getitem__(self, grid):
+            return lambda *args: None
+
+    class _AlwaysHit(dict):
+        def get(self, key, default=None):
+            return _NoOpKernel()
+
+    launch.interpreting = lambda: False
+    launch.num_sms = lambda index: 132
+    launch.ensure_allocator = lambda: None
+    launch._COMPILED = _AlwaysHit()
+    torch.cuda.current_device = lambda: 0
+    real_tuned = launch._tuned_config
+
+    def tuned(key, M, N, element_size, launch_with):
+        launch.TUNED.setdefault(key, launch._candidates(M, N, element_size)[0])
+        return real_tuned(key, M, N, element_size, launch_with)
+
+    launch._tuned_config = tuned
+
+
+def _us_per_call(fn, n):
+    for _ in range(max(n // 10, 20)):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main(M=16, K=256, N=256, r=16):
+    import fusedpeft
+    from fusedpeft._kernels import triton_kernels
+    from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
+
+    launch = triton_kernels.launch
+    _stub_gpu(launch)
+    dt = torch.bfloat16
+    x = torch.randn(M, K, dtype=dt, requires_grad=True)
+    W = torch.randn(N, K, dtype=dt)
+    y = torch.empty(M, N, dtype=dt)
+    A, B = torch.randn(r, K, dtype=dt, requires_grad=True), torch.randn(N, r, dtype=dt, requires_grad=True)
+    l_in, l_out, shift = (torch.randn(n, dtype=dt, requires_grad=True) for n in (K, N, N))
+    g = torch.randn(M, N, dtype=dt)
+    print(f"one launch (launch_fused_linear)  {_us_per_call(lambda: launch.launch_fused_linear(x.detach(), W, y), 3000):7.1f} us")
+    calls = {
+        "lora": lambda: lora_linear(x, W, None, A, B, 2.0),
+        "ia3 output": lambda: ia3_linear(x, W, None, l_out, False),
+        "ia3 input": lambda: ia3_linear(x, W, None, l_in, True),
+        "ssf": lambda: ssf_linear(x, W, None, l_out, shift),
+    }
+    for name, call in calls.items():
+        def fwd():
+            with torch.no_grad(), fusedpeft.use_backend("triton"):
+                call()
+
+        def train():
+            with fusedpeft.use_backend("triton"):
+                call().backward(g)
+
+        print(f"{name:11s} forward {_us_per_call(fwd, 1000):7.1f} us   forward + backward {_us_per_call(train, 300):7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
