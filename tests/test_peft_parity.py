@@ -138,8 +138,6 @@ def _compare_step(kind, pm, fm, dtype, what):
     y_p.backward(g)
     y_f.backward(g)
     t_p, t_f = trainable(pm), trainable(fm)
-    # fusedpeft's inject marks modules_to_save wrappers before applying bias="all", so the unused
-    # original copy's bias also shows requires_grad (peft wraps afterwards); it gets no gradient.
     assert set(t_p) == set(t_f), what
     assert any("lora_" in n or "ia3_l" in n for n in t_p)
     for name, p in t_p.items():
@@ -153,6 +151,26 @@ def test_outputs_and_gradients_match_peft(kind, method, name, kw):
     for layer in (m for m in fm.modules() if isinstance(m, fusedpeft.LoraLinear)):
         assert all(w.abs().sum() > 0 for w in (l.weight for l in layer.lora_B.values())), "lora_B left at zero"
     _compare_step(kind, pm, fm, torch.float32, f"{kind}/{method}/{name}")
+
+
+# (case, IA3 output-scale gradient mode): the mode applies to IA3 only.
+TRITON_PARITY = [(c, mode) for c in CASES if c[0] == "llama" and (c[1] == "ia3" or c[2] == "plain")
+                 for mode in (("save", "recompute") if c[1] == "ia3" else ("save",))]
+
+
+@pytest.mark.parametrize("case,grad_mode", TRITON_PARITY, ids=[f"{c[0]}-{c[1]}-{c[2]}-{m}" for c, m in TRITON_PARITY])
+def test_triton_kernels_match_peft(case, grad_mode, monkeypatch):
+    """The same comparison with fusedpeft's layers forced onto the Triton kernels (the CPU
+    interpreter here, the GPU in tests/test_cuda.py): LoRA and IA3 output and input scaling on the
+    tiny Llama, both ways of getting IA3's output-scale gradient."""
+    kind, method, name, kw = case
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    _, pm, fm = twins(kind, method, kw)
+    fusedpeft.backends.reset_counts()
+    with fusedpeft.use_backend("triton"):
+        _compare_step(kind, pm, fm, torch.float32, f"triton {kind}/{method}/{name}/{grad_mode}")
+    ran = {op for (op, backend) in fusedpeft.backend_counts() if backend == "triton"}
+    assert ran == {"lora_linear" if method == "lora" else "ia3_linear"}, fusedpeft.backend_counts()
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
