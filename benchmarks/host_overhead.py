@@ -34,7 +34,8 @@ def _stub_gpu(launch):
     real_tuned = launch._tuned_config
 
     def tuned(key, M, N, element_size, launch_with):
-        launch.TUNED.setdefault(key, launch._candidates(M, N, element_size)[0])
+        if key not in launch.TUNED:  # the first candidate stands in for the tuner's pick
+            launch.TUNED[key] = launch._candidates(M, N, element_size)[0]
         return real_tuned(key, M, N, element_size, launch_with)
 
     launch._tuned_config = tuned
