@@ -38,7 +38,7 @@ def _no_grad(fn):
 
 def cases(M, K, N, method, dtype=torch.bfloat16, with_peft=True):
     import fusedpeft
-    from fusedpeft.ops import _rescale, ia3_linear, ssf_linear
+    from fusedpeft.ops import ia3_linear, set_output_grad_mode, ssf_linear
 
     group = f"{M}x{K}x{N} {method}"
     flops = 2.0 * M * N * K
@@ -50,7 +50,7 @@ def cases(M, K, N, method, dtype=torch.bfloat16, with_peft=True):
 
     def ours(backend, mode):
         def make():
-            _rescale.set_output_grad_mode(mode)  # cases run one after another: this one's mode
+            set_output_grad_mode(mode)  # cases run one after another: this one's mode
             x, W, scale, shift, g = _inputs(M, K, N, method, dtype)
             if method == "ssf":
                 call = lambda: ssf_linear(x, W, None, scale, shift)

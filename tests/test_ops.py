@@ -244,3 +244,18 @@ def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch):
     GEMM first) compute the same function; the default picks by M, so force each here."""
     monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", schedule)
     test_lora_linear_matches_reference("triton", torch.bfloat16, lead, K, N, r, True, 0.25, monkeypatch)
+
+
+def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
+    from fusedpeft.ops import output_grad_mode, set_output_grad_mode
+
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "recompute")
+    assert output_grad_mode() == "recompute"
+    try:
+        set_output_grad_mode("save")
+        assert output_grad_mode() == "save"
+        with pytest.raises(ValueError, match="save' or 'recompute"):
+            set_output_grad_mode("never")
+    finally:
+        set_output_grad_mode(None)
+    assert output_grad_mode() == "recompute"
