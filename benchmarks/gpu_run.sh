@@ -8,8 +8,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__); import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/env.txt"
+# The GPU tests spend most of their time compiling Triton kernels on the CPU, one at a time per
+# process. Wheels carried in .wheels/ (run(..., carry=[".wheels"]); fetch them here with
+# `pip download pytest-xdist execnet -d .wheels --no-deps`) let pytest-xdist spread the tests
+# over WORKERS processes. TEST_K selects tests by a -k expression.
+if [ -d .wheels ] && ! python3 -c "import xdist" 2>/dev/null; then
+  python3 -m pip install -q --no-index --find-links .wheels pytest-xdist 2>&1 | tail -2
+fi
+XDIST=()
+if python3 -c "import xdist" 2>/dev/null; then XDIST=(-n "${WORKERS:-8}"); fi
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  FUSEDPEFT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q --maxfail=5 -p no:cacheprovider -m cuda tests/test_cuda.py ${TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  FUSEDPEFT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m cuda \
+    tests/test_cuda.py ${TEST_K:+-k "$TEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   timeout ${BENCH_TIMEOUT:-500} python3 - "$OUT" "${BENCHES:-lora,rescale}" "${LORA_ARGS:-}" "${RESCALE_ARGS:-}" <<'PY' 2>&1 | tee "$OUT/bench.log" | tail -80
