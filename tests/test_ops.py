@@ -238,7 +238,8 @@ def test_env_var_selects_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("schedule", ["fused", "split"])
-@pytest.mark.parametrize("lead,K,N,r", [((45,), 40, 24, 8), ((2, 9), 33, 47, 1)])
+# ((150,), 20, 8): N <= 16 with M > 64 splits the grad_B reduction over M (several partials).
+@pytest.mark.parametrize("lead,K,N,r", [((45,), 40, 24, 8), ((2, 9), 33, 47, 1), ((150,), 20, 8, 4)])
 def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch):
     """The Triton backend's two schedules (one launch with u in the K loop; u as its own skinny
     GEMM first) compute the same function; the default picks by M, so force each here."""
@@ -259,3 +260,11 @@ def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
     finally:
         set_output_grad_mode(None)
     assert output_grad_mode() == "recompute"
+
+
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_triton_rescale_split_reductions(grad_mode, monkeypatch):
+    """M > 64 with N <= 16 splits the saved-z column reduction over M (several partials), and
+    M over several row blocks gives the recompute epilogue several partial rows."""
+    test_ssf_linear_matches_reference("triton", torch.float32, (150,), 20, 8, True, grad_mode, monkeypatch)
+    test_ia3_linear_matches_reference("triton", torch.bfloat16, (3, 50), 20, 8, False, True, grad_mode, monkeypatch)

@@ -306,7 +306,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     def finish(partial):
         if partial is None:
             return out
-        sums = partial.sum(1)
+        sums = partial[:, 0] if partial.shape[1] == 1 else partial.sum(1)
         return sums[0], (sums[1] if reduce_sum else None)
 
     if interpreting():

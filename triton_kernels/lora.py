@@ -77,10 +77,11 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R)),
         num_warps=4, num_stages=1 if interp else 4,
     )
-    total = partial.sum(0) * scale
-    out.copy_(total.T if transpose_out else total)
+    # One split (decode sizes): no reduction, and the scale is applied while writing out.
+    total = partial[0] if splits == 1 else partial.sum(0)
+    torch.mul(total.T if transpose_out else total, scale, out=out)
     if colsum is not None:
-        colsum.copy_(partial_sum.sum(0))
+        colsum.copy_(partial_sum[0] if splits == 1 else partial_sum.sum(0))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):

@@ -54,7 +54,7 @@ def _column_dot(g, z, want_sum):
         dict(SUM_G=bool(want_sum), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C),
         num_warps=4, num_stages=1 if interp else 3,
     )
-    sums = partial.sum(1)
+    sums = partial[:, 0] if splits == 1 else partial.sum(1)
     return sums[0], (sums[1] if want_sum else None)
 
 
