@@ -183,7 +183,13 @@ def test_autocast_runs_in_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lora_linear(x, W, b, A, B, 1.0)
         z = ia3_linear(x, W, b, leaf(torch.randn(12)), False)
-    assert y.dtype == torch.bfloat16 and z.dtype == torch.bfloat16
+        scale, shift = leaf(torch.randn(12)), leaf(torch.randn(12))
+        v = ssf_linear(x, W, b, scale, shift)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.bfloat16 and v.dtype == torch.bfloat16
+    v.float().sum().backward()
+    assert scale.grad.dtype == torch.float32 and shift.grad.dtype == torch.float32
+    ref = ssf_linear_reference(*(t.detach().double() for t in (x, W, b, scale, shift)))
+    assert_close(v, ref, torch.bfloat16, "ssf under autocast")
     assert_close(y, lora_linear_reference(*(t.detach().double() for t in (x, W, b, A, B)), 1.0), torch.bfloat16, "autocast")
 
 
