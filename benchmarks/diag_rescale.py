@@ -5,15 +5,11 @@ growth, and the top of cProfile, for each variant of benchmarks.rescale at one s
 """
 from __future__ import annotations
 
-import cProfile
-import io
-import pstats
 import sys
-import time
 
 import torch
 
-from . import rescale
+from . import harness, rescale
 
 
 def main(argv=None):
@@ -29,33 +25,14 @@ def main(argv=None):
             fwd, step = case.make()
             for fn, what in ((fwd, "fwd"), (step, "train")):
                 fn()
-                torch.cuda.synchronize()
                 n0 = len(cache)
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                host = (time.perf_counter() - t0) / 50 * 1e3
-                torch.cuda.synchronize()
-                grew = len(cache) - n0
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(20):
-                    fn()
-                prof.disable()
-                torch.cuda.synchronize()
-                s = io.StringIO()
-                pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(6)
-                top = [ln for ln in s.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:6]
-                print(f"{case.group:28s} {case.variant:20s} {what:5s} host {host:.3f} ms/call, cache grew {grew}")
-                for ln in top:
-                    print("     ", ln[:150])
+                harness.host_profile(f"{case.group:28s} {case.variant:20s} {what:5s}", fn)
+                print(f"      compiled-kernel cache grew by {len(cache) - n0}")
 
 
 def scale_a_alternatives(M=4096, K=4096, N=4096):
     """Input scaling three ways: in the K loop (SCALE_A), or a pre-pass over x or over W."""
     from fusedpeft._kernels import triton_kernels
-
-    from .harness import median_ms
 
     launch = triton_kernels.launch.launch_fused_linear
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -67,11 +44,11 @@ def scale_a_alternatives(M=4096, K=4096, N=4096):
         "SCALE_A in loop": lambda: launch(x, W, y, scale=l, scale_a=True),
         "x*l pre-pass + core": lambda: launch(x * l, W, y),
         "W*l pre-pass + core": lambda: launch(x, W * l, y),
-        "cuBLAS": lambda: torch.nn.functional.linear(x, W, out=y) if False else torch.mm(x, W.T, out=y),
+        "cuBLAS": lambda: torch.mm(x, W.T, out=y),
     }
     for name, fn in variants.items():
         fn()
-        print(f"{M}x{K}x{N} {name:22s} {median_ms(fn):.4f} ms")
+        print(f"{M}x{K}x{N} {name:22s} {harness.median_ms(fn):.4f} ms")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,35 @@ def step_fn(forward: Callable, grad: torch.Tensor, params) -> Callable:
         forward().backward(grad)
 
     return step
+
+
+def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:
+    """Host time of fn per call, timed without a sync inside the loop (what the CPU spends when
+    the GPU work is short), then the top of cProfile over a few more calls. Returns ms/call."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) / calls * 1e3
+    torch.cuda.synchronize()
+    print(f"{label} host {host_ms:.3f} ms/call (no sync inside)")
+    if not top:
+        return host_ms
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(profiled_calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    rows = [ln for ln in text.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:top]
+    for ln in rows:
+        print("     ", ln[:150])
+    return host_ms

@@ -1,12 +1,13 @@
 """Host-side profile of one LoRA layer call (where the time goes when the GPU work is short):
     python -m benchmarks.profile_lora [M K N r]"""
 import sys
-import time
 
 import torch
 
 import fusedpeft
 from fusedpeft.ops import lora_linear
+
+from . import harness
 
 
 def main(argv):
@@ -20,26 +21,10 @@ def main(argv):
         with fusedpeft.use_backend(backend):
             for _ in range(20):
                 lora_linear(x, W, None, A, B, 2.0).backward(g)
-            torch.cuda.synchronize()
             for label, fn in (("fwd", lambda: lora_linear(x, W, None, A, B, 2.0)),
                               ("train", lambda: lora_linear(x, W, None, A, B, 2.0).backward(g))):
-                t = time.perf_counter()
-                for _ in range(200):
-                    fn()
-                host = (time.perf_counter() - t) / 200 * 1e3
-                torch.cuda.synchronize()
-                print(f"{backend:6s} {label:5s} host {host:.4f} ms/call (no sync inside)")
-    import cProfile
-    import pstats
-
-    with fusedpeft.use_backend("triton"):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(200):
-            lora_linear(x, W, None, A, B, 2.0).backward(g)
-        prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+                harness.host_profile(f"{backend:6s} {label:5s}", fn, calls=200, profiled_calls=200,
+                                     top=30 if (backend, label) == ("triton", "train") else 0)
 
 
 if __name__ == "__main__":

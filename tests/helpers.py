@@ -1,5 +1,6 @@
-"""Shared test helpers: the relative-error measure and tolerances by dtype."""
+"""Shared test helpers: the relative-error measure and tolerances by dtype, and small models."""
 import torch
+from torch import nn
 
 # Relative Frobenius error allowed against a float64 reference.
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -33,3 +34,28 @@ BACKENDS = {
     "ia3_linear": ["torch", "triton"],
     "ssf_linear": ["torch", "triton"],
 }
+
+
+class RescaledMLP(nn.Module):
+    """Three frozen linear layers through the rescaling ops: IA3 output scaling, IA3 input
+    scaling, SSF. Scales are 1 + spread * N(0, 1), the SSF shift shift_spread * N(0, 1): never
+    the identity init, which would hide a dead path."""
+
+    def __init__(self, sizes=(32, 24, 16, 8), spread=0.5, shift_spread=1.0, act=torch.relu):
+        super().__init__()
+        d_in, d1, d2, d_out = sizes
+        self.l1, self.l2, self.l3 = nn.Linear(d_in, d1), nn.Linear(d1, d2), nn.Linear(d2, d_out)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.ia3_out = nn.Parameter(1 + spread * torch.randn(d1))
+        self.ia3_in = nn.Parameter(1 + spread * torch.randn(d1))
+        self.ssf_scale = nn.Parameter(1 + spread * torch.randn(d_out))
+        self.ssf_shift = nn.Parameter(shift_spread * torch.randn(d_out))
+        self.act = act
+
+    def forward(self, x):
+        from fusedpeft.ops import ia3_linear, ssf_linear
+
+        h = self.act(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
+        h = self.act(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
+        return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)

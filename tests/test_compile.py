@@ -7,7 +7,7 @@ from torch import nn
 import fusedpeft
 from fusedpeft.ops import lora as lora_ops
 
-from helpers import assert_close
+from helpers import RescaledMLP, assert_close
 
 
 def _model(dropout):
@@ -47,30 +47,10 @@ def test_opcheck():
     torch.library.opcheck(lora_ops._lora_fwd, (x, W, torch.randn(24), A, B, 0.5, 0.0, torch.zeros((), dtype=torch.int64)))
 
 
-class _Rescaled(nn.Module):
-    """Three layers through the rescaling ops: IA3 output scaling, IA3 input scaling, SSF."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(32, 24), nn.Linear(24, 16), nn.Linear(16, 8)
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.ia3_out = nn.Parameter(1 + 0.5 * torch.randn(24))
-        self.ia3_in = nn.Parameter(1 + 0.5 * torch.randn(24))
-        self.ssf_scale, self.ssf_shift = nn.Parameter(1 + 0.5 * torch.randn(8)), nn.Parameter(torch.randn(8))
-
-    def forward(self, x):
-        from fusedpeft.ops import ia3_linear, ssf_linear
-
-        h = torch.relu(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
-        h = torch.relu(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
-        return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)
-
-
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
 def test_compile_fullgraph_rescaling_ops(grad_mode, monkeypatch):
     monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
-    model = _Rescaled()
+    model = RescaledMLP()
     x = torch.randn(3, 5, 32, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled(x).square().sum().backward()

@@ -8,7 +8,7 @@ import fusedpeft
 from fusedpeft.ops import lora as lora_ops
 from fusedpeft.ops import lora_linear, lora_linear_reference
 
-from helpers import leaf, rel_err
+from helpers import RescaledMLP, leaf, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -87,26 +87,32 @@ def test_compile_fullgraph_cuda():
     assert fusedpeft.last_backend("lora_linear") == "triton"
 
 
-def test_training_loss_curve_matches_torch_backend():
-    curves = {}
-    for backend in ("torch", "triton"):
-        model = _tiny_model(1).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        gen = torch.Generator(device="cuda").manual_seed(2)
-        target_map = torch.randn(256, 64, device="cuda", generator=gen)
-        losses = []
-        with fusedpeft.use_backend(backend):
-            for _ in range(20):
-                x = torch.randn(64, 256, device="cuda", generator=gen)
-                target = torch.tanh(x @ target_map)
-                loss = (model(x.bfloat16()).float() - target).square().mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-        curves[backend] = torch.tensor(losses)
+def _loss_curve(model, backend, lr, data_seed, steps=20, device="cuda"):
+    """Losses of `steps` AdamW steps fitting tanh(x @ M) on fresh random x (fed to the model in
+    bf16), all under one backend."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator(device=device).manual_seed(data_seed)
+    target_map = torch.randn(256, 64, device=device, generator=gen)
+    losses = []
+    with fusedpeft.use_backend(backend):
+        for _ in range(steps):
+            x = torch.randn(64, 256, device=device, generator=gen)
+            loss = (model(x.bfloat16()).float() - torch.tanh(x @ target_map)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def _assert_curves_match(curves):
     assert curves["triton"][-1] < curves["triton"][0], "loss did not fall"
     assert rel_err(curves["triton"], curves["torch"]) < 2e-2, curves
+
+
+def test_training_loss_curve_matches_torch_backend():
+    _assert_curves_match({backend: _loss_curve(_tiny_model(1).train(), backend, lr=1e-3, data_seed=2)
+                          for backend in ("torch", "triton")})
 
 
 def test_cached_launches_follow_the_specialisation(monkeypatch):
@@ -174,46 +180,19 @@ def test_triton_is_default_on_cuda_for_rescaling():
         assert fusedpeft.last_backend("ssf_linear" if kind == "ssf" else "ia3_linear") == "triton", kind
 
 
-class _RescaledMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(256, 64)
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.ia3_out = nn.Parameter(1 + 0.1 * torch.randn(512))
-        self.ia3_in = nn.Parameter(1 + 0.1 * torch.randn(512))
-        self.ssf_scale, self.ssf_shift = nn.Parameter(1 + 0.1 * torch.randn(64)), nn.Parameter(0.1 * torch.randn(64))
-
-    def forward(self, x):
-        from fusedpeft.ops import ia3_linear, ssf_linear
-
-        h = torch.nn.functional.gelu(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
-        h = torch.nn.functional.gelu(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
-        return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)
+def _rescaled_mlp(seed=3):
+    torch.manual_seed(seed)
+    model = RescaledMLP(sizes=(256, 512, 256, 64), spread=0.1, shift_spread=0.1, act=torch.nn.functional.gelu).to("cuda")
+    for layer in (model.l1, model.l2, model.l3):
+        layer.to(torch.bfloat16)
+    return model
 
 
 def test_rescale_compile_and_training_curve_match_torch_backend():
-    curves = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(3)
-        model = _RescaledMLP().to("cuda")
-        model.l1.to(torch.bfloat16), model.l2.to(torch.bfloat16), model.l3.to(torch.bfloat16)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        gen = torch.Generator(device="cuda").manual_seed(4)
-        target_map = torch.randn(256, 64, device="cuda", generator=gen)
-        losses = []
-        with fusedpeft.use_backend(backend):
-            for _ in range(20):
-                x = torch.randn(64, 256, device="cuda", generator=gen)
-                loss = (model(x.bfloat16()).float() - torch.tanh(x @ target_map)).square().mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            if backend == "triton":
-                x = torch.randn(8, 33, 256, device="cuda", dtype=torch.bfloat16)
-                y = torch.compile(model, fullgraph=True)(x)
-                assert rel_err(y, model(x)) < 1e-2
-        curves[backend] = torch.tensor(losses)
-    assert curves["triton"][-1] < curves["triton"][0], "loss did not fall"
-    assert rel_err(curves["triton"], curves["torch"]) < 2e-2, curves
+    curves = {backend: _loss_curve(_rescaled_mlp(), backend, lr=1e-2, data_seed=4) for backend in ("torch", "triton")}
+    _assert_curves_match(curves)
+    model = _rescaled_mlp()
+    x = torch.randn(8, 33, 256, device="cuda", dtype=torch.bfloat16)
+    with fusedpeft.use_backend("triton"):
+        y = torch.compile(model, fullgraph=True)(x)
+        assert rel_err(y, model(x)) < 1e-2

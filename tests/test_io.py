@@ -45,6 +45,15 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _peft_saved(kind, method, kw, directory, **save_kw):
+    """(base, peft model) with a perturbed peft adapter written to ``directory`` by peft."""
+    base = make_base(kind)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+    _perturb(_trainable(pm))
+    pm.save_pretrained(directory, **save_kw)
+    return base, pm
+
+
 def _outputs_equal(a, b, kind, what):
     a.eval()
     b.eval()
@@ -82,10 +91,7 @@ def test_save_adapter_loads_in_peft(case, tmp_path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_save_pretrained_loads_in_fusedpeft(case, safe, tmp_path):
     kind, method, kw = CASES[case]
-    base = make_base(kind)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
-    _perturb(_trainable(pm))
-    pm.save_pretrained(tmp_path / "peft", safe_serialization=safe)
+    base, pm = _peft_saved(kind, method, kw, tmp_path / "peft", safe_serialization=safe)
 
     fm = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     _outputs_equal(fm, pm, kind, f"{case}: fusedpeft loading peft's file")
@@ -105,10 +111,7 @@ def test_peft_save_pretrained_loads_in_fusedpeft(case, safe, tmp_path):
 def test_load_adapter_trainable_and_beside_another_adapter(tmp_path):
     kind, method = "mlp", "lora"
     kw = dict(target_modules=MLP_TARGETS, r=3, lora_alpha=6, modules_to_save=["head"])
-    base = make_base(kind)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
-    _perturb(_trainable(pm))
-    pm.save_pretrained(tmp_path)
+    base, pm = _peft_saved(kind, method, kw, tmp_path)
 
     fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(target_modules=["fc1"], r=2, init_lora_weights=False))
     x = make_input(kind)
@@ -126,10 +129,7 @@ def test_load_adapter_trainable_and_beside_another_adapter(tmp_path):
 
 def test_load_adapter_replaces_weights_of_an_existing_adapter(tmp_path):
     kind, method, kw = CASES["mlp-ia3-mts"]
-    base = make_base(kind)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
-    _perturb(_trainable(pm))
-    pm.save_pretrained(tmp_path)
+    base, pm = _peft_saved(kind, method, kw, tmp_path)
     fm = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
     params = [(n, id(p)) for n, p in fm.named_parameters()]
     fusedpeft.load_adapter(fm, tmp_path)
@@ -143,10 +143,7 @@ def test_load_adapter_replaces_weights_of_an_existing_adapter(tmp_path):
 
 def test_load_adapter_casts_to_each_parameter_dtype(tmp_path):
     kind, method, kw = CASES["mlp-lora-bias-mts"]
-    base = make_base(kind)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
-    _perturb(_trainable(pm))
-    pm.save_pretrained(tmp_path)
+    base, pm = _peft_saved(kind, method, kw, tmp_path)
     fm = fusedpeft.load_adapter(copy.deepcopy(base).to(torch.bfloat16), tmp_path)
     dtypes = {n: p.dtype for n, p in fm.named_parameters()}
     assert dtypes["fc1.lora_A.default.weight"] == F32, "float32 adapter weights beside a bf16 base (autocast)"

@@ -45,26 +45,20 @@ _WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0
 
 
 @triton.jit
-def mma(a, b, acc):
-    """acc + a @ b with fp32 accumulation (tensor cores on the GPU; tf32 for fp32 inputs)."""
-    if _WIDEN_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+def mma(a, b, acc, IEEE: tl.constexpr = False):
+    """acc + a @ b with fp32 accumulation (tensor cores on the GPU; tf32 for fp32 inputs).
 
-
-@triton.jit
-def mma_ieee(a, b, acc):
-    """acc + a @ b in full fp32 for fp32 inputs (no tf32). Used for the rank-r products
-    u = x A^T and grad_y B of fp32 layers: at small r each entry of the adapter's gradient is
-    scaled by one long dot product, and tf32's 10-bit inputs lose it when that sum cancels
-    (measured on the H100: 23% error in grad_A at M = r = 1). They are 2MKr of the layer's
+    IEEE: full fp32 for fp32 inputs (no tf32; no effect on 16-bit inputs). Used for the rank-r
+    products u = x A^T and grad_y B of fp32 layers: at small r each entry of the adapter's
+    gradient is scaled by one long dot product, and tf32's 10-bit inputs lose it when that sum
+    cancels (an H100 test saw 23% error in grad_A at M = r = 1). They are 2MKr of the layer's
     2MNK FLOPs, so the slower non-tensor-core path costs little."""
     if _WIDEN_DOT:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
+    elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -121,11 +115,7 @@ def _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
         w = _load_2d(w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, USE_DESC).T
     else:
         w = _load_2d(w_ptr, w_desc, off_k, off_n, K, N, stride_wk, stride_wn, BLOCK_K, BLOCK_N, USE_DESC)
-    if PRECISE:
-        acc = mma_ieee(a, w, acc)
-    else:
-        acc = mma(a, w, acc)
-    return acc
+    return mma(a, w, acc, PRECISE)
 
 
 @triton.jit
@@ -221,10 +211,7 @@ def fused_linear_kernel(
                     if DROPOUT_IN:
                         cols_k = off_k + tl.arange(0, BLOCK_K)
                         a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
-                    if PRECISE_LR:
-                        lr = mma_ieee(a, p.T, lr)
-                    else:
-                        lr = mma(a, p.T, lr)
+                    lr = mma(a, p.T, lr, PRECISE_LR)
             else:
                 acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                                    stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,

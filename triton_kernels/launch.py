@@ -89,6 +89,20 @@ def split_rows(M: int, C: int, block_m: int, block_c: int, device) -> tuple[int,
     return col_blocks, cdiv(M, rows_per_split), rows_per_split
 
 
+def column_sums(partial: torch.Tensor, with_second: bool):
+    """The column reductions' result from their float32 partials [1 or 2, parts, C]: the parts
+    summed in a fixed order (deterministic), as (first [C], second [C] or None). One part needs
+    no sum."""
+    sums = partial[:, 0] if partial.shape[1] == 1 else partial.sum(1)
+    return sums[0], (sums[1] if with_second else None)
+
+
+def zero_column_sums(C: int, with_second: bool, device):
+    """column_sums of an empty reduction (M = 0)."""
+    zeros = torch.zeros(C, dtype=torch.float32, device=device)
+    return zeros, (zeros.clone() if with_second else None)
+
+
 def block_r(r: int) -> int:
     return max(16, next_power_of_2(r))
 
@@ -251,14 +265,11 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     a @ w^T + bias before the scale; otherwise returns out.
 
     precise: for fp32 inputs, the product a @ w^T (a skinny rank-r GEMM) skips tf32. The in-loop
-    rank-r product of fp32 inputs always does (see mma_ieee)."""
+    rank-r product of fp32 inputs always does (see mma's IEEE)."""
     M, K = a.shape
     N = w_mat.shape[0]
     if M == 0 or N == 0:
-        if reduce_aux:
-            zeros = torch.zeros(N, dtype=torch.float32, device=a.device)
-            return zeros, (zeros.clone() if reduce_sum else None)
-        return out
+        return zero_column_sums(N, reduce_sum, a.device) if reduce_aux else out
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
     R = q.shape[1] if has_lora else 1
@@ -304,10 +315,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     )
 
     def finish(partial):
-        if partial is None:
-            return out
-        sums = partial[:, 0] if partial.shape[1] == 1 else partial.sum(1)
-        return sums[0], (sums[1] if reduce_sum else None)
+        return out if partial is None else column_sums(partial, reduce_sum)
 
     if interpreting():
         cfg = INTERPRETER_CONFIG

@@ -42,8 +42,7 @@ def _column_dot(g, z, want_sum):
     """(sum_rows(g * z), sum_rows(g) or None) as float32, from split-M partials summed in order."""
     M, C = g.shape
     if M == 0 or C == 0:
-        zeros = torch.zeros(C, dtype=torch.float32, device=g.device)
-        return zeros, (zeros.clone() if want_sum else None)
+        return launch.zero_column_sums(C, want_sum, g.device)
     interp = launch.interpreting()
     BLOCK_C, BLOCK_M = (16, 16) if interp else (128, 32)
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, g.device)
@@ -54,8 +53,7 @@ def _column_dot(g, z, want_sum):
         dict(SUM_G=bool(want_sum), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C),
         num_warps=4, num_stages=1 if interp else 3,
     )
-    sums = partial[:, 0] if splits == 1 else partial.sum(1)
-    return sums[0], (sums[1] if want_sum else None)
+    return launch.column_sums(partial, want_sum)
 
 
 def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):

@@ -76,3 +76,18 @@ def outside_autocast(device_type: str, fn, *args):
         with torch.autocast(device_type, enabled=False):
             return fn(*args)
     return fn(*args)
+
+
+# Custom ops return tensors, never None: the backward ops of every method stand for a gradient
+# that is not needed by an empty tensor, and turn it back into None for autograd.
+def grads_to_tensors(grads, like: torch.Tensor) -> tuple:
+    return tuple(g if g is not None else like.new_empty(0) for g in grads)
+
+
+def fake_grads(like: torch.Tensor, shapes, needs) -> tuple:
+    """register_fake of a backward op: each needed gradient with its input's shape."""
+    return tuple(like.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def grads_from_tensors(grads, needs) -> list:
+    return [g if need else None for g, need in zip(grads, needs)]

@@ -184,20 +184,19 @@ def _rescaled_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backward_impl(op, grad_y, x, weight, bias, scale, shift, z if z.dim() == 2 else None,
                            int(backend), input_scale, needs)
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    return _common.grads_to_tensors(grads, x)
 
 
 @_rescaled_bwd.register_fake
 def _(grad_y, x, weight, bias, scale, shift, z, backend, input_scale, op, needs):
-    shapes = (x.shape, weight.shape, weight.shape[:1], scale.shape, scale.shape)
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    return _common.fake_grads(x, (x.shape, weight.shape, weight.shape[:1], scale.shape, scale.shape), needs)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, scale, shift, input_scale, save_unscaled, op = inputs
     _, z, backend = output
     ctx.save_for_backward(x, weight, bias, scale, shift, z, backend)
-    ctx.input_scale, ctx.op, ctx.saved_z = input_scale, op, save_unscaled and not input_scale
+    ctx.input_scale, ctx.op = input_scale, op
     ctx.mark_non_differentiable(z, backend)
 
 
@@ -205,7 +204,7 @@ def _op_backward(ctx, grad_y, grad_z, grad_backend):
     x, weight, bias, scale, shift, z, backend = ctx.saved_tensors
     needs = _needs(ctx, bias is not None, shift is not None)
     grads = _rescaled_bwd(grad_y, x, weight, bias, scale, shift, z, backend, ctx.input_scale, ctx.op, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+    return (*_common.grads_from_tensors(grads, needs), None, None, None)
 
 
 _rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)

@@ -172,14 +172,12 @@ def _lora_bwd(
     u: torch.Tensor, backend: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, int(backend), scaling, dropout_p, int(seed), needs)
-    # Custom ops return tensors, not None: an empty tensor stands for "not needed".
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    return _common.grads_to_tensors(grads, x)
 
 
 @_lora_bwd.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs):
-    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    return _common.fake_grads(x, (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape), needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -194,7 +192,7 @@ def _op_backward(ctx, grad_y, grad_u, grad_backend):
     x, weight, lora_A, lora_B, u, backend, seed = ctx.saved_tensors
     needs = _needs(ctx, ctx.has_bias)
     grads = _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, backend, ctx.scaling, ctx.dropout_p, seed, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None)
+    return (*_common.grads_from_tensors(grads, needs), None, None, None)
 
 
 _lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
