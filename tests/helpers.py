@@ -59,3 +59,19 @@ class RescaledMLP(nn.Module):
         h = self.act(ia3_linear(x, self.l1.weight, self.l1.bias, self.ia3_out, False))
         h = self.act(ia3_linear(h, self.l2.weight, self.l2.bias, self.ia3_in, True))
         return ssf_linear(h, self.l3.weight, self.l3.bias, self.ssf_scale, self.ssf_shift)
+
+
+def lora_upstream_grad(y: torch.Tensor, lora_B: torch.Tensor, max_cond: float = 20.0) -> torch.Tensor:
+    """A random grad_y for a LoRA output, redrawn while grad_y @ B cancels. The gradients of A
+    are scaled by those rank-r dot products (one scalar when M = r = 1), and the rounding error of
+    a dot product is about eps * sqrt(sum of its squared terms) in any precision: when the terms
+    cancel, a relative-error check of grad_A tests the draw, not the kernel. The ratio
+    ||sqrt(g^2 @ B^2)|| / ||g @ B|| (about 1 / |N(0, 1)| for one random dot product, whatever its
+    length) stays under max_cond, which rejects about 1 draw in 25."""
+    B = lora_B.detach().double()
+    for _ in range(100):
+        g = torch.randn_like(y)
+        flat = g.detach().double().reshape(-1, B.shape[0])
+        if flat.numel() == 0 or ((flat**2) @ (B**2)).sqrt().norm() <= max_cond * (flat @ B).norm():
+            return g
+    raise AssertionError("no well-conditioned upstream gradient in 100 draws")

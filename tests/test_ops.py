@@ -9,7 +9,7 @@ from fusedpeft.ops import (
 )
 from fusedpeft.ops import lora as lora_mod
 
-from helpers import BACKENDS, assert_close, leaf
+from helpers import BACKENDS, assert_close, leaf, lora_upstream_grad
 
 # (leading shape of x, K, N): sizes off any block multiple, 3-D input, M=1 and M=0.
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40), ((19,), 72, 8)]
@@ -46,7 +46,7 @@ def test_lora_linear_matches_reference(backend, dtype, lead, K, N, r, bias, drop
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, scaling, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("lora_linear") == backend
-    g = torch.randn_like(y)
+    g = lora_upstream_grad(y, B)
     y.backward(g)
 
     mask = None
