@@ -1,0 +1,66 @@
+"""GPU time of every kernel one fusedpeft LoRA training step launches (torch.profiler, CUDA
+activity), beside the step's wall time: which launch is short of its roofline, and how much of
+the step is the GPU idling on the host.
+
+    python -m benchmarks.profile_kernels [MxKxN ...] [--ranks 16,64] [--backend triton]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+import fusedpeft
+from fusedpeft.ops import lora_linear
+
+from . import harness
+from .lora import _inputs
+
+
+def profile_step(step, steps: int = 10):
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[evt.name[:90]]
+            entry[0] += 1
+            entry[1] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+    return {name: (count / steps, us / steps) for name, (count, us) in per_kernel.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shapes", nargs="*", default=["4096x4096x4096", "8192x4096x14336", "16x4096x4096"])
+    parser.add_argument("--ranks", default="16,64")
+    parser.add_argument("--backend", default="triton")
+    args = parser.parse_args(argv)
+    for shape in args.shapes:
+        M, K, N = (int(v) for v in shape.split("x"))
+        for r in (int(v) for v in args.ranks.split(",")):
+            x, W, A, B, g = _inputs(M, K, N, r, torch.bfloat16)
+
+            def step():
+                with fusedpeft.use_backend(args.backend):
+                    x.grad = A.grad = B.grad = None
+                    lora_linear(x, W, None, A, B, 2.0).backward(g)
+
+            wall = harness.median_ms(step)
+            kernels = profile_step(step)
+            gpu_us = sum(us for _, us in kernels.values())
+            print(f"\n{shape} r={r} {args.backend}: step {wall:.4f} ms (CUDA events), kernels {gpu_us / 1e3:.4f} ms, "
+                  f"GPU idle {max(wall - gpu_us / 1e3, 0):.4f} ms")
+            for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+                print(f"   {us:9.1f} us  x{count:<4.1f} {name}")
+
+
+if __name__ == "__main__":
+    main()
