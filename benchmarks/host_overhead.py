@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 def _stub_gpu(launch):
     class _NoOpKernel:
-        def __getitem__(self, grid):
-            return lambda *args: None
+        def __call__(self, grid3, device, args):
+            return None
 
     class _AlwaysHit(dict):
         def get(self, key, default=None):

@@ -274,3 +274,20 @@ def test_triton_rescale_split_reductions(grad_mode, monkeypatch):
     M over several row blocks gives the recompute epilogue several partial rows."""
     test_ssf_linear_matches_reference("triton", torch.float32, (150,), 20, 8, True, grad_mode, monkeypatch)
     test_ia3_linear_matches_reference("triton", torch.bfloat16, (3, 50), 20, 8, False, True, grad_mode, monkeypatch)
+
+
+@pytest.mark.parametrize("subtile", [False, True])
+def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch):
+    """The GEMM core's epilogue runs on the whole output tile or on two halves (EPI_SUBTILE, the
+    interpreter's default); both compute the same LoRA, IA3 and SSF layers, and so does the
+    pointer-load path."""
+    from fusedpeft._kernels import triton_kernels
+
+    launch = triton_kernels.launch
+    cfg = {**launch.INTERPRETER_CONFIG, "EPI_SUBTILE": subtile, "BLOCK_N": 32 if subtile else 16}
+    monkeypatch.setattr(launch, "INTERPRETER_CONFIG", cfg)
+    monkeypatch.setattr(launch, "USE_TENSOR_DESCRIPTORS", not subtile)
+    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    test_lora_linear_matches_reference("triton", torch.float32, (45,), 40, 47, 8, True, 0.0, monkeypatch)
+    test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch)
+    test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch)

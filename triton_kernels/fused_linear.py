@@ -140,7 +140,9 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
     return acc
 
 
-@triton.jit
+# The dropout seed changes on every call: do_not_specialize keeps one compiled kernel for all its
+# values (Triton would otherwise compile a variant for seed == 1 and for seeds divisible by 16).
+@triton.jit(do_not_specialize=["seed"])
 def fused_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, p_ptr, q_ptr, lr_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr,
     M, N, K, R,
@@ -170,8 +172,8 @@ def fused_linear_kernel(
     USE_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPI_SUBTILE: tl.constexpr,  # run the epilogue on two [BLOCK_M, BLOCK_N / 2] halves
 ):
-    dtype = out_ptr.dtype.element_ty
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -183,10 +185,12 @@ def fused_linear_kernel(
         w_desc = _make_desc(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_DESC)
     else:
         w_desc = _make_desc(w_ptr, K, N, stride_wk, BLOCK_K, BLOCK_N, USE_DESC)
+    out_desc = out_ptr
     if STORE_OUT:
-        out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
-    if IN_LOOP_LR:
-        p_desc = _make_desc(p_ptr, R, K, stride_pr, BLOCK_R, BLOCK_K, USE_DESC)
+        if EPI_SUBTILE:
+            out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N // 2, USE_DESC)
+        else:
+            out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
 
     lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     prev_m = -1
@@ -207,7 +211,8 @@ def fused_linear_kernel(
                     a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
                     acc = _mma_w(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
                                  BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False)
-                    p = _load_2d(p_ptr, p_desc, 0, off_k, R, K, stride_pr, stride_pk, BLOCK_R, BLOCK_K, USE_DESC)
+                    # p ([R, K], a few KB) by pointer with any strides: B^T needs no copy.
+                    p = _load_2d(p_ptr, p_ptr, 0, off_k, R, K, stride_pr, stride_pk, BLOCK_R, BLOCK_K, False)
                     if DROPOUT_IN:
                         cols_k = off_k + tl.arange(0, BLOCK_K)
                         a = tl.where(dropout_keep(seed, rows, cols_k, mask_ld, dropout_p), a, 0.0)
@@ -222,69 +227,110 @@ def fused_linear_kernel(
                                stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                                BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
 
-        cols_n = off_n + tl.arange(0, BLOCK_N)
         if HAS_LORA:
+            r_idx = tl.arange(0, BLOCK_R)
             if LR_PRECOMPUTED:
-                r_idx = tl.arange(0, BLOCK_R)
                 lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
                              mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
             elif SAVE_LR:
                 if pid_n == 0:
-                    r_idx = tl.arange(0, BLOCK_R)
                     tl.store(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], lr,
                              mask=(rows[:, None] < M) & (r_idx[None, :] < R))
-            # Epilogue: + scale * lr @ q^T, q tile [BLOCK_N, BLOCK_R] read once per output tile.
-            r_idx = tl.arange(0, BLOCK_R)
-            q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
-                        mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
-            low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-            if DROPOUT_OUT:
-                low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
-            acc += low
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
-            acc += bias[None, :].to(tl.float32)
-        in_tile = (rows[:, None] < M) & (cols_n[None, :] < N)
-        aux_ptrs = aux_ptr + rows[:, None] * stride_xm + cols_n[None, :] * stride_xn
-        if SAVE_AUX:
-            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=in_tile)
-        if REDUCE_AUX:
-            # Rows past M read aux as 0, so their (bias-only) acc adds nothing. One tile per
-            # (pid_m, pid_n): each partial entry is written exactly once, no atomics.
-            other = tl.load(aux_ptrs, mask=in_tile, other=0.0).to(tl.float32)
-            col_mask = cols_n < N
-            tl.store(partial_ptr + pid_m * N + cols_n, tl.sum(acc * other, axis=0), mask=col_mask)
-            if REDUCE_SUM:
-                tl.store(partial_ptr + (num_pid_m + pid_m) * N + cols_n, tl.sum(other, axis=0), mask=col_mask)
-        if SCALE_OUT:
-            scale = tl.load(scale_ptr + cols_n, mask=cols_n < N, other=0.0)
-            acc = acc * scale[None, :].to(tl.float32)
-        if SHIFT_OUT:
-            shift = tl.load(shift_ptr + cols_n, mask=cols_n < N, other=0.0)
-            acc += shift[None, :].to(tl.float32)
-        if STORE_OUT:
-            out = acc.to(dtype)
-            if USE_DESC:
-                out_desc.store([off_m, off_n], out)
-            else:
-                tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out, mask=in_tile)
+        if EPI_SUBTILE:
+            # Two [BLOCK_M, BLOCK_N / 2] halves, one after the other: the epilogue's shared memory
+            # (the store tile, the q tile of the rank-r product) halves, which is what lets the
+            # 128 x 256 x 64, 3-stage main loop fit beside a rank-64 epilogue (227 KB on the H100).
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _epilogue(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
+                      scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
+            _epilogue(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
+                      q_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
+        else:
+            _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
+                      scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
+def _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
+              scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+              stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+              HAS_LORA: tl.constexpr, DROPOUT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr,
+              REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
+              STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The output tile [BLOCK_M, BLOCK_N] at (off_m, off_n) from its fp32 accumulator acc:
+    + scale * lr @ q^T (masked), + bias, the aux store / reduction, * scale, + shift, store."""
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols_n = off_n + tl.arange(0, BLOCK_N)
+    if HAS_LORA:
+        # + lr_scale * lr @ q^T: the rank-r step, q tile [BLOCK_N, BLOCK_R] read once per tile.
+        r_idx = tl.arange(0, BLOCK_R)
+        q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
+                    mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
+        low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+        if DROPOUT_OUT:
+            low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
+        acc += low
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
+        acc += bias[None, :].to(tl.float32)
+    in_tile = (rows[:, None] < M) & (cols_n[None, :] < N)
+    aux_ptrs = aux_ptr + rows[:, None] * stride_xm + cols_n[None, :] * stride_xn
+    if SAVE_AUX:
+        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=in_tile)
+    if REDUCE_AUX:
+        # Rows past M read aux as 0, so their (bias-only) acc adds nothing. One tile per
+        # (pid_m, columns): each partial entry is written exactly once, no atomics.
+        other = tl.load(aux_ptrs, mask=in_tile, other=0.0).to(tl.float32)
+        col_mask = cols_n < N
+        tl.store(partial_ptr + pid_m * N + cols_n, tl.sum(acc * other, axis=0), mask=col_mask)
+        if REDUCE_SUM:
+            tl.store(partial_ptr + (num_pid_m + pid_m) * N + cols_n, tl.sum(other, axis=0), mask=col_mask)
+    if SCALE_OUT:
+        scale = tl.load(scale_ptr + cols_n, mask=cols_n < N, other=0.0)
+        acc = acc * scale[None, :].to(tl.float32)
+    if SHIFT_OUT:
+        shift = tl.load(shift_ptr + cols_n, mask=cols_n < N, other=0.0)
+        acc += shift[None, :].to(tl.float32)
+    if STORE_OUT:
+        out = acc.to(out_ptr.dtype.element_ty)
+        if USE_DESC:
+            out_desc.store([off_m, off_n], out)
+        else:
+            tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out, mask=in_tile)
+
+
+@triton.jit(do_not_specialize=["seed"])
 def lowrank_weight_grad_kernel(
-    l_ptr, s_ptr, partial_ptr, colsum_ptr,
+    l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr,
     M, C, R, rows_per_split,
-    stride_lm, stride_lc, stride_sm,
-    seed, dropout_p, mask_ld,
-    DROPOUT: tl.constexpr, COLSUM: tl.constexpr,
+    stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
+    scale, seed, dropout_p, mask_ld,
+    DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """partial[split, C, R] = (l * mask)^T @ s over the rows of one split: the pieces of
-    grad_B = s grad_y^T u and grad_A^T = s drop(x)^T g. Memory-bound: l (M x C) is read once in
-    all; s (M x R, small) once per column block. With COLSUM it also writes the column sums of l
-    (grad_bias = sum_m grad_y) from the tiles it already holds."""
+    """out[c, r] = scale * sum_m (l * mask)[m, c] s[m, r] (out addressed by strides, so grad_A^T
+    lands in grad_A's layout), and with COLSUM colsum[c] = sum_m l[m, c] (grad_bias from the grad_y
+    tiles already held): grad_B = s grad_y^T u and grad_A = s g^T drop(x). Memory-bound: l (M x C)
+    is read once in all; s (M x R, small) once per column block.
+
+    M is split over grid axis 1 so that narrow C still fills the GPU. With SPLIT, each program
+    stores its float32 partial ([splits, C, R + 1], the last column the sum), then takes a ticket
+    from its column block's counter; the last to arrive sums the partials in split order (so the
+    result is deterministic), writes out / colsum in their dtypes and resets the counter to zero
+    for the next launch. One launch, no torch reduction after it."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    splits = tl.num_programs(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_idx = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
@@ -302,10 +348,35 @@ def lowrank_weight_grad_kernel(
         acc = mma(l.T, s.to(l.dtype), acc)
         if COLSUM:
             colsum += tl.sum(l.to(tl.float32), axis=0)
-    base = partial_ptr + split * C * R
-    tl.store(base + cols[:, None] * R + r_idx[None, :], acc, mask=(cols[:, None] < C) & (r_idx[None, :] < R))
-    if COLSUM:
-        tl.store(colsum_ptr + split * C + cols, colsum, mask=cols < C)
+    if SPLIT:
+        # partial row layout: [split, c, 0:BLOCK_R] the product, [split, c, BLOCK_R] the sum.
+        ld = BLOCK_R + 1
+        here = partial_ptr + split * C * ld + cols[:, None] * ld + r_idx[None, :]
+        tl.store(here, acc, mask=cols[:, None] < C)
+        if COLSUM:
+            tl.store(partial_ptr + split * C * ld + cols * ld + BLOCK_R, colsum, mask=cols < C)
+        tl.debug_barrier()  # every thread's partial stored before the ticket releases them
+        ticket = tl.atomic_add(counter_ptr + pid_c, 1, sem="acq_rel")
+        last = ticket == splits - 1
+        if last:
+            tl.debug_barrier()
+            acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+            colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for sp in range(0, splits):
+                base = partial_ptr + sp * C * ld
+                acc += tl.load(base + cols[:, None] * ld + r_idx[None, :], mask=cols[:, None] < C, other=0.0,
+                               cache_modifier=".cg")
+                if COLSUM:
+                    colsum += tl.load(base + cols * ld + BLOCK_R, mask=cols < C, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + pid_c, 0)
+    else:
+        last = True
+    if last:
+        out_mask = (cols[:, None] < C) & (r_idx[None, :] < R)
+        tl.store(out_ptr + cols[:, None] * stride_oc + r_idx[None, :] * stride_or,
+                 (acc * scale).to(out_ptr.dtype.element_ty), mask=out_mask)
+        if COLSUM:
+            tl.store(colsum_ptr + cols, colsum.to(colsum_ptr.dtype.element_ty), mask=cols < C)
 
 
 @triton.jit
@@ -338,7 +409,7 @@ def column_dot_kernel(
         tl.store(partial_ptr + (splits + split) * C + cols, total, mask=cols < C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def dropout_mask_kernel(out_ptr, M, C, seed, dropout_p, BLOCK: tl.constexpr):
     """The keep-mask as 0/1 float32, for tests and the torch fallback's parity checks."""
     pid_m = tl.program_id(0)

@@ -25,9 +25,17 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_SCRATCH: dict = {}
+
+
 def _alloc(size: int, alignment: int, stream):
-    # Device-side tensor descriptors need a small global scratch buffer per launch.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # Device-side tensor descriptors need a small global scratch buffer per launch (the kernel
+    # writes its descriptors there and reads them back). Launches on one stream run in order, so
+    # one buffer per stream serves them all: no allocation per launch.
+    buf = _SCRATCH.get(stream)
+    if buf is None or buf.numel() < size:
+        buf = _SCRATCH[stream] = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+    return buf
 
 
 _allocator_threads = threading.local()
@@ -89,6 +97,21 @@ def split_rows(M: int, C: int, block_m: int, block_c: int, device) -> tuple[int,
     return col_blocks, cdiv(M, rows_per_split), rows_per_split
 
 
+_COUNTERS: dict = {}
+
+
+def ticket_counters(n: int, device) -> torch.Tensor:
+    """At least n int32 zeros for the ticket counters of the single-launch split reductions
+    (lowrank_weight_grad_kernel). The kernel's last program per block resets its counter to zero,
+    so one buffer per (device, stream) serves every launch on that stream, in stream order."""
+    stream = None if device.type != "cuda" else _stream(device.index if device.index is not None else torch.cuda.current_device())
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def column_sums(partial: torch.Tensor, with_second: bool):
     """The column reductions' result from their float32 partials [1 or 2, parts, C]: the parts
     summed in a fixed order (deterministic), as (first [C], second [C] or None). One part needs
@@ -112,19 +135,21 @@ def m_bucket(M: int) -> int:
     return min(next_power_of_2(max(M, 1)), 8192)
 
 
-def _config(bm, bn, bk, warps, stages, ws=False):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws},
-                         num_warps=warps, num_stages=stages)
+def _config(bm, bn, bk, warps, stages, ws=False, sub=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws,
+                          "EPI_SUBTILE": sub}, num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs():
     # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours, each
-    # with and without warp specialisation.
+    # with and without warp specialisation; the 128x256 tiles also with the epilogue in two
+    # halves (EPI_SUBTILE, less shared memory: the rank-64 epilogue fits beside 3 stages).
     large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W.
     small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4)]
-    return [_config(*c, ws=ws) for c in large for ws in (False, True)] + [_config(*c) for c in small]
+    return ([_config(*c, ws=ws, sub=sub) for c in large for sub in ((True, False) if c[1] == 256 else (False,))
+             for ws in (False, True)] + [_config(*c) for c in small])
 
 
 def _skinny_configs(N):
@@ -227,26 +252,102 @@ def _specialization_key(args) -> tuple:
     return tuple(key)
 
 
+_KNOBS = getattr(triton, "knobs", None)
+_current_stream = None
+
+
+def _stream(device: int):
+    global _current_stream
+    if _current_stream is None:
+        _current_stream = triton.runtime.driver.active.get_current_stream
+    return _current_stream(device)
+
+
+class _Compiled:
+    """A compiled kernel and a way to launch it: straight through its launcher (the C function
+    behind CompiledKernel.run) when this Triton lays it out as 3.6 does, skipping the closure
+    CompiledKernel.__getitem__ builds and the device / stream / metadata look-ups it makes per
+    call; through kernel[grid] otherwise, or while a launch hook (a profiler) is installed."""
+
+    __slots__ = ("kernel", "run", "function", "metadata")
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        try:
+            kernel._init_handles()
+            self.run, self.function, self.metadata = kernel.run, kernel.function, kernel.packed_metadata
+        except AttributeError:
+            self.run = None
+
+    def __call__(self, grid3, device: int, args):
+        if self.run is None or (_KNOBS is not None and (_KNOBS.runtime.launch_enter_hook is not None
+                                                        or _KNOBS.runtime.launch_exit_hook is not None)):
+            self.kernel[grid3](*args)
+            return
+        self.run(grid3[0], grid3[1], grid3[2], _stream(device), self.function, self.metadata, None, None, None, *args)
+
+
+def _grid3(grid) -> tuple:
+    return tuple(grid) + (1,) * (3 - len(grid))  # compiled kernels take a 3-D grid
+
+
 def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
-    """kernel[grid](*args, **constexprs) through the compiled-kernel cache above."""
+    """kernel[grid](*args, **constexprs) through the compiled-kernel cache above. Returns the
+    _Compiled entry that ran (None in the interpreter or with FAST_LAUNCH off)."""
     if not FAST_LAUNCH or interpreting():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
-    key = (id(kernel), num_warps, num_stages, tuple(constexprs.items()), _specialization_key(args))
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
-        grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel takes a 3-D grid
-        compiled[grid3](*args, *(constexprs[n] for n in _constexpr_names(kernel)))
-        return
+        return None
+    device = args[0].get_device()
+    key = (id(kernel), device, num_warps, num_stages, tuple(constexprs.items()), _specialization_key(args))
+    entry = _COMPILED.get(key)
+    if entry is not None:
+        entry(_grid3(grid), device, (*args, *(constexprs[n] for n in _constexpr_names(kernel))))
+        return entry
     compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-    if compiled is not None:
-        _COMPILED[key] = compiled
+    if compiled is None:
+        return None
+    entry = _COMPILED[key] = _Compiled(compiled)
+    return entry
 
 
 # The CPU interpreter runs one fixed small config: tiles smaller than the test shapes, so ragged
 # edges, several K steps and the persistent loop (3 "SMs") are all exercised.
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "WARP_SPECIALIZE": False}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "WARP_SPECIALIZE": False,
+                      "EPI_SUBTILE": True}
 INTERPRETER_SMS = 3
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15 == 0)
+
+
+class _FusedLinearPlan:
+    """Everything about one launch_fused_linear call that depends only on its plan key (shapes,
+    strides, dtypes, alignment, flags): the compiled kernel, grid, integer arguments and
+    constexprs. A repeated call then costs the key, one dict look-up and the launch itself
+    (benchmarks/RESULTS.md: the host time of a LoRA training step)."""
+
+    __slots__ = ("entry", "grid3", "device", "ints", "tail", "partial_shape", "reduce_sum", "in_loop", "copy_w",
+                 "desc")
+
+    def __call__(self, a, w, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p):
+        if self.copy_w:
+            w = w.contiguous()
+        partial = None
+        if self.partial_shape is not None:
+            partial = torch.empty(self.partial_shape, dtype=torch.float32, device=a.device)
+        if self.desc:
+            ensure_allocator()
+        dummy = a
+        self.entry(self.grid3, self.device, (
+            a, w, dummy if out is None else out, dummy if bias is None else bias, p if self.in_loop else dummy,
+            dummy if q is None else q, dummy if lr is None else lr, dummy if scale is None else scale,
+            dummy if shift is None else shift, dummy if aux is None else aux, dummy if partial is None else partial,
+            *self.ints, float(lr_scale), int(seed), float(dropout_p), *self.tail))
+        return out if partial is None else column_sums(partial, self.reduce_sum)
+
+
+_PLANS: dict = {}
 
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
@@ -270,15 +371,32 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     N = w_mat.shape[0]
     if M == 0 or N == 0:
         return zero_column_sums(N, reduce_sum, a.device) if reduce_aux else out
+    fast = FAST_LAUNCH and not interpreting()
+    if fast:
+        plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
+                    _meta(scale), _meta(shift), _meta(aux), mask_ld, dropout_in, dropout_out, dropout_p > 0,
+                    lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise,
+                    USE_TENSOR_DESCRIPTORS)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
     R = q.shape[1] if has_lora else 1
     in_loop = has_lora and not lr_precomputed
     store_out = out is not None
     dummy = a  # never read: its constexpr flag is off
-    use_desc = descriptor_ok(a, w, out, p if in_loop else None)
+    use_desc = descriptor_ok(a, w, out)
     if use_desc and not interpreting():
         ensure_allocator()
+    ints = (M, N, K, R,
+            a.stride(0), a.stride(1), stride_wn, stride_wk,
+            out.stride(0) if store_out else 0, out.stride(1) if store_out else 0,
+            p.stride(0) if in_loop else 0, p.stride(1) if in_loop else 0,
+            q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
+            lr.stride(0) if lr is not None else 0,
+            aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0)
+    tail = (int(mask_ld), m_bucket(M))
 
     def args_for(partial):
         return (
@@ -286,21 +404,16 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
             q if has_lora else dummy, lr if lr is not None else dummy, scale if scale is not None else dummy,
             shift if shift is not None else dummy, aux if aux is not None else dummy,
             partial if partial is not None else dummy,
-            M, N, K, R,
-            a.stride(0), a.stride(1), stride_wn, stride_wk,
-            out.stride(0) if store_out else 0, out.stride(1) if store_out else 0,
-            p.stride(0) if in_loop else 0, p.stride(1) if in_loop else 0,
-            q.stride(0) if has_lora else 0, q.stride(1) if has_lora else 0,
-            lr.stride(0) if lr is not None else 0,
-            aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
-            float(lr_scale), int(seed), float(dropout_p), int(mask_ld), m_bucket(M),
+            *ints, float(lr_scale), int(seed), float(dropout_p), *tail,
         )
 
-    def partial_for(cfg):
+    def partial_shape(cfg):
         # [2 if reduce_sum else 1, row blocks, N] float32: one row per row block of the config.
-        if not reduce_aux:
-            return None
-        return torch.empty(2 if reduce_sum else 1, cdiv(M, cfg["BLOCK_M"]), N, dtype=torch.float32, device=a.device)
+        return (2 if reduce_sum else 1, cdiv(M, cfg["BLOCK_M"]), N) if reduce_aux else None
+
+    def partial_for(cfg):
+        shape = partial_shape(cfg)
+        return None if shape is None else torch.empty(shape, dtype=torch.float32, device=a.device)
 
     flags = dict(
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
@@ -330,9 +443,20 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
         grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
-        cached_launch(fused_linear_kernel, grid, args_for(partial), {**flags, **kw, "NUM_SMS": sms},
-                      cfg.num_warps, cfg.num_stages)
+        constexprs = {**flags, **kw, "NUM_SMS": sms}
+        last["entry"] = cached_launch(fused_linear_kernel, grid, args_for(partial), constexprs,
+                                      cfg.num_warps, cfg.num_stages)
+        last["grid"], last["constexprs"] = grid, constexprs
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
-    launch_with(_tuned_config(key, M, N, a.element_size(), launch_with))
+    cfg = _tuned_config(key, M, N, a.element_size(), launch_with)
+    launch_with(cfg)
+    if fast and last["entry"] is not None:
+        if len(_PLANS) > 4096:  # many distinct shapes (variable sequence lengths): start afresh
+            _PLANS.clear()
+        plan = _PLANS[plan_key] = _FusedLinearPlan()
+        plan.entry, plan.grid3, plan.device = last["entry"], _grid3(last["grid"]), a.get_device()
+        plan.ints, plan.in_loop, plan.copy_w, plan.desc = ints, in_loop, w.data_ptr() != w_mat.data_ptr(), use_desc
+        plan.tail = (*tail, *(last["constexprs"][n] for n in _constexpr_names(fused_linear_kernel)))
+        plan.partial_shape, plan.reduce_sum = partial_shape(cfg.kwargs), reduce_sum
     return finish(last.get("partial"))

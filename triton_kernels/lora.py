@@ -52,9 +52,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
-    """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l.
-    M is split across programs so that narrow C still fills the GPU; the float32 partials
-    ([splits, C, R], a few MB at most) are summed by torch in a fixed order: deterministic."""
+    """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l,
+    in one launch (lowrank_weight_grad_kernel: split over M, the last program per column block
+    sums the float32 partials in a fixed order, so the result is deterministic)."""
     M, C = l.shape
     R = s.shape[1]
     if C == 0:
@@ -67,21 +67,23 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     interp = launch.interpreting()
     BLOCK_C = 16 if interp else 64
     BLOCK_M = 16 if interp else 64
+    BLOCK_R = launch.block_r(R)
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device)
-    partial = torch.empty(splits, C, R, dtype=torch.float32, device=l.device)
-    partial_sum = torch.empty(splits, C, dtype=torch.float32, device=l.device) if colsum is not None else partial
+    if splits > 1:
+        partial = torch.empty(splits * C * (BLOCK_R + 1), dtype=torch.float32, device=l.device)
+        counter = launch.ticket_counters(col_blocks, l.device)
+    else:
+        partial = counter = out
+    stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
     launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
-        (l, s, partial, partial_sum, M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0),
-         int(seed), float(dropout_p), int(mask_ld)),
-        dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=launch.block_r(R)),
+        (l, s, out, colsum if colsum is not None else out, partial, counter, M, C, R, rows_per_split,
+         l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
+         float(scale), int(seed), float(dropout_p), int(mask_ld)),
+        dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
+             BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
         num_warps=4, num_stages=1 if interp else 4,
     )
-    # One split (decode sizes): no reduction, and the scale is applied while writing out.
-    total = partial[0] if splits == 1 else partial.sum(0)
-    torch.mul(total.T if transpose_out else total, scale, out=out)
-    if colsum is not None:
-        colsum.copy_(partial_sum[0] if splits == 1 else partial_sum.sum(0))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
@@ -96,7 +98,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
         common = dict(q=lora_A.T, lr=g_low, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
         if schedule(M) == "fused":
-            launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T.contiguous(), **common)
+            launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T, **common)
         else:
             launch.launch_fused_linear(grad_y, lora_B.T, g_low, precise=True)
             launch.launch_fused_linear(grad_y, weight.T, grad_x, lr_precomputed=True, **common)

@@ -60,7 +60,7 @@ def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     """(*, K) -> (M, K) without a copy when the layout allows it."""
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -213,6 +213,8 @@ _rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 def _apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op):
     if torch.compiler.is_compiling():
         return _rescaled_fwd(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)[0]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, scale, shift))):
+        return _forward_impl(op, x2, weight, bias, scale, shift, input_scale, False)[0]  # inference
     return RescaledLinearFunction.apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)
 
 
@@ -224,4 +226,4 @@ def rescaled_linear(op: str, x, weight, bias, scale, shift, input_scale: bool) -
     save = not input_scale and scale.requires_grad and torch.is_grad_enabled() and output_grad_mode() == "save"
     x2 = _common.flatten_rows(x)
     y = _common.outside_autocast(x.device.type, _apply, x2, weight, bias, scale, shift, bool(input_scale), save, op)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -58,7 +58,7 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
     need_x, need_w, need_b, need_A, need_B = needs
-    (u,) = saved
+    u = saved[0].to(x.dtype)
     s = scaling / (1.0 - dropout_p)
     g_low = grad_y @ lora_B  # (M, r): grad_y through B
     grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -119,13 +119,15 @@ def _saved_dtype(dtype):
 def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int):
     index, impl = backends.select_index(OP, x, weight)
     y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y, u.to(_saved_dtype(x.dtype)), index
+    saved_dtype = _saved_dtype(x.dtype)
+    return y, (u if u.dtype == saved_dtype else u.to(saved_dtype)), index
 
 
 def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed: int, needs):
     impl = backends.impl_at(OP, index)
+    # u stays in its saved dtype (float32 for half inputs): backends read it as they need.
     return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                         tuple(needs), (u.to(x.dtype),))
+                         tuple(needs), (u,))
 
 
 def _needs(ctx, has_bias):
@@ -208,6 +210,9 @@ def _apply(x2, args, scaling, p):
         seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
         return _lora_fwd(x2, *args[1:], float(scaling), p, seed)[0]
     seed = int(_new_seed()) if p > 0.0 else 0
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+        # Inference (serving, evaluation): no autograd node and nothing saved.
+        return _forward_impl(x2, *args[1:], float(scaling), p, seed)[0]
     return LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
 
 
@@ -242,4 +247,4 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     x2 = _common.flatten_rows(args[0])
     y = _common.outside_autocast(x.device.type, _apply, x2, args, scaling, p)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
