@@ -28,13 +28,16 @@ def profile_step(step, steps: int = 10):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            entry = per_kernel[evt.name[:90]]
-            entry[0] += 1
-            entry[1] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
-    return {name: (count / steps, us / steps) for name, (count, us) in per_kernel.items()}
+    # Each launch in the order the step makes them, its time the mean over the profiled steps.
+    launches = [evt for evt in prof.events() if evt.device_type == torch.autograd.DeviceType.CUDA]
+    launches.sort(key=lambda evt: evt.time_range.start)
+    per_step = len(launches) // steps
+    table = collections.OrderedDict()
+    for i in range(per_step):
+        same = launches[i::per_step]
+        us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in same)
+        table[f"{i:2d} {same[0].name[:90]}"] = (1, us / len(same))
+    return table
 
 
 def main(argv=None):
@@ -58,8 +61,8 @@ def main(argv=None):
             gpu_us = sum(us for _, us in kernels.values())
             print(f"\n{shape} r={r} {args.backend}: step {wall:.4f} ms (CUDA events), kernels {gpu_us / 1e3:.4f} ms, "
                   f"GPU idle {max(wall - gpu_us / 1e3, 0):.4f} ms")
-            for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
-                print(f"   {us:9.1f} us  x{count:<4.1f} {name}")
+            for name, (_, us) in kernels.items():
+                print(f"   {us:9.1f} us  {name}")
 
 
 if __name__ == "__main__":
