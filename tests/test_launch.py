@@ -43,3 +43,112 @@ def test_split_rows_covers_every_row_once(M, C):
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, 16, 16, torch.device("cpu"))
     assert col_blocks * 16 >= C and (col_blocks - 1) * 16 < C
     assert rows_per_split % 16 == 0 and splits * rows_per_split >= M and (splits - 1) * rows_per_split < M
+
+
+class _Recorder:
+    """Stands in for every compiled kernel: records (grid, args) instead of launching."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grid3, device, args):
+        self.calls.append((grid3, args))
+
+
+class _AlwaysHit(dict):
+    def __init__(self, entry):
+        super().__init__()
+        self.entry = entry
+
+    def get(self, key, default=None):
+        return self.entry
+
+
+def _same_launch(first, second, inputs):
+    (grid1, args1), (grid2, args2) = first, second
+    assert grid1 == grid2 and len(args1) == len(args2)
+    for i, (a1, a2) in enumerate(zip(args1, args2)):
+        if isinstance(a1, torch.Tensor):
+            assert isinstance(a2, torch.Tensor) and a1.dtype == a2.dtype, i
+            if a1.data_ptr() in inputs:  # the caller's tensors: the very same memory
+                assert a2.data_ptr() == a1.data_ptr(), i
+        else:
+            assert type(a1) is type(a2) and a1 == a2, (i, a1, a2)
+
+
+def test_launch_plans_replay_the_planning_call(monkeypatch):
+    """A repeated launch is served from its plan (launch._PLANS) without re-deriving anything;
+    the plan must hand the kernel the same grid and arguments, in the same order, as the call
+    that made it. Checked with the GPU stubbed out, for every launch the LoRA, IA3 and SSF
+    forward and backward make."""
+    import fusedpeft
+    from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
+    from fusedpeft.ops import lora as lora_mod
+
+    recorder = _Recorder()
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
+    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
+    monkeypatch.setattr(launch, "_COMPILED", _AlwaysHit(recorder))
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "_tuned_config", lambda key, M, N, size, launch_with: launch._candidates(M, N, size)[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(12345))
+    M, K, N, r = 100, 48, 40, 8
+    x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, dtype=torch.bfloat16)
+    b = torch.randn(N, dtype=torch.bfloat16, requires_grad=True)
+    A = torch.randn(r, K, dtype=torch.bfloat16, requires_grad=True)
+    B = torch.randn(N, r, dtype=torch.bfloat16, requires_grad=True)
+    l_in, l_out, shift = (torch.randn(n, dtype=torch.bfloat16, requires_grad=True) for n in (K, N, N))
+    g = torch.randn(M, N, dtype=torch.bfloat16)
+    calls = {
+        "lora": lambda: lora_linear(x, W, b, A, B, 0.5, dropout_p=0.2, training=True),
+        "lora decode": lambda: lora_linear(x[:3], W, b, A, B, 0.5),
+        "ia3 out": lambda: ia3_linear(x, W, b, l_out, False),
+        "ia3 in": lambda: ia3_linear(x, W, b, l_in, True),
+        "ssf": lambda: ssf_linear(x, W, b, l_out, shift),
+    }
+    for name, call in calls.items():
+        for mode in ("save", "recompute"):
+            monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", mode)
+            inputs = {t.data_ptr() for t in (x, W, b, A, B, l_in, l_out, shift, g)}
+            launches = []
+            for _ in range(2):  # the first call plans, the second replays
+                recorder.calls.clear()
+                with fusedpeft.use_backend("triton"):
+                    y = call()
+                    y.backward(g[: y.shape[0]])
+                launches.append(list(recorder.calls))
+            assert launches[0], name
+            assert len(launches[0]) == len(launches[1]), name
+            for first, second in zip(*launches):
+                _same_launch(first, second, inputs)
+    assert launch._PLANS  # the second calls did go through plans
+
+
+# (M, C, R, split over M in the interpreter's grid)
+@pytest.mark.parametrize("M,C,R,split", [(150, 8, 4, True), (333, 12, 16, True), (40, 30, 8, False)])
+def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(M, C, R, split):
+    """lowrank_weight_grad_kernel splits M over programs; the last program of each column block
+    sums the partials in split order and resets its ticket counter. Repeated calls on the one
+    counter buffer must give the same (bit-identical) result, and leave every counter at zero."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    l = torch.randn(M, C, device=dev, dtype=torch.bfloat16)
+    s = torch.randn(M, R, device=dev)
+    ref = 0.5 * l.double().T @ s.bfloat16().double()
+    results = []
+    for transpose in (False, True, False):
+        out = torch.empty((R, C) if transpose else (C, R), device=dev, dtype=torch.bfloat16)
+        colsum = torch.empty(C, device=dev, dtype=torch.bfloat16)
+        triton_kernels.lora._weight_grad(l, s, out, scale=0.5, transpose_out=transpose, colsum=colsum)
+        got = out.T if transpose else out
+        assert (got.double() - ref).norm() / ref.norm() < 1e-2
+        assert (colsum.double() - l.double().sum(0)).norm() / l.double().sum(0).norm() < 1e-2
+        results.append(got.clone())
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    if dev == "cpu":
+        assert (launch.split_rows(M, C, 16, 16, l.device)[1] > 1) == split
+    for counters in launch._COUNTERS.values():
+        assert int(counters.abs().sum()) == 0
