@@ -54,6 +54,15 @@ def test_triton_lora_matches_float64(lead, K, N, r, dtype, dropout, monkeypatch)
     _run(lead, K, N, r, dtype, dropout, bias=True, monkeypatch=monkeypatch)
 
 
+# Ranks up to 256 (r = 100: BLOCK_R padding), at decode size (the split schedule above r = 64)
+# and at large M, where the rank-r epilogue tiles compete with the main loop for shared memory.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,K,N", [((16,), 2048, 1536), ((3, 111), 1000, 1496)])
+@pytest.mark.parametrize("r", [100, 256])
+def test_triton_lora_large_ranks(lead, K, N, r, dtype, monkeypatch):
+    _run(lead, K, N, r, dtype, 0.1, bias=True, monkeypatch=monkeypatch)
+
+
 @pytest.mark.parametrize("use_desc", [True, False])
 def test_descriptor_and_pointer_paths(use_desc, monkeypatch):
     from fusedpeft._kernels import triton_kernels

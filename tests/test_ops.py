@@ -253,6 +253,14 @@ def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch):
     test_lora_linear_matches_reference("triton", torch.bfloat16, lead, K, N, r, True, 0.25, monkeypatch)
 
 
+@pytest.mark.parametrize("r,schedule", [(16, "fused"), (40, "split"), (130, "auto")])
+def test_triton_lora_wider_ranks(r, schedule, monkeypatch):
+    """r = 16, a rank padded to BLOCK_R = 64, and one over 128 (auto picks the split schedule
+    above r = 64 even at M <= 64), through the interpreter."""
+    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", schedule)
+    test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, r, True, 0.25, monkeypatch)
+
+
 def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
     from fusedpeft.ops import output_grad_mode, set_output_grad_mode
 

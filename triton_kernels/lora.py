@@ -24,17 +24,19 @@ from . import launch
 from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
 
 
-def schedule(M: int) -> str:
+def schedule(M: int, r: int) -> str:
     """'fused' (one launch: the rank-r product inside the GEMM's K loop) or 'split' (the rank-r
     product as its own skinny GEMM first, then the base GEMM with a rank-r epilogue).
     FUSEDPEFT_LORA_SCHEDULE=fused|split overrides. The rule comes from the H100 measurements in
     benchmarks/RESULTS.md: at M <= 64 the layer is bound by reading W and the in-loop product is
     free, while one more launch is not; at large M the in-loop MMA (N = r) stalls the tensor-core
-    pipeline more than a separate pass over x (2MK bytes) costs."""
+    pipeline more than a separate pass over x (2MK bytes) costs. Above r = 64 the in-loop product
+    keeps a [BLOCK_R, BLOCK_K] slice of A per pipeline stage (64 KB and more at the small-M tiles'
+    BLOCK_K of 128-256), which the small-M configs cannot hold beside their own: split."""
     forced = os.environ.get("FUSEDPEFT_LORA_SCHEDULE", "auto")
     if forced in ("fused", "split"):
         return forced
-    return "fused" if M <= 64 else "split"
+    return "fused" if M <= 64 and r <= 64 else "split"
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -43,7 +45,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     u = torch.empty(M, r, dtype=torch.float32, device=x.device)
     common = dict(lr_scale=scaling / (1.0 - dropout_p), seed=seed, dropout_p=dropout_p, mask_ld=K)
-    if schedule(M) == "fused":
+    if schedule(M, r) == "fused":
         launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u, dropout_in=True, **common)
     else:
         launch.launch_fused_linear(x, lora_A, u, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True, precise=True)
@@ -68,6 +70,12 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     BLOCK_C = 16 if interp else 64
     BLOCK_M = 16 if interp else 64
     BLOCK_R = launch.block_r(R)
+    # Each pipeline stage holds an l tile and an s tile (s is float32): up to 4 stages within
+    # 160 KB of shared memory (r = 256: 74 KB a stage in bf16, so 2), and 8 warps from r = 128 so
+    # that the [BLOCK_C, BLOCK_R] float32 accumulator stays at 64 registers a thread.
+    stage_bytes = BLOCK_M * (BLOCK_C * l.element_size() + BLOCK_R * s.element_size())
+    num_stages = 1 if interp else max(1, min(4, (160 * 1024) // stage_bytes))
+    num_warps = 8 if BLOCK_R >= 128 else 4
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device)
     if splits > 1:
         partial = torch.empty(splits * C * (BLOCK_R + 1), dtype=torch.float32, device=l.device)
@@ -82,7 +90,7 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
          float(scale), int(seed), float(dropout_p), int(mask_ld)),
         dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
              BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
-        num_warps=4, num_stages=1 if interp else 4,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -97,7 +105,7 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
         g_low = torch.empty(M, r, dtype=torch.float32, device=x.device)  # grad_y B
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
         common = dict(q=lora_A.T, lr=g_low, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
-        if schedule(M) == "fused":
+        if schedule(M, r) == "fused":
             launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T, **common)
         else:
             launch.launch_fused_linear(grad_y, lora_B.T, g_low, precise=True)
