@@ -261,6 +261,19 @@ def test_triton_lora_wider_ranks(r, schedule, monkeypatch):
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, r, True, 0.25, monkeypatch)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch):
+    """The fallback for ranks whose epilogue no tile config can hold (r = 256 at large M on the
+    H100): the GEMM core alone, then the rank-r update (and its dropout mask) as a separate
+    product. Forced here on small shapes, forward and backward."""
+    from fusedpeft._kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels.launch, "SEPARATE_LOWRANK", True)
+    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
+    test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
+
+
 def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
     from fusedpeft.ops import output_grad_mode, set_output_grad_mode
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_linear import fused_linear_kernel
+from .fused_linear import dropout_mask_kernel, fused_linear_kernel
 
 # Tests flip this to exercise the pointer-load path on inputs a descriptor could take.
 USE_TENSOR_DESCRIPTORS = True
@@ -180,8 +180,14 @@ TUNED: dict = {}
 TUNE_LOG: list = []
 
 
+class NoConfigFits(RuntimeError):
+    """No candidate tile config can run this launch (shared memory or registers run out)."""
+
+
 def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
+    if isinstance(cfg, NoConfigFits):  # known not to fit: fail fast, every call
+        raise cfg
     if cfg is not None:
         return cfg
     import time
@@ -204,7 +210,8 @@ def _tuned_config(key, M, N, element_size, launch_with):
         except Exception as exc:  # compile or resource failure: skip the candidate
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
     if not timings:
-        raise RuntimeError("no Triton config could run this GEMM:\n" + "\n".join(errors))
+        TUNED[key] = NoConfigFits("no Triton config could run this GEMM:\n" + "\n".join(errors))
+        raise TUNED[key]
     ms, cfg = min(timings, key=lambda t: t[0])
     TUNED[key] = cfg
     TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
@@ -349,6 +356,28 @@ class _FusedLinearPlan:
 
 _PLANS: dict = {}
 
+# Tests flip this to run the rank-r update apart from the GEMM (what happens when no tile config
+# can hold the rank-r epilogue, e.g. r = 256 at large M) on inputs where the epilogue would fit.
+SEPARATE_LOWRANK = False
+
+
+def _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out):
+    """out = a @ w^T + bias by the GEMM core alone, then out += mask * ((lr_scale * lr) @ q^T) by
+    a separate product: the fallback for ranks whose epilogue tiles no config can hold beside the
+    main loop. It costs one more read and write of out (4MN bytes in bf16), and, with dropout on
+    the low-rank term, the M x N keep-mask (float32) for the time of the call."""
+    launch_fused_linear(a, w_mat, out, bias=bias)
+    low = (lr * lr_scale).to(out.dtype) @ q.T.to(out.dtype)
+    if dropout_out and dropout_p > 0:
+        M, N = out.shape
+        if mask_ld != N:
+            raise ValueError(f"dropout mask rows of {mask_ld} for an output of width {N}")
+        mask = torch.empty(M, N, dtype=torch.float32, device=out.device)
+        dropout_mask_kernel[(M, cdiv(N, 64))](mask, M, N, int(seed), float(dropout_p), BLOCK=64)
+        low = low * mask.to(out.dtype)
+    return out.add_(low)
+
+
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
                         seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
@@ -380,6 +409,11 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
+    # The rank-r update can run apart from the GEMM when it is the only extra (lr precomputed).
+    lowrank_apart_ok = (q is not None and lr_precomputed and out is not None and scale is None and shift is None
+                        and not save_aux and not reduce_aux)
+    if SEPARATE_LOWRANK and lowrank_apart_ok:
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out)
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
     R = q.shape[1] if has_lora else 1
@@ -449,7 +483,12 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         last["grid"], last["constexprs"] = grid, constexprs
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
-    cfg = _tuned_config(key, M, N, a.element_size(), launch_with)
+    try:
+        cfg = _tuned_config(key, M, N, a.element_size(), launch_with)
+    except NoConfigFits:
+        if not lowrank_apart_ok:
+            raise
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out)
     launch_with(cfg)
     if fast and last["entry"] is not None:
         if len(_PLANS) > 4096:  # many distinct shapes (variable sequence lengths): start afresh
