@@ -152,3 +152,39 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
         assert (launch.split_rows(M, C, 16, 16, l.device)[1] > 1) == split
     for counters in launch._COUNTERS.values():
         assert int(counters.abs().sum()) == 0
+
+
+def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(monkeypatch):
+    """When no tile config can hold the rank-r epilogue (the H100 at r = 256 and large M), the
+    launch runs the core alone and the rank-r update apart; the failure is remembered per key
+    (no re-tuning on every call), and a launch without that way out raises NoConfigFits."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
+    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("FUSEDPEFT_AUTOTUNE", "0")
+    tried = []
+
+    def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages):
+        tried.append(constexprs["HAS_LORA"])
+        if constexprs["HAS_LORA"]:
+            raise RuntimeError("out of resource: shared memory")
+        out = args[2]  # stand-in for the core: out = a @ w^T + bias
+        out.copy_(args[0] @ args[1].T + (args[3] if constexprs["HAS_BIAS"] else 0))
+        return None
+
+    monkeypatch.setattr(launch, "cached_launch", launch_or_run_out)
+    M, K, N, r = 70, 24, 40, 8
+    a, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    q, lr = torch.randn(N, r), torch.randn(M, r)
+    expected = a @ w.T + bias + 0.5 * lr @ q.T
+    for _ in range(2):
+        out = torch.empty(M, N)
+        launch.launch_fused_linear(a, w, out, bias=bias, q=q, lr=lr, lr_precomputed=True, lr_scale=0.5)
+        assert torch.allclose(out, expected, atol=1e-4)
+    candidates = len(launch._candidates(M, N, 4))
+    assert tried.count(True) == candidates  # tuned once; the second call knew the key does not fit
+    with pytest.raises(launch.NoConfigFits, match="no Triton config"):
+        launch.launch_fused_linear(a, w, torch.empty(M, N), q=q, lr=lr, lr_precomputed=True, scale=bias)

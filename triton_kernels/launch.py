@@ -186,8 +186,8 @@ class NoConfigFits(RuntimeError):
 
 def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
-    if isinstance(cfg, NoConfigFits):  # known not to fit: fail fast, every call
-        raise cfg
+    if isinstance(cfg, str):  # known not to fit: fail fast, every call
+        raise NoConfigFits(cfg)
     if cfg is not None:
         return cfg
     import time
@@ -210,8 +210,8 @@ def _tuned_config(key, M, N, element_size, launch_with):
         except Exception as exc:  # compile or resource failure: skip the candidate
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
     if not timings:
-        TUNED[key] = NoConfigFits("no Triton config could run this GEMM:\n" + "\n".join(errors))
-        raise TUNED[key]
+        TUNED[key] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
+        raise NoConfigFits(TUNED[key])
     ms, cfg = min(timings, key=lambda t: t[0])
     TUNED[key] = cfg
     TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
