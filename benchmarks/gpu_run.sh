@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one call on the device machine (results under $OUT):
 # versions, the cuda-marked tests, the LoRA and IA3/SSF benchmark tables + plots, the autotuner's
-# choices. BENCHES=lora,rescale picks the benchmarks; *_ARGS pass options through.
+# choices. BENCHES=lora,rescale picks the benchmarks; *_ARGS pass options through. PROFILE=1 adds the
+# per-launch GPU profile of a LoRA training step and the epilogue diagnosis (profile.log).
 set -uo pipefail
 OUT=${OUT:-/tmp/fusedpeft_out}
 mkdir -p "$OUT"
@@ -38,4 +39,8 @@ for entry in log:
     for f in entry["failed"][:2]:
         print("   ", f)
 PY
+fi
+if [ "${PROFILE:-0}" = "1" ]; then
+  { timeout ${PROFILE_TIMEOUT:-200} python3 -m benchmarks.profile_kernels; timeout 120 python3 -m benchmarks.diag_epilogue; } \
+    2>&1 | grep -v -i warn | tee "$OUT/profile.log" | tail -60
 fi
