@@ -274,6 +274,18 @@ def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch):
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_triton_lora_term_before_the_k_loop(dropout, monkeypatch):
+    """The experimental LOWRANK_FIRST placement (the LoRA term opens the accumulator instead of
+    closing the tile) computes the same layer, forward and backward, with and without dropout."""
+    from fusedpeft._kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels.launch, "LOWRANK_FIRST", True)
+    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
+    test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
+
+
 def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
     from fusedpeft.ops import output_grad_mode, set_output_grad_mode
 

@@ -151,14 +151,14 @@ def fused_linear_kernel(
     lr_scale, seed, dropout_p, mask_ld,
     m_bucket,  # unused in the body: the autotuner's key for M's size class
     HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr,
+    LR_EPILOGUE: tl.constexpr,  # + lr_scale * lr @ q^T in the epilogue (the LoRA term)
     W_KMAJOR: tl.constexpr,     # w stored [N, K] (True) or [K, N]
     DROPOUT_IN: tl.constexpr,   # mask a (positions [m, k], ld = mask_ld) before the rank-R product
     DROPOUT_OUT: tl.constexpr,  # mask the low-rank term (positions [m, n], ld = mask_ld)
     SAVE_LR: tl.constexpr,      # write lr (fp32, [M, R]) from the tiles of column block 0
     LR_PRECOMPUTED: tl.constexpr,  # lr was computed by an earlier launch: read it in the epilogue
     MASK_A: tl.constexpr,       # dropout on a for the main product too (the u = drop(x) A^T GEMM)
-    IN_LOOP_LR: tl.constexpr,   # HAS_LORA and not LR_PRECOMPUTED
+    IN_LOOP_LR: tl.constexpr,   # a LoRA term whose lr is computed in the K loop (not LR_PRECOMPUTED)
     FLATTEN: tl.constexpr,      # not IN_LOOP_LR
     SCALE_A: tl.constexpr,      # prologue: a[:, k] *= scale[k]
     SAVE_AUX: tl.constexpr,     # epilogue: aux = a @ w^T + bias (the unscaled output z)
@@ -173,6 +173,7 @@ def fused_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     EPI_SUBTILE: tl.constexpr,  # run the epilogue on two [BLOCK_M, BLOCK_N / 2] halves
+    LR_FIRST: tl.constexpr,     # the LoRA term (lr precomputed) starts the accumulator instead
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -223,11 +224,20 @@ def fused_linear_kernel(
                                    BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False, False, False)
             prev_m = pid_m
         else:
+            if LR_FIRST:
+                # Experimental (FUSEDPEFT_LORA_LOWRANK_FIRST=1): the rank-r product opens the tile,
+                # while the first K tiles' loads are in flight, instead of closing it in the
+                # epilogue, where it stalls the overlap with the next tile (benchmarks/RESULTS.md).
+                r_idx = tl.arange(0, BLOCK_R)
+                lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
+                             mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
+                acc = _lowrank_product(lr, q_ptr, rows, off_n + tl.arange(0, BLOCK_N), N, R, stride_qn, stride_qr,
+                                       lr_scale, seed, dropout_p, mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N, BLOCK_R)
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                                stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                                BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
 
-        if HAS_LORA:
+        if LR_EPILOGUE:
             r_idx = tl.arange(0, BLOCK_R)
             if LR_PRECOMPUTED:
                 lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
@@ -244,26 +254,40 @@ def fused_linear_kernel(
             _epilogue(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
                       scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
                       stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
                       STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
             _epilogue(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
                       q_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
                       stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
                       STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
         else:
             _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
                       scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
                       stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      HAS_LORA, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
+                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
                       STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _lowrank_product(lr, q_ptr, rows, cols_n, N, R, stride_qn, stride_qr, lr_scale, seed, dropout_p, mask_ld,
+                     DROPOUT_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The LoRA term of one output tile: lr_scale * lr @ q^T (masked with the dropout keep-mask at
+    [rows, cols_n] when DROPOUT_OUT), q tile [BLOCK_N, BLOCK_R] read once per tile."""
+    r_idx = tl.arange(0, BLOCK_R)
+    q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
+                mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
+    low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+    if DROPOUT_OUT:
+        low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
+    return low
 
 
 @triton.jit
 def _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
               scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
               stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-              HAS_LORA: tl.constexpr, DROPOUT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr,
+              LR_EPILOGUE: tl.constexpr, DROPOUT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr,
               REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
               STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -271,15 +295,9 @@ def _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_des
     + scale * lr @ q^T (masked), + bias, the aux store / reduction, * scale, + shift, store."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols_n = off_n + tl.arange(0, BLOCK_N)
-    if HAS_LORA:
-        # + lr_scale * lr @ q^T: the rank-r step, q tile [BLOCK_N, BLOCK_R] read once per tile.
-        r_idx = tl.arange(0, BLOCK_R)
-        q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
-                    mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
-        low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-        if DROPOUT_OUT:
-            low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
-        acc += low
+    if LR_EPILOGUE:
+        acc += _lowrank_product(lr, q_ptr, rows, cols_n, N, R, stride_qn, stride_qr, lr_scale, seed, dropout_p,
+                                mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N, BLOCK_R)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
         acc += bias[None, :].to(tl.float32)

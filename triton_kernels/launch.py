@@ -356,6 +356,10 @@ class _FusedLinearPlan:
 
 _PLANS: dict = {}
 
+# Experimental, off by default: the LoRA term (lr precomputed) opens each tile's accumulator before
+# the K loop instead of closing it in the epilogue. Not yet measured on the GPU (RESULTS.md).
+LOWRANK_FIRST = os.environ.get("FUSEDPEFT_LORA_LOWRANK_FIRST", "0") == "1"
+
 # Tests flip this to run the rank-r update apart from the GEMM (what happens when no tile config
 # can hold the rank-r epilogue, e.g. r = 256 at large M) on inputs where the epilogue would fit.
 SEPARATE_LOWRANK = False
@@ -405,7 +409,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
                     _meta(scale), _meta(shift), _meta(aux), mask_ld, dropout_in, dropout_out, dropout_p > 0,
                     lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise,
-                    USE_TENSOR_DESCRIPTORS)
+                    USE_TENSOR_DESCRIPTORS, LOWRANK_FIRST)
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
@@ -418,6 +422,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     has_lora = q is not None
     R = q.shape[1] if has_lora else 1
     in_loop = has_lora and not lr_precomputed
+    lr_first = bool(LOWRANK_FIRST and has_lora and lr_precomputed)
     store_out = out is not None
     dummy = a  # never read: its constexpr flag is off
     use_desc = descriptor_ok(a, w, out)
@@ -450,7 +455,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         return None if shape is None else torch.empty(shape, dtype=torch.float32, device=a.device)
 
     flags = dict(
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, W_KMAJOR=w_kmajor,
+        HAS_BIAS=bias is not None, LR_EPILOGUE=has_lora and not lr_first, LR_FIRST=lr_first, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
         MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop, FLATTEN=not in_loop,
