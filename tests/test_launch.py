@@ -168,8 +168,8 @@ def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(monkeypatch):
     tried = []
 
     def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages):
-        tried.append(constexprs["HAS_LORA"])
-        if constexprs["HAS_LORA"]:
+        tried.append(constexprs["LR_EPILOGUE"])
+        if constexprs["LR_EPILOGUE"]:
             raise RuntimeError("out of resource: shared memory")
         out = args[2]  # stand-in for the core: out = a @ w^T + bias
         out.copy_(args[0] @ args[1].T + (args[3] if constexprs["HAS_BIAS"] else 0))
