@@ -64,6 +64,20 @@ class _AlwaysHit(dict):
         return self.entry
 
 
+@pytest.fixture
+def stubbed_gpu(monkeypatch):
+    """The launch path as on a GPU, without one: no interpreter, 4 "SMs", no descriptor allocator,
+    fresh plan and tuning caches. Tests stub the kernel launch itself."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
+    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return monkeypatch
+
+
 def _same_launch(first, second, inputs):
     (grid1, args1), (grid2, args2) = first, second
     assert grid1 == grid2 and len(args1) == len(args2)
@@ -76,7 +90,7 @@ def _same_launch(first, second, inputs):
             assert type(a1) is type(a2) and a1 == a2, (i, a1, a2)
 
 
-def test_launch_plans_replay_the_planning_call(monkeypatch):
+def test_launch_plans_replay_the_planning_call(stubbed_gpu):
     """A repeated launch is served from its plan (launch._PLANS) without re-deriving anything;
     the plan must hand the kernel the same grid and arguments, in the same order, as the call
     that made it. Checked with the GPU stubbed out, for every launch the LoRA, IA3 and SSF
@@ -85,15 +99,10 @@ def test_launch_plans_replay_the_planning_call(monkeypatch):
     from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
     from fusedpeft.ops import lora as lora_mod
 
+    monkeypatch = stubbed_gpu
     recorder = _Recorder()
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
-    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
-    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
     monkeypatch.setattr(launch, "_COMPILED", _AlwaysHit(recorder))
-    monkeypatch.setattr(launch, "_PLANS", {})
     monkeypatch.setattr(launch, "_tuned_config", lambda key, M, N, size, launch_with: launch._candidates(M, N, size)[0])
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(12345))
     M, K, N, r = 100, 48, 40, 8
     x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
@@ -154,16 +163,11 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
         assert int(counters.abs().sum()) == 0
 
 
-def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(monkeypatch):
+def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu):
     """When no tile config can hold the rank-r epilogue (the H100 at r = 256 and large M), the
     launch runs the core alone and the rank-r update apart; the failure is remembered per key
     (no re-tuning on every call), and a launch without that way out raises NoConfigFits."""
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
-    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
-    monkeypatch.setattr(launch, "_PLANS", {})
-    monkeypatch.setattr(launch, "TUNED", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch = stubbed_gpu
     monkeypatch.setenv("FUSEDPEFT_AUTOTUNE", "0")
     tried = []
 
