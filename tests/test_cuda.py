@@ -63,6 +63,18 @@ def test_triton_lora_large_ranks(lead, K, N, r, dtype, monkeypatch):
     _run(lead, K, N, r, dtype, 0.1, bias=True, monkeypatch=monkeypatch)
 
 
+# The LoRA term at large M (the split schedule), its lr / q tiles by pointer and by descriptor,
+# r = 16 (descriptor-sized) and r = 40 (BLOCK_R padding), with dropout.
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("r", [16, 40])
+def test_triton_lora_term_by_pointer_and_by_descriptor(tma, r, monkeypatch):
+    from fusedpeft._kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels.launch, "LOWRANK_TMA", tma)
+    _run((3, 111), 1000, 1496, r, torch.bfloat16, 0.1, bias=True, monkeypatch=monkeypatch)
+    _run((300,), 520, 640, r, torch.float32, 0.0, bias=False, monkeypatch=monkeypatch)
+
+
 @pytest.mark.parametrize("use_desc", [True, False])
 def test_descriptor_and_pointer_paths(use_desc, monkeypatch):
     from fusedpeft._kernels import triton_kernels

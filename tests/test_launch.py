@@ -183,7 +183,7 @@ def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu):
     M, K, N, r = 70, 24, 40, 8
     a, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     q, lr = torch.randn(N, r), torch.randn(M, r)
-    expected = a @ w.T + bias + 0.5 * lr @ q.T
+    expected = a @ w.T + bias + lr @ q.T  # a precomputed lr carries its scale: lr_scale is not applied
     for _ in range(2):
         out = torch.empty(M, N)
         launch.launch_fused_linear(a, w, out, bias=bias, q=q, lr=lr, lr_precomputed=True, lr_scale=0.5)

@@ -275,15 +275,34 @@ def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_triton_lora_term_before_the_k_loop(dropout, monkeypatch):
-    """The experimental LOWRANK_FIRST placement (the LoRA term opens the accumulator instead of
-    closing the tile) computes the same layer, forward and backward, with and without dropout."""
+@pytest.mark.parametrize("tma", [False, True])
+def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch):
+    """A precomputed LoRA term (the split schedule) with its lr / q tiles loaded by pointer or by
+    tensor descriptor computes the same layer, forward and backward, with and without dropout.
+    The bf16 case has r = 1 (no descriptor can take its q: pointer loads either way), the first
+    fp32 case an A whose rows are not 16-byte multiples (grad_x's q by pointer), the last one
+    descriptor-sized rows for lr, B (the forward) and A (grad_x, stored [r, K])."""
     from fusedpeft._kernels import triton_kernels
 
-    monkeypatch.setattr(triton_kernels.launch, "LOWRANK_FIRST", True)
+    launch = triton_kernels.launch
+    monkeypatch.setattr(launch, "LOWRANK_TMA", tma)
     monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    kernel, seen = launch.fused_linear_kernel, []
+
+    class Spy:  # records each launch's lr / q load path
+        def __getitem__(self, grid):
+            def run(*args, **flags):
+                if flags["LR_PRECOMPUTED"]:
+                    seen.append((flags["LR_DESC"], flags["Q_RMAJOR"]))
+                return kernel[grid](*args, **flags)
+            return run
+
+    monkeypatch.setattr(launch, "fused_linear_kernel", Spy())
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
+    test_lora_linear_matches_reference("triton", torch.float32, (3, 5), 40, 52, 8, True, dropout, monkeypatch)
+    assert set(seen) == ({(False, True), (False, False), (True, True), (True, False)} if tma
+                         else {(False, True), (False, False)})
 
 
 def test_set_output_grad_mode_overrides_the_environment(monkeypatch):

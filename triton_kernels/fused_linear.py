@@ -9,6 +9,9 @@
 LoRA forward:  a = x, w = W, p = A, q = B                      (lr = u = drop(x) A^T, saved)
 LoRA grad_x:   a = grad_y, w = W (as [K, N]), p = B^T, q = A^T (lr = grad_y B, saved; the
                dropout mask applies to the low-rank term at output positions)
+lr in memory (SAVE_LR writes it; LR_PRECOMPUTED reads it, from the skinny launch that made it
+with ACC_SCALE) is stored as scale * lr in the layer's dtype: the epilogue's MMA takes it as is,
+and the weight gradients need no further scaling.
 IA3 / SSF (triton_kernels/rescale.py) use the same kernel with small constexpr pieces:
   prologue SCALE_A:   a tile scaled along K in registers before the MMA (input scaling, and
                       grad_y * l in the grad_x of output scaling); never materialised.
@@ -155,8 +158,9 @@ def fused_linear_kernel(
     W_KMAJOR: tl.constexpr,     # w stored [N, K] (True) or [K, N]
     DROPOUT_IN: tl.constexpr,   # mask a (positions [m, k], ld = mask_ld) before the rank-R product
     DROPOUT_OUT: tl.constexpr,  # mask the low-rank term (positions [m, n], ld = mask_ld)
-    SAVE_LR: tl.constexpr,      # write lr (fp32, [M, R]) from the tiles of column block 0
-    LR_PRECOMPUTED: tl.constexpr,  # lr was computed by an earlier launch: read it in the epilogue
+    SAVE_LR: tl.constexpr,      # write lr_scale * lr ([M, R], lr_ptr's dtype) from the tiles of column block 0
+    LR_PRECOMPUTED: tl.constexpr,  # lr (lr_scale applied) was computed by an earlier launch: read it
+    ACC_SCALE: tl.constexpr,    # out = lr_scale * (a @ w^T): the skinny launches writing a scaled lr
     MASK_A: tl.constexpr,       # dropout on a for the main product too (the u = drop(x) A^T GEMM)
     IN_LOOP_LR: tl.constexpr,   # a LoRA term whose lr is computed in the K loop (not LR_PRECOMPUTED)
     FLATTEN: tl.constexpr,      # not IN_LOOP_LR
@@ -173,7 +177,9 @@ def fused_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     EPI_SUBTILE: tl.constexpr,  # run the epilogue on two [BLOCK_M, BLOCK_N / 2] halves
-    LR_FIRST: tl.constexpr,     # the LoRA term (lr precomputed) starts the accumulator instead
+    EVEN_R: tl.constexpr,       # R == BLOCK_R: the lr / q tiles need no mask along R (vector loads)
+    LR_DESC: tl.constexpr,      # lr and q tiles through tensor descriptors (TMA) instead of pointers
+    Q_RMAJOR: tl.constexpr,     # q stored [N, R] with unit R stride (B); else [R, N] (A, for grad_x)
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -193,8 +199,16 @@ def fused_linear_kernel(
         else:
             out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
 
-    lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    prev_m = -1
+    lr_desc = _make_desc(lr_ptr, M, R, stride_lm, BLOCK_M, BLOCK_R, LR_DESC)
+    # q tiles are [BLOCK_N, BLOCK_R], or half as wide where the epilogue runs in halves.
+    if EPI_SUBTILE:
+        q_desc = _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, BLOCK_N // 2, BLOCK_R, LR_DESC, Q_RMAJOR)
+    else:
+        q_desc = _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, BLOCK_N, BLOCK_R, LR_DESC, Q_RMAJOR)
+
+    if IN_LOOP_LR:  # carried across tiles (a read lr, in its own dtype, is not)
+        lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        prev_m = -1
     # The in-loop low-rank product branches on the row block, which the loop flattening of the
     # software pipeliner cannot take; every other variant flattens the tile and K loops.
     for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -224,80 +238,153 @@ def fused_linear_kernel(
                                    BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, False, False, False)
             prev_m = pid_m
         else:
-            if LR_FIRST:
-                # Experimental (FUSEDPEFT_LORA_LOWRANK_FIRST=1): the rank-r product opens the tile,
-                # while the first K tiles' loads are in flight, instead of closing it in the
-                # epilogue, where it stalls the overlap with the next tile (benchmarks/RESULTS.md).
-                r_idx = tl.arange(0, BLOCK_R)
-                lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
-                             mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
-                acc = _lowrank_product(lr, q_ptr, rows, off_n + tl.arange(0, BLOCK_N), N, R, stride_qn, stride_qr,
-                                       lr_scale, seed, dropout_p, mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N, BLOCK_R)
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
                                stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                                BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
+            if ACC_SCALE:
+                acc = acc * lr_scale
 
         if LR_EPILOGUE:
-            r_idx = tl.arange(0, BLOCK_R)
             if LR_PRECOMPUTED:
-                lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
-                             mask=(rows[:, None] < M) & (r_idx[None, :] < R), other=0.0)
+                lr = _load_lr(lr_ptr, lr_desc, off_m, M, R, stride_lm, BLOCK_M, BLOCK_R, EVEN_R, LR_DESC)
             elif SAVE_LR:
                 if pid_n == 0:
-                    tl.store(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], lr,
+                    r_idx = tl.arange(0, BLOCK_R)
+                    tl.store(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :],
+                             (lr * lr_scale).to(lr_ptr.dtype.element_ty),
                              mask=(rows[:, None] < M) & (r_idx[None, :] < R))
+        else:
+            lr = 0.0  # no LoRA term: a placeholder argument
         if EPI_SUBTILE:
             # Two [BLOCK_M, BLOCK_N / 2] halves, one after the other: the epilogue's shared memory
             # (the store tile, the q tile of the rank-r product) halves, which is what lets the
             # 128 x 256 x 64, 3-stage main loop fit beside a rank-64 epilogue (227 KB on the H100).
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _epilogue(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
-                      scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
-                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
-            _epilogue(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
-                      q_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
-                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N // 2, BLOCK_R)
+            _finish_tile(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
+                         scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                         stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         BLOCK_M, BLOCK_N // 2, BLOCK_R)
+            _finish_tile(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
+                         q_ptr, q_desc, scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn,
+                         stride_qr, stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         BLOCK_M, BLOCK_N // 2, BLOCK_R)
         else:
-            _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
-                      scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-                      stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                      LR_EPILOGUE, DROPOUT_OUT, HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT,
-                      STORE_OUT, USE_DESC, BLOCK_M, BLOCK_N, BLOCK_R)
+            _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
+                         scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                         stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
-def _lowrank_product(lr, q_ptr, rows, cols_n, N, R, stride_qn, stride_qr, lr_scale, seed, dropout_p, mask_ld,
-                     DROPOUT_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The LoRA term of one output tile: lr_scale * lr @ q^T (masked with the dropout keep-mask at
-    [rows, cols_n] when DROPOUT_OUT), q tile [BLOCK_N, BLOCK_R] read once per tile."""
-    r_idx = tl.arange(0, BLOCK_R)
-    q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr,
-                mask=(cols_n[:, None] < N) & (r_idx[None, :] < R), other=0.0)
-    low = mma((lr * lr_scale).to(q.dtype), q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
+                 scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                 stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
+                 LR_EPILOGUE: tl.constexpr, LR_PRECOMPUTED: tl.constexpr, DROPOUT_OUT: tl.constexpr,
+                 EVEN_R: tl.constexpr, LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SAVE_AUX: tl.constexpr, REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr, SCALE_OUT: tl.constexpr,
+                 SHIFT_OUT: tl.constexpr, STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Output columns [off_n, off_n + BLOCK_N) of the tile: + the LoRA term (its q tile loaded
+    here), then the epilogue."""
+    if LR_EPILOGUE:
+        q = _load_q(q_ptr, q_desc, off_n, N, R, stride_qn, stride_qr, BLOCK_N, BLOCK_R, EVEN_R, LR_DESC, Q_RMAJOR)
+        acc = _lowrank_product(acc, _scaled_lr(lr, lr_scale, q.dtype, LR_PRECOMPUTED), q,
+                               off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N),
+                               seed, dropout_p, mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N)
+    _epilogue(acc, off_m, off_n, pid_m, num_pid_m, M, N, out_ptr, out_desc, bias_ptr,
+              scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_xm, stride_xn,
+              HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+              BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _load_lr(lr_ptr, lr_desc, off_m, M, R, stride_lm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+             EVEN_R: tl.constexpr, LR_DESC: tl.constexpr):
+    """The [BLOCK_M, BLOCK_R] tile of lr at row off_m; columns past R read as zero."""
+    if LR_DESC:
+        lr = lr_desc.load([off_m, 0])
+    else:
+        rows = off_m + tl.arange(0, BLOCK_M)
+        r_idx = tl.arange(0, BLOCK_R)
+        in_range = rows[:, None] < M
+        if not EVEN_R:
+            in_range = in_range & (r_idx[None, :] < R)
+        lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], mask=in_range, other=0.0)
+    return lr
+
+
+@triton.jit
+def _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, QBN: tl.constexpr, BLOCK_R: tl.constexpr,
+                 LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr):
+    if Q_RMAJOR:
+        desc = _make_desc(q_ptr, N, R, stride_qn, QBN, BLOCK_R, LR_DESC)
+    else:
+        desc = _make_desc(q_ptr, R, N, stride_qr, BLOCK_R, QBN, LR_DESC)
+    return desc
+
+
+@triton.jit
+def _load_q(q_ptr, q_desc, off_n, N, R, stride_qn, stride_qr, QBN: tl.constexpr, BLOCK_R: tl.constexpr,
+            EVEN_R: tl.constexpr, LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr):
+    """The [QBN, BLOCK_R] tile of q ([N, R] logically) at row off_n, out-of-range entries zero. By
+    descriptor, q is read in its stored orientation: [N, R] (B) or [R, N] (A, then transposed)."""
+    if LR_DESC:
+        if Q_RMAJOR:
+            q = q_desc.load([off_n, 0])
+        else:
+            q = q_desc.load([0, off_n]).T
+    else:
+        cols_n = off_n + tl.arange(0, QBN)
+        r_idx = tl.arange(0, BLOCK_R)
+        in_range = cols_n[:, None] < N
+        if not EVEN_R:
+            in_range = in_range & (r_idx[None, :] < R)
+        # Any strides: B^T (grad_x's q = A^T) needs no copy.
+        q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr, mask=in_range, other=0.0)
+    return q
+
+
+@triton.jit
+def _scaled_lr(lr, lr_scale, dtype: tl.constexpr, PRESCALED: tl.constexpr):
+    """The A operand of the LoRA term: lr read from memory already carries lr_scale (whoever wrote
+    it applied it); lr accumulated in this kernel's K loop does not yet."""
+    if PRESCALED:
+        lr_s = lr.to(dtype)
+    else:
+        lr_s = (lr * lr_scale).to(dtype)
+    return lr_s
+
+
+@triton.jit
+def _lowrank_product(acc, lr_s, q, rows, cols_n, seed, dropout_p, mask_ld,
+                     DROPOUT_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + lr_s @ q^T, the LoRA term of one output tile (lr_s: [BLOCK_M, BLOCK_R], pre-scaled, in
+    q's dtype; q: [BLOCK_N, BLOCK_R]). With DROPOUT_OUT the term is masked by the dropout keep-mask
+    at [rows, cols_n], which needs it apart from acc; otherwise it accumulates straight into acc."""
     if DROPOUT_OUT:
-        low = tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
-    return low
+        low = mma(lr_s, q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+        acc += tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
+    else:
+        acc = mma(lr_s, q.T, acc)
+    return acc
 
 
 @triton.jit
-def _epilogue(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr,
-              scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-              stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-              LR_EPILOGUE: tl.constexpr, DROPOUT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr,
-              REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr, SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr,
-              STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The output tile [BLOCK_M, BLOCK_N] at (off_m, off_n) from its fp32 accumulator acc:
-    + scale * lr @ q^T (masked), + bias, the aux store / reduction, * scale, + shift, store."""
+def _epilogue(acc, off_m, off_n, pid_m, num_pid_m, M, N, out_ptr, out_desc, bias_ptr,
+              scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_xm, stride_xn,
+              HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr, REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr,
+              SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr, STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output tile [BLOCK_M, BLOCK_N] at (off_m, off_n) from its fp32 accumulator acc (the
+    LoRA term already in): + bias, the aux store / reduction, * scale, + shift, store."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols_n = off_n + tl.arange(0, BLOCK_N)
-    if LR_EPILOGUE:
-        acc += _lowrank_product(lr, q_ptr, rows, cols_n, N, R, stride_qn, stride_qr, lr_scale, seed, dropout_p,
-                                mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N, BLOCK_R)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
         acc += bias[None, :].to(tl.float32)

@@ -159,12 +159,21 @@ def _skinny_configs(N):
     return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
 
 
+@functools.lru_cache(maxsize=None)
+def _warp_specialization_applies() -> bool:
+    # Triton 3.6 compiles this kernel's warp_specialize loop to the same binary as the plain loop on
+    # Hopper (the same TTGIR but for the attribute, the same cubin): only Blackwell (sm_100+) gets
+    # partitions. Timing both on Hopper would double the tuning time for nothing.
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
+
+
 def _candidates(M: int, N: int, element_size: int):
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
-        cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small]
+        cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
+                 and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -356,9 +365,11 @@ class _FusedLinearPlan:
 
 _PLANS: dict = {}
 
-# Experimental, off by default: the LoRA term (lr precomputed) opens each tile's accumulator before
-# the K loop instead of closing it in the epilogue. Not yet measured on the GPU (RESULTS.md).
-LOWRANK_FIRST = os.environ.get("FUSEDPEFT_LORA_LOWRANK_FIRST", "0") == "1"
+# A precomputed LoRA term's lr / q tiles through tensor descriptors (TMA) where both allow it,
+# rather than pointer loads: its MMA then reads both operands from shared memory as the TMA put
+# them there (benchmarks/RESULTS.md: this is what removed most of the epilogue's cost).
+# FUSEDPEFT_LORA_LOWRANK_TMA=0 turns it off.
+LOWRANK_TMA = os.environ.get("FUSEDPEFT_LORA_LOWRANK_TMA", "1") != "0"
 
 # Tests flip this to run the rank-r update apart from the GEMM (what happens when no tile config
 # can hold the rank-r epilogue, e.g. r = 256 at large M) on inputs where the epilogue would fit.
@@ -371,7 +382,7 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_l
     main loop. It costs one more read and write of out (4MN bytes in bf16), and, with dropout on
     the low-rank term, the M x N keep-mask (float32) for the time of the call."""
     launch_fused_linear(a, w_mat, out, bias=bias)
-    low = (lr * lr_scale).to(out.dtype) @ q.T.to(out.dtype)
+    low = lr.to(out.dtype) @ q.T.to(out.dtype)  # lr read from memory carries lr_scale
     if dropout_out and dropout_p > 0:
         M, N = out.shape
         if mask_ld != N:
@@ -386,10 +397,13 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_l
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
                         seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
                         lr_precomputed=False, mask_a=False, scale=None, scale_a=False, shift=None,
-                        aux=None, save_aux=False, reduce_aux=False, reduce_sum=False, precise=False):
+                        aux=None, save_aux=False, reduce_aux=False, reduce_sum=False, precise=False,
+                        out_scale=None):
     """out = a @ w_mat^T (+ lr_scale * lr @ q^T, masked) (+ bias), see fused_linear_kernel.
-    a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R] float32. With lr_precomputed, lr is
-    read; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K loop and saved into lr.
+    a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R]. With lr_precomputed, lr is read, and
+    holds lr_scale * lr already; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K
+    loop and lr_scale * lr saved into lr (in lr's dtype). out_scale: out = out_scale * (a @ w^T),
+    for the skinny launch that writes a pre-scaled lr (no other extra may come with it).
     mask_a applies the dropout mask to a in the main product (for u = drop(x) A^T itself).
 
     Rescaling pieces: scale ([K] with scale_a: a scaled along K; [N] otherwise: out scaled along
@@ -408,11 +422,12 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     if fast:
         plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
                     _meta(scale), _meta(shift), _meta(aux), mask_ld, dropout_in, dropout_out, dropout_p > 0,
-                    lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise,
-                    USE_TENSOR_DESCRIPTORS, LOWRANK_FIRST)
+                    lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise, out_scale is None,
+                    USE_TENSOR_DESCRIPTORS, LOWRANK_TMA)
         plan = _PLANS.get(plan_key)
         if plan is not None:
-            return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
+            return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux,
+                        lr_scale if out_scale is None else out_scale, seed, dropout_p)
     # The rank-r update can run apart from the GEMM when it is the only extra (lr precomputed).
     lowrank_apart_ok = (q is not None and lr_precomputed and out is not None and scale is None and shift is None
                         and not save_aux and not reduce_aux)
@@ -420,13 +435,20 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         return _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out)
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
+    if out_scale is not None:
+        if has_lora or scale is not None or shift is not None or save_aux or reduce_aux:
+            raise ValueError("out_scale comes alone: no LoRA term, rescaling or aux with it")
+        lr_scale = out_scale
     R = q.shape[1] if has_lora else 1
     in_loop = has_lora and not lr_precomputed
-    lr_first = bool(LOWRANK_FIRST and has_lora and lr_precomputed)
+    # The lr and q tiles by descriptor: q in its stored orientation ([N, R] for B, [R, N] for A).
+    q_stored = None if not has_lora else q if q.stride(1) == 1 else q.T if q.stride(0) == 1 else None
+    lr_desc = bool(LOWRANK_TMA and has_lora and lr_precomputed and q_stored is not None
+                   and descriptor_ok(lr, q_stored))
     store_out = out is not None
     dummy = a  # never read: its constexpr flag is off
     use_desc = descriptor_ok(a, w, out)
-    if use_desc and not interpreting():
+    if (use_desc or lr_desc) and not interpreting():
         ensure_allocator()
     ints = (M, N, K, R,
             a.stride(0), a.stride(1), stride_wn, stride_wk,
@@ -455,15 +477,17 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         return None if shape is None else torch.empty(shape, dtype=torch.float32, device=a.device)
 
     flags = dict(
-        HAS_BIAS=bias is not None, LR_EPILOGUE=has_lora and not lr_first, LR_FIRST=lr_first, W_KMAJOR=w_kmajor,
+        HAS_BIAS=bias is not None, LR_EPILOGUE=has_lora, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
         MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop, FLATTEN=not in_loop,
+        ACC_SCALE=out_scale is not None,
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
         SHIFT_OUT=shift is not None, STORE_OUT=store_out,
         PRECISE_MAIN=bool(precise and a.dtype == torch.float32), PRECISE_LR=bool(in_loop and a.dtype == torch.float32),
-        USE_DESC=use_desc, BLOCK_R=block_r(R),
+        USE_DESC=use_desc, BLOCK_R=block_r(R), EVEN_R=R == block_r(R), LR_DESC=lr_desc,
+        Q_RMAJOR=q_stored is q,
     )
 
     def finish(partial):
@@ -500,7 +524,8 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
             _PLANS.clear()
         plan = _PLANS[plan_key] = _FusedLinearPlan()
         plan.entry, plan.grid3, plan.device = last["entry"], _grid3(last["grid"]), a.get_device()
-        plan.ints, plan.in_loop, plan.copy_w, plan.desc = ints, in_loop, w.data_ptr() != w_mat.data_ptr(), use_desc
+        plan.ints, plan.in_loop, plan.copy_w = ints, in_loop, w.data_ptr() != w_mat.data_ptr()
+        plan.desc = use_desc or lr_desc
         plan.tail = (*tail, *(last["constexprs"][n] for n in _constexpr_names(fused_linear_kernel)))
         plan.partial_shape, plan.reduce_sum = partial_shape(cfg.kwargs), reduce_sum
     return finish(last.get("partial"))

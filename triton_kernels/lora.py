@@ -1,8 +1,10 @@
 """LoRA launchers over the shared GEMM core: forward, backward and the dropout mask, on 2-D
 inputs. The op layer (fusedpeft/ops/lora.py) owns argument checks, reshapes and autograd.
 
-Forward: y = x W^T + b + s (drop(x) A^T) B^T, and u = drop(x) A^T (M x r, float32) saved for
-the backward (M*r floats, no full-size tensor). Two schedules over the one GEMM core (see
+Forward: y = x W^T + b + s (drop(x) A^T) B^T, and s * u = s drop(x) A^T (M x r, in x's dtype,
+as peft's autograd would keep u) saved for the backward: no full-size tensor. Keeping u (and
+g = grad_y B) pre-scaled and in the layer's dtype lets the epilogue feed it to the tensor cores
+straight from its TMA tile, and the weight gradients need no scale. Two schedules over the one GEMM core (see
 schedule()): 'fused', one launch with u accumulated in the K loop; 'split', u as a skinny GEMM
 (reads x once: 2MK bytes) and then the base GEMM with a rank-r epilogue.
 
@@ -43,14 +45,16 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    u = torch.empty(M, r, dtype=torch.float32, device=x.device)
-    common = dict(lr_scale=scaling / (1.0 - dropout_p), seed=seed, dropout_p=dropout_p, mask_ld=K)
+    u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)  # s * drop(x) A^T
+    s = scaling / (1.0 - dropout_p)
+    common = dict(lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K)
     if schedule(M, r) == "fused":
-        launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u, dropout_in=True, **common)
+        launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u_s, dropout_in=True, **common)
     else:
-        launch.launch_fused_linear(x, lora_A, u, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True, precise=True)
-        launch.launch_fused_linear(x, weight, y, bias=bias, q=lora_B, lr=u, lr_precomputed=True, **common)
-    return y, (u,)
+        launch.launch_fused_linear(x, lora_A, u_s, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True,
+                                   precise=True, out_scale=s)
+        launch.launch_fused_linear(x, weight, y, bias=bias, q=lora_B, lr=u_s, lr_precomputed=True, **common)
+    return y, (u_s,)
 
 
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
@@ -96,29 +100,29 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
     need_x, need_w, need_b, need_A, need_B = needs
-    (u,) = saved
+    (u_s,) = saved  # s * drop(x) A^T
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     s = scaling / (1.0 - dropout_p)
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_A:
-        g_low = torch.empty(M, r, dtype=torch.float32, device=x.device)  # grad_y B
+        g_s = torch.empty(M, r, dtype=grad_y.dtype, device=x.device)  # s * grad_y B
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        common = dict(q=lora_A.T, lr=g_low, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
+        common = dict(q=lora_A.T, lr=g_s, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
         if schedule(M, r) == "fused":
             launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T, **common)
         else:
-            launch.launch_fused_linear(grad_y, lora_B.T, g_low, precise=True)
+            launch.launch_fused_linear(grad_y, lora_B.T, g_s, precise=True, out_scale=s)
             launch.launch_fused_linear(grad_y, weight.T, grad_x, lr_precomputed=True, **common)
         if not need_x:
             grad_x = None
-    if need_A:
+    if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
         grad_A = torch.empty(r, K, dtype=lora_A.dtype, device=x.device)
-        _weight_grad(x, g_low, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p, mask_ld=K)
-    if need_B or need_b:
+        _weight_grad(x, g_s, grad_A, scale=1.0, transpose_out=True, seed=seed, dropout_p=dropout_p, mask_ld=K)
+    if need_B or need_b:  # grad_B = s grad_y^T u = grad_y^T u_s
         grad_B = torch.empty(N, r, dtype=lora_B.dtype, device=x.device)
         grad_b = torch.empty(N, dtype=grad_y.dtype, device=x.device) if need_b else None
-        _weight_grad(grad_y, u, grad_B, scale=s, transpose_out=False, colsum=grad_b)
+        _weight_grad(grad_y, u_s, grad_B, scale=1.0, transpose_out=False, colsum=grad_b)
         if not need_B:
             grad_B = None
     if need_w:  # only when the user unfroze the base weight: one plain GEMM

@@ -112,8 +112,9 @@ backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, pr
 
 
 def _saved_dtype(dtype):
-    # u is kept in float32 at least (float64 stays float64).
-    return torch.promote_types(dtype, torch.float32)
+    # The saved low-rank activation is kept in the layer's dtype, as peft's autograd keeps lora_A's
+    # output (the triton backend keeps it pre-scaled: each backend reads back what it saved).
+    return dtype
 
 
 def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int):
@@ -125,7 +126,7 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int
 
 def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed: int, needs):
     impl = backends.impl_at(OP, index)
-    # u stays in its saved dtype (float32 for half inputs): backends read it as they need.
+    # u stays in its saved dtype: backends read it as they need.
     return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
                          tuple(needs), (u,))
 
