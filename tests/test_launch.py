@@ -73,6 +73,7 @@ def stubbed_gpu(monkeypatch):
     monkeypatch.setattr(launch, "num_sms", lambda index: 4)
     monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
     monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(triton_kernels.lora, "_PLANS", {})
     monkeypatch.setattr(launch, "TUNED", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return monkeypatch
@@ -91,7 +92,8 @@ def _same_launch(first, second, inputs):
 
 
 def test_launch_plans_replay_the_planning_call(stubbed_gpu):
-    """A repeated launch is served from its plan (launch._PLANS) without re-deriving anything;
+    """A repeated launch is served from its plan (launch._PLANS, and lora._PLANS for the weight
+    gradients) without re-deriving anything;
     the plan must hand the kernel the same grid and arguments, in the same order, as the call
     that made it. Checked with the GPU stubbed out, for every launch the LoRA, IA3 and SSF
     forward and backward make."""
@@ -134,7 +136,7 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu):
             assert len(launches[0]) == len(launches[1]), name
             for first, second in zip(*launches):
                 _same_launch(first, second, inputs)
-    assert launch._PLANS  # the second calls did go through plans
+    assert launch._PLANS and triton_kernels.lora._PLANS  # the second calls did go through plans
 
 
 # (M, C, R, split over M in the interpreter's grid)

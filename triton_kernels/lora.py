@@ -57,6 +57,27 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, (u_s,)
 
 
+class _WeightGradPlan:
+    """A _weight_grad call replayed from its plan key (shapes, strides, dtypes, alignment, flags):
+    the compiled kernel, grid, integer arguments and constexprs are kept; a replay allocates the
+    partials, looks up the ticket counters and launches (the host cost of a training step,
+    benchmarks/RESULTS.md)."""
+
+    __slots__ = ("entry", "grid3", "device", "partial_numel", "col_blocks", "ints", "tail")
+
+    def __call__(self, l, s, out, colsum, scale, seed, dropout_p):
+        if self.partial_numel:
+            partial = torch.empty(self.partial_numel, dtype=torch.float32, device=l.device)
+            counter = launch.ticket_counters(self.col_blocks, l.device)
+        else:
+            partial = counter = out
+        self.entry(self.grid3, self.device, (l, s, out, out if colsum is None else colsum, partial, counter, *self.ints,
+                                             float(scale), int(seed), float(dropout_p), *self.tail))
+
+
+_PLANS: dict = {}
+
+
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
     """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l,
     in one launch (lowrank_weight_grad_kernel: split over M, the last program per column block
@@ -70,32 +91,47 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         if colsum is not None:
             colsum.zero_()
         return
+    fast = launch.FAST_LAUNCH and not launch.interpreting()
+    if fast:
+        meta = launch._meta
+        plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0, mask_ld)
+        plan = _PLANS.get(plan_key)
+        if plan is not None:
+            return plan(l, s, out, colsum, scale, seed, dropout_p)
     interp = launch.interpreting()
     BLOCK_C = 16 if interp else 64
     BLOCK_M = 16 if interp else 64
     BLOCK_R = launch.block_r(R)
-    # Each pipeline stage holds an l tile and an s tile (s is float32): up to 4 stages within
-    # 160 KB of shared memory (r = 256: 74 KB a stage in bf16, so 2), and 8 warps from r = 128 so
-    # that the [BLOCK_C, BLOCK_R] float32 accumulator stays at 64 registers a thread.
+    # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
+    # memory (r = 256: 66 KB a stage in bf16, so 2), and 8 warps from r = 128 so that the
+    # [BLOCK_C, BLOCK_R] float32 accumulator stays at 64 registers a thread.
     stage_bytes = BLOCK_M * (BLOCK_C * l.element_size() + BLOCK_R * s.element_size())
     num_stages = 1 if interp else max(1, min(4, (160 * 1024) // stage_bytes))
     num_warps = 8 if BLOCK_R >= 128 else 4
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device)
-    if splits > 1:
-        partial = torch.empty(splits * C * (BLOCK_R + 1), dtype=torch.float32, device=l.device)
+    partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
+    if partial_numel:
+        partial = torch.empty(partial_numel, dtype=torch.float32, device=l.device)
         counter = launch.ticket_counters(col_blocks, l.device)
     else:
         partial = counter = out
     stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    launch.cached_launch(
+    ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or)
+    constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
+                      BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    entry = launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
-        (l, s, out, colsum if colsum is not None else out, partial, counter, M, C, R, rows_per_split,
-         l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
+        (l, s, out, colsum if colsum is not None else out, partial, counter, *ints,
          float(scale), int(seed), float(dropout_p), int(mask_ld)),
-        dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
-             BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
-        num_warps=num_warps, num_stages=num_stages,
+        constexprs, num_warps=num_warps, num_stages=num_stages,
     )
+    if fast and entry is not None:
+        if len(_PLANS) > 4096:  # many distinct shapes: start afresh
+            _PLANS.clear()
+        plan = _PLANS[plan_key] = _WeightGradPlan()
+        plan.entry, plan.grid3, plan.device = entry, (col_blocks, splits, 1), l.get_device()
+        plan.partial_numel, plan.col_blocks, plan.ints = partial_numel, col_blocks, ints
+        plan.tail = (int(mask_ld), *(constexprs[n] for n in launch._constexpr_names(lowrank_weight_grad_kernel)))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
