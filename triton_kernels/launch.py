@@ -85,13 +85,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def split_rows(M: int, C: int, block_m: int, block_c: int, device) -> tuple[int, int, int]:
+def split_rows(M: int, C: int, block_m: int, block_c: int, device, programs_per_sm: int = 4) -> tuple[int, int, int]:
     """Grid of the column reductions (weight gradients, column dot products): (column blocks,
     row splits, rows per split). M is split across programs so that narrow C still fills the
-    GPU (about 4 programs per SM); each split's partial result is summed afterwards in a fixed
-    order, so the result is deterministic."""
+    GPU (about programs_per_sm programs per SM); each split's partial result is summed afterwards
+    in a fixed order, so the result is deterministic."""
     col_blocks = cdiv(C, block_c)
-    target = 2 if interpreting() else 4 * num_sms(device.index or 0)
+    target = 2 if interpreting() else programs_per_sm * num_sms(device.index or 0)
     splits = max(1, min(cdiv(M, block_m * 4), cdiv(target, col_blocks)))
     rows_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     return col_blocks, cdiv(M, rows_per_split), rows_per_split
@@ -135,9 +135,10 @@ def m_bucket(M: int) -> int:
     return min(next_power_of_2(max(M, 1)), 8192)
 
 
-def _config(bm, bn, bk, warps, stages, ws=False, sub=False):
+def _config(bm, bn, bk, warps, stages, ws=False, sub=False, per_sm=1):
+    # PROGRAMS_PER_SM is not a kernel argument: the persistent grid's size is per_sm x SMs.
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws,
-                          "EPI_SUBTILE": sub}, num_warps=warps, num_stages=stages)
+                          "EPI_SUBTILE": sub, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs():
@@ -154,9 +155,12 @@ def _gemm_configs():
 
 def _skinny_configs(N):
     # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
-    # enough that every SM streams its share of a.
+    # enough that every SM streams its share of a. Memory-bound: the small-row tiles also run two
+    # programs per SM (M = 4096 has 64 row blocks of 64, under half the H100's 132 SMs).
     bn = max(16, next_power_of_2(N))
-    return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
+    return [_config(bm, bn, bk, 4, st, per_sm=ps) for bm, bk, st, ps in
+            [(32, 256, 3, 1), (64, 128, 4, 1), (64, 256, 3, 1), (128, 128, 3, 1), (16, 256, 4, 1),
+             (16, 256, 4, 2), (32, 128, 4, 2)]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -505,8 +509,9 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     def launch_with(cfg):
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
-        grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
-        constexprs = {**flags, **kw, "NUM_SMS": sms}
+        programs = sms * kw["PROGRAMS_PER_SM"]
+        grid = (min(programs, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
+        constexprs = {**flags, **{k: v for k, v in kw.items() if k != "PROGRAMS_PER_SM"}, "NUM_SMS": programs}
         last["entry"] = cached_launch(fused_linear_kernel, grid, args_for(partial), constexprs,
                                       cfg.num_warps, cfg.num_stages)
         last["grid"], last["constexprs"] = grid, constexprs

@@ -77,6 +77,14 @@ class _WeightGradPlan:
 
 _PLANS: dict = {}
 
+# The weight-gradient reduction's tile on the GPU (rows per step, columns per program) and the
+# programs per SM its split over M aims at. benchmarks/diag_weight_grad.py times the choices; on the
+# H100 (RESULTS.md) 256 x 64 with 2 programs per SM was best or within 4% of it at every shape and
+# rank <= 64 (4096 x 4096, r = 64: 36 us against 53 us for 64 x 64 at 4 per SM). Above r = 64 a
+# 256-row stage would not leave room for two stages: 64 x 64. None = that rule; a tuple forces it.
+WEIGHT_GRAD_TILE = None
+WEIGHT_GRAD_PROGRAMS_PER_SM = 2
+
 
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
     """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l,
@@ -99,16 +107,16 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         if plan is not None:
             return plan(l, s, out, colsum, scale, seed, dropout_p)
     interp = launch.interpreting()
-    BLOCK_C = 16 if interp else 64
-    BLOCK_M = 16 if interp else 64
     BLOCK_R = launch.block_r(R)
+    BLOCK_M, BLOCK_C = (16, 16) if interp else WEIGHT_GRAD_TILE or ((256, 64) if BLOCK_R <= 64 else (64, 64))
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
-    # memory (r = 256: 66 KB a stage in bf16, so 2), and 8 warps from r = 128 so that the
-    # [BLOCK_C, BLOCK_R] float32 accumulator stays at 64 registers a thread.
+    # memory (r = 256: 66 KB a stage in bf16 at 64 x 64, so 2), and 8 warps once the
+    # [BLOCK_C, BLOCK_R] float32 accumulator passes 64 registers a thread at 4 warps.
     stage_bytes = BLOCK_M * (BLOCK_C * l.element_size() + BLOCK_R * s.element_size())
     num_stages = 1 if interp else max(1, min(4, (160 * 1024) // stage_bytes))
-    num_warps = 8 if BLOCK_R >= 128 else 4
-    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device)
+    num_warps = 8 if BLOCK_C * BLOCK_R > 128 * 64 else 4
+    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device,
+                                                           WEIGHT_GRAD_PROGRAMS_PER_SM)
     partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
     if partial_numel:
         partial = torch.empty(partial_numel, dtype=torch.float32, device=l.device)
