@@ -194,3 +194,14 @@ def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu):
     assert tried.count(True) == candidates  # tuned once; the second call knew the key does not fit
     with pytest.raises(launch.NoConfigFits, match="no Triton config"):
         launch.launch_fused_linear(a, w, torch.empty(M, N), q=q, lr=lr, lr_precomputed=True, scale=bias)
+
+
+def test_out_scale_comes_alone():
+    """out_scale (the skinny launch writing a pre-scaled u or grad_y B) scales the whole product;
+    combined with another extra it is refused by name rather than silently mixed."""
+    a, w = torch.randn(20, 12), torch.randn(6, 12)
+    out = torch.empty(20, 6)
+    launch.launch_fused_linear(a, w, out, out_scale=-0.75)
+    assert torch.allclose(out, -0.75 * a @ w.T, atol=1e-4)
+    with pytest.raises(ValueError, match="out_scale comes alone"):
+        launch.launch_fused_linear(a, w, out, scale=torch.randn(6), out_scale=2.0)
