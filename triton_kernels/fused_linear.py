@@ -304,18 +304,26 @@ def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_
 
 
 @triton.jit
+def _load_rank_tile(ptr, r0, NROWS, R, stride_row, stride_r, BR: tl.constexpr, BLOCK_R: tl.constexpr,
+                    EVEN_R: tl.constexpr):
+    """Pointer load of the [BR, BLOCK_R] tile at row r0 of an NROWS x R matrix (any strides), zero
+    outside it; with EVEN_R (R == BLOCK_R) only the rows are masked, so the loads vectorise."""
+    rows = r0 + tl.arange(0, BR)
+    r_idx = tl.arange(0, BLOCK_R)
+    in_range = rows[:, None] < NROWS
+    if not EVEN_R:
+        in_range = in_range & (r_idx[None, :] < R)
+    return tl.load(ptr + rows[:, None] * stride_row + r_idx[None, :] * stride_r, mask=in_range, other=0.0)
+
+
+@triton.jit
 def _load_lr(lr_ptr, lr_desc, off_m, M, R, stride_lm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
              EVEN_R: tl.constexpr, LR_DESC: tl.constexpr):
     """The [BLOCK_M, BLOCK_R] tile of lr at row off_m; columns past R read as zero."""
     if LR_DESC:
         lr = lr_desc.load([off_m, 0])
     else:
-        rows = off_m + tl.arange(0, BLOCK_M)
-        r_idx = tl.arange(0, BLOCK_R)
-        in_range = rows[:, None] < M
-        if not EVEN_R:
-            in_range = in_range & (r_idx[None, :] < R)
-        lr = tl.load(lr_ptr + rows[:, None] * stride_lm + r_idx[None, :], mask=in_range, other=0.0)
+        lr = _load_rank_tile(lr_ptr, off_m, M, R, stride_lm, 1, BLOCK_M, BLOCK_R, EVEN_R)
     return lr
 
 
@@ -339,14 +347,8 @@ def _load_q(q_ptr, q_desc, off_n, N, R, stride_qn, stride_qr, QBN: tl.constexpr,
             q = q_desc.load([off_n, 0])
         else:
             q = q_desc.load([0, off_n]).T
-    else:
-        cols_n = off_n + tl.arange(0, QBN)
-        r_idx = tl.arange(0, BLOCK_R)
-        in_range = cols_n[:, None] < N
-        if not EVEN_R:
-            in_range = in_range & (r_idx[None, :] < R)
-        # Any strides: B^T (grad_x's q = A^T) needs no copy.
-        q = tl.load(q_ptr + cols_n[:, None] * stride_qn + r_idx[None, :] * stride_qr, mask=in_range, other=0.0)
+    else:  # any strides: B^T (grad_x's q = A^T) needs no copy
+        q = _load_rank_tile(q_ptr, off_n, N, R, stride_qn, stride_qr, QBN, BLOCK_R, EVEN_R)
     return q
 
 

@@ -1,0 +1,149 @@
+"""Registers, spills and shared memory of the LoRA launches on Hopper, from a CPU-only machine.
+
+Triton's compiler and ptxas run without a GPU: this records the launches a LoRA forward and
+backward make (shapes, strides, dtypes and flags as the real launchers pass them, with the GPU
+stubbed out), compiles each for sm_90 under every tile config the tuner would try, and prints what
+`cuobjdump -res-usage` reports for the cubin, beside the dynamic shared memory Triton asks for
+(227 KB is the H100's limit). Session 4 used it to find the cost of the LoRA epilogue before
+spending device time (benchmarks/RESULTS.md); the figures are the installed Triton's, which may
+differ from the device image's (3.6).
+
+    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--rank 16] [--dump DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import torch
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int8: "i8", torch.int64: "i64"}
+H100_SHARED_LIMIT = 232448
+
+
+def _signature(kernel, args, constexprs):
+    """ASTSource's signature, constants and attributes for a call, specialised as Triton's JIT
+    would: an int equal to 1 becomes a constant, an int or pointer divisible by 16 gets the
+    divisibility attribute (do_not_specialize arguments get neither)."""
+    names = kernel.arg_names
+    plain = [n for n in names if n not in constexprs]
+    skip = {names[n] if isinstance(n, int) else n for n in getattr(kernel, "do_not_specialize", [])}
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for name, value in zip(plain, args):
+        index = names.index(name)
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1 and name not in skip:
+                sig[name], consts[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0 and name not in skip:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32"
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return {n: sig[n] for n in names}, consts, attrs
+
+
+def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None):
+    """Compile one launch for sm_90; returns (cuobjdump's resource line, Triton's shared bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs = _signature(kernel, args, constexprs)
+    compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout.strip().splitlines()[-1].strip()
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(dump, f"kernel.{ext}"), "w") as f:
+                f.write(compiled.asm[ext])
+    fields = dict(item.split(":") for item in usage.split() if ":" in item)
+    return fields, compiled.metadata.shared
+
+
+def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
+    """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch of one
+    LoRA training step, as the Triton backend's launchers build them for a GPU; nothing runs. Needs
+    Triton's compiler, not its interpreter: run without TRITON_INTERPRET."""
+    from fusedpeft._kernels import triton_kernels
+
+    launch, lora = triton_kernels.launch, triton_kernels.lora
+    recorded, pending = [], []
+    saved = {n: getattr(launch, n) for n in ("interpreting", "num_sms", "ensure_allocator", "cached_launch",
+                                             "_tuned_config", "_PLANS", "TUNED")}
+    saved_plans, saved_device = lora._PLANS, torch.cuda.current_device
+
+    def record(kernel, grid, args, constexprs, num_warps, num_stages):
+        recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
+
+    def first_candidate(key, M_, N_, size, launch_with):
+        cands = launch._candidates(M_, N_, size)
+        pending.append(cands)  # the launch that follows is recorded with them
+        return cands[0]
+
+    try:
+        launch.interpreting = lambda: False
+        launch.num_sms = lambda index: 132
+        launch.ensure_allocator = lambda: None
+        launch.cached_launch = record
+        launch._tuned_config = first_candidate
+        launch._PLANS, launch.TUNED, lora._PLANS = {}, {}, {}
+        torch.cuda.current_device = lambda: 0
+        x, W = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        _, saved_u = lora.forward(x, W, None, A, B, 2.0, 0.0, 0)
+        lora.backward(torch.randn(M, N, dtype=dtype), x, W, A, B, 2.0, 0.0, 0, (True, False, False, True, True),
+                      saved_u)
+    finally:
+        for n, v in saved.items():
+            setattr(launch, n, v)
+        lora._PLANS, torch.cuda.current_device = saved_plans, saved_device
+    return recorded
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dump", default=None, help="write each compiled launch's TTGIR and PTX below this folder")
+    args = parser.parse_args(argv)
+    M, K, N = (int(v) for v in args.shape.split("x"))
+    names = ["u = x A^T", "forward", "g = grad_y B", "grad_x", "grad_A", "grad_B"]
+    for i, entry in enumerate(record_lora_launches(M, K, N, args.rank)):
+        kernel, call_args, constexprs, warps, stages, candidates = entry
+        label = names[i] if i < len(names) else f"launch {i}"
+        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, stages)]
+        print(f"{label} ({kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}):")
+        for j, (kw, w, st) in enumerate(configs):
+            cexpr = {**constexprs, **{k: v for k, v in kw.items() if k != "PROGRAMS_PER_SM"}}
+            tag = " ".join(f"{k}={v}" for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
+            try:
+                dump = os.path.join(args.dump, f"{i}_{j}") if args.dump else None
+                fields, shared = compile_for_sm90(kernel, call_args, cexpr, w, st, dump)
+                fits = "" if shared <= H100_SHARED_LIMIT else "  (over the H100's shared memory)"
+                print(f"  {tag or 'fixed config'} w{w} s{st}: {fields.get('REG')} registers, stack {fields.get('STACK')},"
+                      f" shared {shared / 1024:.0f} KB{fits}")
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"  {tag} w{w} s{st}: does not compile ({type(exc).__name__}: {str(exc).splitlines()[-1][:80]})")
+
+
+if __name__ == "__main__":
+    main()
