@@ -133,7 +133,7 @@ def main(argv=None):
         configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, stages)]
         print(f"{label} ({kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}):")
         for j, (kw, w, st) in enumerate(configs):
-            cexpr = {**constexprs, **{k: v for k, v in kw.items() if k != "PROGRAMS_PER_SM"}}
+            cexpr = {**constexprs, **kw}
             tag = " ".join(f"{k}={v}" for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
             try:
                 dump = os.path.join(args.dump, f"{i}_{j}") if args.dump else None

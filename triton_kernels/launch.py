@@ -135,10 +135,9 @@ def m_bucket(M: int) -> int:
     return min(next_power_of_2(max(M, 1)), 8192)
 
 
-def _config(bm, bn, bk, warps, stages, ws=False, sub=False, per_sm=1):
-    # PROGRAMS_PER_SM is not a kernel argument: the persistent grid's size is per_sm x SMs.
+def _config(bm, bn, bk, warps, stages, ws=False, sub=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws,
-                          "EPI_SUBTILE": sub, "PROGRAMS_PER_SM": per_sm}, num_warps=warps, num_stages=stages)
+                          "EPI_SUBTILE": sub}, num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs():
@@ -155,12 +154,10 @@ def _gemm_configs():
 
 def _skinny_configs(N):
     # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
-    # enough that every SM streams its share of a. Memory-bound: the small-row tiles also run two
-    # programs per SM (M = 4096 has 64 row blocks of 64, under half the H100's 132 SMs).
+    # enough that every SM streams its share of a. (Two programs per SM on the small-row tiles was
+    # tried in session 4 and never won the tuning at the benchmark shapes.)
     bn = max(16, next_power_of_2(N))
-    return [_config(bm, bn, bk, 4, st, per_sm=ps) for bm, bk, st, ps in
-            [(32, 256, 3, 1), (64, 128, 4, 1), (64, 256, 3, 1), (128, 128, 3, 1), (16, 256, 4, 1),
-             (16, 256, 4, 2), (32, 128, 4, 2)]]
+    return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -509,9 +506,8 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     def launch_with(cfg):
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
-        programs = sms * kw["PROGRAMS_PER_SM"]
-        grid = (min(programs, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
-        constexprs = {**flags, **{k: v for k, v in kw.items() if k != "PROGRAMS_PER_SM"}, "NUM_SMS": programs}
+        grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
+        constexprs = {**flags, **kw, "NUM_SMS": sms}
         last["entry"] = cached_launch(fused_linear_kernel, grid, args_for(partial), constexprs,
                                       cfg.num_warps, cfg.num_stages)
         last["grid"], last["constexprs"] = grid, constexprs
