@@ -8,7 +8,11 @@ stubbed out), compiles each for sm_90 under every tile config the tuner would tr
 spending device time (benchmarks/RESULTS.md); the figures are the installed Triton's, which may
 differ from the device image's (3.6).
 
-    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--rank 16] [--dump DIR]
+    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--rank 16] [--launches forward,grad_x]
+                                        [--block-n 256] [--stages 3] [--json] [--dump DIR]
+
+Triton compiles only when its language module was loaded without the interpreter; under
+TRITON_INTERPRET=1 (as in CI) main() re-runs itself in a fresh process without it.
 """
 from __future__ import annotations
 
@@ -54,12 +58,19 @@ def _signature(kernel, args, constexprs):
     return {n: sig[n] for n in names}, consts, attrs
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None):
-    """Compile one launch for sm_90; returns (cuobjdump's resource line, Triton's shared bytes)."""
+    """Compile one launch for sm_90; returns (cuobjdump's resource fields, Triton's shared bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if _interpreting():
+        raise RuntimeError("compile_for_sm90 needs Triton's compiler: run without TRITON_INTERPRET "
+                           "(main() re-runs itself that way)")
     sig, consts, attrs = _signature(kernel, args, constexprs)
     compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -81,8 +92,7 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None)
 
 def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
     """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch of one
-    LoRA training step, as the Triton backend's launchers build them for a GPU; nothing runs. Needs
-    Triton's compiler, not its interpreter: run without TRITON_INTERPRET."""
+    LoRA training step, as the Triton backend's launchers build them for a GPU; nothing runs."""
     from fusedpeft._kernels import triton_kernels
 
     launch, lora = triton_kernels.launch, triton_kernels.lora
@@ -119,30 +129,69 @@ def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
     return recorded
 
 
+LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]
+
+
+def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None):
+    """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared, error}]}]
+    for the launches of one LoRA training step (named as LAUNCH_NAMES at large M), each compiled
+    for sm_90 under every tuner candidate (filtered by BLOCK_N and stages if given)."""
+    rows = []
+    for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(record_lora_launches(M, K, N, r)):
+        name = LAUNCH_NAMES[i] if i < len(LAUNCH_NAMES) else f"launch {i}"
+        if launches and name not in launches:
+            continue
+        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, num_stages)]
+        row = {"launch": name, "kernel": kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
+               "flags": {k: v for k, v in constexprs.items() if isinstance(v, (bool, int))}, "configs": []}
+        for j, (kw, w, st) in enumerate(configs):
+            if (block_n and kw.get("BLOCK_N") != block_n) or (stages and st != stages):
+                continue
+            entry = {"config": kw, "warps": w, "stages": st}
+            try:
+                fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
+                                                  os.path.join(dump, f"{i}_{j}") if dump else None)
+                entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
+            row["configs"].append(entry)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
+    import json
+    import sys
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--launches", default=None, help=f"comma-separated subset of {','.join(LAUNCH_NAMES)}")
+    parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
+    parser.add_argument("--stages", type=int, default=None, help="only configs with this many stages")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dump", default=None, help="write each compiled launch's TTGIR and PTX below this folder")
     args = parser.parse_args(argv)
+    if _interpreting():  # triton.language itself was loaded for the interpreter: start afresh without it
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", *argv], env=env).returncode)
     M, K, N = (int(v) for v in args.shape.split("x"))
-    names = ["u = x A^T", "forward", "g = grad_y B", "grad_x", "grad_A", "grad_B"]
-    for i, entry in enumerate(record_lora_launches(M, K, N, args.rank)):
-        kernel, call_args, constexprs, warps, stages, candidates = entry
-        label = names[i] if i < len(names) else f"launch {i}"
-        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, stages)]
-        print(f"{label} ({kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}):")
-        for j, (kw, w, st) in enumerate(configs):
-            cexpr = {**constexprs, **kw}
-            tag = " ".join(f"{k}={v}" for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
-            try:
-                dump = os.path.join(args.dump, f"{i}_{j}") if args.dump else None
-                fields, shared = compile_for_sm90(kernel, call_args, cexpr, w, st, dump)
-                fits = "" if shared <= H100_SHARED_LIMIT else "  (over the H100's shared memory)"
-                print(f"  {tag or 'fixed config'} w{w} s{st}: {fields.get('REG')} registers, stack {fields.get('STACK')},"
-                      f" shared {shared / 1024:.0f} KB{fits}")
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                print(f"  {tag} w{w} s{st}: does not compile ({type(exc).__name__}: {str(exc).splitlines()[-1][:80]})")
+    rows = report(M, K, N, args.rank, args.launches.split(",") if args.launches else None, args.block_n,
+                  args.stages, args.dump)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['launch']} ({row['kernel']}):")
+        for c in row["configs"]:
+            tag = " ".join(f"{k}={v}" for k, v in c["config"].items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
+            head = f"  {tag or 'fixed config'} w{c['warps']} s{c['stages']}: "
+            if "error" in c:
+                print(head + f"does not compile ({c['error'][:100]})")
+            else:
+                over = "  (over the H100's shared memory)" if c["shared"] > H100_SHARED_LIMIT else ""
+                print(head + f"{c['registers']} registers, stack {c['stack']}, shared {c['shared'] / 1024:.0f} KB{over}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The LoRA launches as an H100 would get them, checked on CPU (benchmarks/sm90_resources.py):
+the flags of each launch of a training step, and, compiled for sm_90 by the installed Triton's
+compiler and ptxas (no GPU needed), that the tuner's 128 x 256 Hopper tiles hold the rank-r
+epilogue within the H100's shared memory and without spilling registers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import sm90_resources as sm90
+
+
+def _flags(launch):
+    return launch[2]
+
+
+def test_split_schedule_launches_and_flags():
+    u, fwd, g, grad_x, grad_A, grad_B = sm90.record_lora_launches(512, 256, 384, 16)
+    # u = s * x A^T and g = s * grad_y B: skinny launches that write the scaled, bf16 rank-r tile.
+    for skinny in (u, g):
+        assert _flags(skinny)["ACC_SCALE"] and not _flags(skinny)["LR_EPILOGUE"]
+        assert skinny[1][2].dtype == torch.bfloat16  # out
+    # The GEMMs read it back by descriptor: B stored [N, r] for the forward, A stored [r, K] for grad_x.
+    for big, q_rmajor in ((fwd, True), (grad_x, False)):
+        flags = _flags(big)
+        assert flags["LR_PRECOMPUTED"] and flags["LR_DESC"] and flags["EVEN_R"] and flags["USE_DESC"]
+        assert flags["Q_RMAJOR"] is q_rmajor and not flags["ACC_SCALE"]
+    assert _flags(fwd)["W_KMAJOR"] and not _flags(grad_x)["W_KMAJOR"]
+    assert not _flags(grad_A)["COLSUM"] and not _flags(grad_B)["COLSUM"]  # no bias here
+    assert grad_A[5] is None and grad_B[5] is None  # fixed tiles, not tuned
+
+
+def test_fused_schedule_at_decode_size():
+    fwd, grad_x, grad_A, grad_B = sm90.record_lora_launches(16, 256, 384, 16)
+    for launch in (fwd, grad_x):
+        assert _flags(launch)["IN_LOOP_LR"] and _flags(launch)["SAVE_LR"] and not _flags(launch)["LR_PRECOMPUTED"]
+
+
+def test_rank_100_pads_the_rank_tile():
+    launches = sm90.record_lora_launches(512, 256, 384, 100)
+    fwd = launches[1]
+    assert _flags(fwd)["BLOCK_R"] == 128 and not _flags(fwd)["EVEN_R"]
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_hopper_tiles_hold_the_lowrank_epilogue(r):
+    """At least one 3-stage 128 x 256 x 64 candidate of the forward and of grad_x compiles for sm_90
+    within the H100's 227 KB of shared memory, with no register spills (the TMA epilogue adds its
+    lr / q tiles to the main loop's 3 stages). Compiled in a fresh process: Triton compiles only
+    without its interpreter, which CI runs under."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--rank", str(r), "--json",
+                          "--launches", "forward,grad_x", "--block-n", "256", "--stages", "3"],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row["launch"] for row in rows] == ["forward", "grad_x"]
+    for row in rows:
+        assert row["flags"]["LR_DESC"] and row["flags"]["BLOCK_R"] == r
+        fits = [c for c in row["configs"] if "error" not in c and c["shared"] <= sm90.H100_SHARED_LIMIT
+                and c["stack"] == 0]
+        assert len(row["configs"]) == 2 and fits, row
