@@ -87,15 +87,19 @@ def dropout_keep(seed, rows, cols, ld, p):
 
 @triton.jit
 def _load_2d(ptr, desc, r0, c0, R, C, stride_r, stride_c,
-             BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr):
-    """[BR, BC] tile at (r0, c0) of an R x C matrix; out-of-range entries read as zero."""
+             BR: tl.constexpr, BC: tl.constexpr, USE_DESC: tl.constexpr, EVEN_C: tl.constexpr = False):
+    """[BR, BC] tile at (r0, c0) of an R x C matrix; out-of-range entries read as zero. EVEN_C: the
+    tile spans all C columns exactly (c0 = 0, C = BC), so only rows are masked and the pointer
+    loads vectorise along a unit column stride (the rank-r tiles at R = BLOCK_R)."""
     # One return per function: Triton compiles both sides of a constexpr branch's fall-through.
     if USE_DESC:
         tile = desc.load([r0, c0])
     else:
         rows = r0 + tl.arange(0, BR)
         cols = c0 + tl.arange(0, BC)
-        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        mask = rows[:, None] < R
+        if not EVEN_C:
+            mask = mask & (cols[None, :] < C)
         tile = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
     return tile
 
@@ -154,7 +158,7 @@ def fused_linear_kernel(
     lr_scale, seed, dropout_p, mask_ld,
     m_bucket,  # unused in the body: the autotuner's key for M's size class
     HAS_BIAS: tl.constexpr,
-    LR_EPILOGUE: tl.constexpr,  # + lr_scale * lr @ q^T in the epilogue (the LoRA term)
+    LR_EPILOGUE: tl.constexpr,  # + lr_scale * lr @ q^T in the epilogue (the LoRA term; a read lr has lr_scale in)
     W_KMAJOR: tl.constexpr,     # w stored [N, K] (True) or [K, N]
     DROPOUT_IN: tl.constexpr,   # mask a (positions [m, k], ld = mask_ld) before the rank-R product
     DROPOUT_OUT: tl.constexpr,  # mask the low-rank term (positions [m, n], ld = mask_ld)
@@ -246,7 +250,7 @@ def fused_linear_kernel(
 
         if LR_EPILOGUE:
             if LR_PRECOMPUTED:
-                lr = _load_lr(lr_ptr, lr_desc, off_m, M, R, stride_lm, BLOCK_M, BLOCK_R, EVEN_R, LR_DESC)
+                lr = _load_2d(lr_ptr, lr_desc, off_m, 0, M, R, stride_lm, 1, BLOCK_M, BLOCK_R, LR_DESC, EVEN_R)
             elif SAVE_LR:
                 if pid_n == 0:
                     r_idx = tl.arange(0, BLOCK_R)
@@ -304,30 +308,6 @@ def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_
 
 
 @triton.jit
-def _load_rank_tile(ptr, r0, NROWS, R, stride_row, stride_r, BR: tl.constexpr, BLOCK_R: tl.constexpr,
-                    EVEN_R: tl.constexpr):
-    """Pointer load of the [BR, BLOCK_R] tile at row r0 of an NROWS x R matrix (any strides), zero
-    outside it; with EVEN_R (R == BLOCK_R) only the rows are masked, so the loads vectorise."""
-    rows = r0 + tl.arange(0, BR)
-    r_idx = tl.arange(0, BLOCK_R)
-    in_range = rows[:, None] < NROWS
-    if not EVEN_R:
-        in_range = in_range & (r_idx[None, :] < R)
-    return tl.load(ptr + rows[:, None] * stride_row + r_idx[None, :] * stride_r, mask=in_range, other=0.0)
-
-
-@triton.jit
-def _load_lr(lr_ptr, lr_desc, off_m, M, R, stride_lm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-             EVEN_R: tl.constexpr, LR_DESC: tl.constexpr):
-    """The [BLOCK_M, BLOCK_R] tile of lr at row off_m; columns past R read as zero."""
-    if LR_DESC:
-        lr = lr_desc.load([off_m, 0])
-    else:
-        lr = _load_rank_tile(lr_ptr, off_m, M, R, stride_lm, 1, BLOCK_M, BLOCK_R, EVEN_R)
-    return lr
-
-
-@triton.jit
 def _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, QBN: tl.constexpr, BLOCK_R: tl.constexpr,
                  LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr):
     if Q_RMAJOR:
@@ -342,13 +322,10 @@ def _load_q(q_ptr, q_desc, off_n, N, R, stride_qn, stride_qr, QBN: tl.constexpr,
             EVEN_R: tl.constexpr, LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr):
     """The [QBN, BLOCK_R] tile of q ([N, R] logically) at row off_n, out-of-range entries zero. By
     descriptor, q is read in its stored orientation: [N, R] (B) or [R, N] (A, then transposed)."""
-    if LR_DESC:
-        if Q_RMAJOR:
-            q = q_desc.load([off_n, 0])
-        else:
-            q = q_desc.load([0, off_n]).T
-    else:  # any strides: B^T (grad_x's q = A^T) needs no copy
-        q = _load_rank_tile(q_ptr, off_n, N, R, stride_qn, stride_qr, QBN, BLOCK_R, EVEN_R)
+    if LR_DESC and not Q_RMAJOR:
+        q = q_desc.load([0, off_n]).T
+    else:  # by pointer, with any strides: grad_x's q = A^T needs no copy
+        q = _load_2d(q_ptr, q_desc, off_n, 0, N, R, stride_qn, stride_qr, QBN, BLOCK_R, LR_DESC, EVEN_R)
     return q
 
 

@@ -377,13 +377,14 @@ LOWRANK_TMA = os.environ.get("FUSEDPEFT_LORA_LOWRANK_TMA", "1") != "0"
 SEPARATE_LOWRANK = False
 
 
-def _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out):
-    """out = a @ w^T + bias by the GEMM core alone, then out += mask * ((lr_scale * lr) @ q^T) by
-    a separate product: the fallback for ranks whose epilogue tiles no config can hold beside the
-    main loop. It costs one more read and write of out (4MN bytes in bf16), and, with dropout on
-    the low-rank term, the M x N keep-mask (float32) for the time of the call."""
+def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout_out):
+    """out = a @ w^T + bias by the GEMM core alone, then out += mask * (lr @ q^T) by a separate
+    product (lr read from memory carries its scale already): the fallback for ranks whose epilogue
+    tiles no config can hold beside the main loop. It costs one more read and write of out (4MN
+    bytes in bf16), and, with dropout on the low-rank term, the M x N keep-mask (float32) for the
+    time of the call."""
     launch_fused_linear(a, w_mat, out, bias=bias)
-    low = lr.to(out.dtype) @ q.T.to(out.dtype)  # lr read from memory carries lr_scale
+    low = lr.to(out.dtype) @ q.T.to(out.dtype)
     if dropout_out and dropout_p > 0:
         M, N = out.shape
         if mask_ld != N:
@@ -392,7 +393,6 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_l
         dropout_mask_kernel[(M, cdiv(N, 64))](mask, M, N, int(seed), float(dropout_p), BLOCK=64)
         low = low * mask.to(out.dtype)
     return out.add_(low)
-
 
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
@@ -419,6 +419,8 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     N = w_mat.shape[0]
     if M == 0 or N == 0:
         return zero_column_sums(N, reduce_sum, a.device) if reduce_aux else out
+    if out_scale is not None:  # the kernel's one scalar multiplier (checked below, on first use)
+        lr_scale = out_scale
     fast = FAST_LAUNCH and not interpreting()
     if fast:
         plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
@@ -427,19 +429,16 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
                     USE_TENSOR_DESCRIPTORS, LOWRANK_TMA)
         plan = _PLANS.get(plan_key)
         if plan is not None:
-            return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux,
-                        lr_scale if out_scale is None else out_scale, seed, dropout_p)
+            return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
     # The rank-r update can run apart from the GEMM when it is the only extra (lr precomputed).
     lowrank_apart_ok = (q is not None and lr_precomputed and out is not None and scale is None and shift is None
                         and not save_aux and not reduce_aux)
     if SEPARATE_LOWRANK and lowrank_apart_ok:
-        return _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out)
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout_out)
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     has_lora = q is not None
-    if out_scale is not None:
-        if has_lora or scale is not None or shift is not None or save_aux or reduce_aux:
-            raise ValueError("out_scale comes alone: no LoRA term, rescaling or aux with it")
-        lr_scale = out_scale
+    if out_scale is not None and (has_lora or scale is not None or shift is not None or save_aux or reduce_aux):
+        raise ValueError("out_scale comes alone: no LoRA term, rescaling or aux with it")
     R = q.shape[1] if has_lora else 1
     in_loop = has_lora and not lr_precomputed
     # The lr and q tiles by descriptor: q in its stored orientation ([N, R] for B, [R, N] for A).
@@ -518,7 +517,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     except NoConfigFits:
         if not lowrank_apart_ok:
             raise
-        return _lowrank_apart(a, w_mat, out, bias, q, lr, lr_scale, seed, dropout_p, mask_ld, dropout_out)
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout_out)
     launch_with(cfg)
     if fast and last["entry"] is not None:
         if len(_PLANS) > 4096:  # many distinct shapes (variable sequence lengths): start afresh

@@ -4,9 +4,9 @@ inputs. The op layer (fusedpeft/ops/lora.py) owns argument checks, reshapes and 
 Forward: y = x W^T + b + s (drop(x) A^T) B^T, and s * u = s drop(x) A^T (M x r, in x's dtype,
 as peft's autograd would keep u) saved for the backward: no full-size tensor. Keeping u (and
 g = grad_y B) pre-scaled and in the layer's dtype lets the epilogue feed it to the tensor cores
-straight from its TMA tile, and the weight gradients need no scale. Two schedules over the one GEMM core (see
-schedule()): 'fused', one launch with u accumulated in the K loop; 'split', u as a skinny GEMM
-(reads x once: 2MK bytes) and then the base GEMM with a rank-r epilogue.
+straight from its TMA tile, and the weight gradients need no scale. Two schedules over the one
+GEMM core (see schedule()): 'fused', one launch with u accumulated in the K loop; 'split', u as
+a skinny GEMM (reads x once: 2MK bytes) and then the base GEMM with a rank-r epilogue.
 
 Backward:
 1. grad_x = grad_y W + s ((grad_y B) A) * mask: the core with W read as [K, N]; g = grad_y B
@@ -66,16 +66,22 @@ class _WeightGradPlan:
     __slots__ = ("entry", "grid3", "device", "partial_numel", "col_blocks", "ints", "tail")
 
     def __call__(self, l, s, out, colsum, scale, seed, dropout_p):
-        if self.partial_numel:
-            partial = torch.empty(self.partial_numel, dtype=torch.float32, device=l.device)
-            counter = launch.ticket_counters(self.col_blocks, l.device)
-        else:
-            partial = counter = out
+        partial, counter = _split_buffers(self.partial_numel, self.col_blocks, out)
         self.entry(self.grid3, self.device, (l, s, out, out if colsum is None else colsum, partial, counter, *self.ints,
                                              float(scale), int(seed), float(dropout_p), *self.tail))
 
 
 _PLANS: dict = {}
+
+
+def _split_buffers(partial_numel, col_blocks, out):
+    """The float32 partials and ticket counters of a split reduction; a single split needs neither
+    (the kernel does not touch them: out stands in)."""
+    if not partial_numel:
+        return out, out
+    return (torch.empty(partial_numel, dtype=torch.float32, device=out.device),
+            launch.ticket_counters(col_blocks, out.device))
+
 
 # The weight-gradient reduction's tile on the GPU (rows per step, columns per program) and the
 # programs per SM its split over M aims at. benchmarks/diag_weight_grad.py times the choices; on the
@@ -99,14 +105,14 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         if colsum is not None:
             colsum.zero_()
         return
-    fast = launch.FAST_LAUNCH and not launch.interpreting()
+    interp = launch.interpreting()
+    fast = launch.FAST_LAUNCH and not interp
     if fast:
         meta = launch._meta
         plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0, mask_ld)
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(l, s, out, colsum, scale, seed, dropout_p)
-    interp = launch.interpreting()
     BLOCK_R = launch.block_r(R)
     BLOCK_M, BLOCK_C = (16, 16) if interp else WEIGHT_GRAD_TILE or ((256, 64) if BLOCK_R <= 64 else (64, 64))
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
@@ -118,11 +124,7 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device,
                                                            WEIGHT_GRAD_PROGRAMS_PER_SM)
     partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
-    if partial_numel:
-        partial = torch.empty(partial_numel, dtype=torch.float32, device=l.device)
-        counter = launch.ticket_counters(col_blocks, l.device)
-    else:
-        partial = counter = out
+    partial, counter = _split_buffers(partial_numel, col_blocks, out)
     stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
     ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or)
     constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,

@@ -58,7 +58,7 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
     need_x, need_w, need_b, need_A, need_B = needs
-    u = saved[0].to(x.dtype)
+    (u,) = saved
     s = scaling / (1.0 - dropout_p)
     g_low = grad_y @ lora_B  # (M, r): grad_y through B
     grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -111,17 +111,12 @@ backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, pr
 # so regenerates the same dropout mask) even if the use_backend() block has been left by then.
 
 
-def _saved_dtype(dtype):
-    # The saved low-rank activation is kept in the layer's dtype, as peft's autograd keeps lora_A's
-    # output (the triton backend keeps it pre-scaled: each backend reads back what it saved).
-    return dtype
-
-
 def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int):
+    # The saved low-rank activation u is kept in the layer's dtype, as peft's autograd keeps
+    # lora_A's output (the triton backend keeps it pre-scaled: each backend reads back what it saved).
     index, impl = backends.select_index(OP, x, weight)
     y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    saved_dtype = _saved_dtype(x.dtype)
-    return y, (u if u.dtype == saved_dtype else u.to(saved_dtype)), index
+    return y, (u if u.dtype == x.dtype else u.to(x.dtype)), index
 
 
 def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed: int, needs):
@@ -166,7 +161,7 @@ def _lora_fwd(
 @_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    return x.new_empty(M, N), x.new_empty(M, r, dtype=_saved_dtype(x.dtype)), torch.empty((), dtype=torch.int64)
+    return x.new_empty(M, N), x.new_empty(M, r), torch.empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("fusedpeft::lora_linear_bwd", mutates_args=())
