@@ -2,6 +2,10 @@
 growth, and the top of cProfile, for each variant of benchmarks.rescale at one shape.
 
     python -m benchmarks.diag_rescale 16 4096 4096
+
+and, with --kernels, each kernel of the steps timed alone (kernel_variants):
+
+    python -m benchmarks.diag_rescale --kernels 4096x4096x4096 8192x4096x14336
 """
 from __future__ import annotations
 
@@ -30,27 +34,88 @@ def main(argv=None):
                 print(f"      compiled-kernel cache grew by {len(cache) - n0}")
 
 
-def scale_a_alternatives(M=4096, K=4096, N=4096):
-    """Input scaling three ways: in the K loop (SCALE_A), or a pre-pass over x or over W."""
+def kernel_variants(M=4096, K=4096, N=4096, log=print):
+    """Each GPU kernel of the IA3 / SSF steps timed alone (bf16), beside cuBLAS's x W^T and the
+    core GEMM with nothing fused, with the tuner's three best configs: where each variant's time
+    goes. "flattened" is the register-scaled loop as it was before session 5 (one flattened
+    tile-and-K loop, whose wgmmas ptxas serialises)."""
     from fusedpeft._kernels import triton_kernels
 
-    launch = triton_kernels.launch.launch_fused_linear
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    W = (torch.randn(N, K, device="cuda") / K**0.5).bfloat16()
-    l = (1 + 0.1 * torch.randn(K, device="cuda")).bfloat16()
-    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    launch_mod = triton_kernels.launch
+    launch, rescale = launch_mod.launch_fused_linear, triton_kernels.rescale
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, g = torch.randn(M, K, **bf16), torch.randn(M, N, **bf16)
+    W = torch.randn(N, K, **bf16) / K**0.5
+    l_k, l_n = 1 + 0.1 * torch.randn(K, **bf16), 1 + 0.1 * torch.randn(N, **bf16)
+    y, z, gx = torch.empty(M, N, **bf16), torch.empty(M, N, **bf16), torch.empty(M, K, **bf16)
+
+    def with_flags(fn, **flags):  # fn with launch's module switches set for the call
+        def run():
+            saved = {k: getattr(launch_mod, k) for k in flags}
+            for k, v in flags.items():
+                setattr(launch_mod, k, v)
+            try:
+                fn()
+            finally:
+                for k, v in saved.items():
+                    setattr(launch_mod, k, v)
+        return run
+
+    ff_fwd = lambda: launch(x, W, y, scale=l_k, scale_a=True)
+    ff_grad = lambda: launch(g, W.T, gx, scale=l_k, aux=x, reduce_aux=True)
+    out_fwd_z = lambda: launch(x, W, y, scale=l_n, aux=z, save_aux=True)
+    out_grad_x = lambda: launch(g, W.T, gx, scale=l_n, scale_a=True)
+    recompute = lambda: launch(x, W, None, aux=g, reduce_aux=True, reduce_sum=True)
+    pointers = dict(RESCALE_TMA=False)  # the scale vector and aux tiles by pointer, as before session 5
     variants = {
-        "plain core": lambda: launch(x, W, y),
-        "SCALE_A in loop": lambda: launch(x, W, y, scale=l, scale_a=True),
-        "x*l pre-pass + core": lambda: launch(x * l, W, y),
-        "W*l pre-pass + core": lambda: launch(x, W * l, y),
-        "cuBLAS": lambda: torch.mm(x, W.T, out=y),
+        "cuBLAS x W^T": lambda: torch.mm(x, W.T, out=y),
+        "core x W^T": lambda: launch(x, W, y),
+        "ia3-ff fwd: x*l in the K loop": ff_fwd,
+        "ia3-ff fwd, scale by pointer": with_flags(ff_fwd, **pointers),
+        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, FLATTEN_REGISTER_A=True, **pointers),
+        "ia3-ff fwd as x*l pre-pass + core": lambda: launch(x * l_k, W, y),
+        "core g W (grad_x's GEMM)": lambda: launch(g, W.T, gx),
+        "ia3-ff grad_x + grad_l (g W, reduce h*x)": ff_grad,
+        "ia3-ff grad_x + grad_l, x by pointer": with_flags(ff_grad, **pointers),
+        "ia3-out fwd, no z": lambda: launch(x, W, y, scale=l_n),
+        "ia3-out fwd, saving z": out_fwd_z,
+        "ia3-out fwd, saving z by pointer": with_flags(out_fwd_z, **pointers),
+        "ia3-out grad_x: (g*l) W in the K loop": out_grad_x,
+        "ia3-out grad_x, scale by pointer": with_flags(out_grad_x, **pointers),
+        "ia3-out grad_l from saved z (column dot)": lambda: rescale._column_dot(g, z, True),
+        "ia3-out grad_l recomputing z": recompute,
+        "ia3-out grad_l recomputing z, g by pointer": with_flags(recompute, **pointers),
     }
+    base = None
     for name, fn in variants.items():
+        n_log = len(launch_mod.TUNE_LOG)
         fn()
-        print(f"{M}x{K}x{N} {name:22s} {harness.median_ms(fn):.4f} ms")
+        ms = harness.median_ms(fn)
+        base = base or ms
+        log(f"{M}x{K}x{N} {name:44s} {ms:.4f} ms  {ms / base:.3f}x cuBLAS")
+        for entry in launch_mod.TUNE_LOG[n_log:]:
+            for t, cfg in entry["all"][:3]:
+                log(f"      {t:.4f} ms  {cfg}")
+    # The column dot (grad_l from a saved z) reads 4MN bytes: its configs against the bandwidth.
+    from fusedpeft._kernels.triton_kernels.fused_linear import column_dot_kernel
+
+    for block_m, block_c, warps, stages, per_sm in [(32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4),
+                                                     (64, 256, 8, 3, 2), (16, 512, 4, 4, 4), (128, 128, 8, 2, 2),
+                                                     (32, 128, 4, 4, 8), (64, 64, 4, 4, 8)]:
+        col_blocks, splits, rows = launch_mod.split_rows(M, N, block_m, block_c, g.device, per_sm)
+        partial = torch.empty(2, splits, N, dtype=torch.float32, device="cuda")
+        fn = lambda: column_dot_kernel[(col_blocks, splits)](g, z, partial, M, N, rows, g.stride(0), z.stride(0),
+                                                             SUM_G=True, BLOCK_M=block_m, BLOCK_C=block_c,
+                                                             num_warps=warps, num_stages=stages)
+        fn()
+        ms = harness.median_ms(fn)
+        log(f"{M}x{K}x{N} column dot {block_m}x{block_c} w{warps} s{stages} {per_sm}/SM: {ms:.4f} ms, "
+            f"{4 * M * N / ms / 1e9:.2f} TB/s")
 
 
 if __name__ == "__main__":
-    scale_a_alternatives()
-    main()
+    if sys.argv[1:2] == ["--kernels"]:
+        for shape in sys.argv[2:] or ["4096x4096x4096"]:
+            kernel_variants(*(int(v) for v in shape.split("x")))
+    else:
+        main()

@@ -1,14 +1,17 @@
-"""Registers, spills and shared memory of the LoRA launches on Hopper, from a CPU-only machine.
+"""Registers, spills, shared memory and ptxas's pipelining advisories of the LoRA, IA3 and SSF
+launches on Hopper, from a CPU-only machine.
 
-Triton's compiler and ptxas run without a GPU: this records the launches a LoRA forward and
-backward make (shapes, strides, dtypes and flags as the real launchers pass them, with the GPU
+Triton's compiler and ptxas run without a GPU: this records the launches a training step's forward
+and backward make (shapes, strides, dtypes and flags as the real launchers pass them, with the GPU
 stubbed out), compiles each for sm_90 under every tile config the tuner would try, and prints what
 `cuobjdump -res-usage` reports for the cubin, beside the dynamic shared memory Triton asks for
-(227 KB is the H100's limit). Session 4 used it to find the cost of the LoRA epilogue before
+(227 KB is the H100's limit), and any "Potential Performance Loss" advisory of ptxas (C7515:
+wgmmas serialised, which cost the IA3 input-scaling loop ~35% until session 5). Session 4 used it to find the cost of the LoRA epilogue before
 spending device time (benchmarks/RESULTS.md); the figures are the installed Triton's, which may
 differ from the device image's (3.6).
 
-    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--rank 16] [--launches forward,grad_x]
+    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
+                                        [--recompute] [--rank 16] [--launches forward,grad_x]
                                         [--block-n 256] [--stages 3] [--json] [--dump DIR]
 
 Triton compiles only when its language module was loaded without the interpreter; under
@@ -63,7 +66,8 @@ def _interpreting() -> bool:
 
 
 def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None):
-    """Compile one launch for sm_90; returns (cuobjdump's resource fields, Triton's shared bytes)."""
+    """Compile one launch for sm_90; returns (cuobjdump's resource fields plus ptxas's performance
+    advisories under "advisories", Triton's shared bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -81,18 +85,28 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None)
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True, check=True).stdout.strip().splitlines()[-1].strip()
+        # ptxas again on Triton's PTX, verbosely: its "Potential Performance Loss" advisories (say
+        # C7515, wgmmas serialised) are the loss of pipelining that registers and shared memory
+        # do not show. Triton's own ptxas call keeps them to itself.
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        verbose = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
+                                  os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
     if dump:
         os.makedirs(dump, exist_ok=True)
         for ext in ("ttgir", "ptx"):
             with open(os.path.join(dump, f"kernel.{ext}"), "w") as f:
                 f.write(compiled.asm[ext])
     fields = dict(item.split(":") for item in usage.split() if ":" in item)
+    fields["advisories"] = [line.split("Potential Performance Loss:", 1)[1].strip().split(" in the function")[0]
+                            for line in verbose.splitlines() if "Potential Performance Loss" in line]
     return fields, compiled.metadata.shared
 
 
-def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
-    """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch of one
-    LoRA training step, as the Triton backend's launchers build them for a GPU; nothing runs."""
+def record_launches(step):
+    """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch that
+    step() makes through the Triton backend's launchers, built as for a GPU; nothing runs."""
     from fusedpeft._kernels import triton_kernels
 
     launch, lora = triton_kernels.launch, triton_kernels.lora
@@ -104,8 +118,8 @@ def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
     def record(kernel, grid, args, constexprs, num_warps, num_stages):
         recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
 
-    def first_candidate(key, M_, N_, size, launch_with):
-        cands = launch._candidates(M_, N_, size)
+    def first_candidate(key, M_, N_, size, launch_with, register_a=False):
+        cands = launch._candidates(M_, N_, size, register_a)
         pending.append(cands)  # the launch that follows is recorded with them
         return cands[0]
 
@@ -117,11 +131,7 @@ def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
         launch._tuned_config = first_candidate
         launch._PLANS, launch.TUNED, lora._PLANS = {}, {}, {}
         torch.cuda.current_device = lambda: 0
-        x, W = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
-        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
-        _, saved_u = lora.forward(x, W, None, A, B, 2.0, 0.0, 0)
-        lora.backward(torch.randn(M, N, dtype=dtype), x, W, A, B, 2.0, 0.0, 0, (True, False, False, True, True),
-                      saved_u)
+        step()
     finally:
         for n, v in saved.items():
             setattr(launch, n, v)
@@ -129,16 +139,66 @@ def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
     return recorded
 
 
+def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
+    """The launches of one LoRA training step (LAUNCH_NAMES at large M)."""
+    from fusedpeft._kernels import triton_kernels
+
+    lora = triton_kernels.lora
+
+    def step():
+        x, W = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        _, saved_u = lora.forward(x, W, None, A, B, 2.0, 0.0, 0)
+        lora.backward(torch.randn(M, N, dtype=dtype), x, W, A, B, 2.0, 0.0, 0, (True, False, False, True, True),
+                      saved_u)
+
+    return record_launches(step)
+
+
+RESCALE_KINDS = ("ia3-ff", "ia3-out", "ssf")
+
+
+def record_rescale_launches(M, K, N, kind, dtype=torch.bfloat16, save_unscaled=True):
+    """The launches of one IA3 / SSF training step (RESCALE_NAMES), bias included: forward, then
+    the backward's GEMM(s) (grad_x; and the recomputed z when not save_unscaled)."""
+    from fusedpeft._kernels import triton_kernels
+
+    rescale = triton_kernels.rescale
+    input_scale = kind == "ia3-ff"
+
+    def step():
+        x, W, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        scale = torch.randn(K if input_scale else N, dtype=dtype)
+        shift = torch.randn(N, dtype=dtype) if kind == "ssf" else None
+        save = save_unscaled and not input_scale
+        _, z = rescale.forward(x, W, b, scale, shift, input_scale, save)
+        rescale.backward(torch.randn(M, N, dtype=dtype), x, W, b, scale, shift, input_scale, z,
+                         (True, False, False, True, shift is not None))
+
+    return [launch for launch in record_launches(step) if launch[5] is not None]  # the tuned GEMMs
+
+
 LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]
 
 
-def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None):
-    """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared, error}]}]
-    for the launches of one LoRA training step (named as LAUNCH_NAMES at large M), each compiled
-    for sm_90 under every tuner candidate (filtered by BLOCK_N and stages if given)."""
+RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
+
+
+def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False):
+    """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared,
+    advisories, error}]}] for the launches of one training step of ``method`` ("lora", named as
+    LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES; ``recompute``: output
+    scaling's recompute mode), each compiled for sm_90 under every tuner candidate (filtered by
+    BLOCK_N and stages if given)."""
+    if method == "lora":
+        recorded, names = record_lora_launches(M, K, N, r), LAUNCH_NAMES
+    elif method in RESCALE_KINDS:
+        recorded, names = record_rescale_launches(M, K, N, method, save_unscaled=not recompute), RESCALE_NAMES
+    else:
+        raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
     rows = []
-    for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(record_lora_launches(M, K, N, r)):
-        name = LAUNCH_NAMES[i] if i < len(LAUNCH_NAMES) else f"launch {i}"
+    for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(recorded):
+        name = names[i] if i < len(names) else f"launch {i}"
         if launches and name not in launches:
             continue
         configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, num_stages)]
@@ -151,7 +211,8 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None):
             try:
                 fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
                                                   os.path.join(dump, f"{i}_{j}") if dump else None)
-                entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared)
+                entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
+                             advisories=fields["advisories"])
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
             row["configs"].append(entry)
@@ -165,8 +226,11 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--launches", default=None, help=f"comma-separated subset of {','.join(LAUNCH_NAMES)}")
+    parser.add_argument("--method", default="lora", choices=("lora", *RESCALE_KINDS))
+    parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA's rank")
+    parser.add_argument("--launches", default=None,
+                        help=f"comma-separated subset of {','.join(LAUNCH_NAMES)} (LoRA) or {','.join(RESCALE_NAMES)}")
     parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
     parser.add_argument("--stages", type=int, default=None, help="only configs with this many stages")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -178,7 +242,7 @@ def main(argv=None):
         raise SystemExit(subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", *argv], env=env).returncode)
     M, K, N = (int(v) for v in args.shape.split("x"))
     rows = report(M, K, N, args.rank, args.launches.split(",") if args.launches else None, args.block_n,
-                  args.stages, args.dump)
+                  args.stages, args.dump, args.method, args.recompute)
     if args.json:
         print(json.dumps(rows))
         return
@@ -192,6 +256,8 @@ def main(argv=None):
             else:
                 over = "  (over the H100's shared memory)" if c["shared"] > H100_SHARED_LIMIT else ""
                 print(head + f"{c['registers']} registers, stack {c['stack']}, shared {c['shared'] / 1024:.0f} KB{over}")
+                for advisory in c["advisories"]:
+                    print(f"      ptxas: {advisory}")
 
 
 if __name__ == "__main__":

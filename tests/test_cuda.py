@@ -176,6 +176,24 @@ def _rescale_case(kind, lead, K, N, dtype, dev="cuda"):
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
 def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, monkeypatch):
     monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    _check_rescale(kind, dtype, lead, K, N)
+
+
+# The scale vector of the register-scaled loop and the aux tiles (z saved / read) by pointer as
+# well as by descriptor (the default where the tensors allow, as at these sizes).
+@pytest.mark.parametrize("kind", RESCALE_KINDS)
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monkeypatch):
+    from fusedpeft._kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels.launch, "RESCALE_TMA", tma)
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    _check_rescale(kind, torch.bfloat16, (3, 100), 1024, 1536)
+    _check_rescale(kind, torch.float32, (300,), 520, 648)
+
+
+def _check_rescale(kind, dtype, lead, K, N):
     tensors, fn = _rescale_case(kind, lead, K, N, dtype)
     op = "ssf_linear" if kind == "ssf" else "ia3_linear"
     with fusedpeft.use_backend("triton"):

@@ -41,10 +41,10 @@ import os
 import triton
 import triton.language as tl
 
-# Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands as their uint16 storage. Under
-# the interpreter, dot operands are widened to float32 first: bf16 x bf16 products are exact in
-# float32, so this reproduces the GPU's bf16-in / fp32-accumulate result.
-_WIDEN_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+# Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands, and bfloat16 tensors
+# elementwise, as their uint16 storage. Under the interpreter both are widened to float32 first:
+# bf16 x bf16 products are exact in float32, so this reproduces the GPU's result.
+_WIDEN_16BIT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def mma(a, b, acc, IEEE: tl.constexpr = False):
     gradient is scaled by one long dot product, and tf32's 10-bit inputs lose it when that sum
     cancels (an H100 test saw 23% error in grad_A at M = r = 1). They are 2MKr of the layer's
     2MNK FLOPs, so the slower non-tensor-core path costs little."""
-    if _WIDEN_DOT:
+    if _WIDEN_16BIT:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -130,14 +130,22 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
                  stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr, SCALE_A: tl.constexpr,
-                 PRECISE: tl.constexpr):
+                 PRECISE: tl.constexpr, SCALE_DESC: tl.constexpr = False):
     for ki in range(k_tiles):
         off_k = ki * BLOCK_K
         a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
-        if SCALE_A:  # (a * scale[k]) rounded to a's dtype, as the unfused (x * l) would be
-            cols_k = off_k + tl.arange(0, BLOCK_K)
-            s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
-            a = (a.to(tl.float32) * s[None, :].to(tl.float32)).to(a.dtype)
+        if SCALE_A:
+            # a * scale[k] in a's dtype (mul.bf16x2 on Hopper): the exact product of two 16-bit
+            # floats fits float32, so one rounding gives what the unfused (x * l) gives.
+            if SCALE_DESC:  # scale_ptr is a 1-D descriptor: TMA, on the loop's mbarrier pipeline
+                s = scale_ptr.load([off_k])
+            else:
+                cols_k = off_k + tl.arange(0, BLOCK_K)
+                s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
+            if _WIDEN_16BIT:
+                a = (a.to(tl.float32) * s[None, :].to(tl.float32)).to(a.dtype)
+            else:
+                a = a * s[None, :].to(a.dtype)
         if MASK_A:  # dropout on the whole product (the rank-r u = drop(x) A^T as its own GEMM)
             rows = off_m + tl.arange(0, BLOCK_M)
             cols_k = off_k + tl.arange(0, BLOCK_K)
@@ -167,7 +175,7 @@ def fused_linear_kernel(
     ACC_SCALE: tl.constexpr,    # out = lr_scale * (a @ w^T): the skinny launches writing a scaled lr
     MASK_A: tl.constexpr,       # dropout on a for the main product too (the u = drop(x) A^T GEMM)
     IN_LOOP_LR: tl.constexpr,   # a LoRA term whose lr is computed in the K loop (not LR_PRECOMPUTED)
-    FLATTEN: tl.constexpr,      # not IN_LOOP_LR
+    FLATTEN: tl.constexpr,      # flatten the tile and K loops (launch.py says when not)
     SCALE_A: tl.constexpr,      # prologue: a[:, k] *= scale[k]
     SAVE_AUX: tl.constexpr,     # epilogue: aux = a @ w^T + bias (the unscaled output z)
     REDUCE_AUX: tl.constexpr,   # epilogue: partial[0, pid_m, n] = sum over the tile's rows of z * aux
@@ -184,6 +192,8 @@ def fused_linear_kernel(
     EVEN_R: tl.constexpr,       # R == BLOCK_R: the lr / q tiles need no mask along R (vector loads)
     LR_DESC: tl.constexpr,      # lr and q tiles through tensor descriptors (TMA) instead of pointers
     Q_RMAJOR: tl.constexpr,     # q stored [N, R] with unit R stride (B); else [R, N] (A, for grad_x)
+    SCALE_DESC: tl.constexpr = False,  # SCALE_A's scale vector through a 1-D descriptor (TMA)
+    AUX_DESC: tl.constexpr = False,    # aux tiles (SAVE_AUX, REDUCE_AUX) through a descriptor (TMA)
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -203,6 +213,14 @@ def fused_linear_kernel(
         else:
             out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
 
+    scale_a_desc = scale_ptr
+    if SCALE_DESC:
+        scale_a_desc = tl.make_tensor_descriptor(scale_ptr, shape=[K], strides=[1], block_shape=[BLOCK_K])
+    # aux tiles ([M, N], unit column stride) are as wide as the epilogue's pieces.
+    if EPI_SUBTILE:
+        aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, BLOCK_N // 2, AUX_DESC)
+    else:
+        aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, BLOCK_N, AUX_DESC)
     lr_desc = _make_desc(lr_ptr, M, R, stride_lm, BLOCK_M, BLOCK_R, LR_DESC)
     # q tiles are [BLOCK_N, BLOCK_R], or half as wide where the epilogue runs in halves.
     if EPI_SUBTILE:
@@ -243,8 +261,9 @@ def fused_linear_kernel(
             prev_m = pid_m
         else:
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
-                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
+                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_a_desc,
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN,
+                               SCALE_DESC)
             if ACC_SCALE:
                 acc = acc * lr_scale
 
@@ -265,23 +284,23 @@ def fused_linear_kernel(
             # 128 x 256 x 64, 3-stage main loop fit beside a rank-64 epilogue (227 KB on the H100).
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _finish_tile(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
-                         scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                         scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
                          stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
                          LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
                          BLOCK_M, BLOCK_N // 2, BLOCK_R)
             _finish_tile(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
-                         q_ptr, q_desc, scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn,
+                         q_ptr, q_desc, scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn,
                          stride_qr, stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
                          LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
                          BLOCK_M, BLOCK_N // 2, BLOCK_R)
         else:
             _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
-                         scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
+                         scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
                          stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
                          LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
                          BLOCK_M, BLOCK_N, BLOCK_R)
 
 
@@ -292,7 +311,7 @@ def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_
                  LR_EPILOGUE: tl.constexpr, LR_PRECOMPUTED: tl.constexpr, DROPOUT_OUT: tl.constexpr,
                  EVEN_R: tl.constexpr, LR_DESC: tl.constexpr, Q_RMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SAVE_AUX: tl.constexpr, REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr, SCALE_OUT: tl.constexpr,
-                 SHIFT_OUT: tl.constexpr, STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
+                 SHIFT_OUT: tl.constexpr, STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr, AUX_DESC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """Output columns [off_n, off_n + BLOCK_N) of the tile: + the LoRA term (its q tile loaded
     here), then the epilogue."""
@@ -303,7 +322,7 @@ def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_
                                seed, dropout_p, mask_ld, DROPOUT_OUT, BLOCK_M, BLOCK_N)
     _epilogue(acc, off_m, off_n, pid_m, num_pid_m, M, N, out_ptr, out_desc, bias_ptr,
               scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_xm, stride_xn,
-              HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC,
+              HAS_BIAS, SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
               BLOCK_M, BLOCK_N)
 
 
@@ -359,22 +378,28 @@ def _epilogue(acc, off_m, off_n, pid_m, num_pid_m, M, N, out_ptr, out_desc, bias
               scale_ptr, shift_ptr, aux_ptr, partial_ptr, stride_om, stride_on, stride_xm, stride_xn,
               HAS_BIAS: tl.constexpr, SAVE_AUX: tl.constexpr, REDUCE_AUX: tl.constexpr, REDUCE_SUM: tl.constexpr,
               SCALE_OUT: tl.constexpr, SHIFT_OUT: tl.constexpr, STORE_OUT: tl.constexpr, USE_DESC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              AUX_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The output tile [BLOCK_M, BLOCK_N] at (off_m, off_n) from its fp32 accumulator acc (the
-    LoRA term already in): + bias, the aux store / reduction, * scale, + shift, store."""
+    LoRA term already in): + bias, the aux store / reduction, * scale, + shift, store. aux_ptr is
+    a descriptor with AUX_DESC: no per-element addresses in registers (a [128, 128] pointer tile
+    costs more registers than the accumulator half it serves), and the z store is asynchronous."""
     rows = off_m + tl.arange(0, BLOCK_M)
     cols_n = off_n + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_n, mask=cols_n < N, other=0.0)
         acc += bias[None, :].to(tl.float32)
     in_tile = (rows[:, None] < M) & (cols_n[None, :] < N)
-    aux_ptrs = aux_ptr + rows[:, None] * stride_xm + cols_n[None, :] * stride_xn
     if SAVE_AUX:
-        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=in_tile)
+        if AUX_DESC:
+            aux_ptr.store([off_m, off_n], acc.to(aux_ptr.dtype))
+        else:
+            tl.store(aux_ptr + rows[:, None] * stride_xm + cols_n[None, :] * stride_xn,
+                     acc.to(aux_ptr.dtype.element_ty), mask=in_tile)
     if REDUCE_AUX:
         # Rows past M read aux as 0, so their (bias-only) acc adds nothing. One tile per
         # (pid_m, columns): each partial entry is written exactly once, no atomics.
-        other = tl.load(aux_ptrs, mask=in_tile, other=0.0).to(tl.float32)
+        other = _load_2d(aux_ptr, aux_ptr, off_m, off_n, M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N,
+                         AUX_DESC).to(tl.float32)
         col_mask = cols_n < N
         tl.store(partial_ptr + pid_m * N + cols_n, tl.sum(acc * other, axis=0), mask=col_mask)
         if REDUCE_SUM:

@@ -168,13 +168,18 @@ def _warp_specialization_applies() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
-def _candidates(M: int, N: int, element_size: int):
+def _candidates(M: int, N: int, element_size: int, register_a: bool = False):
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
         cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
                  and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
+        if register_a and not small:
+            # The a tile scaled in registers (SCALE_A) pays a fixed cost per K step (its scale
+            # vector's load and barrier, the register hand-over to the wgmmas): BLOCK_K = 128
+            # halves the steps (2 stages of 96 KB beside the half-width epilogue fit 227 KB).
+            cands.append(_config(128, 256, 128, 8, 2, sub=True))
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -194,7 +199,7 @@ class NoConfigFits(RuntimeError):
     """No candidate tile config can run this launch (shared memory or registers run out)."""
 
 
-def _tuned_config(key, M, N, element_size, launch_with):
+def _tuned_config(key, M, N, element_size, launch_with, register_a=False):
     cfg = TUNED.get(key)
     if isinstance(cfg, str):  # known not to fit: fail fast, every call
         raise NoConfigFits(cfg)
@@ -207,7 +212,7 @@ def _tuned_config(key, M, N, element_size, launch_with):
     t0 = time.perf_counter()
     timings, errors = [], []
     tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
-    for cand in _candidates(M, N, element_size):
+    for cand in _candidates(M, N, element_size, register_a):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
@@ -372,6 +377,15 @@ _PLANS: dict = {}
 # FUSEDPEFT_LORA_LOWRANK_TMA=0 turns it off.
 LOWRANK_TMA = os.environ.get("FUSEDPEFT_LORA_LOWRANK_TMA", "1") != "0"
 
+# Flattening the tile and K loops into one software-pipelined loop overlaps a tile's epilogue with
+# the next tile's loads, but with the x tile scaled in registers (SCALE_A) it makes ptxas serialise
+# every wgmma (see launch_fused_linear). True brings the flattened loop back, for diag_rescale.
+FLATTEN_REGISTER_A = False
+
+# SCALE_A's scale vector and the aux tiles (z saved, or read for a column reduction) go through
+# tensor descriptors where the tensors allow; False: pointer loads and stores (for diag_rescale).
+RESCALE_TMA = os.environ.get("FUSEDPEFT_RESCALE_TMA", "1") != "0"
+
 # Tests flip this to run the rank-r update apart from the GEMM (what happens when no tile config
 # can hold the rank-r epilogue, e.g. r = 256 at large M) on inputs where the epilogue would fit.
 SEPARATE_LOWRANK = False
@@ -426,7 +440,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
                     _meta(scale), _meta(shift), _meta(aux), mask_ld, dropout_in, dropout_out, dropout_p > 0,
                     lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise, out_scale is None,
-                    USE_TENSOR_DESCRIPTORS, LOWRANK_TMA)
+                    USE_TENSOR_DESCRIPTORS, LOWRANK_TMA, FLATTEN_REGISTER_A, RESCALE_TMA)
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
@@ -448,6 +462,9 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     store_out = out is not None
     dummy = a  # never read: its constexpr flag is off
     use_desc = descriptor_ok(a, w, out)
+    scale_desc = bool(RESCALE_TMA and use_desc and scale is not None and scale_a and scale.stride(0) == 1
+                      and scale.data_ptr() % 16 == 0)
+    aux_desc = bool(RESCALE_TMA and use_desc and aux is not None and descriptor_ok(aux))
     if (use_desc or lr_desc) and not interpreting():
         ensure_allocator()
     ints = (M, N, K, R,
@@ -480,14 +497,19 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         HAS_BIAS=bias is not None, LR_EPILOGUE=has_lora, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
-        MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop, FLATTEN=not in_loop,
+        MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop,
+        # A flattened tile loop zeroes the accumulator between tiles with a select that ptxas
+        # takes for a non-wgmma write to registers a register-operand (SCALE_A) wgmma is still
+        # accumulating into: it then serialises every wgmma of the kernel (ptxas advisory C7515,
+        # benchmarks/sm90_resources.py). The per-tile K loop keeps them pipelined.
+        FLATTEN=not in_loop and (FLATTEN_REGISTER_A or not (scale is not None and scale_a)),
         ACC_SCALE=out_scale is not None,
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
         SHIFT_OUT=shift is not None, STORE_OUT=store_out,
         PRECISE_MAIN=bool(precise and a.dtype == torch.float32), PRECISE_LR=bool(in_loop and a.dtype == torch.float32),
         USE_DESC=use_desc, BLOCK_R=block_r(R), EVEN_R=R == block_r(R), LR_DESC=lr_desc,
-        Q_RMAJOR=q_stored is q,
+        Q_RMAJOR=q_stored is q, SCALE_DESC=scale_desc, AUX_DESC=aux_desc,
     )
 
     def finish(partial):
@@ -513,7 +535,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
     try:
-        cfg = _tuned_config(key, M, N, a.element_size(), launch_with)
+        cfg = _tuned_config(key, M, N, a.element_size(), launch_with, flags["SCALE_A"])
     except NoConfigFits:
         if not lowrank_apart_ok:
             raise
