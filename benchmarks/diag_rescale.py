@@ -66,13 +66,12 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
     out_fwd_z = lambda: launch(x, W, y, scale=l_n, aux=z, save_aux=True)
     out_grad_x = lambda: launch(g, W.T, gx, scale=l_n, scale_a=True)
     recompute = lambda: launch(x, W, None, aux=g, reduce_aux=True, reduce_sum=True)
-    pointers = dict(RESCALE_TMA=False)  # the scale vector and aux tiles by pointer, as before session 5
+    pointers = dict(RESCALE_TMA=False)  # the aux tiles by pointer, as before session 5
     variants = {
         "cuBLAS x W^T": lambda: torch.mm(x, W.T, out=y),
         "core x W^T": lambda: launch(x, W, y),
         "ia3-ff fwd: x*l in the K loop": ff_fwd,
-        "ia3-ff fwd, scale by pointer": with_flags(ff_fwd, **pointers),
-        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, FLATTEN_REGISTER_A=True, **pointers),
+        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, FLATTEN_REGISTER_A=True),
         "ia3-ff fwd as x*l pre-pass + core": lambda: launch(x * l_k, W, y),
         "core g W (grad_x's GEMM)": lambda: launch(g, W.T, gx),
         "ia3-ff grad_x + grad_l (g W, reduce h*x)": ff_grad,
@@ -81,7 +80,6 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
         "ia3-out fwd, saving z": out_fwd_z,
         "ia3-out fwd, saving z by pointer": with_flags(out_fwd_z, **pointers),
         "ia3-out grad_x: (g*l) W in the K loop": out_grad_x,
-        "ia3-out grad_x, scale by pointer": with_flags(out_grad_x, **pointers),
         "ia3-out grad_l from saved z (column dot)": lambda: rescale._column_dot(g, z, True),
         "ia3-out grad_l recomputing z": recompute,
         "ia3-out grad_l recomputing z, g by pointer": with_flags(recompute, **pointers),
@@ -97,7 +95,7 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
             for t, cfg in entry["all"][:3]:
                 log(f"      {t:.4f} ms  {cfg}")
     # The column dot (grad_l from a saved z) reads 4MN bytes: its configs against the bandwidth.
-    from fusedpeft._kernels.triton_kernels.fused_linear import column_dot_kernel
+    column_dot_kernel = triton_kernels.fused_linear.column_dot_kernel
 
     for block_m, block_c, warps, stages, per_sm in [(32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4),
                                                      (64, 256, 8, 3, 2), (16, 512, 4, 4, 4), (128, 128, 8, 2, 2),

@@ -5,13 +5,16 @@ Triton's compiler and ptxas run without a GPU: this records the launches a train
 and backward make (shapes, strides, dtypes and flags as the real launchers pass them, with the GPU
 stubbed out), compiles each for sm_90 under every tile config the tuner would try, and prints what
 `cuobjdump -res-usage` reports for the cubin, beside the dynamic shared memory Triton asks for
-(227 KB is the H100's limit), and any "Potential Performance Loss" advisory of ptxas (C7515:
-wgmmas serialised, which cost the IA3 input-scaling loop ~35% until session 5). Session 4 used it to find the cost of the LoRA epilogue before
+(227 KB is the H100's limit), any "Potential Performance Loss" advisory of ptxas (C7515:
+wgmmas serialised, which cost the IA3 input-scaling loop ~35% until session 5), and any
+instruction that overwrites a register operand of a wgmma still in flight (the race that gave
+fp32 input scaling wrong results once its loop was pipelined; register_operand_hazards). Session 4 used it to find the cost of the LoRA epilogue before
 spending device time (benchmarks/RESULTS.md); the figures are the installed Triton's, which may
 differ from the device image's (3.6).
 
     python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
-                                        [--recompute] [--rank 16] [--launches forward,grad_x]
+                                        [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
+                                        [--launches forward,grad_x]
                                         [--block-n 256] [--stages 3] [--json] [--dump DIR]
 
 Triton compiles only when its language module was loaded without the interpreter; under
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 
@@ -85,6 +89,8 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None)
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
                                text=True, check=True).stdout.strip().splitlines()[-1].strip()
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True, check=True).stdout
         # ptxas again on Triton's PTX, verbosely: its "Potential Performance Loss" advisories (say
         # C7515, wgmmas serialised) are the loss of pipelining that registers and shared memory
         # do not show. Triton's own ptxas call keeps them to itself.
@@ -99,9 +105,73 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None)
             with open(os.path.join(dump, f"kernel.{ext}"), "w") as f:
                 f.write(compiled.asm[ext])
     fields = dict(item.split(":") for item in usage.split() if ":" in item)
+    fields["hazards"] = register_operand_hazards(sass)
     fields["advisories"] = [line.split("Potential Performance Loss:", 1)[1].strip().split(" in the function")[0]
                             for line in verbose.splitlines() if "Potential Performance Loss" in line]
     return fields, compiled.metadata.shared
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_REG = re.compile(r"\bR(\d+)\b")
+_WIDTH = re.compile(r"\.(64|128)\b|\.x?([24])$|M88\.([124])")
+
+
+def _dest_regs(op: str, args: str) -> set:
+    """Registers an instruction writes: its first operand, widened for vector loads (LDS.128,
+    LDSM...x4, LDG.E.64), 0 for stores, branches and barriers."""
+    if op.split(".")[0] in ("ST", "STS", "STG", "STL", "STSM", "BRA", "BAR", "EXIT", "RET", "WARPSYNC", "DEPBAR",
+                            "WARPGROUP", "SYNCS", "UTMALDG", "UTMASTG", "UTMACMDFLUSH", "ARRIVES", "MEMBAR",
+                            "FENCE", "NOP", "CCTL", "HGMMA", "LDGDEPBAR", "UBLKCP", "ELECT", "RED", "ATOMS"):
+        return set()
+    first = args.split(",")[0].strip()
+    m = _REG.fullmatch(first)
+    if not m:
+        return set()
+    width = 1
+    for w in _WIDTH.findall(op):
+        n = next(int(v) for v in w if v)
+        width = {64: 2, 128: 4}.get(n, n)
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def register_operand_hazards(sass: str) -> list:
+    """Instructions that overwrite a register A operand of an HGMMA that may still be reading it.
+
+    An HGMMA with A in registers (RS form: "HGMMA... R24, R164, gdesc[...]") reads R164..R167
+    until a later WARPGROUP.DEPBAR.LE gsb0, N leaves at most N younger HGMMAs pending; PTX makes
+    keeping those registers unchanged until then the program's job. Each loop holding RS HGMMAs is
+    walked twice in a row (its back edge taken once), so a write at the top of one iteration
+    against the previous iteration's pending HGMMAs shows. Returns "address: instruction" lines."""
+    code = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    loops = []
+    for i, (addr, text) in enumerate(code):
+        m = re.search(r"\bBRA\s+(?:\w+\s+)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+            body = code[index[int(m.group(1), 16)]:i + 1]
+            if any("HGMMA" in t and re.search(r"HGMMA\S*\s+R\d+,\s*R\d+", t) for _, t in body):
+                loops.append(body)
+    found = []
+    for body in loops:
+        pending = []  # register sets of the RS HGMMAs in flight, oldest first (None: SS form)
+        for addr, text in body + body:
+            text = re.sub(r"^@!?U?P\w+\s+", "", text)
+            op, _, args = text.partition(" ")
+            if op.startswith("HGMMA"):
+                m = re.match(r"\s*R\d+,\s*R(\d+)", args)
+                pending.append(set(range(int(m.group(1)), int(m.group(1)) + 4)) if m else None)
+                continue
+            m = re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", text)
+            if m:
+                keep = int(m.group(1), 16)
+                pending = pending[max(0, len(pending) - keep):] if keep else []
+                continue
+            written = _dest_regs(op, args)
+            if written and any(regs and regs & written for regs in pending):
+                line = f"{addr:#06x}: {text}"
+                if line not in found:
+                    found.append(line)
+    return found
 
 
 def record_launches(step):
@@ -184,16 +254,17 @@ LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]
 RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
 
 
-def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False):
+def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False,
+           dtype=torch.bfloat16):
     """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared,
-    advisories, error}]}] for the launches of one training step of ``method`` ("lora", named as
+    advisories, hazards, error}]}] for the launches of one training step of ``method`` ("lora", named as
     LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES; ``recompute``: output
     scaling's recompute mode), each compiled for sm_90 under every tuner candidate (filtered by
     BLOCK_N and stages if given)."""
     if method == "lora":
-        recorded, names = record_lora_launches(M, K, N, r), LAUNCH_NAMES
+        recorded, names = record_lora_launches(M, K, N, r, dtype), LAUNCH_NAMES
     elif method in RESCALE_KINDS:
-        recorded, names = record_rescale_launches(M, K, N, method, save_unscaled=not recompute), RESCALE_NAMES
+        recorded, names = record_rescale_launches(M, K, N, method, dtype, not recompute), RESCALE_NAMES
     else:
         raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
     rows = []
@@ -212,7 +283,7 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
                 fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
                                                   os.path.join(dump, f"{i}_{j}") if dump else None)
                 entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
-                             advisories=fields["advisories"])
+                             advisories=fields["advisories"], hazards=fields["hazards"])
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
             row["configs"].append(entry)
@@ -229,6 +300,7 @@ def main(argv=None):
     parser.add_argument("--method", default="lora", choices=("lora", *RESCALE_KINDS))
     parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA's rank")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--launches", default=None,
                         help=f"comma-separated subset of {','.join(LAUNCH_NAMES)} (LoRA) or {','.join(RESCALE_NAMES)}")
     parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
@@ -242,7 +314,8 @@ def main(argv=None):
         raise SystemExit(subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", *argv], env=env).returncode)
     M, K, N = (int(v) for v in args.shape.split("x"))
     rows = report(M, K, N, args.rank, args.launches.split(",") if args.launches else None, args.block_n,
-                  args.stages, args.dump, args.method, args.recompute)
+                  args.stages, args.dump, args.method, args.recompute,
+                  {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     if args.json:
         print(json.dumps(rows))
         return
@@ -258,6 +331,8 @@ def main(argv=None):
                 print(head + f"{c['registers']} registers, stack {c['stack']}, shared {c['shared'] / 1024:.0f} KB{over}")
                 for advisory in c["advisories"]:
                     print(f"      ptxas: {advisory}")
+                for hazard in c["hazards"]:
+                    print(f"      register operand overwritten in flight: {hazard}")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,66 @@ def test_hopper_tiles_hold_the_lowrank_epilogue(r):
         fits = [c for c in row["configs"] if "error" not in c and c["shared"] <= sm90.H100_SHARED_LIMIT
                 and c["stack"] == 0]
         assert len(row["configs"]) == 2 and fits, row
+
+
+def _rescale_flags(kind, dtype):
+    return [launch[2] for launch in sm90.record_rescale_launches(512, 256, 384, kind, dtype)]
+
+
+def test_register_scaled_loops_are_pipelined_for_16_bit_only():
+    """Input scaling's forward and output scaling's grad_x scale their a tile in registers: per-tile
+    K loops (not flattened, which ptxas serialises) for 16-bit inputs; the serialised flattened
+    loop for fp32, where Triton 3.6's pipelined loop races (register_operand_hazards)."""
+    for dtype, flatten in ((torch.bfloat16, False), (torch.float16, False), (torch.float32, True)):
+        fwd_ff, grad_ff = _rescale_flags("ia3-ff", dtype)
+        fwd_out, grad_out = _rescale_flags("ia3-out", dtype)
+        for flags in (fwd_ff, grad_out):
+            assert flags["SCALE_A"] and flags["FLATTEN"] is flatten, (dtype, flags)
+        for flags in (grad_ff, fwd_out):  # no register scaling: flattened as every other launch
+            assert not flags["SCALE_A"] and flags["FLATTEN"]
+        assert grad_ff["REDUCE_AUX"] and grad_ff["AUX_DESC"] and fwd_out["SAVE_AUX"] and fwd_out["AUX_DESC"]
+
+
+_RS_LOOP = """
+        /*0100*/                   LDSM.16.M88.4 R164, [R180+0x28000] ;
+        /*0110*/                   {write} ;
+        /*0130*/                   WARPGROUP.ARRIVE ;
+        /*0140*/                   HGMMA.64x256x16.F32.BF16 R24, R164, gdesc[UR16], R24, gsb0 ;
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0158*/                   HMUL2.BF16_V2 R152, R4, R18 ;
+        /*0160*/                   HGMMA.64x256x16.F32.BF16 R24, R152, gdesc[UR16], R24, gsb0 ;
+        /*0170*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0180*/               @P3 BRA 0x100 ;
+"""
+
+
+def test_register_operand_hazard_check():
+    """The checker flags a write to a wgmma's register A operand while the wgmma may still read it
+    (here across the loop's back edge: R152's wgmma is still pending at the top), and passes the
+    same loop when the write goes elsewhere or a full wait comes first."""
+    racy = sm90.register_operand_hazards(_RS_LOOP.format(write="LDSM.16.M88.4 R152, [R186+0x28000]"))
+    assert racy and all("R152" in line for line in racy), racy
+    assert sm90.register_operand_hazards(_RS_LOOP.format(write="LDSM.16.M88.4 R4, [R186+0x28000]")) == []
+    waited = _RS_LOOP.format(write="WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n        /*0118*/   LDSM.16.M88.4 R152, [R186]")
+    assert sm90.register_operand_hazards(waited) == []
+
+
+@pytest.mark.parametrize("method,launch", [("ia3-ff", "forward"), ("ia3-out", "grad_x")])
+def test_register_scaled_loops_compile_without_hazards(method, launch):
+    """The 3-stage 128 x 256 configs of the register-scaled loops, compiled for sm_90 by the
+    installed Triton: no wgmma register operand overwritten in flight (bf16, fp32), and in bf16 no
+    ptxas serialisation of the wgmmas (the loss the per-tile loop removed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    for dtype in ("bf16", "fp32"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--method", method, "--dtype", dtype,
+                              "--json", "--launches", launch, "--block-n", "256", "--stages", "3"],
+                             env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        (row,) = json.loads(out.stdout.strip().splitlines()[-1])
+        compiled = [c for c in row["configs"] if "error" not in c]
+        assert compiled, row
+        for c in compiled:
+            assert c["hazards"] == [], (dtype, c)
+            if dtype == "bf16":
+                assert not any("serialized" in a for a in c["advisories"]), c

@@ -130,18 +130,16 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
                  stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, MASK_A: tl.constexpr, SCALE_A: tl.constexpr,
-                 PRECISE: tl.constexpr, SCALE_DESC: tl.constexpr = False):
+                 PRECISE: tl.constexpr):
     for ki in range(k_tiles):
         off_k = ki * BLOCK_K
         a = _load_2d(a_ptr, a_desc, off_m, off_k, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, USE_DESC)
         if SCALE_A:
             # a * scale[k] in a's dtype (mul.bf16x2 on Hopper): the exact product of two 16-bit
             # floats fits float32, so one rounding gives what the unfused (x * l) gives.
-            if SCALE_DESC:  # scale_ptr is a 1-D descriptor: TMA, on the loop's mbarrier pipeline
-                s = scale_ptr.load([off_k])
-            else:
-                cols_k = off_k + tl.arange(0, BLOCK_K)
-                s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
+            # By pointer (cp.async): a 1-D descriptor (TMA) was 7-13% slower in session 5.
+            cols_k = off_k + tl.arange(0, BLOCK_K)
+            s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
             if _WIDEN_16BIT:
                 a = (a.to(tl.float32) * s[None, :].to(tl.float32)).to(a.dtype)
             else:
@@ -192,7 +190,6 @@ def fused_linear_kernel(
     EVEN_R: tl.constexpr,       # R == BLOCK_R: the lr / q tiles need no mask along R (vector loads)
     LR_DESC: tl.constexpr,      # lr and q tiles through tensor descriptors (TMA) instead of pointers
     Q_RMAJOR: tl.constexpr,     # q stored [N, R] with unit R stride (B); else [R, N] (A, for grad_x)
-    SCALE_DESC: tl.constexpr = False,  # SCALE_A's scale vector through a 1-D descriptor (TMA)
     AUX_DESC: tl.constexpr = False,    # aux tiles (SAVE_AUX, REDUCE_AUX) through a descriptor (TMA)
 ):
     start = tl.program_id(0)
@@ -213,9 +210,6 @@ def fused_linear_kernel(
         else:
             out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
 
-    scale_a_desc = scale_ptr
-    if SCALE_DESC:
-        scale_a_desc = tl.make_tensor_descriptor(scale_ptr, shape=[K], strides=[1], block_shape=[BLOCK_K])
     # aux tiles ([M, N], unit column stride) are as wide as the epilogue's pieces.
     if EPI_SUBTILE:
         aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, BLOCK_N // 2, AUX_DESC)
@@ -261,9 +255,8 @@ def fused_linear_kernel(
             prev_m = pid_m
         else:
             acc = _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_tiles,
-                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_a_desc,
-                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN,
-                               SCALE_DESC)
+                               stride_am, stride_ak, stride_wn, stride_wk, seed, dropout_p, mask_ld, scale_ptr,
+                               BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, MASK_A, SCALE_A, PRECISE_MAIN)
             if ACC_SCALE:
                 acc = acc * lr_scale
 

@@ -382,8 +382,8 @@ LOWRANK_TMA = os.environ.get("FUSEDPEFT_LORA_LOWRANK_TMA", "1") != "0"
 # every wgmma (see launch_fused_linear). True brings the flattened loop back, for diag_rescale.
 FLATTEN_REGISTER_A = False
 
-# SCALE_A's scale vector and the aux tiles (z saved, or read for a column reduction) go through
-# tensor descriptors where the tensors allow; False: pointer loads and stores (for diag_rescale).
+# The aux tiles (z saved, or read for a column reduction) go through tensor descriptors where the
+# tensors allow; False: pointer loads and stores (tests and diag_rescale).
 RESCALE_TMA = os.environ.get("FUSEDPEFT_RESCALE_TMA", "1") != "0"
 
 # Tests flip this to run the rank-r update apart from the GEMM (what happens when no tile config
@@ -462,8 +462,6 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     store_out = out is not None
     dummy = a  # never read: its constexpr flag is off
     use_desc = descriptor_ok(a, w, out)
-    scale_desc = bool(RESCALE_TMA and use_desc and scale is not None and scale_a and scale.stride(0) == 1
-                      and scale.data_ptr() % 16 == 0)
     aux_desc = bool(RESCALE_TMA and use_desc and aux is not None and descriptor_ok(aux))
     if (use_desc or lr_desc) and not interpreting():
         ensure_allocator()
@@ -501,15 +499,19 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         # A flattened tile loop zeroes the accumulator between tiles with a select that ptxas
         # takes for a non-wgmma write to registers a register-operand (SCALE_A) wgmma is still
         # accumulating into: it then serialises every wgmma of the kernel (ptxas advisory C7515,
-        # benchmarks/sm90_resources.py). The per-tile K loop keeps them pipelined.
-        FLATTEN=not in_loop and (FLATTEN_REGISTER_A or not (scale is not None and scale_a)),
+        # benchmarks/sm90_resources.py). The per-tile K loop keeps them pipelined, except for
+        # fp32 (tf32) tiles: there Triton 3.6 reloads the next step's x tile into the registers
+        # the previous step's wgmmas may still be reading (wrong results on the H100; found by
+        # sm90_resources' register-operand hazard check), and the serialised loop is the safe one.
+        FLATTEN=not in_loop and (FLATTEN_REGISTER_A or not (scale is not None and scale_a)
+                                 or a.element_size() == 4),
         ACC_SCALE=out_scale is not None,
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
         SHIFT_OUT=shift is not None, STORE_OUT=store_out,
         PRECISE_MAIN=bool(precise and a.dtype == torch.float32), PRECISE_LR=bool(in_loop and a.dtype == torch.float32),
         USE_DESC=use_desc, BLOCK_R=block_r(R), EVEN_R=R == block_r(R), LR_DESC=lr_desc,
-        Q_RMAJOR=q_stored is q, SCALE_DESC=scale_desc, AUX_DESC=aux_desc,
+        Q_RMAJOR=q_stored is q, AUX_DESC=aux_desc,
     )
 
     def finish(partial):
