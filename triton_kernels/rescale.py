@@ -44,7 +44,9 @@ def _column_dot(g, z, want_sum):
     if M == 0 or C == 0:
         return launch.zero_column_sums(C, want_sum, g.device)
     interp = launch.interpreting()
-    BLOCK_C, BLOCK_M = (16, 16) if interp else (128, 32)
+    # 64 x 128 tiles, 4 warps, 3 stages, ~4 programs per SM: 2.1-2.2 TB/s on the H100 against
+    # 1.35-1.4 for 32 x 128 (benchmarks/diag_rescale.py --kernels, session 5).
+    BLOCK_C, BLOCK_M = (16, 16) if interp else (128, 64)
     col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, g.device)
     partial = torch.empty(2 if want_sum else 1, splits, C, dtype=torch.float32, device=g.device)
     launch.cached_launch(
