@@ -33,10 +33,10 @@ def _stub_gpu(launch):
     torch.cuda.current_device = lambda: 0
     real_tuned = launch._tuned_config
 
-    def tuned(key, M, N, element_size, launch_with, register_a=False):
+    def tuned(key, M, N, element_size, launch_with):
         if key not in launch.TUNED:  # the first candidate stands in for the tuner's pick
-            launch.TUNED[key] = launch._candidates(M, N, element_size, register_a)[0]
-        return real_tuned(key, M, N, element_size, launch_with, register_a)
+            launch.TUNED[key] = launch._candidates(M, N, element_size)[0]
+        return real_tuned(key, M, N, element_size, launch_with)
 
     launch._tuned_config = tuned
 

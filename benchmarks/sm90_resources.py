@@ -188,8 +188,8 @@ def record_launches(step):
     def record(kernel, grid, args, constexprs, num_warps, num_stages):
         recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
 
-    def first_candidate(key, M_, N_, size, launch_with, register_a=False):
-        cands = launch._candidates(M_, N_, size, register_a)
+    def first_candidate(key, M_, N_, size, launch_with):
+        cands = launch._candidates(M_, N_, size)
         pending.append(cands)  # the launch that follows is recorded with them
         return cands[0]
 

@@ -168,18 +168,13 @@ def _warp_specialization_applies() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
-def _candidates(M: int, N: int, element_size: int, register_a: bool = False):
+def _candidates(M: int, N: int, element_size: int):
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
         cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
                  and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
-        if register_a and not small:
-            # The a tile scaled in registers (SCALE_A) pays a fixed cost per K step (its scale
-            # vector's load and barrier, the register hand-over to the wgmmas): BLOCK_K = 128
-            # halves the steps (2 stages of 96 KB beside the half-width epilogue fit 227 KB).
-            cands.append(_config(128, 256, 128, 8, 2, sub=True))
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -199,7 +194,7 @@ class NoConfigFits(RuntimeError):
     """No candidate tile config can run this launch (shared memory or registers run out)."""
 
 
-def _tuned_config(key, M, N, element_size, launch_with, register_a=False):
+def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
     if isinstance(cfg, str):  # known not to fit: fail fast, every call
         raise NoConfigFits(cfg)
@@ -212,7 +207,7 @@ def _tuned_config(key, M, N, element_size, launch_with, register_a=False):
     t0 = time.perf_counter()
     timings, errors = [], []
     tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
-    for cand in _candidates(M, N, element_size, register_a):
+    for cand in _candidates(M, N, element_size):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
@@ -537,7 +532,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
     try:
-        cfg = _tuned_config(key, M, N, a.element_size(), launch_with, flags["SCALE_A"])
+        cfg = _tuned_config(key, M, N, a.element_size(), launch_with)
     except NoConfigFits:
         if not lowrank_apart_ok:
             raise
