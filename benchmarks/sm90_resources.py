@@ -267,6 +267,9 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
         recorded, names = record_rescale_launches(M, K, N, method, dtype, not recompute), RESCALE_NAMES
     else:
         raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
+    from fusedpeft._kernels import triton_kernels
+
+    launch_mod = triton_kernels.launch
     rows = []
     for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(recorded):
         name = names[i] if i < len(names) else f"launch {i}"
@@ -280,6 +283,8 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
                 continue
             entry = {"config": kw, "warps": w, "stages": st}
             try:
+                if "SCALE_A" in constexprs:  # the loop form follows the config, as at launch
+                    kw = launch_mod.config_constexprs(constexprs, kw, call_args[0].element_size())
                 fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
                                                   os.path.join(dump, f"{i}_{j}") if dump else None)
                 entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,

@@ -193,6 +193,29 @@ def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monke
     _check_rescale(kind, torch.float32, (300,), 520, 648)
 
 
+def _all_candidates():
+    from fusedpeft._kernels import triton_kernels
+
+    launch = triton_kernels.launch
+    return [(M, i) for M in (48, 300) for i in range(len(launch._candidates(M, 1024, 2)))]
+
+
+# Every tile config the tuner may pick for the register-scaled loops, bf16, at M <= 64 and at large
+# M: the loop form (pipelined or serialised) follows the config, and a pipelined loop that reused
+# an in-flight wgmma's registers would show here as wrong results.
+@pytest.mark.parametrize("M,index", _all_candidates())
+@pytest.mark.parametrize("kind", ["ia3_ff", "ia3_out"])
+def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch):
+    from fusedpeft._kernels import triton_kernels
+
+    launch = triton_kernels.launch
+    cand = launch._candidates(M, 1024, 2)[index]
+    monkeypatch.setattr(launch, "_tuned_config", lambda key, M_, N_, size, launch_with: cand)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "recompute")
+    _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
+
+
 def _check_rescale(kind, dtype, lead, K, N):
     tensors, fn = _rescale_case(kind, lead, K, N, dtype)
     op = "ssf_linear" if kind == "ssf" else "ia3_linear"

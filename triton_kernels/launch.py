@@ -404,6 +404,23 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout
     return out.add_(low)
 
 
+def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
+    """The kernel's constexprs for one tile config: the launch's flags and the config, with the loop
+    form the config allows.
+
+    A flattened tile-and-K loop zeroes the accumulator between tiles with a select that ptxas takes
+    for a non-wgmma write to registers that a register-operand (SCALE_A) wgmma is still
+    accumulating into; it then serialises every wgmma of the kernel (ptxas advisory C7515,
+    benchmarks/sm90_resources.py). A per-tile K loop keeps them pipelined, but it is only safe
+    where Triton 3.6 gives each step's scaled tile registers that no in-flight wgmma still reads:
+    16-bit inputs on the 128-row tiles. fp32 (tf32) tiles and the 64-row, one-warpgroup tiles
+    reload the next step's tile into the registers the previous step's wgmmas are reading (wrong
+    results on the H100 for fp32; found for both by sm90_resources' register-operand hazard
+    check), so they keep the serialised loop."""
+    per_tile = flags["SCALE_A"] and not FLATTEN_REGISTER_A and element_size == 2 and cfg["BLOCK_M"] >= 128
+    return {**flags, **cfg, "FLATTEN": not flags["IN_LOOP_LR"] and not per_tile}
+
+
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
                         seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
                         lr_precomputed=False, mask_a=False, scale=None, scale_a=False, shift=None,
@@ -491,15 +508,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
         MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop,
-        # A flattened tile loop zeroes the accumulator between tiles with a select that ptxas
-        # takes for a non-wgmma write to registers a register-operand (SCALE_A) wgmma is still
-        # accumulating into: it then serialises every wgmma of the kernel (ptxas advisory C7515,
-        # benchmarks/sm90_resources.py). The per-tile K loop keeps them pipelined, except for
-        # fp32 (tf32) tiles: there Triton 3.6 reloads the next step's x tile into the registers
-        # the previous step's wgmmas may still be reading (wrong results on the H100; found by
-        # sm90_resources' register-operand hazard check), and the serialised loop is the safe one.
-        FLATTEN=not in_loop and (FLATTEN_REGISTER_A or not (scale is not None and scale_a)
-                                 or a.element_size() == 4),
+        FLATTEN=not in_loop,  # and per config: config_constexprs
         ACC_SCALE=out_scale is not None,
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
@@ -525,7 +534,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
         grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
-        constexprs = {**flags, **kw, "NUM_SMS": sms}
+        constexprs = {**config_constexprs(flags, kw, a.element_size()), "NUM_SMS": sms}
         last["entry"] = cached_launch(fused_linear_kernel, grid, args_for(partial), constexprs,
                                       cfg.num_warps, cfg.num_stages)
         last["grid"], last["constexprs"] = grid, constexprs
