@@ -4,7 +4,8 @@ saving and recomputing z.
 
 Forward, one launch each:
 - input scaling:  y = (x * l) W^T + b      l applied to the x tile in registers (SCALE_A; a per-tile
-                  K loop for 16-bit inputs, the serialised flattened loop for fp32: launch.py says why)
+                  K loop for 16-bit 128-row tiles, the serialised flattened loop otherwise:
+                  launch.config_constexprs says why)
 - output scaling: y = (x W^T + b) * l (+ t) in the epilogue (SCALE_OUT, SHIFT_OUT); in "save"
   mode the same epilogue also writes z = x W^T + b (SAVE_AUX: + MN bytes written).
 FLOPs and bytes are the base GEMM's (2MNK; x, W, y) plus K or N scale entries: the scaling is free
