@@ -8,9 +8,10 @@ stubbed out), compiles each for sm_90 under every tile config the tuner would tr
 (227 KB is the H100's limit), any "Potential Performance Loss" advisory of ptxas (C7515:
 wgmmas serialised, which cost the IA3 input-scaling loop ~35% until session 5), and any
 instruction that overwrites a register operand of a wgmma still in flight (the race that gave
-fp32 input scaling wrong results once its loop was pipelined; register_operand_hazards). Session 4 used it to find the cost of the LoRA epilogue before
-spending device time (benchmarks/RESULTS.md); the figures are the installed Triton's, which may
-differ from the device image's (3.6).
+fp32 input scaling wrong results once its loop was pipelined; register_operand_hazards).
+Session 4 used it to find the cost of the LoRA epilogue before spending device time
+(benchmarks/RESULTS.md); the figures are the installed Triton's, which may differ from the
+device image's (3.6).
 
     python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
                                         [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
@@ -71,7 +72,8 @@ def _interpreting() -> bool:
 
 def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None):
     """Compile one launch for sm_90; returns (cuobjdump's resource fields plus ptxas's performance
-    advisories under "advisories", Triton's shared bytes)."""
+    advisories under "advisories" and register_operand_hazards under "hazards", Triton's shared
+    bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -121,7 +123,7 @@ def _dest_regs(op: str, args: str) -> set:
     LDSM...x4, LDG.E.64), 0 for stores, branches and barriers."""
     if op.split(".")[0] in ("ST", "STS", "STG", "STL", "STSM", "BRA", "BAR", "EXIT", "RET", "WARPSYNC", "DEPBAR",
                             "WARPGROUP", "SYNCS", "UTMALDG", "UTMASTG", "UTMACMDFLUSH", "ARRIVES", "MEMBAR",
-                            "FENCE", "NOP", "CCTL", "HGMMA", "LDGDEPBAR", "UBLKCP", "ELECT", "RED", "ATOMS"):
+                            "FENCE", "NOP", "CCTL", "LDGDEPBAR", "UBLKCP", "ELECT", "RED", "ATOMS"):
         return set()
     first = args.split(",")[0].strip()
     m = _REG.fullmatch(first)
@@ -257,10 +259,10 @@ RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
 def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False,
            dtype=torch.bfloat16):
     """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared,
-    advisories, hazards, error}]}] for the launches of one training step of ``method`` ("lora", named as
-    LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES; ``recompute``: output
-    scaling's recompute mode), each compiled for sm_90 under every tuner candidate (filtered by
-    BLOCK_N and stages if given)."""
+    advisories, hazards, error}]}] for the launches of one training step of ``method`` ("lora",
+    named as LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES;
+    ``recompute``: output scaling's recompute mode), each compiled for sm_90 under every tuner
+    candidate (filtered by BLOCK_N and stages if given)."""
     if method == "lora":
         recorded, names = record_lora_launches(M, K, N, r, dtype), LAUNCH_NAMES
     elif method in RESCALE_KINDS:
@@ -283,7 +285,7 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
                 continue
             entry = {"config": kw, "warps": w, "stages": st}
             try:
-                if "SCALE_A" in constexprs:  # the loop form follows the config, as at launch
+                if kernel is launch_mod.fused_linear_kernel:  # the loop form follows the config, as at launch
                     kw = launch_mod.config_constexprs(constexprs, kw, call_args[0].element_size())
                 fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
                                                   os.path.join(dump, f"{i}_{j}") if dump else None)

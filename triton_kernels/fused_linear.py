@@ -203,30 +203,19 @@ def fused_linear_kernel(
         w_desc = _make_desc(w_ptr, N, K, stride_wn, BLOCK_N, BLOCK_K, USE_DESC)
     else:
         w_desc = _make_desc(w_ptr, K, N, stride_wk, BLOCK_K, BLOCK_N, USE_DESC)
+    # The epilogue's tiles (out, aux, q) are as wide as its pieces: half the tile with EPI_SUBTILE.
+    EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     out_desc = out_ptr
     if STORE_OUT:
-        if EPI_SUBTILE:
-            out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N // 2, USE_DESC)
-        else:
-            out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, BLOCK_N, USE_DESC)
-
-    # aux tiles ([M, N], unit column stride) are as wide as the epilogue's pieces.
-    if EPI_SUBTILE:
-        aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, BLOCK_N // 2, AUX_DESC)
-    else:
-        aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, BLOCK_N, AUX_DESC)
+        out_desc = _make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC)
+    aux = _make_desc(aux_ptr, M, N, stride_xm, BLOCK_M, EPI_N, AUX_DESC)  # [M, N], unit column stride
     lr_desc = _make_desc(lr_ptr, M, R, stride_lm, BLOCK_M, BLOCK_R, LR_DESC)
-    # q tiles are [BLOCK_N, BLOCK_R], or half as wide where the epilogue runs in halves.
-    if EPI_SUBTILE:
-        q_desc = _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, BLOCK_N // 2, BLOCK_R, LR_DESC, Q_RMAJOR)
-    else:
-        q_desc = _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, BLOCK_N, BLOCK_R, LR_DESC, Q_RMAJOR)
+    q_desc = _make_q_desc(q_ptr, N, R, stride_qn, stride_qr, EPI_N, BLOCK_R, LR_DESC, Q_RMAJOR)
 
     if IN_LOOP_LR:  # carried across tiles (a read lr, in its own dtype, is not)
         lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         prev_m = -1
-    # The in-loop low-rank product branches on the row block, which the loop flattening of the
-    # software pipeliner cannot take; every other variant flattens the tile and K loops.
+    # FLATTEN (launch.config_constexprs) fuses the tile and K loops into one pipelined loop.
     for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M

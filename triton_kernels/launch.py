@@ -406,7 +406,8 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout
 
 def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
     """The kernel's constexprs for one tile config: the launch's flags and the config, with the loop
-    form the config allows.
+    form the config allows (FLATTEN). The in-loop low-rank product (IN_LOOP_LR) branches on the row
+    block, which the pipeliner's loop flattening cannot take: never flattened.
 
     A flattened tile-and-K loop zeroes the accumulator between tiles with a select that ptxas takes
     for a non-wgmma write to registers that a register-operand (SCALE_A) wgmma is still
@@ -507,8 +508,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         HAS_BIAS=bias is not None, LR_EPILOGUE=has_lora, W_KMAJOR=w_kmajor,
         DROPOUT_IN=bool(dropout_in and dropout_p > 0), DROPOUT_OUT=bool(dropout_out and dropout_p > 0),
         SAVE_LR=lr is not None and in_loop, LR_PRECOMPUTED=bool(has_lora and lr_precomputed),
-        MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop,
-        FLATTEN=not in_loop,  # and per config: config_constexprs
+        MASK_A=bool(mask_a and dropout_p > 0), IN_LOOP_LR=in_loop,  # FLATTEN: per config, config_constexprs
         ACC_SCALE=out_scale is not None,
         SCALE_A=bool(scale is not None and scale_a), SAVE_AUX=bool(save_aux), REDUCE_AUX=bool(reduce_aux),
         REDUCE_SUM=bool(reduce_aux and reduce_sum), SCALE_OUT=bool(scale is not None and not scale_a),
@@ -525,7 +525,8 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         cfg = INTERPRETER_CONFIG
         partial = partial_for(cfg)
         grid = (min(INTERPRETER_SMS, cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])),)
-        fused_linear_kernel[grid](*args_for(partial), **flags, **cfg, NUM_SMS=grid[0])
+        fused_linear_kernel[grid](*args_for(partial), **config_constexprs(flags, cfg, a.element_size()),
+                                  NUM_SMS=grid[0])
         return finish(partial)
     sms = num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
     last = {}
