@@ -91,9 +91,8 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
         ms = harness.median_ms(fn)
         base = base or ms
         log(f"{M}x{K}x{N} {name:44s} {ms:.4f} ms  {ms / base:.3f}x cuBLAS")
-        for entry in launch_mod.TUNE_LOG[n_log:]:  # the tuner's three best, and the best paired config
-            paired = [(t, cfg) for t, cfg in entry["all"][3:] if "PER_SM" in cfg][:1]
-            for t, cfg in entry["all"][:3] + paired:
+        for entry in launch_mod.TUNE_LOG[n_log:]:
+            for t, cfg in entry["all"][:3]:
                 log(f"      {t:.4f} ms  {cfg}")
     # The column dot (grad_l from a saved z) reads 4MN bytes: its configs against the bandwidth.
     column_dot_kernel = triton_kernels.fused_linear.column_dot_kernel

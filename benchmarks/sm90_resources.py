@@ -16,7 +16,7 @@ device image's (3.6).
     python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
                                         [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
                                         [--launches forward,grad_x]
-                                        [--block-n 256] [--stages 3] [--per-sm 2] [--json] [--dump DIR]
+                                        [--block-n 256] [--stages 3] [--json] [--dump DIR]
 
 Triton compiles only when its language module was loaded without the interpreter; under
 TRITON_INTERPRET=1 (as in CI) main() re-runs itself in a fresh process without it.
@@ -33,8 +33,7 @@ import torch
 
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                  torch.int8: "i8", torch.int64: "i64"}
-H100_SHARED_LIMIT = 232448  # per program (227 KB)
-H100_SM_SHARED = 233472  # per SM (228 KB), 1 KB of it reserved per resident program
+H100_SHARED_LIMIT = 232448
 
 
 def _signature(kernel, args, constexprs):
@@ -71,7 +70,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None, maxnreg=None):
+def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None):
     """Compile one launch for sm_90; returns (cuobjdump's resource fields plus ptxas's performance
     advisories under "advisories" and register_operand_hazards under "hazards", Triton's shared
     bytes)."""
@@ -84,8 +83,7 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None,
                            "(main() re-runs itself that way)")
     sig, consts, attrs = _signature(kernel, args, constexprs)
     compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages,
-                                           **({"maxnreg": maxnreg} if maxnreg else {})))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -189,11 +187,11 @@ def record_launches(step):
                                              "_tuned_config", "_PLANS", "TUNED")}
     saved_plans, saved_device = lora._PLANS, torch.cuda.current_device
 
-    def record(kernel, grid, args, constexprs, num_warps, num_stages, maxnreg=None):
+    def record(kernel, grid, args, constexprs, num_warps, num_stages):
         recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
 
     def first_candidate(key, M_, N_, size, launch_with):
-        cands = launch._candidates(M_, N_, size, launch.register_a(key))
+        cands = launch._candidates(M_, N_, size)
         pending.append(cands)  # the launch that follows is recorded with them
         return cands[0]
 
@@ -259,12 +257,12 @@ RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
 
 
 def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False,
-           dtype=torch.bfloat16, per_sm=None):
+           dtype=torch.bfloat16):
     """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared,
     advisories, hazards, error}]}] for the launches of one training step of ``method`` ("lora",
     named as LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES;
     ``recompute``: output scaling's recompute mode), each compiled for sm_90 under every tuner
-    candidate (filtered by BLOCK_N, stages and programs per SM if given)."""
+    candidate (filtered by BLOCK_N and stages if given)."""
     if method == "lora":
         recorded, names = record_lora_launches(M, K, N, r, dtype), LAUNCH_NAMES
     elif method in RESCALE_KINDS:
@@ -279,20 +277,18 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
         name = names[i] if i < len(names) else f"launch {i}"
         if launches and name not in launches:
             continue
-        configs = ([(c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in candidates] if candidates
-                   else [({}, warps, num_stages, None)])
+        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, num_stages)]
         row = {"launch": name, "kernel": kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
                "flags": {k: v for k, v in constexprs.items() if isinstance(v, (bool, int))}, "configs": []}
-        for j, (kw, w, st, maxnreg) in enumerate(configs):
-            if ((block_n and kw.get("BLOCK_N") != block_n) or (stages and st != stages)
-                    or (per_sm and kw.get("PER_SM", 1) != per_sm)):
+        for j, (kw, w, st) in enumerate(configs):
+            if (block_n and kw.get("BLOCK_N") != block_n) or (stages and st != stages):
                 continue
-            entry = {"config": kw, "warps": w, "stages": st, "maxnreg": maxnreg}
+            entry = {"config": kw, "warps": w, "stages": st}
             try:
                 if kernel is launch_mod.fused_linear_kernel:  # the loop form follows the config, as at launch
                     kw = launch_mod.config_constexprs(constexprs, kw, call_args[0].element_size())
                 fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
-                                                  os.path.join(dump, f"{i}_{j}") if dump else None, maxnreg)
+                                                  os.path.join(dump, f"{i}_{j}") if dump else None)
                 entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
                              advisories=fields["advisories"], hazards=fields["hazards"])
             except Exception as exc:  # noqa: BLE001 - reported, not raised
@@ -316,7 +312,6 @@ def main(argv=None):
                         help=f"comma-separated subset of {','.join(LAUNCH_NAMES)} (LoRA) or {','.join(RESCALE_NAMES)}")
     parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
     parser.add_argument("--stages", type=int, default=None, help="only configs with this many stages")
-    parser.add_argument("--per-sm", type=int, default=None, help="only configs with this many programs per SM")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dump", default=None, help="write each compiled launch's TTGIR and PTX below this folder")
     args = parser.parse_args(argv)
@@ -327,15 +322,14 @@ def main(argv=None):
     M, K, N = (int(v) for v in args.shape.split("x"))
     rows = report(M, K, N, args.rank, args.launches.split(",") if args.launches else None, args.block_n,
                   args.stages, args.dump, args.method, args.recompute,
-                  {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype], args.per_sm)
+                  {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     if args.json:
         print(json.dumps(rows))
         return
     for row in rows:
         print(f"{row['launch']} ({row['kernel']}):")
         for c in row["configs"]:
-            tag = " ".join(f"{k}={v}" for k, v in c["config"].items()
-                           if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE", "PER_SM"))
+            tag = " ".join(f"{k}={v}" for k, v in c["config"].items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
             head = f"  {tag or 'fixed config'} w{c['warps']} s{c['stages']}: "
             if "error" in c:
                 print(head + f"does not compile ({c['error'][:100]})")

@@ -197,7 +197,7 @@ def _all_candidates():
     from fusedpeft._kernels import triton_kernels
 
     launch = triton_kernels.launch
-    return [(M, i) for M in (48, 300) for i in range(len(launch._candidates(M, 1024, 2, register_a=True)))]
+    return [(M, i) for M in (48, 300) for i in range(len(launch._candidates(M, 1024, 2)))]
 
 
 # Every tile config the tuner may pick for the register-scaled loops, bf16, at M <= 64 and at large
@@ -209,11 +209,11 @@ def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch):
     from fusedpeft._kernels import triton_kernels
 
     launch = triton_kernels.launch
-    cand = launch._candidates(M, 1024, 2, register_a=True)[index]
+    cand = launch._candidates(M, 1024, 2)[index]
     tuned = launch._tuned_config
 
     def forced(key, M_, N_, size, launch_with):  # the register-scaled launch takes cand; others as usual
-        return cand if launch.register_a(key) else tuned(key, M_, N_, size, launch_with)
+        return cand if ("SCALE_A", True) in key[4] else tuned(key, M_, N_, size, launch_with)
 
     monkeypatch.setattr(launch, "_tuned_config", forced)
     monkeypatch.setattr(launch, "_PLANS", {})

@@ -173,7 +173,7 @@ def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu):
     monkeypatch.setenv("FUSEDPEFT_AUTOTUNE", "0")
     tried = []
 
-    def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages, maxnreg=None):
+    def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages):
         tried.append(constexprs["LR_EPILOGUE"])
         if constexprs["LR_EPILOGUE"]:
             raise RuntimeError("out of resource: shared memory")

@@ -116,14 +116,13 @@ def test_register_operand_hazard_check():
     assert sm90.register_operand_hazards(waited) == []
 
 
-# Large M: the 3-stage 128 x 256 configs, bf16 and fp32, and the two-programs-per-SM configs (128
-# registers a thread). M <= 64: every candidate of the tuner (16- to 64-row tiles), bf16, where the
-# 64-row one-warpgroup tiles raced before they were kept on the serialised loop.
+# Large M: the 3-stage 128 x 256 configs, bf16 and fp32. M <= 64: every candidate of the tuner
+# (16- to 64-row tiles), bf16, where the 64-row one-warpgroup tiles raced before they were kept on
+# the serialised loop.
 @pytest.mark.parametrize("method,launch,shape,dtypes,filters", [
     ("ia3-ff", "forward", "512x512x512", ("bf16", "fp32"), ("--block-n", "256", "--stages", "3")),
     ("ia3-out", "grad_x", "512x512x512", ("bf16", "fp32"), ("--block-n", "256", "--stages", "3")),
     ("ia3-ff", "forward", "48x512x512", ("bf16",), ()),
-    ("ia3-out", "grad_x", "512x512x512", ("bf16", "fp32"), ("--per-sm", "2")),
 ])
 def test_register_scaled_loops_compile_without_hazards(method, launch, shape, dtypes, filters):
     """The register-scaled loops, compiled for sm_90 by the installed Triton: no wgmma register
@@ -141,8 +140,5 @@ def test_register_scaled_loops_compile_without_hazards(method, launch, shape, dt
         assert compiled, row
         for c in compiled:
             assert c["hazards"] == [], (dtype, c)
-            if c["config"].get("PER_SM", 1) > 1:  # resident together: registers and shared memory shared out
-                assert c["maxnreg"] * c["warps"] * 32 * c["config"]["PER_SM"] <= 65536 and c["stack"] == 0, c
-                assert (c["shared"] + 1024) * c["config"]["PER_SM"] <= sm90.H100_SM_SHARED, c
             if dtype == "bf16" and c["config"]["BLOCK_M"] >= 128:
                 assert not any("serialized" in a for a in c["advisories"]), c

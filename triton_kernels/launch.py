@@ -135,15 +135,9 @@ def m_bucket(M: int) -> int:
     return min(next_power_of_2(max(M, 1)), 8192)
 
 
-def _config(bm, bn, bk, warps, stages, ws=False, sub=False, per_sm=1):
-    """A tile config. per_sm > 1: that many persistent programs per SM, each held to the registers
-    (maxnreg) and the shared memory that lets them be resident together, so that one program's
-    epilogue and pipeline fill run while the other's MMAs do (see _gemm_configs)."""
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws, "EPI_SUBTILE": sub}
-    if per_sm == 1:
-        return triton.Config(kwargs, num_warps=warps, num_stages=stages)
-    return triton.Config({**kwargs, "PER_SM": per_sm}, num_warps=warps, num_stages=stages,
-                         maxnreg=65536 // (per_sm * warps * 32) // 8 * 8)
+def _config(bm, bn, bk, warps, stages, ws=False, sub=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws,
+                          "EPI_SUBTILE": sub}, num_warps=warps, num_stages=stages)
 
 
 def _gemm_configs():
@@ -156,15 +150,6 @@ def _gemm_configs():
     small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4)]
     return ([_config(*c, ws=ws, sub=sub) for c in large for sub in ((True, False) if c[1] == 256 else (False,))
              for ws in (False, True)] + [_config(*c) for c in small])
-
-
-def _paired_configs():
-    # Two programs per SM (128 registers a thread, <= 113 KB of shared memory each), for the
-    # register-scaled loop (SCALE_A): it runs a K loop per tile (config_constexprs), which drains its
-    # wgmma pipeline at every tile's end, and the other program's MMAs can fill that gap. Session 6
-    # on the H100: the 3-stage one won the tuning of ia3-ff's forward at 8192x14336x4096 (1.58 ms
-    # against 1.68 for 128 x 256) and lost elsewhere; the tuner decides per key.
-    return [_config(*c, sub=True, per_sm=2) for c in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 128, 32, 8, 4)]]
 
 
 def _skinny_configs(N):
@@ -183,19 +168,16 @@ def _warp_specialization_applies() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
-def _candidates(M: int, N: int, element_size: int, register_a: bool = False):
-    """The tile configs the tuner times for an M x N output (register_a: a SCALE_A launch)."""
+def _candidates(M: int, N: int, element_size: int):
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
         cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
                  and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
-        if register_a and not small:
-            cands += _paired_configs()
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
-                               num_stages=min(c.num_stages, 3), maxnreg=c.maxnreg) for c in cands]
+                               num_stages=min(c.num_stages, 3)) for c in cands]
     return cands
 
 
@@ -212,11 +194,6 @@ class NoConfigFits(RuntimeError):
     """No candidate tile config can run this launch (shared memory or registers run out)."""
 
 
-def register_a(key) -> bool:
-    """Whether a tuning key (launch_fused_linear's) is a register-scaled (SCALE_A) launch's."""
-    return ("SCALE_A", True) in key[4]
-
-
 def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
     if isinstance(cfg, str):  # known not to fit: fail fast, every call
@@ -230,7 +207,7 @@ def _tuned_config(key, M, N, element_size, launch_with):
     t0 = time.perf_counter()
     timings, errors = [], []
     tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
-    for cand in _candidates(M, N, element_size, register_a(key)):
+    for cand in _candidates(M, N, element_size):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
@@ -331,22 +308,19 @@ def _grid3(grid) -> tuple:
     return tuple(grid) + (1,) * (3 - len(grid))  # compiled kernels take a 3-D grid
 
 
-def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int, maxnreg=None):
+def cached_launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
     """kernel[grid](*args, **constexprs) through the compiled-kernel cache above. Returns the
     _Compiled entry that ran (None in the interpreter or with FAST_LAUNCH off)."""
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
     if not FAST_LAUNCH or interpreting():
-        kernel[grid](*args, **constexprs, **options)
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return None
     device = args[0].get_device()
-    key = (id(kernel), device, num_warps, num_stages, maxnreg, tuple(constexprs.items()), _specialization_key(args))
+    key = (id(kernel), device, num_warps, num_stages, tuple(constexprs.items()), _specialization_key(args))
     entry = _COMPILED.get(key)
     if entry is not None:
         entry(_grid3(grid), device, (*args, *(constexprs[n] for n in _constexpr_names(kernel))))
         return entry
-    compiled = kernel[grid](*args, **constexprs, **options)
+    compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
     if compiled is None:
         return None
     entry = _COMPILED[key] = _Compiled(compiled)
@@ -445,7 +419,6 @@ def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
     results on the H100 for fp32; found for both by sm90_resources' register-operand hazard
     check), so they keep the serialised loop."""
     per_tile = flags["SCALE_A"] and not FLATTEN_REGISTER_A and element_size == 2 and cfg["BLOCK_M"] >= 128
-    cfg = {k: v for k, v in cfg.items() if k != "PER_SM"}  # the launch's grid, not a constexpr
     return {**flags, **cfg, "FLATTEN": not flags["IN_LOOP_LR"] and not per_tile}
 
 
@@ -561,11 +534,10 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
     def launch_with(cfg):
         kw = cfg.kwargs
         partial = last["partial"] = partial_for(kw)
-        programs = sms * kw.get("PER_SM", 1)
-        grid = (min(programs, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
-        constexprs = {**config_constexprs(flags, kw, a.element_size()), "NUM_SMS": programs}
+        grid = (min(sms, cdiv(M, kw["BLOCK_M"]) * cdiv(N, kw["BLOCK_N"])),)
+        constexprs = {**config_constexprs(flags, kw, a.element_size()), "NUM_SMS": sms}
         last["entry"] = cached_launch(fused_linear_kernel, grid, args_for(partial), constexprs,
-                                      cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+                                      cfg.num_warps, cfg.num_stages)
         last["grid"], last["constexprs"] = grid, constexprs
 
     key = (m_bucket(M), N, K, a.dtype, tuple(sorted(flags.items())))
