@@ -38,7 +38,8 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
     """Each GPU kernel of the IA3 / SSF steps timed alone (bf16), beside cuBLAS's x W^T and the
     core GEMM with nothing fused, with the tuner's three best configs: where each variant's time
     goes. "flattened" is the register-scaled loop as it was before session 5 (one flattened
-    tile-and-K loop, whose wgmmas ptxas serialises)."""
+    tile-and-K loop, whose wgmmas ptxas serialises); the core on per-tile K loops, as the
+    register-scaled loop runs now, separates the cost of the loop form from that of the scaling."""
     from fusedpeft._kernels import triton_kernels
 
     launch_mod = triton_kernels.launch
@@ -71,7 +72,8 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
         "cuBLAS x W^T": lambda: torch.mm(x, W.T, out=y),
         "core x W^T": lambda: launch(x, W, y),
         "ia3-ff fwd: x*l in the K loop": ff_fwd,
-        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, FLATTEN_REGISTER_A=True),
+        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, LOOP_FORM="flattened"),
+        "core x W^T, per-tile K loop": with_flags(lambda: launch(x, W, y), LOOP_FORM="per_tile"),
         "ia3-ff fwd as x*l pre-pass + core": lambda: launch(x * l_k, W, y),
         "core g W (grad_x's GEMM)": lambda: launch(g, W.T, gx),
         "ia3-ff grad_x + grad_l (g W, reduce h*x)": ff_grad,

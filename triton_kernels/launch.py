@@ -374,8 +374,9 @@ LOWRANK_TMA = os.environ.get("FUSEDPEFT_LORA_LOWRANK_TMA", "1") != "0"
 
 # Flattening the tile and K loops into one software-pipelined loop overlaps a tile's epilogue with
 # the next tile's loads, but with the x tile scaled in registers (SCALE_A) it makes ptxas serialise
-# every wgmma (see launch_fused_linear). True brings the flattened loop back, for diag_rescale.
-FLATTEN_REGISTER_A = False
+# every wgmma (see config_constexprs). For diag_rescale, LOOP_FORM overrides the choice:
+# "flattened" brings that loop back for SCALE_A, "per_tile" puts every launch on per-tile K loops.
+LOOP_FORM = None
 
 # The aux tiles (z saved, or read for a column reduction) go through tensor descriptors where the
 # tensors allow; False: pointer loads and stores (tests and diag_rescale).
@@ -418,7 +419,8 @@ def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
     reload the next step's tile into the registers the previous step's wgmmas are reading (wrong
     results on the H100 for fp32; found for both by sm90_resources' register-operand hazard
     check), so they keep the serialised loop."""
-    per_tile = flags["SCALE_A"] and not FLATTEN_REGISTER_A and element_size == 2 and cfg["BLOCK_M"] >= 128
+    per_tile = flags["SCALE_A"] and LOOP_FORM != "flattened" and element_size == 2 and cfg["BLOCK_M"] >= 128
+    per_tile = per_tile or LOOP_FORM == "per_tile"
     return {**flags, **cfg, "FLATTEN": not flags["IN_LOOP_LR"] and not per_tile}
 
 
@@ -453,7 +455,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         plan_key = (a.get_device(), _meta(a), _meta(w_mat), _meta(out), _meta(bias), _meta(p), _meta(q), _meta(lr),
                     _meta(scale), _meta(shift), _meta(aux), mask_ld, dropout_in, dropout_out, dropout_p > 0,
                     lr_precomputed, mask_a, scale_a, save_aux, reduce_aux, reduce_sum, precise, out_scale is None,
-                    USE_TENSOR_DESCRIPTORS, LOWRANK_TMA, FLATTEN_REGISTER_A, RESCALE_TMA)
+                    USE_TENSOR_DESCRIPTORS, LOWRANK_TMA, LOOP_FORM, RESCALE_TMA)
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(a, w_mat, out, bias, p, q, lr, scale, shift, aux, lr_scale, seed, dropout_p)
