@@ -265,26 +265,16 @@ def fused_linear_kernel(
             # (the store tile, the q tile of the rank-r product) halves, which is what lets the
             # 128 x 256 x 64, 3-stage main loop fit beside a rank-64 epilogue (227 KB on the H100).
             acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _finish_tile(acc0, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
-                         scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-                         stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
-                         BLOCK_M, BLOCK_N // 2, BLOCK_R)
-            _finish_tile(acc1, lr, off_m, off_n + BLOCK_N // 2, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr,
-                         q_ptr, q_desc, scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn,
-                         stride_qr, stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
-                         BLOCK_M, BLOCK_N // 2, BLOCK_R)
         else:
-            _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
-                         scale_ptr, shift_ptr, aux, partial_ptr, stride_om, stride_on, stride_qn, stride_qr,
-                         stride_xm, stride_xn, lr_scale, seed, dropout_p, mask_ld,
-                         LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS, SAVE_AUX,
-                         REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
-                         BLOCK_M, BLOCK_N, BLOCK_R)
-
+            acc0 = acc
+            acc1 = acc  # unused: one piece
+        for piece in tl.static_range(2 if EPI_SUBTILE else 1):
+            _finish_tile(acc0 if piece == 0 else acc1, lr, off_m, off_n + piece * EPI_N, pid_m, num_pid_m, M, N, R,
+                         out_ptr, out_desc, bias_ptr, q_ptr, q_desc, scale_ptr, shift_ptr, aux, partial_ptr,
+                         stride_om, stride_on, stride_qn, stride_qr, stride_xm, stride_xn, lr_scale, seed, dropout_p,
+                         mask_ld, LR_EPILOGUE, LR_PRECOMPUTED, DROPOUT_OUT, EVEN_R, LR_DESC, Q_RMAJOR, HAS_BIAS,
+                         SAVE_AUX, REDUCE_AUX, REDUCE_SUM, SCALE_OUT, SHIFT_OUT, STORE_OUT, USE_DESC, AUX_DESC,
+                         BLOCK_M, EPI_N, BLOCK_R)
 
 @triton.jit
 def _finish_tile(acc, lr, off_m, off_n, pid_m, num_pid_m, M, N, R, out_ptr, out_desc, bias_ptr, q_ptr, q_desc,
