@@ -365,6 +365,16 @@ class _FusedLinearPlan:
 
 
 _PLANS: dict = {}
+PLANS_MAX = 4096
+
+
+def new_plan(plans: dict, key, cls):
+    """A fresh cls() stored in a launcher's plan cache under key. Many distinct shapes (variable
+    sequence lengths) would grow the cache without end: past PLANS_MAX it starts afresh."""
+    if len(plans) > PLANS_MAX:
+        plans.clear()
+    plan = plans[key] = cls()
+    return plan
 
 # A precomputed LoRA term's lr / q tiles through tensor descriptors (TMA) where both allow it,
 # rather than pointer loads: its MMA then reads both operands from shared memory as the TMA put
@@ -551,9 +561,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
         return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout_out)
     launch_with(cfg)
     if fast and last["entry"] is not None:
-        if len(_PLANS) > 4096:  # many distinct shapes (variable sequence lengths): start afresh
-            _PLANS.clear()
-        plan = _PLANS[plan_key] = _FusedLinearPlan()
+        plan = new_plan(_PLANS, plan_key, _FusedLinearPlan)
         plan.entry, plan.grid3, plan.device = last["entry"], _grid3(last["grid"]), a.get_device()
         plan.ints, plan.in_loop, plan.copy_w = ints, in_loop, w.data_ptr() != w_mat.data_ptr()
         plan.desc = use_desc or lr_desc

@@ -136,9 +136,7 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     if fast and entry is not None:
-        if len(_PLANS) > 4096:  # many distinct shapes: start afresh
-            _PLANS.clear()
-        plan = _PLANS[plan_key] = _WeightGradPlan()
+        plan = launch.new_plan(_PLANS, plan_key, _WeightGradPlan)
         plan.entry, plan.grid3, plan.device = entry, (col_blocks, splits, 1), l.get_device()
         plan.partial_numel, plan.col_blocks, plan.ints = partial_numel, col_blocks, ints
         plan.tail = (int(mask_ld), *(constexprs[n] for n in launch._constexpr_names(lowrank_weight_grad_kernel)))
