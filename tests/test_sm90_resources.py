@@ -18,6 +18,17 @@ def _flags(launch):
     return launch[2]
 
 
+def _compiled_report(*options):
+    """benchmarks.sm90_resources --json with these options, in a fresh process: Triton compiles only
+    without its interpreter, which CI runs under."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--json", *options],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_split_schedule_launches_and_flags():
     u, fwd, g, grad_x, grad_A, grad_B = sm90.record_lora_launches(512, 256, 384, 16)
     # u = s * x A^T and g = s * grad_y B: skinny launches that write the scaled, bf16 rank-r tile.
@@ -50,15 +61,8 @@ def test_rank_100_pads_the_rank_tile():
 def test_hopper_tiles_hold_the_lowrank_epilogue(r):
     """At least one 3-stage 128 x 256 x 64 candidate of the forward and of grad_x compiles for sm_90
     within the H100's 227 KB of shared memory, with no register spills (the TMA epilogue adds its
-    lr / q tiles to the main loop's 3 stages). Compiled in a fresh process: Triton compiles only
-    without its interpreter, which CI runs under."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--rank", str(r), "--json",
-                          "--launches", "forward,grad_x", "--block-n", "256", "--stages", "3"],
-                         env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    lr / q tiles to the main loop's 3 stages)."""
+    rows = _compiled_report("--rank", str(r), "--launches", "forward,grad_x", "--block-n", "256", "--stages", "3")
     assert [row["launch"] for row in rows] == ["forward", "grad_x"]
     for row in rows:
         assert row["flags"]["LR_DESC"] and row["flags"]["BLOCK_R"] == r
@@ -128,14 +132,9 @@ def test_register_scaled_loops_compile_without_hazards(method, launch, shape, dt
     """The register-scaled loops, compiled for sm_90 by the installed Triton: no wgmma register
     operand overwritten while its wgmma is in flight; and on the 128-row bf16 tiles no ptxas
     serialisation of the wgmmas (the loss the per-tile loop removed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
     for dtype in dtypes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--method", method, "--dtype", dtype,
-                              "--shape", shape, "--json", "--launches", launch, *filters],
-                             env=env, cwd=root, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        (row,) = json.loads(out.stdout.strip().splitlines()[-1])
+        (row,) = _compiled_report("--method", method, "--dtype", dtype, "--shape", shape, "--launches", launch,
+                                  *filters)
         compiled = [c for c in row["configs"] if "error" not in c]
         assert compiled, row
         for c in compiled:
