@@ -15,7 +15,7 @@ _NAME = "fusedpeft.triton_kernels"
 
 def _load():
     try:
-        return importlib.import_module(_NAME)
+        return _connect(importlib.import_module(_NAME))
     except ModuleNotFoundError as exc:
         if exc.name != _NAME:
             raise
@@ -28,6 +28,14 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     sys.modules[_NAME] = module
     spec.loader.exec_module(module)
+    return _connect(module)
+
+
+def _connect(module):
+    # The launchers keep their tuned tile configs in fusedpeft's tuning file.
+    from . import tuning
+
+    module.launch.CONFIG_STORE = tuning
     return module
 
 

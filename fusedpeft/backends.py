@@ -4,6 +4,9 @@
 1. a ``use_backend(name)`` context, innermost first;
 2. else the ``FUSEDPEFT_BACKEND`` environment variable (``torch``, ``triton``, ``cuda`` or ``auto``);
 3. else the highest-priority backend whose ``supports`` accepts the inputs (device, dtype, shape).
+   Where several *tunable* backends accept them (on CUDA: the Triton kernels and the
+   compositions of cuBLAS calls), the op's shape key picks among them by measurement
+   (``fusedpeft.tuning``): the fastest candidate at that shape runs, and the choice persists.
 
 A backend named by 1 or 2 that cannot take the inputs raises, naming why: a forced choice is
 never silently replaced by another. ``last_backend(op)`` says which implementation ran last.
@@ -30,6 +33,8 @@ class Backend:
     # Either the implementation itself or a zero-argument loader returning it (imported lazily so
     # that `import fusedpeft` never imports triton or compiles CUDA code).
     load: Callable[[], Any]
+    # An automatic candidate timed against the op's other tunable backends per shape key.
+    tunable: bool = False
     _impl: Any = None
     _load_error: Optional[str] = None
 
@@ -58,8 +63,10 @@ _COUNTS: dict[tuple[str, str], int] = {}
 _local = threading.local()
 
 
-def register(op: str, name: str, load: Callable[[], Any], supports: Callable[..., Optional[str]], priority: int):
-    _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load)
+def register(op: str, name: str, load: Callable[[], Any], supports: Callable[..., Optional[str]], priority: int,
+             tunable: bool = False):
+    _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load,
+                                                 tunable=tunable)
     _CHOICE.clear()
     for i, (n, b) in enumerate(_REGISTRY[op].items()):
         _INDEX[(op, n)] = i
@@ -91,17 +98,33 @@ def use_backend(name: str):
         stack.pop()
 
 
-def select(op: str, *tensors) -> tuple[str, Any]:
+def select(op: str, *tensors, tune=None) -> tuple[str, Any]:
     """Pick the backend for ``op`` on these inputs; returns (name, implementation).
 
     ``supports`` may look only at the tensors' device types and dtypes, so a choice is cached per
-    (op, forced name, device types, dtypes): the per-call cost is one dict lookup."""
+    (op, forced name, device types, dtypes): the per-call cost is one dict lookup. Where several
+    tunable backends qualify, ``tune = (shape_key, bench)`` picks among them: ``bench(impl)``
+    times one candidate on these inputs (ms), and runs only the first time a shape key is seen
+    (fusedpeft.tuning keeps the winner, on disk too). Without ``tune`` the highest priority wins."""
     forced = _forced()
     key = (op, forced, *((t.device.type, t.dtype) for t in tensors))
     hit = _CHOICE.get(key)
     if hit is None:
         hit = _CHOICE[key] = _choose(op, forced, tensors)
+    if type(hit) is tuple:
+        hit = _measured(op, hit, tune)
     return _record(op, hit)
+
+
+def _measured(op: str, candidates: tuple, tune) -> Backend:
+    if tune is None:
+        return candidates[0]
+    from . import tuning
+
+    shape_key, bench = tune
+    name = tuning.choose(op, shape_key, [b.name for b in candidates],
+                         lambda n: bench(_REGISTRY[op][n].impl()))
+    return _REGISTRY[op][name]
 
 
 def _choose(op: str, forced: Optional[str], tensors) -> Backend:
@@ -119,16 +142,18 @@ def _choose(op: str, forced: Optional[str], tensors) -> Backend:
         if reason:
             raise RuntimeError(f"{op}: backend {forced!r} was requested but cannot run these inputs: {reason}")
         return backend
-    for name in registered(op):
-        backend = backends[name]
-        if backend.supports(*tensors, forced=False) is None and backend.unavailable_reason() is None:
-            return backend
-    raise RuntimeError(f"{op}: no registered backend accepts these inputs")
+    usable = [backends[name] for name in registered(op)
+              if backends[name].supports(*tensors, forced=False) is None and backends[name].unavailable_reason() is None]
+    if not usable:
+        raise RuntimeError(f"{op}: no registered backend accepts these inputs")
+    tunable = tuple(b for b in usable if b.tunable)
+    # Several tunable candidates: a tuple, resolved per shape key by measurement (_measured).
+    return tunable if len(tunable) > 1 and usable[0].tunable else usable[0]
 
 
-def select_index(op: str, *tensors) -> tuple[int, Any]:
+def select_index(op: str, *tensors, tune=None) -> tuple[int, Any]:
     """Like select, but returns the backend's registration index (see impl_at)."""
-    name, impl = select(op, *tensors)
+    name, impl = select(op, *tensors, tune=tune)
     return _INDEX[(op, name)], impl
 
 

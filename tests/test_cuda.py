@@ -25,7 +25,7 @@ def _run(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend="triton"):
     A = leaf(torch.randn(r, K, device=dev) / K**0.5, dtype)
     B = leaf(torch.randn(N, r, device=dev) / r**0.5, dtype)
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_ops, "_new_seed", lambda: torch.tensor(seed))
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda device: torch.tensor([seed], device=device))
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("lora_linear") == backend

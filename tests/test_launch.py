@@ -105,7 +105,7 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu):
     recorder = _Recorder()
     monkeypatch.setattr(launch, "_COMPILED", _AlwaysHit(recorder))
     monkeypatch.setattr(launch, "_tuned_config", lambda key, M, N, size, launch_with: launch._candidates(M, N, size)[0])
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(12345))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([12345], device=device))
     M, K, N, r = 100, 48, 40, 8
     x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, dtype=torch.bfloat16)

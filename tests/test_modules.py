@@ -318,7 +318,7 @@ def test_lora_two_active_adapters_with_dropout_use_independent_masks(monkeypatch
     layer.set_adapter(["a", "b"])
     layer.train()
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(seed))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
     x = _x(dtype)
     torch_seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(torch_seed)

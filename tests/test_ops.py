@@ -42,7 +42,7 @@ def test_lora_linear_matches_reference(backend, dtype, lead, K, N, r, bias, drop
     B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never B = 0: that would hide the low-rank path
     scaling = 1.7
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda: torch.tensor(seed))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, scaling, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("lora_linear") == backend

@@ -80,9 +80,22 @@ def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def dropout_keep(seed, rows, cols, ld, p):
     """Dropout keep-mask (True = kept) at [rows, cols] of an (*, ld) tensor: a philox draw keyed by
-    (seed, row * ld + col), so the forward and backward regenerate the same mask."""
+    (seed, row * ld + col), so the forward and backward regenerate the same mask. ``seed`` is the
+    value read from the op's seed tensor (load_seed): a device tensor drawn from torch's CUDA
+    generator, so a captured CUDA graph draws a new mask at every replay."""
     offsets = rows[:, None] * ld + cols[None, :]
     return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The dropout seed (int64) from its one-element tensor; 0 (never used) without dropout, when
+    seed_ptr stands in for a tensor of another dtype."""
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+    return seed
 
 
 @triton.jit
@@ -153,15 +166,13 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
     return acc
 
 
-# The dropout seed changes on every call: do_not_specialize keeps one compiled kernel for all its
-# values (Triton would otherwise compile a variant for seed == 1 and for seeds divisible by 16).
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def fused_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, p_ptr, q_ptr, lr_ptr, scale_ptr, shift_ptr, aux_ptr, partial_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
     stride_pr, stride_pk, stride_qn, stride_qr, stride_lm, stride_xm, stride_xn,
-    lr_scale, seed, dropout_p, mask_ld,
+    lr_scale, seed_ptr, dropout_p, mask_ld,
     m_bucket,  # unused in the body: the autotuner's key for M's size class
     HAS_BIAS: tl.constexpr,
     LR_EPILOGUE: tl.constexpr,  # + lr_scale * lr @ q^T in the epilogue (the LoRA term; a read lr has lr_scale in)
@@ -193,6 +204,7 @@ def fused_linear_kernel(
     AUX_DESC: tl.constexpr = False,    # aux tiles (SAVE_AUX, REDUCE_AUX) through a descriptor (TMA)
 ):
     start = tl.program_id(0)
+    seed = load_seed(seed_ptr, (DROPOUT_IN or DROPOUT_OUT) or MASK_A)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -390,12 +402,12 @@ def _epilogue(acc, off_m, off_n, pid_m, num_pid_m, M, N, out_ptr, out_desc, bias
             tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :] * stride_on, out, mask=in_tile)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def lowrank_weight_grad_kernel(
     l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr,
     M, C, R, rows_per_split,
     stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
-    scale, seed, dropout_p, mask_ld,
+    scale, seed_ptr, dropout_p, mask_ld,
     DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -412,6 +424,7 @@ def lowrank_weight_grad_kernel(
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    seed = load_seed(seed_ptr, DROPOUT)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_idx = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
@@ -490,10 +503,11 @@ def column_dot_kernel(
         tl.store(partial_ptr + (splits + split) * C + cols, total, mask=cols < C)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def dropout_mask_kernel(out_ptr, M, C, seed, dropout_p, BLOCK: tl.constexpr):
+@triton.jit
+def dropout_mask_kernel(out_ptr, M, C, seed_ptr, dropout_p, BLOCK: tl.constexpr):
     """The keep-mask as 0/1 float32, for tests and the torch fallback's parity checks."""
     pid_m = tl.program_id(0)
+    seed = load_seed(seed_ptr, True)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows = pid_m + tl.arange(0, 1)
     keep = dropout_keep(seed, rows, cols, C, dropout_p)

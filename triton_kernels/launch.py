@@ -26,6 +26,29 @@ def num_sms(device_index: int) -> int:
 
 
 _SCRATCH: dict = {}
+_SIDE_STREAMS: dict = {}
+
+
+def persistent_buffer(make, device):
+    """A device buffer that outlives the call that makes it (scratch, ticket counters), made so
+    that CUDA graphs never own it. Inside a capture nothing persistent may be allocated: the
+    caller gets ``None`` and makes a buffer for that launch alone (the graph keeps it). Outside,
+    the buffer is made on a side stream, whose allocations no graph memory pool takes (torch's
+    cudagraph trees route the allocations of their own stream to their pool, warm-up runs
+    included, and refuse a pool tensor that outlives the graph's outputs)."""
+    if device.type != "cuda":
+        return make()
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    side.wait_stream(torch.cuda.current_stream(index))
+    with torch.cuda.stream(side):
+        buf = make()
+    side.synchronize()  # once per buffer: its contents are ready before any launch reads them
+    return buf
 
 
 def _alloc(size: int, alignment: int, stream):
@@ -34,7 +57,13 @@ def _alloc(size: int, alignment: int, stream):
     # one buffer per stream serves them all: no allocation per launch.
     buf = _SCRATCH.get(stream)
     if buf is None or buf.numel() < size:
-        buf = _SCRATCH[stream] = torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+        def make():
+            return torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
+
+        buf = persistent_buffer(make, torch.device("cuda"))
+        if buf is None:  # inside a CUDA-graph capture: this launch's own scratch
+            return make()
+        _SCRATCH[stream] = buf
     return buf
 
 
@@ -108,7 +137,13 @@ def ticket_counters(n: int, device) -> torch.Tensor:
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        def make():
+            return torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+
+        buf = persistent_buffer(make, device)
+        if buf is None:  # inside a CUDA-graph capture: zeroed counters for this launch alone
+            return make()
+        _COUNTERS[key] = buf
     return buf
 
 
@@ -194,12 +229,39 @@ class NoConfigFits(RuntimeError):
     """No candidate tile config can run this launch (shared memory or registers run out)."""
 
 
+# Where tuned configs persist across processes: an object with lookup(kind, key) and
+# record(kind, key, value) (fusedpeft.tuning, set when the Triton backend loads); None keeps
+# them in this process only.
+CONFIG_STORE = None
+
+
+def _config_to_json(cfg) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _config_from_json(data):
+    return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"])
+
+
 def _tuned_config(key, M, N, element_size, launch_with):
     cfg = TUNED.get(key)
     if isinstance(cfg, str):  # known not to fit: fail fast, every call
         raise NoConfigFits(cfg)
     if cfg is not None:
         return cfg
+    if CONFIG_STORE is not None and os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0":
+        stored = CONFIG_STORE.lookup("triton_config", repr(key))
+        if stored is not None:
+            try:
+                cfg = _config_from_json(stored)
+                launch_with(cfg)  # a stored config that no longer runs is tuned afresh
+                TUNED[key] = cfg
+                return cfg
+            except Exception:
+                pass
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("a fused launch met a new shape key inside a CUDA-graph capture, where its tile "
+                           "configs cannot be timed: run the step once eagerly before capturing it")
     import time
 
     import triton.testing
@@ -224,6 +286,8 @@ def _tuned_config(key, M, N, element_size, launch_with):
         raise NoConfigFits(TUNED[key])
     ms, cfg = min(timings, key=lambda t: t[0])
     TUNED[key] = cfg
+    if CONFIG_STORE is not None and tune:
+        CONFIG_STORE.record("triton_config", repr(key), _config_to_json(cfg))
     TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
                      "failed": errors, "all": [(round(t, 4), str(c)) for t, c in sorted(timings, key=lambda t: t[0])]})
     return cfg
@@ -360,7 +424,7 @@ class _FusedLinearPlan:
             a, w, dummy if out is None else out, dummy if bias is None else bias, p if self.in_loop else dummy,
             dummy if q is None else q, dummy if lr is None else lr, dummy if scale is None else scale,
             dummy if shift is None else shift, dummy if aux is None else aux, dummy if partial is None else partial,
-            *self.ints, float(lr_scale), int(seed), float(dropout_p), *self.tail))
+            *self.ints, float(lr_scale), dummy if seed is None else seed, float(dropout_p), *self.tail))
         return out if partial is None else column_sums(partial, self.reduce_sum)
 
 
@@ -410,7 +474,7 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_ld, dropout
         if mask_ld != N:
             raise ValueError(f"dropout mask rows of {mask_ld} for an output of width {N}")
         mask = torch.empty(M, N, dtype=torch.float32, device=out.device)
-        dropout_mask_kernel[(M, cdiv(N, 64))](mask, M, N, int(seed), float(dropout_p), BLOCK=64)
+        dropout_mask_kernel[(M, cdiv(N, 64))](mask, M, N, seed, float(dropout_p), BLOCK=64)
         low = low * mask.to(out.dtype)
     return out.add_(low)
 
@@ -435,11 +499,12 @@ def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
 
 
 def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr_scale=1.0,
-                        seed=0, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
+                        seed=None, dropout_p=0.0, mask_ld=1, dropout_in=False, dropout_out=False,
                         lr_precomputed=False, mask_a=False, scale=None, scale_a=False, shift=None,
                         aux=None, save_aux=False, reduce_aux=False, reduce_sum=False, precise=False,
                         out_scale=None):
     """out = a @ w_mat^T (+ lr_scale * lr @ q^T, masked) (+ bias), see fused_linear_kernel.
+    seed: the dropout seed, a one-element int64 tensor on a's device (None without dropout).
     a: [M, K]; w_mat: logical [N, K]; q: [N, R]; lr: [M, R]. With lr_precomputed, lr is read, and
     holds lr_scale * lr already; otherwise lr = (a * mask) @ p^T (p: [R, K]) is computed in the K
     loop and lr_scale * lr saved into lr (in lr's dtype). out_scale: out = out_scale * (a @ w^T),
@@ -505,7 +570,7 @@ def launch_fused_linear(a, w_mat, out, *, bias=None, p=None, q=None, lr=None, lr
             q if has_lora else dummy, lr if lr is not None else dummy, scale if scale is not None else dummy,
             shift if shift is not None else dummy, aux if aux is not None else dummy,
             partial if partial is not None else dummy,
-            *ints, float(lr_scale), int(seed), float(dropout_p), *tail,
+            *ints, float(lr_scale), seed if seed is not None else dummy, float(dropout_p), *tail,
         )
 
     def partial_shape(cfg):

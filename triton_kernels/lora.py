@@ -68,7 +68,8 @@ class _WeightGradPlan:
     def __call__(self, l, s, out, colsum, scale, seed, dropout_p):
         partial, counter = _split_buffers(self.partial_numel, self.col_blocks, out)
         self.entry(self.grid3, self.device, (l, s, out, out if colsum is None else colsum, partial, counter, *self.ints,
-                                             float(scale), int(seed), float(dropout_p), *self.tail))
+                                             float(scale), l if seed is None else seed, float(dropout_p),
+                                             *self.tail))
 
 
 _PLANS: dict = {}
@@ -92,7 +93,7 @@ WEIGHT_GRAD_TILE = None
 WEIGHT_GRAD_PROGRAMS_PER_SM = 2
 
 
-def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropout_p=0.0, mask_ld=1):
+def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0, mask_ld=1):
     """out = scale * (l * mask)^T @ s ([C, R], or its transpose), and colsum = column sums of l,
     in one launch (lowrank_weight_grad_kernel: split over M, the last program per column block
     sums the float32 partials in a fixed order, so the result is deterministic)."""
@@ -132,7 +133,7 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=0, dropou
     entry = launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
         (l, s, out, colsum if colsum is not None else out, partial, counter, *ints,
-         float(scale), int(seed), float(dropout_p), int(mask_ld)),
+         float(scale), l if seed is None else seed, float(dropout_p), int(mask_ld)),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     if fast and entry is not None:
@@ -175,10 +176,12 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
 
 
 def dropout_mask(seed, shape, p, device):
-    """The 0/1 keep-mask (float32) the kernels draw for (seed, shape, p)."""
+    """The 0/1 keep-mask (float32) the kernels draw for (seed, shape, p); seed: the op's seed
+    tensor (or an int)."""
     M, C = shape
     out = torch.empty(M, C, dtype=torch.float32, device=device)
     if M and C:
         BLOCK = 64
-        dropout_mask_kernel[(M, launch.cdiv(C, BLOCK))](out, M, C, int(seed), float(p), BLOCK=BLOCK)
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
+        dropout_mask_kernel[(M, launch.cdiv(C, BLOCK))](out, M, C, seed, float(p), BLOCK=BLOCK)
     return out

@@ -116,16 +116,42 @@ def _triton_supports(x, weight, forced=False):
 
 
 def register_backends(op: str):
-    """Both methods run on the same implementations, registered in the same order."""
-    backends.register(op, "torch", load=lambda: torch_backend, supports=lambda x, w, forced=False: None, priority=0)
-    backends.register(op, "triton", load=_load_triton, supports=_triton_supports, priority=10)
+    """Both methods run on the same implementations, registered in the same order. On CUDA both
+    are tunable: the torch backend is the plain composition of cuBLAS calls (and peft's own
+    arithmetic), and where it beats the fused kernels at a shape it runs there."""
+    backends.register(op, "torch", load=lambda: torch_backend, supports=lambda x, w, forced=False: None, priority=0,
+                      tunable=True)
+    backends.register(op, "triton", load=_load_triton, supports=_triton_supports, priority=10, tunable=True)
 
 
 # ----------------------------------------------------------------------------- autograd
 # As for LoRA: an autograd.Function in eager mode, two custom ops tied by register_autograd under
 # torch.compile. The backward runs the forward's backend, found by its registration index.
-def _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled):
-    index, impl = backends.select_index(op, x, weight)
+def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs):
+    """(shape key, bench) for backends.select, as lora's: one candidate's step on these inputs."""
+    M, K = x.shape
+    N = weight.shape[0]
+    key = (min(1 << max(M - 1, 0).bit_length(), 16384), K, N, x.dtype, bias is not None, shift is not None,
+           input_scale, save_unscaled, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+
+    def bench(impl):
+        from .. import tuning
+
+        grad = tuning.random_like_output((M, N), x.dtype, x.device) if any(needs) else None
+
+        def step():
+            y, z = impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled)
+            if grad is not None:
+                impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs))
+
+        return tuning.time_ms(step)
+
+    return key, bench
+
+
+def _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled, needs=(False,) * 5):
+    tune = _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs) if x.is_cuda else None
+    index, impl = backends.select_index(op, x, weight, tune=tune)
     y, z = impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled)
     return y, z, index
 
@@ -145,7 +171,8 @@ class RescaledLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, input_scale: bool, save_unscaled: bool, op: str):
-        y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled)
+        y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
+                                    _needs(ctx, bias is not None, shift is not None))
         ctx.save_for_backward(x, weight, bias, scale, shift, z)
         ctx.op, ctx.index, ctx.input_scale = op, index, input_scale
         return y
@@ -163,7 +190,9 @@ def _rescaled_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
     shift: Optional[torch.Tensor], input_scale: bool, save_unscaled: bool, op: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled)
+    # Gradients are unknown inside a custom op: a shape key first met here is tuned as training.
+    y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
+                                (True, False, False, True, shift is not None))
     # Custom ops return tensors: an empty z stands for "not saved"; the backend index travels
     # as a small CPU tensor.
     return y, (z if z is not None else x.new_empty(0)), torch.tensor(index)

@@ -7,8 +7,15 @@ below: ``forward(...) -> (y, saved)``, ``backward(..., needs, saved) -> grads`` 
 small tensors the forward chose to keep, here u) and ``dropout_mask(seed, shape, p, device)``.
 
 Dropout is never stored: the forward draws a seed, the mask is a pure function of (seed, shape,
-p, device) and the backward regenerates it. The low-rank activation u = dropout(x) A^T (M x r)
-is saved: M*r values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
+p, device) and the backward regenerates it. The seed is a one-element int64 tensor on x's device
+drawn with torch.randint, so it comes from torch's generator (its philox seed and offset on
+CUDA): ``torch.manual_seed`` reproduces a run, and a captured CUDA graph draws a new seed, and so
+new masks, at every replay. The low-rank activation u = dropout(x) A^T (M x r) is saved: M*r
+values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
+
+On CUDA two backends compete per shape (fusedpeft/tuning.py): ``triton`` (the fused GEMM core)
+and ``cublas`` (cuBLAS GEMMs with the masks from small Triton kernels). The first call at a
+shape key times a step of each on its own inputs; the faster one runs from then on.
 """
 from __future__ import annotations
 
@@ -33,11 +40,13 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_mask
 
 
 # ----------------------------------------------------------------------------- torch backend
-def _torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+def _torch_dropout_mask(seed, shape, p: float, device) -> torch.Tensor:
     """0/1 float32 mask of ``shape``, keep probability 1 - p; a pure function of its arguments
-    (drawn in float32 whatever the compute dtype, so forward and backward see the same mask)."""
+    (drawn in float32 whatever the compute dtype, so forward and backward see the same mask).
+    ``seed``: the op's seed tensor or an int (reading a CUDA seed tensor waits for the GPU: the
+    torch backend is the reference, not a CUDA path)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))
     return torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1.0 - p, generator=gen)
 
 
@@ -100,7 +109,17 @@ def _triton_supports(x, weight, forced=False):
     return triton_usable(x, weight, forced)
 
 
-backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10)
+backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10, tunable=True)
+
+
+def _load_cublas():
+    from .._kernels import triton_kernels
+
+    return triton_kernels.lora_cublas
+
+
+# cuBLAS for the GEMMs, Triton for the seeded masks: it needs what the triton backend needs.
+backends.register(OP, "cublas", load=_load_cublas, supports=_triton_supports, priority=5, tunable=True)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -111,15 +130,38 @@ backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, pr
 # so regenerates the same dropout mask) even if the use_backend() block has been left by then.
 
 
-def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int):
+def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
+    """(shape key, bench) for backends.select: the key holds what decides the fastest path; the
+    bench times one candidate's training step (forward only without gradients) on these inputs."""
+    M, K = x.shape
+    key = (min(1 << max(M - 1, 0).bit_length(), 16384), K, weight.shape[0], lora_A.shape[0], x.dtype,
+           bias is not None, dropout_p > 0, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+
+    def bench(impl):
+        from .. import tuning
+
+        grad = tuning.random_like_output((M, weight.shape[0]), x.dtype, x.device) if any(needs) else None
+
+        def step():
+            y, saved = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            if grad is not None:
+                impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved)
+
+        return tuning.time_ms(step)
+
+    return key, bench
+
+
+def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs=(False,) * 5):
     # The saved low-rank activation u is kept in the layer's dtype, as peft's autograd keeps
     # lora_A's output (the triton backend keeps it pre-scaled: each backend reads back what it saved).
-    index, impl = backends.select_index(OP, x, weight)
+    tune = _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs) if x.is_cuda else None
+    index, impl = backends.select_index(OP, x, weight, tune=tune)
     y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y, (u if u.dtype == x.dtype else u.to(x.dtype)), index
 
 
-def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed: int, needs):
+def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed, needs):
     impl = backends.impl_at(OP, index)
     # u stays in its saved dtype: backends read it as they need.
     return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
@@ -135,8 +177,9 @@ class LoraLinearFunction(torch.autograd.Function):
     """Eager path: saves x, the frozen weight, A, B and u (M x r); nothing of size M x N."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-        y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+        y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                    _needs(ctx, bias is not None))
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
         ctx.index, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = index, scaling, dropout_p, seed, bias is not None
         return y
@@ -154,7 +197,9 @@ def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    # Gradients are unknown inside a custom op: a shape key first met here is tuned as training.
+    y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                (True, False, bias is not None, True, True))
     return y, u, torch.tensor(index)  # the backend index travels as a small CPU tensor
 
 
@@ -169,7 +214,7 @@ def _lora_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     u: torch.Tensor, backend: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, int(backend), scaling, dropout_p, int(seed), needs)
+    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, int(backend), scaling, dropout_p, seed, needs)
     return _common.grads_to_tensors(grads, x)
 
 
@@ -196,16 +241,18 @@ def _op_backward(ctx, grad_y, grad_u, grad_backend):
 _lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def _new_seed() -> torch.Tensor:
-    """Dropout seed, a CPU int64 scalar tensor (a tensor, so torch.compile keeps it in the graph)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def _new_seed(device) -> torch.Tensor:
+    """Dropout seed: a one-element int64 tensor on ``device`` from torch's generator (on CUDA its
+    philox state, which a CUDA graph advances at every replay). A tensor, so torch.compile keeps
+    it in the graph and the kernels read it on the device: no host sync."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _apply(x2, args, scaling, p):
     if torch.compiler.is_compiling():
-        seed = _new_seed() if p > 0.0 else torch.zeros((), dtype=torch.int64)
+        seed = _new_seed(x2.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2.device)
         return _lora_fwd(x2, *args[1:], float(scaling), p, seed)[0]
-    seed = int(_new_seed()) if p > 0.0 else 0
+    seed = _new_seed(x2.device) if p > 0.0 else None
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         # Inference (serving, evaluation): no autograd node and nothing saved.
         return _forward_impl(x2, *args[1:], float(scaling), p, seed)[0]

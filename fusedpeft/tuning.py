@@ -1,0 +1,209 @@
+"""Choices made by measurement, kept on disk.
+
+Two kinds of choice are measured once per shape key and then reused:
+
+- the *path* of an op (``backends``): where several tunable backends can run the inputs (on CUDA,
+  the Triton kernels and a composition of cuBLAS calls), each candidate runs the op's step
+  (forward, plus backward when training) on the call's own tensors and the fastest wins;
+- the Triton *tile config* of a fused launch (``triton_kernels/launch.py`` hands its winners here).
+
+Winners persist in one JSON file, as Triton's own cache does, so a process that meets the same
+shapes again starts without tuning. The file lives in ``$FUSEDPEFT_CACHE_DIR`` (default
+``~/.cache/fusedpeft``) and keys every entry by the GPU's name and the torch and Triton versions,
+so one file can serve several machines. ``FUSEDPEFT_AUTOTUNE=0`` measures nothing: every op takes
+its highest-priority candidate and every launch its first tile config that compiles.
+
+Nothing is measured while a CUDA graph is being captured: a shape key first met inside a capture
+takes the highest-priority candidate (warm up eagerly first, as torch.compile's cudagraph mode
+does, to capture the measured path).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+CACHE_ENV = "FUSEDPEFT_CACHE_DIR"
+AUTOTUNE_ENV = "FUSEDPEFT_AUTOTUNE"
+_FILE_NAME = "tuning.json"
+_FORMAT = 1
+
+_lock = threading.Lock()
+_PATHS: dict = {}  # (op, shape key) -> winning backend name, this process
+_disk: Optional[dict] = None  # the file's entries, loaded on first use
+LOG: list = []  # every measurement this process made: op, key, timings, winner, seconds
+
+
+def enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def cache_file() -> Optional[str]:
+    """The tuning file's path; None when ``FUSEDPEFT_CACHE_DIR`` is set to the empty string."""
+    folder = os.environ.get(CACHE_ENV)
+    if folder == "":
+        return None
+    if folder is None:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fusedpeft")
+    return os.path.join(folder, _FILE_NAME)
+
+
+def _machine() -> str:
+    """Who measured: the GPU and the software that decide what is fast."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{gpu}|torch {torch.__version__}|triton {triton_version}"
+
+
+def _load() -> dict:
+    global _disk
+    if _disk is None:
+        _disk = {}
+        path = cache_file()
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("format") == _FORMAT:
+                    _disk = data.get("entries", {})
+            except (OSError, ValueError):
+                _disk = {}  # an unreadable file is re-measured and rewritten, never trusted
+    return _disk
+
+
+def _save():
+    path = cache_file()
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        entries = dict(_disk or {})
+        if os.path.exists(path):  # keep what other processes wrote meanwhile
+            try:
+                with open(path) as f:
+                    on_disk = json.load(f)
+                if on_disk.get("format") == _FORMAT:
+                    entries = {**on_disk.get("entries", {}), **entries}
+            except (OSError, ValueError):
+                pass
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": _FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: the choices still hold for this process
+
+
+def lookup(kind: str, key: str):
+    """The stored value for (kind, key) on this machine, or None."""
+    with _lock:
+        return _load().get(f"{kind}|{_machine()}|{key}")
+
+
+def record(kind: str, key: str, value):
+    with _lock:
+        _load()[f"{kind}|{_machine()}|{key}"] = value
+        _save()
+
+
+def clear(disk: bool = False):
+    """Forget this process's choices (and, with ``disk``, the file's)."""
+    global _disk
+    with _lock:
+        _PATHS.clear()
+        _disk = None
+        if disk:
+            path = cache_file()
+            if path and os.path.exists(path):
+                os.remove(path)
+
+
+def entries() -> list[dict]:
+    """Every path choice this process knows (measured here or read from disk), for reports."""
+    with _lock:
+        out = [{"op": op, "key": repr(key), "winner": name} for (op, key), name in _PATHS.items()]
+    return out
+
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], float]) -> str:
+    """The fastest of ``names`` (backend names, highest priority first) at ``shape_key``:
+    from this process's memory, else the disk, else measured now with ``bench(name) -> ms``."""
+    hit = _PATHS.get((op, shape_key))
+    if hit is not None:
+        return hit
+    stored = lookup("path", f"{op}|{shape_key!r}")
+    if stored is not None and stored.get("winner") in names:
+        _PATHS[(op, shape_key)] = stored["winner"]
+        return stored["winner"]
+    if not enabled() or capturing():
+        return names[0]  # not remembered: a later eager call at this key still measures
+    t0 = time.perf_counter()
+    timings, errors = {}, {}
+    for name in names:
+        try:
+            timings[name] = bench(name)
+        except Exception as exc:  # a candidate that cannot run these inputs loses; the others decide
+            errors[name] = f"{type(exc).__name__}: {str(exc)[-500:]}"
+    if not timings:
+        raise RuntimeError(f"{op}: no candidate could run at {shape_key}: {errors}")
+    winner = min(timings, key=timings.get)
+    _PATHS[(op, shape_key)] = winner
+    LOG.append({"op": op, "key": repr(shape_key), "ms": timings, "errors": errors, "winner": winner,
+                "tuning_s": time.perf_counter() - t0})
+    record("path", f"{op}|{shape_key!r}", {"winner": winner, "ms": timings})
+    return winner
+
+
+def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0) -> float:
+    """Median time of one ``step`` on the current CUDA stream, in ms. Each round times enough
+    back-to-back steps to fill about ``round_ms`` between two events, so a host-bound step is
+    charged its host time, as it is inside a model. The first call (compilation, Triton's own
+    tuning) is left out."""
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    n = max(1, min(200, math.ceil(round_ms / estimate)))
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(n):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return statistics.median(times)
+
+
+_GENERATORS: dict = {}
+
+
+def random_like_output(shape, dtype, device) -> torch.Tensor:
+    """Random data for a measurement (an upstream gradient), drawn from a private generator so
+    that tuning never moves torch's own RNG: a seeded run draws the same dropout masks whether
+    or not its shapes were already tuned."""
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+        gen.manual_seed(0)
+    return torch.randn(shape, dtype=dtype, device=device, generator=gen)
