@@ -98,7 +98,18 @@ def use_backend(name: str):
         stack.pop()
 
 
-def select(op: str, *tensors, tune=None) -> tuple[str, Any]:
+def forced_index(op: str, *tensors) -> int:
+    """Registration index of the backend that a ``use_backend`` block or FUSEDPEFT_BACKEND forces
+    for these inputs (checked as select checks it), or -1 when none is forced. torch.compile reads
+    it while tracing and passes it to the custom ops, whose forward and backward then agree
+    without a tensor carrying the choice."""
+    forced = _forced()
+    if forced is None:
+        return -1
+    return _INDEX[(op, _choose(op, forced, tensors).name)]
+
+
+def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -> tuple[str, Any]:
     """Pick the backend for ``op`` on these inputs; returns (name, implementation).
 
     ``supports`` may look only at the tensors' device types and dtypes, so a choice is cached per
@@ -106,14 +117,17 @@ def select(op: str, *tensors, tune=None) -> tuple[str, Any]:
     tunable backends qualify, ``tune = (shape_key, bench)`` picks among them: ``bench(impl)``
     times one candidate on these inputs (ms), and runs only the first time a shape key is seen
     (fusedpeft.tuning keeps the winner, on disk too). Without ``tune`` the highest priority wins."""
-    forced = _forced()
-    key = (op, forced, *((t.device.type, t.dtype) for t in tensors))
-    hit = _CHOICE.get(key)
-    if hit is None:
-        hit = _CHOICE[key] = _choose(op, forced, tensors)
-    if type(hit) is tuple:
-        hit = _measured(op, hit, tune)
-    return _record(op, hit)
+    if index >= 0:  # chosen already (forced_index)
+        hit = _BY_INDEX[(op, index)]
+    else:
+        forced = _forced()
+        key = (op, forced, *((t.device.type, t.dtype) for t in tensors))
+        hit = _CHOICE.get(key)
+        if hit is None:
+            hit = _CHOICE[key] = _choose(op, forced, tensors)
+        if type(hit) is tuple:
+            hit = _measured(op, hit, tune)
+    return _record(op, hit) if record else (hit.name, hit.impl())
 
 
 def _measured(op: str, candidates: tuple, tune) -> Backend:
@@ -151,9 +165,9 @@ def _choose(op: str, forced: Optional[str], tensors) -> Backend:
     return tunable if len(tunable) > 1 and usable[0].tunable else usable[0]
 
 
-def select_index(op: str, *tensors, tune=None) -> tuple[int, Any]:
+def select_index(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -> tuple[int, Any]:
     """Like select, but returns the backend's registration index (see impl_at)."""
-    name, impl = select(op, *tensors, tune=tune)
+    name, impl = select(op, *tensors, tune=tune, index=index, record=record)
     return _INDEX[(op, name)], impl
 
 

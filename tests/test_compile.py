@@ -44,7 +44,7 @@ def test_compile_inductor_matches_eager():
 def test_opcheck():
     x, W = torch.randn(7, 32), torch.randn(24, 32)
     A, B = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
-    torch.library.opcheck(lora_ops._lora_fwd, (x, W, torch.randn(24), A, B, 0.5, 0.0, torch.zeros((), dtype=torch.int64)))
+    torch.library.opcheck(lora_ops._lora_fwd, (x, W, torch.randn(24), A, B, 0.5, 0.0, torch.zeros(1, dtype=torch.int64), -1))
 
 
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
@@ -74,4 +74,5 @@ def test_opcheck_rescaled(input_scale, save):
     x, W, b = torch.randn(7, 32), torch.randn(24, 32), torch.randn(24)
     scale = torch.randn(32 if input_scale else 24, requires_grad=True)
     shift = None if input_scale else torch.randn(24, requires_grad=True)
-    torch.library.opcheck(_rescale._rescaled_fwd, (x, W, b, scale, shift, input_scale, save, "ssf_linear" if shift is not None else "ia3_linear"))
+    op = "ssf_linear" if shift is not None else "ia3_linear"
+    torch.library.opcheck(_rescale._rescaled_fwd, (x, W, b, scale, shift, input_scale, save, op, -1))

@@ -149,9 +149,14 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs):
     return key, bench
 
 
-def _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled, needs=(False,) * 5):
-    tune = _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs) if x.is_cuda else None
-    index, impl = backends.select_index(op, x, weight, tune=tune)
+def _select(op, x, weight, bias, scale, shift, input_scale, save_unscaled, needs, index=-1, record=True):
+    tune = (_tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs) if x.is_cuda and index < 0
+            else None)
+    return backends.select_index(op, x, weight, tune=tune, index=index, record=record)
+
+
+def _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled, needs=(False,) * 5, index=-1):
+    index, impl = _select(op, x, weight, bias, scale, shift, input_scale, save_unscaled, needs, index)
     y, z = impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled)
     return y, z, index
 
@@ -185,55 +190,64 @@ class RescaledLinearFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# As for LoRA: under torch.compile the backend travels as an int (backends.forced_index, -1: chosen
+# per call by the shape key, which the backward looks up again). Shape keys first met inside a
+# custom op are tuned as training.
+def _train_needs(bias, shift):
+    return (True, False, bias is not None, True, shift is not None)
+
+
 @torch.library.custom_op("fusedpeft::rescaled_linear_fwd", mutates_args=())
 def _rescaled_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
-    shift: Optional[torch.Tensor], input_scale: bool, save_unscaled: bool, op: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Gradients are unknown inside a custom op: a shape key first met here is tuned as training.
-    y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
-                                (True, False, False, True, shift is not None))
-    # Custom ops return tensors: an empty z stands for "not saved"; the backend index travels
-    # as a small CPU tensor.
-    return y, (z if z is not None else x.new_empty(0)), torch.tensor(index)
+    shift: Optional[torch.Tensor], input_scale: bool, save_unscaled: bool, op: str, backend: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, z, _ = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
+                            _train_needs(bias, shift), backend)
+    # Custom ops return tensors: an empty z stands for "not saved".
+    return y, (z if z is not None else x.new_empty(0))
 
 
 @_rescaled_fwd.register_fake
-def _(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
+def _(x, weight, bias, scale, shift, input_scale, save_unscaled, op, backend):
     M, N = x.shape[0], weight.shape[0]
     z = x.new_empty(M, N) if save_unscaled and not input_scale else x.new_empty(0)
-    return x.new_empty(M, N), z, torch.empty((), dtype=torch.int64)
+    return x.new_empty(M, N), z
 
 
 @torch.library.custom_op("fusedpeft::rescaled_linear_bwd", mutates_args=())
 def _rescaled_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    scale: torch.Tensor, shift: Optional[torch.Tensor], z: torch.Tensor, backend: torch.Tensor,
-    input_scale: bool, op: str, needs: list[bool],
+    scale: torch.Tensor, shift: Optional[torch.Tensor], z: torch.Tensor, backend: int,
+    input_scale: bool, save_unscaled: bool, op: str, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend < 0:
+        backend, _ = _select(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
+                             _train_needs(bias, shift), record=False)
     grads = _backward_impl(op, grad_y, x, weight, bias, scale, shift, z if z.dim() == 2 else None,
-                           int(backend), input_scale, needs)
+                           backend, input_scale, needs)
     return _common.grads_to_tensors(grads, x)
 
 
 @_rescaled_bwd.register_fake
-def _(grad_y, x, weight, bias, scale, shift, z, backend, input_scale, op, needs):
+def _(grad_y, x, weight, bias, scale, shift, z, backend, input_scale, save_unscaled, op, needs):
     return _common.fake_grads(x, (x.shape, weight.shape, weight.shape[:1], scale.shape, scale.shape), needs)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, input_scale, save_unscaled, op = inputs
-    _, z, backend = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, z, backend)
-    ctx.input_scale, ctx.op = input_scale, op
-    ctx.mark_non_differentiable(z, backend)
+    x, weight, bias, scale, shift, input_scale, save_unscaled, op, backend = inputs
+    _, z = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, z)
+    ctx.input_scale, ctx.save_unscaled, ctx.op, ctx.backend = input_scale, save_unscaled, op, backend
+    ctx.mark_non_differentiable(z)
 
 
-def _op_backward(ctx, grad_y, grad_z, grad_backend):
-    x, weight, bias, scale, shift, z, backend = ctx.saved_tensors
+def _op_backward(ctx, grad_y, grad_z):
+    x, weight, bias, scale, shift, z = ctx.saved_tensors
     needs = _needs(ctx, bias is not None, shift is not None)
-    grads = _rescaled_bwd(grad_y, x, weight, bias, scale, shift, z, backend, ctx.input_scale, ctx.op, needs)
-    return (*_common.grads_from_tensors(grads, needs), None, None, None)
+    grads = _rescaled_bwd(grad_y, x, weight, bias, scale, shift, z, ctx.backend, ctx.input_scale,
+                          ctx.save_unscaled, ctx.op, needs)
+    return (*_common.grads_from_tensors(grads, needs), None, None, None, None)
 
 
 _rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -241,7 +255,8 @@ _rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 def _apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op):
     if torch.compiler.is_compiling():
-        return _rescaled_fwd(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)[0]
+        return _rescaled_fwd(x2, weight, bias, scale, shift, input_scale, save_unscaled, op,
+                             backends.forced_index(op, x2, weight))[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, scale, shift))):
         return _forward_impl(op, x2, weight, bias, scale, shift, input_scale, False)[0]  # inference
     return RescaledLinearFunction.apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)

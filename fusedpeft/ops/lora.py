@@ -152,11 +152,15 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
     return key, bench
 
 
-def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs=(False,) * 5):
+def _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, index=-1, record=True):
+    tune = _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs) if x.is_cuda and index < 0 else None
+    return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
+
+
+def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs=(False,) * 5, index=-1):
     # The saved low-rank activation u is kept in the layer's dtype, as peft's autograd keeps
     # lora_A's output (the triton backend keeps it pre-scaled: each backend reads back what it saved).
-    tune = _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs) if x.is_cuda else None
-    index, impl = backends.select_index(OP, x, weight, tune=tune)
+    index, impl = _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, index)
     y, (u,) = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y, (u if u.dtype == x.dtype else u.to(x.dtype)), index
 
@@ -192,50 +196,58 @@ class LoraLinearFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# Under torch.compile the backend travels as an int argument: forced_index, read while tracing (-1:
+# chosen per call). With -1 the forward measures or looks up its shape key, and the backward looks
+# the same key up again: the choice is remembered from the forward, so both run one backend. The
+# gradients are unknown inside a custom op, so its shape keys are tuned as training.
 @torch.library.custom_op("fusedpeft::lora_linear_fwd", mutates_args=())
 def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Gradients are unknown inside a custom op: a shape key first met here is tuned as training.
-    y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                (True, False, bias is not None, True, True))
-    return y, u, torch.tensor(index)  # the backend index travels as a small CPU tensor
+    lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, backend: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    needs = (True, False, bias is not None, True, True)
+    y, u, _ = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, backend)
+    return y, u
 
 
 @_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    return x.new_empty(M, N), x.new_empty(M, r), torch.empty((), dtype=torch.int64)
+    return x.new_empty(M, N), x.new_empty(M, r)
 
 
 @torch.library.custom_op("fusedpeft::lora_linear_bwd", mutates_args=())
 def _lora_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-    u: torch.Tensor, backend: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, needs: list[bool],
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+    lora_B: torch.Tensor, u: torch.Tensor, backend: int, scaling: float, dropout_p: float, seed: torch.Tensor,
+    needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, int(backend), scaling, dropout_p, seed, needs)
+    if backend < 0:  # the forward's choice, looked up by the same shape key
+        backend, _ = _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                             (True, False, bias is not None, True, True), record=False)
+    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs)
     return _common.grads_to_tensors(grads, x)
 
 
 @_lora_bwd.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs):
+def _(grad_y, x, weight, bias, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs):
     return _common.fake_grads(x, (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape), needs)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, u, backend = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, backend, seed)
-    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-    ctx.mark_non_differentiable(u, backend)
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, u = output
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u, seed)
+    ctx.scaling, ctx.dropout_p, ctx.has_bias, ctx.backend = scaling, dropout_p, bias is not None, backend
+    ctx.mark_non_differentiable(u)
 
 
-def _op_backward(ctx, grad_y, grad_u, grad_backend):
-    x, weight, lora_A, lora_B, u, backend, seed = ctx.saved_tensors
+def _op_backward(ctx, grad_y, grad_u):
+    x, weight, bias, lora_A, lora_B, u, seed = ctx.saved_tensors
     needs = _needs(ctx, ctx.has_bias)
-    grads = _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, backend, ctx.scaling, ctx.dropout_p, seed, needs)
-    return (*_common.grads_from_tensors(grads, needs), None, None, None)
+    grads = _lora_bwd(grad_y, x, weight, bias, lora_A, lora_B, u, ctx.backend, ctx.scaling, ctx.dropout_p, seed,
+                      needs)
+    return (*_common.grads_from_tensors(grads, needs), None, None, None, None)
 
 
 _lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -251,7 +263,7 @@ def _new_seed(device) -> torch.Tensor:
 def _apply(x2, args, scaling, p):
     if torch.compiler.is_compiling():
         seed = _new_seed(x2.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2.device)
-        return _lora_fwd(x2, *args[1:], float(scaling), p, seed)[0]
+        return _lora_fwd(x2, *args[1:], float(scaling), p, seed, backends.forced_index(OP, x2, args[1]))[0]
     seed = _new_seed(x2.device) if p > 0.0 else None
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         # Inference (serving, evaluation): no autograd node and nothing saved.

@@ -1,0 +1,157 @@
+"""The measured choice between tunable backends (fusedpeft.tuning, backends.select), its on-disk
+store, and the rank-r update kernel of the cublas path (Triton interpreter on CPU)."""
+import json
+
+import pytest
+import torch
+
+import fusedpeft
+from fusedpeft import backends, tuning
+
+from helpers import assert_close, leaf
+
+
+@pytest.fixture
+def tuning_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV, raising=False)
+    tuning.clear()
+    yield tmp_path
+    tuning.clear()
+
+
+def test_choose_measures_once_keeps_the_fastest_and_persists(tuning_dir):
+    calls = []
+
+    def bench(name):
+        calls.append(name)
+        return {"slow": 2.0, "fast": 1.0}[name]
+
+    assert tuning.choose("op_a", (128, 64), ["slow", "fast"], bench) == "fast"
+    assert tuning.choose("op_a", (128, 64), ["slow", "fast"], bench) == "fast"
+    assert calls == ["slow", "fast"], "measured more than once"
+    stored = json.load(open(tuning.cache_file()))["entries"]
+    assert any(k.startswith("path|") and "op_a" in k and v["winner"] == "fast" for k, v in stored.items())
+    # A new process (memory cleared) reads the winner from disk without measuring.
+    tuning.clear()
+    assert tuning.choose("op_a", (128, 64), ["slow", "fast"], lambda n: pytest.fail("measured again")) == "fast"
+    assert {"op": "op_a", "key": repr((128, 64)), "winner": "fast"} in tuning.entries()
+
+
+def test_choose_skips_a_failing_candidate_and_reports_when_none_runs(tuning_dir):
+    def bench(name):
+        if name == "broken":
+            raise RuntimeError("no config fits")
+        return 1.0
+
+    assert tuning.choose("op_b", (1,), ["broken", "works"], bench) == "works"
+    with pytest.raises(RuntimeError, match="no candidate could run"):
+        tuning.choose("op_b", (2,), ["broken"], bench)
+
+
+def test_autotune_off_takes_the_first_candidate_without_measuring(tuning_dir, monkeypatch):
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+    assert tuning.choose("op_c", (3,), ["first", "second"], lambda n: pytest.fail("measured")) == "first"
+    assert tuning.entries() == [], "an unmeasured default must not be remembered"
+
+
+def test_unreadable_cache_file_is_replaced(tuning_dir):
+    path = tuning.cache_file()
+    open(path, "w").write("{not json")
+    tuning.clear()
+    assert tuning.choose("op_d", (4,), ["a", "b"], lambda n: {"a": 3.0, "b": 1.0}[n]) == "b"
+    assert json.load(open(path))["format"] == 1
+
+
+def test_select_resolves_tunable_candidates_by_measurement(tuning_dir):
+    op = "test_tunable_op"
+    impls = {name: object() for name in ("low", "high", "plain")}
+    for name, prio, tunable in (("low", 1, True), ("high", 9, True), ("plain", 0, False)):
+        backends.register(op, name, load=lambda n=name: impls[n], supports=lambda *t, forced=False: None,
+                          priority=prio, tunable=tunable)
+    x = torch.zeros(2)
+    # Without a shape key the highest-priority candidate runs.
+    assert backends.select(op, x)[0] == "high"
+    timings = {impls["low"]: 1.0, impls["high"]: 5.0}
+    name, impl = backends.select(op, x, tune=((7,), lambda impl: timings[impl]))
+    assert name == "low" and impl is impls["low"]
+    assert fusedpeft.last_backend(op) == "low"
+    index, impl = backends.select_index(op, x, tune=((7,), lambda impl: pytest.fail("measured twice")))
+    assert backends.impl_at(op, index) is impls["low"], "the backward must find the measured backend"
+    # A forced backend is never replaced by the measurement.
+    with fusedpeft.use_backend("high"):
+        assert backends.select(op, x, tune=((7,), lambda impl: 0.0))[0] == "high"
+
+
+def _lowrank_reference(out, l, q, scale, mask):
+    low = l.double() @ q.double().T
+    return out.double() + scale * (low if mask is None else low * mask.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,C,R", [(1, 40, 1), (37, 70, 16), (20, 33, 100)])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_add_lowrank_matches_float64(M, C, R, dtype, dropout):
+    from fusedpeft._kernels import triton_kernels
+
+    kernels = triton_kernels
+    out = torch.randn(M, C).to(dtype)
+    l = torch.randn(M, R).to(dtype)
+    q_full = torch.randn(R, C).to(dtype)
+    q = q_full.T  # [C, R] as a strided view, as the LoRA backward passes A^T
+    seed = torch.tensor([int(torch.randint(0, 2**31 - 1, ()))])
+    mask = kernels.lora.dropout_mask(seed, (M, C), dropout, out.device) if dropout else None
+    expect = _lowrank_reference(out, l, q, 0.6, mask)
+    kernels.lowrank.add_lowrank(out, l, q, 0.6, seed if dropout else None, dropout)
+    assert_close(out, expect, dtype, f"add_lowrank {M}x{C}x{R}")
+
+
+def test_add_lowrank_refuses_a_strided_output():
+    from fusedpeft._kernels import triton_kernels
+
+    out = torch.randn(8, 16).T
+    with pytest.raises(ValueError, match="unit column stride"):
+        triton_kernels.lowrank.add_lowrank(out, torch.randn(16, 2), torch.randn(8, 2), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_masks_agree_between_the_triton_and_cublas_backends(backend, monkeypatch):
+    """Both Triton-family backends draw the same philox mask for a seed, so a measured switch
+    between them never changes what dropout does."""
+    from fusedpeft.ops import lora as lora_mod
+
+    impl = backends._REGISTRY["lora_linear"][backend].impl()
+    other = backends._REGISTRY["lora_linear"]["triton"].impl()
+    assert torch.equal(impl.dropout_mask(99, (9, 70), 0.3, torch.device("cpu")),
+                       other.dropout_mask(99, (9, 70), 0.3, torch.device("cpu")))
+    # The seed comes from torch's generator: manual_seed reproduces it.
+    torch.manual_seed(5)
+    a = lora_mod._new_seed(torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(a, lora_mod._new_seed(torch.device("cpu")))
+    assert a.dtype == torch.int64 and a.shape == (1,)
+
+
+def test_lora_cublas_zero_rows_and_every_gradient_subset():
+    """M = 0 and each subset of needed gradients through the cublas backend."""
+    x = leaf(torch.randn(0, 24), torch.float32)
+    W = torch.randn(16, 24)
+    A, B = leaf(torch.randn(4, 24), torch.float32), leaf(torch.randn(16, 4), torch.float32)
+    with fusedpeft.use_backend("cublas"):
+        y = fusedpeft.ops.lora_linear(x, W, None, A, B, 2.0, dropout_p=0.2, training=True)
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(A.grad, torch.zeros_like(A)) and torch.equal(B.grad, torch.zeros_like(B))
+    for need_x in (True, False):
+        x = leaf(torch.randn(5, 24), torch.float32, requires_grad=need_x)
+        A = leaf(torch.randn(4, 24), torch.float32, requires_grad=not need_x)
+        B = leaf(torch.randn(16, 4), torch.float32)
+        with fusedpeft.use_backend("cublas"):
+            y = fusedpeft.ops.lora_linear(x, W, None, A, B, 2.0)
+        y.square().sum().backward()
+        ref_args = [leaf(t, torch.float64, requires_grad=t.requires_grad) for t in (x, A, B)]
+        ref = fusedpeft.ops.lora_linear_reference(ref_args[0], W.double(), None, ref_args[1], ref_args[2], 2.0)
+        ref.square().sum().backward()
+        for t, r in zip((x, A, B), ref_args):
+            assert (t.grad is None) == (r.grad is None)
+            if t.grad is not None:
+                assert_close(t.grad, r.grad, torch.float32)
