@@ -30,7 +30,7 @@ def leaf(t: torch.Tensor, dtype=None, requires_grad=True) -> torch.Tensor:
 # Backends each op must pass the reference tests with. Listed explicitly (not discovered), so a
 # backend that fails to load fails the tests instead of silently dropping out of them.
 BACKENDS = {
-    "lora_linear": ["torch", "triton", "cublas"],
+    "lora_linear": ["torch", "triton", "cublas", "cublas_after"],
     "ia3_linear": ["torch", "triton"],
     "ssf_linear": ["torch", "triton"],
 }

@@ -19,7 +19,7 @@ from helpers import RescaledMLP, leaf, lora_upstream_grad, rel_err
 pytestmark = pytest.mark.cuda
 
 GPU_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-PATHS = ["triton", "cublas"]  # the tunable backends of lora_linear on CUDA
+PATHS = ["triton", "cublas", "cublas_after"]  # the tunable backends of lora_linear on CUDA
 
 
 def _sweep_shapes(count=56, seed=1234, max_work=2**36):

@@ -91,7 +91,7 @@ def _lowrank_reference(out, l, q, scale, mask):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M,C,R", [(1, 40, 1), (37, 70, 16), (20, 33, 100)])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_add_lowrank_matches_float64(M, C, R, dtype, dropout):
+def test_lowrank_into_matches_float64(M, C, R, dtype, dropout):
     from fusedpeft._kernels import triton_kernels
 
     kernels = triton_kernels
@@ -102,16 +102,16 @@ def test_add_lowrank_matches_float64(M, C, R, dtype, dropout):
     seed = torch.tensor([int(torch.randint(0, 2**31 - 1, ()))])
     mask = kernels.lora.dropout_mask(seed, (M, C), dropout, out.device) if dropout else None
     expect = _lowrank_reference(out, l, q, 0.6, mask)
-    kernels.lowrank.add_lowrank(out, l, q, 0.6, seed if dropout else None, dropout)
-    assert_close(out, expect, dtype, f"add_lowrank {M}x{C}x{R}")
+    kernels.lowrank.lowrank_into(out, l, q, 0.6, seed if dropout else None, dropout)
+    assert_close(out, expect, dtype, f"lowrank_into {M}x{C}x{R}")
 
 
-def test_add_lowrank_refuses_a_strided_output():
+def test_lowrank_into_refuses_a_strided_output():
     from fusedpeft._kernels import triton_kernels
 
     out = torch.randn(8, 16).T
     with pytest.raises(ValueError, match="unit column stride"):
-        triton_kernels.lowrank.add_lowrank(out, torch.randn(16, 2), torch.randn(8, 2), 1.0)
+        triton_kernels.lowrank.lowrank_into(out, torch.randn(16, 2), torch.randn(8, 2), 1.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cublas"])

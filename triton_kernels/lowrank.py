@@ -1,14 +1,15 @@
-"""The rank-r update of an output that another GEMM (cuBLAS) has already written:
+"""The masked rank-r product that a cuBLAS composition adds to a GEMM's output:
 
-    out[M, C] += scale * keep[m, c] * (l[M, R] @ q[C, R]^T)      keep: the dropout mask, or 1
+    out[M, C] (+)= scale * keep[m, c] * (l[M, R] @ q[C, R]^T)    keep: the dropout mask, or 1
 
-It lets a cuBLAS composition apply LoRA's dropout without an M x C mask or temporary: in the LoRA
-backward, grad_x = grad_y W (cuBLAS), then grad_x += s * mask * ((grad_y B) A) here, the mask
-regenerated from the forward's seed (dropout_keep, positions [m, k] of x).
+It lets the composition apply LoRA's dropout without an M x C mask or temporary: in the LoRA
+backward, grad_x = s * mask * ((grad_y B) A) is written here, the mask regenerated from the
+forward's seed (dropout_keep, positions [m, k] of x), and cuBLAS then accumulates grad_y W onto
+it (beta = 1). ACCUMULATE adds to an out that is already written instead.
 
-Cost: 2MCR FLOPs, far under the ridge; bytes: out read and written once (4MC in bf16) plus the
-l and q tiles (L2-resident: l is re-read once per column block). So a plain 2-D grid of
-[BLOCK_M, BLOCK_C] tiles, R in one piece, and nothing persistent: it runs at copy bandwidth.
+Cost: 2MCR FLOPs, far under the ridge; bytes: out written once (2MC in bf16; read too with
+ACCUMULATE) plus the l and q tiles (L2-resident: l is re-read once per column block). So a plain
+2-D grid of [BLOCK_M, BLOCK_C] tiles, R in one piece, nothing persistent: copy bandwidth.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def lowrank_update_kernel(
     M, C, R,
     stride_om, stride_lm, stride_lr, stride_qc, stride_qr,
     scale, dropout_p, mask_ld,
-    DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    DROPOUT: tl.constexpr, IEEE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -44,14 +45,17 @@ def lowrank_update_kernel(
         low = tl.where(dropout_keep(seed, rows, cols, mask_ld, dropout_p), low, 0.0)
     in_tile = (rows[:, None] < M) & (cols[None, :] < C)
     here = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    old = tl.load(here, mask=in_tile, other=0.0).to(tl.float32)
-    tl.store(here, (old + scale * low).to(out_ptr.dtype.element_ty), mask=in_tile)
+    low = scale * low
+    if ACCUMULATE:
+        low += tl.load(here, mask=in_tile, other=0.0).to(tl.float32)
+    tl.store(here, low.to(out_ptr.dtype.element_ty), mask=in_tile)
 
 
-def add_lowrank(out, l, q, scale, seed=None, dropout_p=0.0):
-    """out += scale * mask * (l @ q^T) in place. out: [M, C] with a unit column stride; l: [M, R];
-    q: [C, R] (any strides: A^T is passed as a view); mask: the dropout keep-mask at [m, c]
-    (row length C) drawn from ``seed`` when dropout_p > 0."""
+def lowrank_into(out, l, q, scale, seed=None, dropout_p=0.0, accumulate=True):
+    """out += scale * mask * (l @ q^T) in place (``accumulate=False``: out = ..., out's old values
+    never read). out: [M, C] with a unit column stride; l: [M, R]; q: [C, R] (any strides: A^T is
+    passed as a view); mask: the dropout keep-mask at [m, c] (row length C) drawn from ``seed``
+    when dropout_p > 0."""
     M, C = out.shape
     R = l.shape[1]
     if M == 0 or C == 0:
@@ -69,7 +73,8 @@ def add_lowrank(out, l, q, scale, seed=None, dropout_p=0.0):
         lowrank_update_kernel, (launch.cdiv(M, BLOCK_M), launch.cdiv(C, BLOCK_C)),
         (out, l, q, seed if dropout else out, M, C, R, out.stride(0), l.stride(0), l.stride(1), q.stride(0),
          q.stride(1), float(scale), float(dropout_p), int(C)),
-        dict(DROPOUT=dropout, IEEE=out.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
+        dict(DROPOUT=dropout, IEEE=out.dtype == torch.float32, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M,
+             BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
         num_warps=warps, num_stages=1,
     )
     return out

@@ -112,14 +112,20 @@ def _triton_supports(x, weight, forced=False):
 backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10, tunable=True)
 
 
-def _load_cublas():
-    from .._kernels import triton_kernels
+def _load_cublas(order):
+    def load():
+        from .._kernels import triton_kernels
 
-    return triton_kernels.lora_cublas
+        return getattr(triton_kernels.lora_cublas, order)
+
+    return load
 
 
-# cuBLAS for the GEMMs, Triton for the seeded masks: it needs what the triton backend needs.
-backends.register(OP, "cublas", load=_load_cublas, supports=_triton_supports, priority=5, tunable=True)
+# cuBLAS for the GEMMs, Triton for the seeded masks: they need what the triton backend needs.
+backends.register(OP, "cublas", load=_load_cublas("low_rank_first"), supports=_triton_supports, priority=5,
+                  tunable=True)
+backends.register(OP, "cublas_after", load=_load_cublas("low_rank_after"), supports=_triton_supports, priority=4,
+                  tunable=True)
 
 
 # ----------------------------------------------------------------------------- autograd
