@@ -1,12 +1,17 @@
 """One benchmark harness for every method: CUDA-event medians after warm-up, ratios to the cuBLAS
 base layer measured in the same run, peak memory of one training step, a Markdown table for
-RESULTS.md and a PNG plot. Methods add cases (benchmarks/lora.py, ...), not harnesses."""
+RESULTS.md and a PNG plot. Methods add cases (benchmarks/lora.py, ...), not harnesses.
+
+On a CPU device (``run(..., device="cpu")``, for smoke tests of the benchmark code) the timings
+are perf_counter medians and memory is not measured (NaN, shown as "-")."""
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import platform
-from typing import Callable, Optional
+import time
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -20,6 +25,9 @@ class Case:
     variant: str  # "base (cuBLAS)", "fusedpeft", ...
     make: Callable[[], tuple[Callable, Callable]]
     flops: float = 0.0  # forward FLOPs, for achieved TFLOP/s
+    # What ran, for the table's "path" column: a fixed label, or a callable asked right after the
+    # first forward (e.g. ``lambda: fusedpeft.last_backend("lora_linear")``).
+    path: Union[str, Callable[[], Optional[str]], None] = None
 
 
 @dataclasses.dataclass
@@ -28,19 +36,48 @@ class Result:
     variant: str
     fwd_ms: float
     train_ms: float
-    train_mem_mib: float
+    train_mem_mib: float  # NaN where not measured (CPU)
     flops: float
+    path: str = ""
 
 
-def median_ms(fn: Callable, warmup_ms: float = 25, rep_ms: float = 150) -> float:
-    """Median of CUDA-event timings after warm-up (triton's do_bench flushes L2 between runs)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+def _is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
 
 
-def train_step_peak_mib(step: Callable) -> float:
-    """Peak memory one training step allocates above what was live before it."""
+def synchronize(device="cuda"):
+    if _is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable, warmup_ms: float = 25, rep_ms: float = 150, device="cuda") -> float:
+    """Median of CUDA-event timings after warm-up (triton's do_bench flushes L2 between runs).
+    Elsewhere (CPU): median of perf_counter timings, after warmup_ms of calls, over rep_ms of calls
+    (at least 1 warm-up call and 3 timed ones)."""
+    if _is_cuda(device):
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    t_end = time.perf_counter() + warmup_ms * 1e-3
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    times = []
+    t_end = time.perf_counter() + rep_ms * 1e-3
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+
+
+def train_step_peak_mib(step: Callable, device="cuda") -> float:
+    """Peak memory one training step allocates above what was live before it (CUDA only: NaN
+    elsewhere)."""
+    if not _is_cuda(device):
+        return float("nan")
     step()  # warm: autotuning and caches out of the measurement
     torch.cuda.synchronize()
     gc.collect()
@@ -52,27 +89,52 @@ def train_step_peak_mib(step: Callable) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run(cases: list[Case], log=print) -> list[Result]:
+def _path_of(case: Case) -> str:
+    if case.path is None:
+        return ""
+    if callable(case.path):
+        return case.path() or "?"
+    return case.path
+
+
+def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_ms: float = 150) -> list[Result]:
+    """Time each case (forward, training step, peak memory of a step) on ``device``. Cases run one
+    after another: each builds its inputs, is measured, and is freed before the next."""
     results = []
     for case in cases:
+        t0 = time.perf_counter()
         fwd, step = case.make()
         fwd()
+        path = _path_of(case)  # asked right after the forward, before anything else runs
         step()
-        torch.cuda.synchronize()
-        r = Result(case.group, case.variant, median_ms(fwd), median_ms(step), train_step_peak_mib(step), case.flops)
-        log(f"{r.group:38s} {r.variant:18s} fwd {r.fwd_ms:8.4f} ms  train {r.train_ms:8.4f} ms  mem {r.train_mem_mib:9.1f} MiB")
-        results.append(r)
+        synchronize(device)
+        first_s = time.perf_counter() - t0  # inputs, and the first calls: compiles and tuning
+        r = Result(case.group, case.variant, median_ms(fwd, warmup_ms, rep_ms, device),
+                   median_ms(step, warmup_ms, rep_ms, device), train_step_peak_mib(step, device), case.flops, path)
         del fwd, step
         gc.collect()
-        torch.cuda.empty_cache()
+        if _is_cuda(device):
+            torch.cuda.empty_cache()
+        mem = f"{r.train_mem_mib:9.1f} MiB" if not math.isnan(r.train_mem_mib) else "        - MiB"
+        log(f"{r.group:38s} {r.variant:18s} fwd {r.fwd_ms:8.4f} ms  train {r.train_ms:8.4f} ms  mem {mem}"
+            + (f"  [{r.path}]" if r.path else "") + f"  (first {first_s:.1f} s, case {time.perf_counter() - t0:.1f} s)")
+        results.append(r)
     return results
 
 
-def environment() -> str:
-    import triton
+def environment(device="cuda") -> str:
+    if _is_cuda(device):
+        parts = [f"GPU: {torch.cuda.get_device_name()}"]
+    else:
+        parts = [f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
+    parts.append(f"torch {torch.__version__}")
+    try:
+        import triton
 
-    parts = [f"GPU: {torch.cuda.get_device_name()}", f"torch {torch.__version__}", f"triton {triton.__version__}",
-             f"python {platform.python_version()}"]
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("triton not installed")
+    parts.append(f"python {platform.python_version()}")
     try:
         import peft
 
@@ -82,40 +144,61 @@ def environment() -> str:
     return ", ".join(parts)
 
 
-def table(results: list[Result], base: str, compare: Optional[str] = None) -> str:
-    """Markdown table: times, ratios to the base variant of the same group (and to ``compare``)."""
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _ratio(a: float, b: float) -> float:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
+        return float("nan")
+    return a / b
+
+
+def table(results: list[Result], base: str, compare: Union[str, Sequence[str], None] = None) -> str:
+    """Markdown table: times, ratios to the base variant of the same group, and to each variant
+    named in ``compare`` (one name or several). A "path" column (what ran) appears when any result
+    has one. Memory not measured (NaN) shows as "-"."""
+    compares = [compare] if isinstance(compare, str) else list(compare or [])
+    with_path = any(r.path for r in results)
     by_group: dict[str, dict[str, Result]] = {}
     for r in results:
         by_group.setdefault(r.group, {})[r.variant] = r
-    head = "| case | variant | fwd ms | fwd / base | train ms | train / base | train MiB | mem / base | TFLOP/s fwd |"
-    sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    if compare:
-        head += f" fwd / {compare} | train / {compare} |"
+    head = "| case | variant |" + (" path |" if with_path else "")
+    head += " fwd ms | fwd / base | train ms | train / base | train MiB | mem / base | TFLOP/s fwd |"
+    sep = "|---|---|" + ("---|" if with_path else "") + "---:|---:|---:|---:|---:|---:|---:|"
+    for c in compares:
+        head += f" fwd / {c} | train / {c} |"
         sep += "---:|---:|"
     lines = [head, sep]
     for group, variants in by_group.items():
         b = variants.get(base)
-        c = variants.get(compare) if compare else None
         for name, r in variants.items():
-            tflops = r.flops / (r.fwd_ms * 1e-3) / 1e12 if r.flops else float("nan")
-            row = (f"| {group} | {name} | {r.fwd_ms:.4f} | {r.fwd_ms / b.fwd_ms:.3f} | {r.train_ms:.4f} | "
-                   f"{r.train_ms / b.train_ms:.3f} | {r.train_mem_mib:.1f} | {r.train_mem_mib / max(b.train_mem_mib, 1e-9):.3f} | {tflops:.0f} |")
-            if compare:
+            tflops = r.flops / (r.fwd_ms * 1e-3) / 1e12 if r.flops and r.fwd_ms > 0 else float("nan")
+            row = f"| {group} | {name} |" + (f" {r.path or '-'} |" if with_path else "")
+            row += (f" {r.fwd_ms:.4f} | {_fmt(_ratio(r.fwd_ms, b.fwd_ms if b else None), 3)} | {r.train_ms:.4f} | "
+                    f"{_fmt(_ratio(r.train_ms, b.train_ms if b else None), 3)} | {_fmt(r.train_mem_mib, 1)} | "
+                    f"{_fmt(_ratio(r.train_mem_mib, max(b.train_mem_mib, 1e-9) if b else None), 3)} | {_fmt(tflops, 0)} |")
+            for cname in compares:
+                c = variants.get(cname)
                 row += (f" {r.fwd_ms / c.fwd_ms:.3f} | {r.train_ms / c.train_ms:.3f} |" if c else " - | - |")
             lines.append(row)
     return "\n".join(lines)
 
 
-def plot(results: list[Result], base: str, path: str, title: str):
+def plot(results: list[Result], base: str, path: str, title: str, variants: Optional[Sequence[str]] = None):
+    """Bars of time / base per group, forward and training step side by side (``variants``: which
+    to draw, default all but the base)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r.group for r in results))
-    variants = [v for v in dict.fromkeys(r.variant for r in results) if v != base]
+    present = [v for v in dict.fromkeys(r.variant for r in results) if v != base]
+    variants = present if variants is None else [v for v in variants if v in present]
     index = {(r.group, r.variant): r for r in results}
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(groups)), 5), sharey=False)
+    # 1.3 inch per group up to 60 inches; past that the groups share the width (bars get thinner).
+    fig, axes = plt.subplots(1, 2, figsize=(min(60, max(10, 1.3 * len(groups))), 5), sharey=False)
     width = 0.8 / max(len(variants), 1)
     for ax, attr, label in ((axes[0], "fwd_ms", "forward"), (axes[1], "train_ms", "forward + backward")):
         for i, v in enumerate(variants):
@@ -208,3 +291,25 @@ def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int 
     for ln in rows:
         print("     ", ln[:150])
     return host_ms
+
+
+def step_times_ms(step: Callable[[int], None], steps: int, cuda: bool = True) -> list[float]:
+    """Times of ``steps`` calls step(0), step(1), ... one by one, in ms. On CUDA: events recorded on
+    the current stream around each call, one synchronize after the loop (no host sync inside it, so
+    the host can run ahead as in training). Otherwise time.perf_counter around each call."""
+    import time
+
+    if not cuda:
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        step(i)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]

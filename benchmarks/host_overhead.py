@@ -4,6 +4,10 @@ launchers, the cache key, the autograd Function and the small torch ops around t
 
     python -m benchmarks.host_overhead            # M=16, K=N=256, bf16
 
+Beside fusedpeft's triton path it times, on the same tensors, the plain torch LoRA composition
+(F.linear(x, W) + s * F.linear(F.linear(x, A), B): forward under no_grad, and forward + backward)
+and, where "cublas" backends are registered for lora_linear, each under use_backend.
+
 The absolute figures are this machine's, not the GPU host's; use it to compare two versions of
 the host code (benchmarks/RESULTS.md quotes it), and benchmarks.profile_lora / diag_rescale on
 the GPU for the real thing."""
@@ -15,6 +19,7 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def _stub_gpu(launch):
@@ -65,22 +70,40 @@ def main(M=16, K=256, N=256, r=16):
     l_in, l_out, shift = (torch.randn(n, dtype=dt, requires_grad=True) for n in (K, N, N))
     g = torch.randn(M, N, dtype=dt)
     print(f"one launch (launch_fused_linear)  {_us_per_call(lambda: launch.launch_fused_linear(x.detach(), W, y), 3000):7.1f} us")
-    calls = {
-        "lora": lambda: lora_linear(x, W, None, A, B, 2.0),
-        "ia3 output": lambda: ia3_linear(x, W, None, l_out, False),
-        "ia3 input": lambda: ia3_linear(x, W, None, l_in, True),
-        "ssf": lambda: ssf_linear(x, W, None, l_out, shift),
-    }
-    for name, call in calls.items():
+    # (label, backend forced or None, the call); the fusedpeft lines run the triton path with the
+    # GPU stubbed out, so what they time is host work only.
+    calls = [
+        ("lora", "triton", lambda: lora_linear(x, W, None, A, B, 2.0)),
+        ("ia3 output", "triton", lambda: ia3_linear(x, W, None, l_out, False)),
+        ("ia3 input", "triton", lambda: ia3_linear(x, W, None, l_in, True)),
+        ("ssf", "triton", lambda: ssf_linear(x, W, None, l_out, shift)),
+    ]
+    # The cuBLAS compositions ("cublas", and "cublas_after" where it exists), where registered.
+    cublas = [n for n in fusedpeft.backends.registered("lora_linear") if n.startswith("cublas")]
+    for i, name in enumerate(cublas):
+        calls.insert(1 + i, (f"lora [{name}]", name, lambda: lora_linear(x, W, None, A, B, 2.0)))
+    # The plain torch LoRA a user would write, on the same tensors.
+    calls.append(("torch composition", None, lambda: F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)))
+    for name, backend, call in calls:
         def fwd():
-            with torch.no_grad(), fusedpeft.use_backend("triton"):
+            with torch.no_grad(), _backend(backend):
                 call()
 
         def train():
-            with fusedpeft.use_backend("triton"):
+            with _backend(backend):
                 call().backward(g)
 
-        print(f"{name:11s} forward {_us_per_call(fwd, 1000):7.1f} us   forward + backward {_us_per_call(train, 300):7.1f} us")
+        print(f"{name:20s} forward {_us_per_call(fwd, 1000):7.1f} us   forward + backward {_us_per_call(train, 300):7.1f} us")
+    print("(lora [cublas*] and torch composition run their small products on this CPU for real: their figures are an\n"
+          " upper bound on host cost, the stubbed triton lines host work alone)")
+
+
+def _backend(name):
+    import contextlib
+
+    import fusedpeft
+
+    return fusedpeft.use_backend(name) if name else contextlib.nullcontext()
 
 
 if __name__ == "__main__":
