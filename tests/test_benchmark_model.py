@@ -1,0 +1,78 @@
+"""The model-level training benchmark (benchmarks/model.py) end to end on CPU with tiny configs:
+every family, adapter and variant yields a timed row, and the loss-curve check yields numbers and
+can fail."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+try:
+    from benchmarks import model as bench
+except ImportError:  # pytest run without the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import model as bench
+
+
+def test_tiny_run_on_cpu(one_thread, tmp_path):
+    out, js = tmp_path / "t.md", tmp_path / "t.json"
+    report = bench.main(["--device", "cpu", "--tiny", "--batches", "2x16", "--adapters", "lora,lora-dropout,ia3",
+                         "--timed-steps", "1", "--warmup-steps", "1", "--curve-steps", "3", "--check",
+                         "--out", str(out), "--json", str(js)], log=lambda *a: None)
+    rows = {(r["model"], r["batch"], r["adapter"], r["variant"]): r for r in report["rows"]}
+    for model_name in bench.MODELS:
+        for adapter in bench.ADAPTERS:
+            for variant in bench.VARIANTS.values():
+                r = rows[(model_name, "2x16", adapter, variant)]
+                assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, r
+                assert r["peak_gib"] is None  # no memory on CPU
+                trainable = r["trainable"]
+                assert (trainable == 0) == (variant == "floor"), r
+            # peft, from_peft and inject adapt the same modules
+            assert len({rows[(model_name, "2x16", adapter, v)]["trainable"] for v in list(bench.VARIANTS.values())[:3]}) == 1
+            fused = rows[(model_name, "2x16", adapter, "fusedpeft (inject)")]["backend_counts"]
+            assert any(k.endswith("/torch") for k in fused), fused  # the torch backend ran on CPU
+    curves = report["curves"]
+    assert len(curves) == len(bench.MODELS) * len(bench.ADAPTERS) * 2
+    for c in curves:
+        assert c["error"] is None, c
+        assert len(c["loss_peft"]) == len(c["loss"]) == 3
+        assert all(math.isfinite(v) for v in c["loss_peft"] + c["loss"] + [c["max_rel_diff"]]), c
+        assert c["ok"], c
+    assert report["status"] == 0
+    text = out.read_text()
+    assert "| llama3-8b | 2x16 | lora | fusedpeft (from_peft) |" in text and "Loss curves" in text
+    assert js.stat().st_size > 0
+
+
+def test_curve_check_can_fail():
+    args = bench.parse_args(["--tiny", "--batches", "2x16"])
+    ref = [4.0, 3.9, 3.8]
+    curves = {"peft": ref, "from_peft": [4.0, 3.9, 3.8 * 1.03], "inject": "ValueError: names differ"}
+    out = {c["variant"]: c for c in bench.compare_curves("llama3-8b", "lora", curves, args)}
+    assert not out["fusedpeft (from_peft)"]["ok"] and out["fusedpeft (from_peft)"]["max_rel_diff"] == pytest.approx(0.03)
+    assert not out["fusedpeft (inject)"]["ok"]
+    dropout = bench.compare_curves("llama3-8b", "lora-dropout", curves, args)
+    assert dropout[0]["ok"]  # 3% is within the 5% allowed with dropout
+    assert "**FAIL**" in bench.curve_table(list(out.values()))
+
+
+def test_a_variant_that_raises_is_reported(one_thread, monkeypatch):
+    build = bench.build_variant
+
+    def broken(variant, *a, **k):
+        if variant == "inject":
+            raise RuntimeError("planted failure")
+        return build(variant, *a, **k)
+
+    monkeypatch.setattr(bench, "build_variant", broken)
+    report = bench.main(["--device", "cpu", "--tiny", "--models", "qwen2.5-0.5b", "--adapters", "lora", "--batches", "2x16",
+                         "--timed-steps", "1", "--warmup-steps", "1", "--curve-steps", "2"], log=lambda *a: None)
+    assert [e["variant"] for e in report["errors"]] == ["fusedpeft (inject)"]
+    assert "planted failure" in report["errors"][0]["error"]
+    assert {r["variant"] for r in report["rows"]} == {"peft", "fusedpeft (from_peft)", "floor"}
+    assert [c["variant"] for c in report["curves"]] == ["fusedpeft (from_peft)"]
+    assert report["status"] == 1
