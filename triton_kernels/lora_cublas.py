@@ -7,7 +7,7 @@ dropout_mask is theirs.
 With s = scaling / (1 - p), mask the 0/1 keep-mask (the 1 / (1 - p) folded into s), u_s the
 saved s * (x * mask) A^T (M x r, the layer's dtype) and g = grad_y B:
 
-  u_s = s (x * mask) A^T       cuBLAS x (s A)^T without dropout; with it the skinny Triton GEMM
+  u_s = s (x * mask) A^T       cuBLAS (alpha = s) without dropout; with it the skinny Triton GEMM
                                that masks the x tiles as it reads them (x read once)
   y   = x W^T + b + u_s B^T
   grad_x = grad_y W + (g (s A)) * mask
@@ -41,7 +41,9 @@ def _scaled_u(x, lora_A, s, dropout_p, seed):
         launch.launch_fused_linear(x, lora_A, u_s, seed=seed, dropout_p=dropout_p, mask_ld=x.shape[1], mask_a=True,
                                    precise=True, out_scale=s)
         return u_s
-    return x @ (lora_A * s).T
+    # addmm with beta = 0 never reads its input (A's first column only gives the (r,) shape it
+    # broadcasts); alpha applies s inside the GEMM: one launch, not a GEMM and a scaling.
+    return torch.addmm(lora_A[:, 0], x, lora_A.T, beta=0, alpha=s)
 
 
 def _forward(low_rank_first, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -58,8 +60,8 @@ def _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed):
         if dropout_p > 0:
             grad_x = torch.empty(grad_y.shape[0], lora_A.shape[1], dtype=grad_y.dtype, device=grad_y.device)
             lowrank.lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, accumulate=False)
-        else:
-            grad_x = g @ (lora_A * s)
+        else:  # beta = 0: A's first row only gives the (K,) shape; alpha = s inside the GEMM
+            grad_x = torch.addmm(lora_A[0], g, lora_A, beta=0, alpha=s)
         return grad_x.addmm_(grad_y, weight)
     grad_x = grad_y @ weight
     if dropout_p > 0:

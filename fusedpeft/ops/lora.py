@@ -184,10 +184,15 @@ def _needs(ctx, has_bias):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """Eager path: saves x, the frozen weight, A, B and u (M x r); nothing of size M x N."""
+    """Eager path: saves x, the frozen weight, A, B (in x's dtype) and u (M x r); nothing of size
+    M x N. The adapter weights are cast to x's dtype here and their gradients cast back to their
+    own (float32 masters beside a bf16 base): two casts each way, but no autograd node for them,
+    which at small layers is host time the step would otherwise spend."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
+        lora_A, lora_B = _common.cast(lora_A, x.dtype), _common.cast(lora_B, x.dtype)
         y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                                     _needs(ctx, bias is not None))
         ctx.save_for_backward(x, weight, lora_A, lora_B, u)
@@ -197,9 +202,12 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, ctx.index, ctx.scaling, ctx.dropout_p,
-                               ctx.seed, _needs(ctx, ctx.has_bias))
-        return (*grads, None, None, None)
+        grad_x, grad_w, grad_b, grad_A, grad_B = _backward_impl(
+            grad_y, x, weight, lora_A, lora_B, u, ctx.index, ctx.scaling, ctx.dropout_p, ctx.seed,
+            _needs(ctx, ctx.has_bias))
+        dtype_A, dtype_B = ctx.adapter_dtypes
+        return (grad_x, grad_w, grad_b, _common.cast(grad_A, dtype_A), _common.cast(grad_B, dtype_B),
+                None, None, None)
 
 
 # Under torch.compile the backend travels as an int argument: forced_index, read while tracing (-1:
@@ -269,11 +277,14 @@ def _new_seed(device) -> torch.Tensor:
 def _apply(x2, args, scaling, p):
     if torch.compiler.is_compiling():
         seed = _new_seed(x2.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2.device)
-        return _lora_fwd(x2, *args[1:], float(scaling), p, seed, backends.forced_index(OP, x2, args[1]))[0]
+        lora_A, lora_B = (_common.cast(t, x2.dtype) for t in args[3:])
+        return _lora_fwd(x2, args[1], args[2], lora_A, lora_B, float(scaling), p, seed,
+                         backends.forced_index(OP, x2, args[1]))[0]
     seed = _new_seed(x2.device) if p > 0.0 else None
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         # Inference (serving, evaluation): no autograd node and nothing saved.
-        return _forward_impl(x2, *args[1:], float(scaling), p, seed)[0]
+        lora_A, lora_B = (_common.cast(t, x2.dtype) for t in args[3:])
+        return _forward_impl(x2, args[1], args[2], lora_A, lora_B, float(scaling), p, seed)[0]
     return LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
 
 
@@ -304,7 +315,8 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
     dtype = _common.compute_dtype(x, weight)
-    args = [_common.cast(t, dtype) for t in (x, weight, bias, lora_A, lora_B)]
+    # The adapter weights keep their dtype here: _apply casts them (inside the autograd Function).
+    args = [_common.cast(t, dtype) for t in (x, weight, bias)] + [lora_A, lora_B]
     p = float(dropout_p) if training else 0.0
     x2 = _common.flatten_rows(args[0])
     y = _common.outside_autocast(x.device.type, _apply, x2, args, scaling, p)
