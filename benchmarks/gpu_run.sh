@@ -20,7 +20,8 @@ stage env
 } 2>&1 | tee -a "$LOG"
 if [ "${TESTS:-1}" = "1" ]; then
   stage tests
-  FUSEDPEFT_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-15}" \
+  # -v: each test's result on its own line as it ends, so a stage cut short still names its failures.
+  FUSEDPEFT_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -v -rf -p no:cacheprovider -n "${WORKERS:-15}" \
     -m cuda ${TEST_FILES:-tests/test_cuda.py tests/test_cuda_paths.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tee -a "$LOG" | tail -40
 fi
 if [ "${TRACE:-0}" = "1" ]; then

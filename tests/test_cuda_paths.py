@@ -231,3 +231,33 @@ def test_reduce_overhead_compile_trains_like_eager(model_fn, lr):
     assert eager[-1] < eager[0], "loss did not fall"
     # Dropout masks differ between the two runs (the compiled graph draws its seeds itself).
     assert rel_err(compiled, eager) < 2e-2, (compiled, eager)
+
+
+@pytest.mark.parametrize("backend", [None, *PATHS], ids=lambda b: b or "auto")
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_training_step_never_waits_for_the_gpu(backend, dropout, tmp_path, monkeypatch):
+    """After warm-up, a LoRA module's training step (the measured choice included) launches work
+    and returns without any host-device synchronisation: a sync would drain the GPU's queue at
+    every layer."""
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")  # the automatic choice measures in the warm-up
+    layer = fusedpeft.LoraLinear(nn.Linear(1024, 512).cuda().bfloat16(), r=16, lora_alpha=32, lora_dropout=dropout,
+                                 init_lora_weights=False).cuda().train()
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        if backend is None:
+            layer(x).backward(g)
+        else:
+            with fusedpeft.use_backend(backend):
+                layer(x).backward(g)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
