@@ -279,6 +279,24 @@ def _path(op: str):
     return lambda: fusedpeft.last_backend(op)
 
 
+def _module_step(m: nn.Module, x, g, backend: Optional[str] = None):
+    """(forward, training step) of an adapter module in train mode, under ``backend`` if named."""
+    m.train()
+    fwd = _under(backend, lambda: m(x))
+    return fwd, harness.step_fn(fwd, g, [x] + _trainable(m))
+
+
+def _base_case(inputs, group: Group, device, dtype):
+    """The floor of every group: the cuBLAS base layer on the group's inputs."""
+
+    def make():
+        x, W, b, _, _, g = inputs(group, device, dtype)
+        fwd = lambda: F.linear(x, W, b)
+        return fwd, harness.step_fn(fwd, g, [x])
+
+    return make
+
+
 def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harness.Case]:
     import fusedpeft
 
@@ -287,10 +305,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     base_flops = 2.0 * M * N * K
     flops = base_flops + 2.0 * M * K * r + 2.0 * M * N * r
 
-    def base():
-        x, W, b, _, _, g = _lora_inputs(group, device, dtype)
-        fwd = lambda: F.linear(x, W, b)
-        return fwd, harness.step_fn(fwd, g, [x])
+    base = _base_case(_lora_inputs, group, device, dtype)
 
     def ours(backend):
         def make():
@@ -299,9 +314,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
             with torch.no_grad():
                 m.lora_A["default"].weight.copy_(A)
                 m.lora_B["default"].weight.copy_(B)
-            m.train()
-            fwd = _under(backend, lambda: m(x))
-            return fwd, harness.step_fn(fwd, g, [x] + _trainable(m))
+            return _module_step(m, x, g, backend)
 
         return make
 
@@ -311,9 +324,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
         with torch.no_grad():
             m.lora_A["default"].weight.copy_(A)
             m.lora_B["default"].weight.copy_(B)
-        m.train()
-        fwd = lambda: m(x)
-        return fwd, harness.step_fn(fwd, g, [x] + _trainable(m))
+        return _module_step(m, x, g)
 
     def composition():
         x, W, b, A, B, g = _lora_inputs(group, device, dtype)
@@ -342,10 +353,7 @@ def rescale_cases(group: Group, device, dtype, with_peft: bool, args) -> list[ha
     ff = method == "ia3-ff"
     flops = 2.0 * group.M * group.shape.N * group.shape.K
 
-    def base():
-        x, W, b, _, _, g = _rescale_inputs(group, device, dtype)
-        fwd = lambda: F.linear(x, W, b)
-        return fwd, harness.step_fn(fwd, g, [x])
+    base = _base_case(_rescale_inputs, group, device, dtype)
 
     def ours(backend):
         def make():
@@ -359,9 +367,7 @@ def rescale_cases(group: Group, device, dtype, with_peft: bool, args) -> list[ha
                 m = fusedpeft.IA3Linear(_frozen_linear(W, b), is_feedforward=ff)
                 with torch.no_grad():
                     m.ia3_l["default"].copy_(scale.reshape(m.ia3_l["default"].shape))
-            m.train()
-            fwd = _under(backend, lambda: m(x))
-            return fwd, harness.step_fn(fwd, g, [x] + _trainable(m))
+            return _module_step(m, x, g, backend)
 
         return make
 
@@ -370,9 +376,7 @@ def rescale_cases(group: Group, device, dtype, with_peft: bool, args) -> list[ha
         m = _peft_float32(_peft_ia3_layer(_frozen_linear(W, b), ff))
         with torch.no_grad():
             m.ia3_l["default"].copy_(scale.reshape(m.ia3_l["default"].shape))
-        m.train()
-        fwd = lambda: m(x)
-        return fwd, harness.step_fn(fwd, g, [x] + _trainable(m))
+        return _module_step(m, x, g)
 
     def composition():
         x, W, b, scale, shift, g = _rescale_inputs(group, device, dtype)

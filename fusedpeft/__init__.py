@@ -3,7 +3,7 @@
 LoRA, IA3 and SSF (scale-shift fine-tuning) on linear layers as single fused ops (Triton on CUDA,
 a pure-PyTorch backend everywhere), nn.Module replacements, an injector for any torch model, and
 adapter files in HF peft's format (SSF, which peft lacks, in the same layout)."""
-from . import ops
+from . import ops, tuning
 from .backends import backend_counts, last_backend, use_backend
 from .config import IA3Config, LoraConfig, SSFConfig
 from .inject import (
@@ -44,6 +44,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
+    "tuning",
     "unmerge",
     "use_backend",
 ]

@@ -75,3 +75,42 @@ def lora_upstream_grad(y: torch.Tensor, lora_B: torch.Tensor, max_cond: float = 
         if flat.numel() == 0 or ((flat**2) @ (B**2)).sqrt().norm() <= max_cond * (flat @ B).norm():
             return g
     raise AssertionError("no well-conditioned upstream gradient in 100 draws")
+
+
+# Tolerances of the GPU checks: fp32 runs through tf32 tensor cores in the fused kernels; M=1, r=1
+# cases are a single rank-1 dot product whose cancellation amplifies tf32 rounding, hence 5e-3.
+GPU_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend, device="cuda"):
+    """lora_linear through ``backend`` (forced) against the float64 reference with the backend's own
+    dropout mask: the output and every gradient, by relative norm error within GPU_TOL."""
+    import fusedpeft
+    from fusedpeft.ops import lora as lora_ops
+    from fusedpeft.ops import lora_linear, lora_linear_reference
+
+    x = leaf(torch.randn(*lead, K, device=device), dtype)
+    W = leaf(torch.randn(N, K, device=device) / K**0.5, dtype, requires_grad=False)
+    b = leaf(torch.randn(N, device=device), dtype) if bias else None
+    A = leaf(torch.randn(r, K, device=device) / K**0.5, dtype)
+    B = leaf(torch.randn(N, r, device=device) / r**0.5, dtype)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda dev: torch.tensor([seed], device=dev))
+    with fusedpeft.use_backend(backend):
+        y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
+    assert fusedpeft.last_backend("lora_linear") == backend
+    g = lora_upstream_grad(y, B)
+    y.backward(g)
+    mask = None
+    if dropout:
+        impl = fusedpeft.backends._REGISTRY["lora_linear"][backend].impl()
+        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
+    y_ref = lora_linear_reference(*refs, 0.75, dropout_mask=mask, dropout_p=dropout)
+    y_ref.backward(g.double())
+    errs = {"y": rel_err(y, y_ref)}
+    for name, t, ref in zip("xWbAB", (x, W, b, A, B), refs):
+        if t is not None and t.requires_grad:
+            errs["grad_" + name] = rel_err(t.grad, ref.grad)
+    bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
+    assert not bad, f"{backend} {tuple(lead)}x{K}x{N} r={r} {dtype} p={dropout}: errors over {GPU_TOL[dtype]}: {bad}"

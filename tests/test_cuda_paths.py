@@ -12,13 +12,12 @@ from torch import nn
 import fusedpeft
 from fusedpeft import tuning
 from fusedpeft.ops import lora as lora_ops
-from fusedpeft.ops import lora_linear, lora_linear_reference
+from fusedpeft.ops import lora_linear
 
-from helpers import RescaledMLP, leaf, lora_upstream_grad, rel_err
+from helpers import RescaledMLP, check_lora_against_float64, rel_err
 
 pytestmark = pytest.mark.cuda
 
-GPU_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 PATHS = ["triton", "cublas", "cublas_after"]  # the tunable backends of lora_linear on CUDA
 
 
@@ -50,40 +49,11 @@ def _sweep_shapes(count=56, seed=1234, max_work=2**36):
     return shapes
 
 
-def _check_lora(M, K, N, r, dtype, dropout, backend, monkeypatch, bias=True):
-    dev = "cuda"
-    x = leaf(torch.randn(M, K, device=dev), dtype)
-    W = leaf(torch.randn(N, K, device=dev) / K**0.5, dtype, requires_grad=False)
-    b = leaf(torch.randn(N, device=dev), dtype) if bias else None
-    A = leaf(torch.randn(r, K, device=dev) / K**0.5, dtype)
-    B = leaf(torch.randn(N, r, device=dev) / r**0.5, dtype)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_ops, "_new_seed", lambda device: torch.tensor([seed], device=device))
-    with fusedpeft.use_backend(backend):
-        y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
-    assert fusedpeft.last_backend("lora_linear") == backend
-    g = lora_upstream_grad(y, B)
-    y.backward(g)
-    mask = None
-    if dropout:
-        impl = fusedpeft.backends._REGISTRY["lora_linear"][backend].impl()
-        mask = impl.dropout_mask(seed, (M, K), dropout, x.device).double()
-    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
-    y_ref = lora_linear_reference(*refs, 0.75, dropout_mask=mask, dropout_p=dropout)
-    y_ref.backward(g.double())
-    errs = {"y": rel_err(y, y_ref)}
-    for name, t, ref in zip("xWbAB", (x, W, b, A, B), refs):
-        if t is not None and t.requires_grad:
-            errs["grad_" + name] = rel_err(t.grad, ref.grad)
-    bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
-    assert not bad, f"{backend} {M}x{K}x{N} r={r} {dtype} p={dropout}: errors over {GPU_TOL[dtype]}: {bad}"
-
-
 @pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("M,K,N,r,dtype,dropout", _sweep_shapes(),
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, float) else f"p{v}")
 def test_lora_sweep_every_path_matches_float64(M, K, N, r, dtype, dropout, backend, monkeypatch):
-    _check_lora(M, K, N, r, dtype, dropout, backend, monkeypatch)
+    check_lora_against_float64((M,), K, N, r, dtype, dropout, True, monkeypatch, backend)
 
 
 def test_lora_fp32_large_backward_runs_in_a_fresh_process():
