@@ -340,6 +340,8 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
     for name in _forced_variants(op, ["triton", "cublas", "cublas_after"], device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
+    if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters
+        out.append(harness.Case(label, f"{OURS} (again)", ours(None), flops=flops, path=_path(op)))
     if with_peft:
         out.append(harness.Case(label, PEFT, peft_layer, flops=flops, path="peft"))
     out.append(harness.Case(label, COMPOSITION, composition, flops=flops, path="torch"))
@@ -397,6 +399,8 @@ def rescale_cases(group: Group, device, dtype, with_peft: bool, args) -> list[ha
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
     for name in _forced_variants(op, ["triton", "torch"], device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
+    if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters
+        out.append(harness.Case(label, f"{OURS} (again)", ours(None), flops=flops, path=_path(op)))
     if with_peft and method != "ssf":
         out.append(harness.Case(label, PEFT, peft_layer, flops=flops, path="peft"))
     out.append(harness.Case(label, COMPOSITION, composition, flops=flops, path="torch"))
@@ -567,6 +571,8 @@ def parse_args(argv=None):
     parser.add_argument("--forced-on-cpu", action="store_true",
                         help="on cpu, also time the forced triton / cublas backends (Triton's interpreter: slow)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft's layers out")
+    parser.add_argument("--auto-again", action="store_true",
+                        help="time the automatic choice a second time at the end of each group")
     parser.add_argument("--out", default=None, help="write the Markdown table and summary here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
     parser.add_argument("--json", default=None, help="write every row (with its group's shape and config) here")

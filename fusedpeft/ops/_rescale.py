@@ -172,10 +172,14 @@ def _needs(ctx, has_bias, has_shift):
 
 
 class RescaledLinearFunction(torch.autograd.Function):
-    """Eager path: saves x, the frozen weight, bias, scale, shift, and z in "save" mode."""
+    """Eager path: saves x, the frozen weight, bias, scale, shift (in x's dtype), and z in "save"
+    mode. The scale and shift are cast to x's dtype here and their gradients back to their own
+    (float32 masters beside a bf16 base), with no autograd node for the casts, as in LoRA's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, input_scale: bool, save_unscaled: bool, op: str):
+        ctx.adapter_dtypes = (scale.dtype, None if shift is None else shift.dtype)
+        scale, shift = _common.cast(scale, x.dtype), _common.cast(shift, x.dtype)
         y, z, index = _forward_impl(op, x, weight, bias, scale, shift, input_scale, save_unscaled,
                                     _needs(ctx, bias is not None, shift is not None))
         ctx.save_for_backward(x, weight, bias, scale, shift, z)
@@ -186,8 +190,11 @@ class RescaledLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, scale, shift, z = ctx.saved_tensors
         needs = _needs(ctx, bias is not None, shift is not None)
-        grads = _backward_impl(ctx.op, grad_y, x, weight, bias, scale, shift, z, ctx.index, ctx.input_scale, needs)
-        return (*grads, None, None, None)
+        grad_x, grad_w, grad_b, grad_scale, grad_shift = _backward_impl(
+            ctx.op, grad_y, x, weight, bias, scale, shift, z, ctx.index, ctx.input_scale, needs)
+        dtype_scale, dtype_shift = ctx.adapter_dtypes
+        return (grad_x, grad_w, grad_b, _common.cast(grad_scale, dtype_scale), _common.cast(grad_shift, dtype_shift),
+                None, None, None)
 
 
 # As for LoRA: under torch.compile the backend travels as an int (backends.forced_index, -1: chosen
@@ -254,10 +261,14 @@ _rescaled_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op):
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, scale, shift))
+    if compiling or not training:  # the autograd Function casts them itself
+        scale, shift = _common.cast(scale, x2.dtype), _common.cast(shift, x2.dtype)
+    if compiling:
         return _rescaled_fwd(x2, weight, bias, scale, shift, input_scale, save_unscaled, op,
                              backends.forced_index(op, x2, weight))[0]
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, scale, shift))):
+    if not training:
         return _forward_impl(op, x2, weight, bias, scale, shift, input_scale, False)[0]  # inference
     return RescaledLinearFunction.apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op)
 
@@ -265,7 +276,8 @@ def _apply(x2, weight, bias, scale, shift, input_scale, save_unscaled, op):
 def rescaled_linear(op: str, x, weight, bias, scale, shift, input_scale: bool) -> torch.Tensor:
     """The checked entry point of ia3_linear / ssf_linear: ``scale`` already (K,) or (N,)."""
     dtype = _common.compute_dtype(x, weight)
-    x, weight, bias, scale, shift = (_common.cast(t, dtype) for t in (x, weight, bias, scale, shift))
+    # The scale and shift keep their dtype here: _apply casts them (inside the autograd Function).
+    x, weight, bias = (_common.cast(t, dtype) for t in (x, weight, bias))
     # z is needed only when grad_scale will be asked for.
     save = not input_scale and scale.requires_grad and torch.is_grad_enabled() and output_grad_mode() == "save"
     x2 = _common.flatten_rows(x)
