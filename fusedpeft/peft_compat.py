@@ -144,14 +144,11 @@ class _PeftLayerProtocol:
         super().merge(safe_merge=safe_merge, adapter_names=names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError(
-                "fusedpeft layers do not run peft's mixed-batch inference (adapter_names=...); "
-                "call it before fusedpeft.from_peft or group the batch by adapter"
-            )
+        # peft's forward hooks pass adapter_names (its mixed batch) to every LoRA layer; the fused
+        # layers run it with peft's semantics (AdapterLayer.forward).
         kwargs.pop("alora_offsets", None)  # only set by peft for aLoRA, which from_peft never swaps in
-        if not self._disable_adapters and not self.merged and not self.active_adapters:
-            return self.base_layer(x, *args, **kwargs)  # none of the active adapters lives here
+        if not (args or kwargs) and not self._disable_adapters and not self.merged and not self.active_adapters:
+            return self.base_layer(x)  # none of the active adapters lives here
         return super().forward(x, *args, **kwargs)
 
 

@@ -395,12 +395,15 @@ def test_from_peft_leaves_fusedpeft_ssf_layers_alone():
     assert_close(pm(x), y0, torch.float32, "after from_peft")
 
 
-def test_from_peft_rejects_mixed_batch_adapter_names():
+def test_from_peft_ia3_layer_refuses_adapter_names_and_keeps_working():
+    # Per-row adapters are LoRA's (tests/test_adapter_names.py); an IA3 layer says so.
     _, pm = _peft_model(*SWAP_CASES["mlp-ia3"][:2], SWAP_CASES["mlp-ia3"][2])
     fusedpeft.from_peft(pm)
     pm.eval()
-    with pytest.raises(NotImplementedError, match="mixed-batch"):
-        pm.base_model.model.fc1(torch.randn(2, 12), adapter_names=["default", "default"])
+    x = torch.randn(2, 12)
+    with pytest.raises(TypeError, match="LoRA's only"):
+        pm.base_model.model.fc1(x, adapter_names=["default", "default"])
+    assert pm.base_model.model.fc1(x).shape[0] == 2
 
 
 def test_import_fusedpeft_does_not_import_peft():

@@ -200,14 +200,37 @@ class AdapterLayer(nn.Module):
         return new_w, new_b.to(w.dtype if b is None else b.dtype)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: Optional[list] = None, **kwargs) -> torch.Tensor:
+        """The adapted layer on x. ``adapter_names`` (one name per row of x's first dimension, as
+        peft takes it; ``"__base__"`` for none) runs each row through its own adapter instead of
+        the active ones. Any other argument is an error: a linear layer takes its input alone."""
+        if args or kwargs:
+            raise TypeError(
+                f"{type(self).__name__}.forward() takes the input (and adapter_names) only; got "
+                f"{len(args)} more positional argument(s) and keyword argument(s) {sorted(kwargs)}"
+            )
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(x)
+        if adapter_names is not None:
+            return self._per_row_forward(x, list(adapter_names))
         if self.merged or not self._active_adapter:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_layer(x)
         return self._adapted_forward(x)
+
+    def _check_per_row(self, x: torch.Tensor, adapter_names: list):
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} name(s) for an input of shape {tuple(x.shape)}: it "
+                "takes one name per row of the input's first (batch) dimension"
+            )
+        if self.merged:
+            raise ValueError(f"adapter_names cannot be used while adapters {self.merged_adapters} are merged "
+                             "into the base weight: unmerge them first")
+
+    def _per_row_forward(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} does not take adapter_names: per-row adapters are LoRA's only")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}, active={self.active_adapters}"

@@ -116,6 +116,22 @@ class LoraLinear(AdapterLayer):
             y = y + (self.scaling[n] * ((x_n @ A.T) @ B.T)).to(y.dtype)
         return y
 
+    def _per_row_forward(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
+        """peft's mixed-batch forward: the base output for every row, plus each named adapter's
+        update on its own rows (computed in the adapter's dtype, as peft does). A name this layer
+        does not hold, and ``"__base__"``, leave their rows at the base output."""
+        self._check_per_row(x, adapter_names)
+        result = self.base_layer(x)
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            sub = self.lora_dropout[name](x.index_select(0, rows).to(A.dtype))
+            update = (sub @ A.T) @ B.T * self.scaling[name]
+            result = result.index_add(0, rows, update.to(result.dtype))
+        return result
+
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B A as (out, in), computed in ``dtype``."""
