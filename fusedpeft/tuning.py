@@ -170,6 +170,33 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
     return winner
 
 
+ROWS_CLASS_MAX = 16384
+
+
+def rows_class(M: int) -> int:
+    """The shape keys' class for M rows: the next power of two, up to ROWS_CLASS_MAX (the fastest
+    path depends on M's size class, not its exact value)."""
+    return min(1 << max(M - 1, 0).bit_length(), ROWS_CLASS_MAX)
+
+
+def step_bench(forward, backward, out_shape, like: torch.Tensor, trains: bool):
+    """A ``bench(impl) -> ms`` for backends.select: one step of a backend on the call's own inputs,
+    ``forward(impl) -> (out, saved)`` and, when ``trains``, ``backward(impl, grad_out, saved)``
+    with a random upstream gradient of ``out_shape``."""
+
+    def bench(impl):
+        grad = random_like_output(out_shape, like.dtype, like.device) if trains else None
+
+        def step():
+            out, saved = forward(impl)
+            if grad is not None:
+                backward(impl, grad, saved)
+
+        return time_ms(step)
+
+    return bench
+
+
 def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0) -> float:
     """Median time of one ``step`` on the current CUDA stream, in ms. Each round times enough
     back-to-back steps to fill about ``round_ms`` between two events, so a host-bound step is

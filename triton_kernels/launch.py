@@ -51,20 +51,25 @@ def persistent_buffer(make, device):
     return buf
 
 
+def cached_buffer(cache: dict, key, numel: int, make, device):
+    """cache[key] when it holds at least ``numel`` elements, else a new persistent_buffer from
+    ``make`` kept there; inside a CUDA-graph capture, ``make()`` for that launch alone, not kept."""
+    buf = cache.get(key)
+    if buf is not None and buf.numel() >= numel:
+        return buf
+    buf = persistent_buffer(make, device)
+    if buf is None:
+        return make()
+    cache[key] = buf
+    return buf
+
+
 def _alloc(size: int, alignment: int, stream):
     # Device-side tensor descriptors need a small global scratch buffer per launch (the kernel
     # writes its descriptors there and reads them back). Launches on one stream run in order, so
     # one buffer per stream serves them all: no allocation per launch.
-    buf = _SCRATCH.get(stream)
-    if buf is None or buf.numel() < size:
-        def make():
-            return torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda")
-
-        buf = persistent_buffer(make, torch.device("cuda"))
-        if buf is None:  # inside a CUDA-graph capture: this launch's own scratch
-            return make()
-        _SCRATCH[stream] = buf
-    return buf
+    return cached_buffer(_SCRATCH, stream, size,
+                         lambda: torch.empty(max(size, 1 << 16), dtype=torch.int8, device="cuda"), torch.device("cuda"))
 
 
 _allocator_threads = threading.local()
@@ -134,17 +139,8 @@ def ticket_counters(n: int, device) -> torch.Tensor:
     (lowrank_weight_grad_kernel). The kernel's last program per block resets its counter to zero,
     so one buffer per (device, stream) serves every launch on that stream, in stream order."""
     stream = None if device.type != "cuda" else _stream(device.index if device.index is not None else torch.cuda.current_device())
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        def make():
-            return torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-
-        buf = persistent_buffer(make, device)
-        if buf is None:  # inside a CUDA-graph capture: zeroed counters for this launch alone
-            return make()
-        _COUNTERS[key] = buf
-    return buf
+    return cached_buffer(_COUNTERS, (device, stream), n,
+                         lambda: torch.zeros(max(n, 1024), dtype=torch.int32, device=device), device)
 
 
 def column_sums(partial: torch.Tensor, with_second: bool):
@@ -249,7 +245,8 @@ def _tuned_config(key, M, N, element_size, launch_with):
         raise NoConfigFits(cfg)
     if cfg is not None:
         return cfg
-    if CONFIG_STORE is not None and os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0":
+    tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
+    if CONFIG_STORE is not None and tune:
         stored = CONFIG_STORE.lookup("triton_config", repr(key))
         if stored is not None:
             try:
@@ -268,7 +265,6 @@ def _tuned_config(key, M, N, element_size, launch_with):
 
     t0 = time.perf_counter()
     timings, errors = [], []
-    tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
     for cand in _candidates(M, N, element_size):
         try:
             if tune:

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import backends, tuning
 from . import _common
 
 OUTPUT_GRAD_ENV = "FUSEDPEFT_OUTPUT_SCALE_GRAD"
@@ -131,21 +131,12 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs):
     """(shape key, bench) for backends.select, as lora's: one candidate's step on these inputs."""
     M, K = x.shape
     N = weight.shape[0]
-    key = (min(1 << max(M - 1, 0).bit_length(), 16384), K, N, x.dtype, bias is not None, shift is not None,
-           input_scale, save_unscaled, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
-
-    def bench(impl):
-        from .. import tuning
-
-        grad = tuning.random_like_output((M, N), x.dtype, x.device) if any(needs) else None
-
-        def step():
-            y, z = impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled)
-            if grad is not None:
-                impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs))
-
-        return tuning.time_ms(step)
-
+    key = (tuning.rows_class(M), K, N, x.dtype, bias is not None, shift is not None, input_scale, save_unscaled,
+           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+    bench = tuning.step_bench(
+        lambda impl: impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled),
+        lambda impl, grad, z: impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs)),
+        (M, N), x, any(needs))
     return key, bench
 
 

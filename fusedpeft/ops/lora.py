@@ -13,9 +13,10 @@ CUDA): ``torch.manual_seed`` reproduces a run, and a captured CUDA graph draws a
 new masks, at every replay. The low-rank activation u = dropout(x) A^T (M x r) is saved: M*r
 values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
 
-On CUDA two backends compete per shape (fusedpeft/tuning.py): ``triton`` (the fused GEMM core)
-and ``cublas`` (cuBLAS GEMMs with the masks from small Triton kernels). The first call at a
-shape key times a step of each on its own inputs; the faster one runs from then on.
+On CUDA three backends compete per shape (fusedpeft/tuning.py): ``triton`` (the fused GEMM core),
+and ``cublas`` and ``cublas_after`` (cuBLAS GEMMs with the masks from small Triton kernels, the
+rank-r term written before or added after the GEMM). The first call at a shape key times a step
+of each on its own inputs; the fastest runs from then on.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import backends, tuning
 from . import _common
 
 OP = "lora_linear"
@@ -140,21 +141,13 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
     """(shape key, bench) for backends.select: the key holds what decides the fastest path; the
     bench times one candidate's training step (forward only without gradients) on these inputs."""
     M, K = x.shape
-    key = (min(1 << max(M - 1, 0).bit_length(), 16384), K, weight.shape[0], lora_A.shape[0], x.dtype,
-           bias is not None, dropout_p > 0, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
-
-    def bench(impl):
-        from .. import tuning
-
-        grad = tuning.random_like_output((M, weight.shape[0]), x.dtype, x.device) if any(needs) else None
-
-        def step():
-            y, saved = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            if grad is not None:
-                impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved)
-
-        return tuning.time_ms(step)
-
+    key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
+           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+    bench = tuning.step_bench(
+        lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed),
+        lambda impl, grad, saved: impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
+                                                saved),
+        (M, weight.shape[0]), x, any(needs))
     return key, bench
 
 
@@ -214,13 +207,16 @@ class LoraLinearFunction(torch.autograd.Function):
 # chosen per call). With -1 the forward measures or looks up its shape key, and the backward looks
 # the same key up again: the choice is remembered from the forward, so both run one backend. The
 # gradients are unknown inside a custom op, so its shape keys are tuned as training.
+def _train_needs(bias):
+    return (True, False, bias is not None, True, True)
+
+
 @torch.library.custom_op("fusedpeft::lora_linear_fwd", mutates_args=())
 def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, backend: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    needs = (True, False, bias is not None, True, True)
-    y, u, _ = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, backend)
+    y, u, _ = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _train_needs(bias), backend)
     return y, u
 
 
@@ -237,8 +233,8 @@ def _lora_bwd(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend < 0:  # the forward's choice, looked up by the same shape key
-        backend, _ = _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                             (True, False, bias is not None, True, True), record=False)
+        backend, _ = _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _train_needs(bias),
+                             record=False)
     grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs)
     return _common.grads_to_tensors(grads, x)
 
