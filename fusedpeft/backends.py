@@ -106,7 +106,32 @@ def forced_index(op: str, *tensors) -> int:
     forced = _forced()
     if forced is None:
         return -1
-    return _INDEX[(op, _choose(op, forced, tensors).name)]
+    return _forced_index(op, forced, tuple((t.device.type, t.dtype) for t in tensors))
+
+
+class _Kind:
+    """What ``supports`` may read of a tensor: its device and dtype."""
+
+    def __init__(self, device_type, dtype):
+        import torch
+
+        self.device, self.dtype = torch.device(device_type), dtype
+
+
+def _constant_while_tracing(fn):
+    # Dynamo calls fn with its (constant) arguments at trace time and keeps the int it returns,
+    # rather than tracing the registry's checks (which import and inspect modules).
+    try:
+        import torch
+
+        return torch.compiler.assume_constant_result(fn)
+    except (ImportError, AttributeError):
+        return fn
+
+
+@_constant_while_tracing
+def _forced_index(op: str, forced: str, kinds: tuple) -> int:
+    return _INDEX[(op, _choose(op, forced, [_Kind(*k) for k in kinds]).name)]
 
 
 def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -> tuple[str, Any]:

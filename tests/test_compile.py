@@ -76,3 +76,25 @@ def test_opcheck_rescaled(input_scale, save):
     shift = None if input_scale else torch.randn(24, requires_grad=True)
     op = "ssf_linear" if shift is not None else "ia3_linear"
     torch.library.opcheck(_rescale._rescaled_fwd, (x, W, b, scale, shift, input_scale, save, op, -1))
+
+
+def test_forced_backend_choice_is_a_constant_while_tracing(monkeypatch):
+    """Under use_backend, the registry's checks (which import and inspect modules, as
+    importlib.util.find_spec does, and which dynamo refuses to trace on torch 2.11) run eagerly
+    at trace time: a graph break inside them must not reach a fullgraph compile."""
+    from fusedpeft import backends
+
+    choose = backends._choose
+
+    def untraceable_choose(*args):
+        torch._dynamo.graph_break()
+        return choose(*args)
+
+    monkeypatch.setattr(backends, "_choose", untraceable_choose)
+    model = RescaledMLP()
+    x = torch.randn(3, 5, 32)
+    with fusedpeft.use_backend("torch"):
+        expected = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert_close(got, expected, torch.float32, "compiled under use_backend")

@@ -33,9 +33,9 @@ def persistent_buffer(make, device):
     """A device buffer that outlives the call that makes it (scratch, ticket counters), made so
     that CUDA graphs never own it. Inside a capture nothing persistent may be allocated: the
     caller gets ``None`` and makes a buffer for that launch alone (the graph keeps it). Outside,
-    the buffer is made on a side stream, whose allocations no graph memory pool takes (torch's
-    cudagraph trees route the allocations of their own stream to their pool, warm-up runs
-    included, and refuse a pool tensor that outlives the graph's outputs)."""
+    the buffer is made by a short-lived thread on a side stream: torch's cudagraph trees route
+    every allocation of the warming-up thread to their pool, whatever its stream, and refuse a
+    pool tensor that outlives the graph's outputs; another thread's allocations stay out of it."""
     if device.type != "cuda":
         return make()
     if torch.cuda.is_current_stream_capturing():
@@ -44,11 +44,25 @@ def persistent_buffer(make, device):
     side = _SIDE_STREAMS.get(index)
     if side is None:
         side = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    side.wait_stream(torch.cuda.current_stream(index))
-    with torch.cuda.stream(side):
-        buf = make()
-    side.synchronize()  # once per buffer: its contents are ready before any launch reads them
-    return buf
+    caller = torch.cuda.current_stream(index)
+    made = {}
+
+    def work():
+        try:
+            with torch.cuda.device(index):
+                side.wait_stream(caller)  # a reused block is written only after the caller's work so far
+                with torch.cuda.stream(side):
+                    made["buf"] = make()
+                side.synchronize()  # once per buffer: its contents are ready before any launch reads them
+        except BaseException as exc:  # raised again in the caller's thread
+            made["error"] = exc
+
+    worker = threading.Thread(target=work, name="fusedpeft-buffer")
+    worker.start()
+    worker.join()
+    if "error" in made:
+        raise made["error"]
+    return made["buf"]
 
 
 def cached_buffer(cache: dict, key, numel: int, make, device):
