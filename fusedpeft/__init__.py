@@ -3,6 +3,7 @@
 LoRA, IA3 and SSF (scale-shift fine-tuning) on linear layers as single fused ops (Triton on CUDA,
 a pure-PyTorch backend everywhere), nn.Module replacements, an injector for any torch model, and
 adapter files in HF peft's format (SSF, which peft lacks, in the same layout)."""
+from .settings import settings  # noqa: E402  (first: every layer reads it)
 from . import ops, tuning
 from .backends import backend_counts, last_backend, use_backend
 from .config import IA3Config, LoraConfig, SSFConfig
@@ -46,5 +47,6 @@ __all__ = [
     "set_adapter",
     "tuning",
     "unmerge",
+    "settings",
     "use_backend",
 ]

@@ -1,23 +1,22 @@
 """Backend registry: each op (``lora_linear``, ``ia3_linear``, ...) has one or more implementations
 (``torch`` everywhere; ``triton`` and ``cuda`` where they are built). The choice, per call:
 
-1. a ``use_backend(name)`` context, innermost first;
-2. else the ``FUSEDPEFT_BACKEND`` environment variable (``torch``, ``triton``, ``cuda`` or ``auto``);
-3. else the highest-priority backend whose ``supports`` accepts the inputs (device, dtype, shape).
+1. ``settings.backend``: a ``use_backend(name)`` block (innermost first), else the
+   ``FUSEDPEFT_BACKEND`` environment variable (``torch``, ``triton``, ``cublas``, ... or ``auto``);
+2. else the highest-priority backend whose ``supports`` accepts the inputs (device, dtype, shape).
    Where several *tunable* backends accept them (on CUDA: the Triton kernels and the
    compositions of cuBLAS calls), the op's shape key picks among them by measurement
    (``fusedpeft.tuning``): the fastest candidate at that shape runs, and the choice persists.
 
-A backend named by 1 or 2 that cannot take the inputs raises, naming why: a forced choice is
+A backend named by 1 that cannot take the inputs raises, naming why: a forced choice is
 never silently replaced by another. ``last_backend(op)`` says which implementation ran last.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from .settings import settings
 
 ENV_VAR = "FUSEDPEFT_BACKEND"
 
@@ -60,7 +59,6 @@ _INDEX: dict[tuple[str, str], int] = {}  # (op, name) -> registration index, and
 _BY_INDEX: dict[tuple[str, int], Backend] = {}
 _LAST: dict[str, str] = {}
 _COUNTS: dict[tuple[str, str], int] = {}
-_local = threading.local()
 
 
 def register(op: str, name: str, load: Callable[[], Any], supports: Callable[..., Optional[str]], priority: int,
@@ -78,24 +76,14 @@ def registered(op: str) -> list[str]:
 
 
 def _forced() -> Optional[str]:
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    return None if value in ("", "auto") else value
+    value = settings.backend
+    return None if value == "auto" else value
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
-    """Force one backend for every fusedpeft op inside the block (``"auto"`` restores the default)."""
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        stack.pop()
+    """Force one backend for every fusedpeft op inside the block (``"auto"`` restores the default):
+    ``settings.override(backend=name)``."""
+    return settings.override(backend=name.strip().lower() if isinstance(name, str) else name)
 
 
 def forced_index(op: str, *tensors) -> int:

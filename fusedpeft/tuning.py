@@ -30,6 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .settings import settings
+
 CACHE_ENV = "FUSEDPEFT_CACHE_DIR"
 AUTOTUNE_ENV = "FUSEDPEFT_AUTOTUNE"
 _FILE_NAME = "tuning.json"
@@ -42,12 +44,12 @@ LOG: list = []  # every measurement this process made: op, key, timings, winner,
 
 
 def enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    return settings.autotune
 
 
 def cache_file() -> Optional[str]:
     """The tuning file's path; None when ``FUSEDPEFT_CACHE_DIR`` is set to the empty string."""
-    folder = os.environ.get(CACHE_ENV)
+    folder = settings.cache_dir
     if folder == "":
         return None
     if folder is None:

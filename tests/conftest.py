@@ -35,3 +35,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def use_settings():
+    """use_settings(name=value, ...) holds fusedpeft.settings.override(...) until the test ends."""
+    import contextlib
+
+    import fusedpeft
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(fusedpeft.settings.override(**changes))

@@ -48,8 +48,8 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_compile_fullgraph_rescaling_ops(grad_mode, monkeypatch):
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+def test_compile_fullgraph_rescaling_ops(grad_mode, monkeypatch, use_settings):
+    use_settings(output_scale_grad=grad_mode)
     model = RescaledMLP()
     x = torch.randn(3, 5, 32, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

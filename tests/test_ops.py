@@ -92,8 +92,8 @@ def test_lora_dropout_off_at_eval_and_fresh_mask_per_call():
 # The save / recompute choice exists for output scaling only; input scaling has one backward.
 @pytest.mark.parametrize("feedforward,grad_mode", [(False, "save"), (False, "recompute"), (True, "save")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, bias, grad_mode, monkeypatch):
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, bias, grad_mode, monkeypatch, use_settings):
+    use_settings(output_scale_grad=grad_mode)
     x, W, b = _inputs(lead, K, N, dtype, bias)
     scale = leaf(torch.randn(K if feedforward else N), dtype)  # never all ones
     with fusedpeft.use_backend(backend):
@@ -115,8 +115,8 @@ def test_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward, b
 @pytest.mark.parametrize("lead,K,N", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_ssf_linear_matches_reference(backend, dtype, lead, K, N, bias, grad_mode, monkeypatch):
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+def test_ssf_linear_matches_reference(backend, dtype, lead, K, N, bias, grad_mode, monkeypatch, use_settings):
+    use_settings(output_scale_grad=grad_mode)
     x, W, b = _inputs(lead, K, N, dtype, bias)
     scale = leaf(1.0 + 0.5 * torch.randn(N), dtype)  # never the identity init
     shift = leaf(torch.randn(N), dtype)
@@ -142,7 +142,7 @@ def _saved(y):
 
 
 @pytest.mark.parametrize("op", ["ia3", "ssf"])
-def test_rescale_saves_z_only_when_asked(op, monkeypatch):
+def test_rescale_saves_z_only_when_asked(op, monkeypatch, use_settings):
     """'save' keeps the unscaled output (M x N) for the backward; 'recompute' keeps nothing of
     that size; a frozen scale keeps nothing either."""
     from fusedpeft.ops import _rescale
@@ -151,17 +151,16 @@ def test_rescale_saves_z_only_when_asked(op, monkeypatch):
     scale, shift = leaf(torch.randn(5)), leaf(torch.randn(5))
     call = (lambda: ia3_linear(x, W, b, scale, False)) if op == "ia3" else (lambda: ssf_linear(x, W, b, scale, shift))
     for mode, expect in (("save", True), ("recompute", False)):
-        monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", mode)
+        use_settings(output_scale_grad=mode)
         saved = [t for t in _saved(call()) if t is not None]
         assert any(t.shape == (6, 5) for t in saved) == expect, mode
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "sometimes")
     with pytest.raises(ValueError, match="FUSEDPEFT_OUTPUT_SCALE_GRAD"):
-        call()
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "save")
+        use_settings(output_scale_grad="sometimes")
+    use_settings(output_scale_grad="save")
     scale.requires_grad_(False)
     shift.requires_grad_(False)
     assert not any(t is not None and t.shape == (6, 5) for t in _saved(call()))
-    assert _rescale.OUTPUT_GRAD_DEFAULT in ("save", "recompute")
+    assert _rescale.output_grad_mode() == "save"
 
 
 def test_float32_adapter_beside_bf16_base_gets_float32_grads():
@@ -234,49 +233,54 @@ def test_forced_backend_that_cannot_run_raises():
         lora_linear(x, W, None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
 
 
-def test_env_var_selects_backend(monkeypatch):
-    monkeypatch.setenv("FUSEDPEFT_BACKEND", "torch")
-    lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
-    assert fusedpeft.last_backend("lora_linear") == "torch"
-    monkeypatch.setenv("FUSEDPEFT_BACKEND", "nonexistent")
-    with pytest.raises(RuntimeError, match="nonexistent"):
+def test_env_var_selects_backend():
+    """FUSEDPEFT_BACKEND is read into settings.backend when fusedpeft is imported."""
+    from fusedpeft.settings import Settings, from_environment
+
+    assert from_environment({"FUSEDPEFT_BACKEND": " Torch "}).backend == "torch"
+    assert from_environment({}).backend == "auto"
+    with fusedpeft.settings.override(backend="torch"):
         lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+        assert fusedpeft.last_backend("lora_linear") == "torch"
+    with fusedpeft.settings.override(backend="nonexistent"), pytest.raises(RuntimeError, match="nonexistent"):
+        lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+    assert isinstance(fusedpeft.settings, Settings)
 
 
 @pytest.mark.parametrize("schedule", ["fused", "split"])
 # ((150,), 20, 8): N <= 16 with M > 64 splits the grad_B reduction over M (several partials).
 @pytest.mark.parametrize("lead,K,N,r", [((45,), 40, 24, 8), ((2, 9), 33, 47, 1), ((150,), 20, 8, 4)])
-def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch):
+def test_triton_lora_both_schedules(schedule, lead, K, N, r, monkeypatch, use_settings):
     """The Triton backend's two schedules (one launch with u in the K loop; u as its own skinny
     GEMM first) compute the same function; the default picks by M, so force each here."""
-    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", schedule)
+    use_settings(lora_schedule=schedule)
     test_lora_linear_matches_reference("triton", torch.bfloat16, lead, K, N, r, True, 0.25, monkeypatch)
 
 
 @pytest.mark.parametrize("r,schedule", [(16, "fused"), (40, "split"), (130, "auto")])
-def test_triton_lora_wider_ranks(r, schedule, monkeypatch):
+def test_triton_lora_wider_ranks(r, schedule, monkeypatch, use_settings):
     """r = 16, a rank padded to BLOCK_R = 64, and one over 128 (auto picks the split schedule
     above r = 64 even at M <= 64), through the interpreter."""
-    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", schedule)
+    use_settings(lora_schedule=schedule)
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, r, True, 0.25, monkeypatch)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch):
+def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch, use_settings):
     """The fallback for ranks whose epilogue no tile config can hold (r = 256 at large M on the
     H100): the GEMM core alone, then the rank-r update (and its dropout mask) as a separate
     product. Forced here on small shapes, forward and backward."""
     from fusedpeft._kernels import triton_kernels
 
     monkeypatch.setattr(triton_kernels.launch, "SEPARATE_LOWRANK", True)
-    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    use_settings(lora_schedule="split")
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("tma", [False, True])
-def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch):
+def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch, use_settings):
     """A precomputed LoRA term (the split schedule) with its lr / q tiles loaded by pointer or by
     tensor descriptor computes the same layer, forward and backward, with and without dropout.
     The bf16 case has r = 1 (no descriptor can take its q: pointer loads either way), the first
@@ -286,7 +290,7 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
 
     launch = triton_kernels.launch
     monkeypatch.setattr(launch, "LOWRANK_TMA", tma)
-    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    use_settings(lora_schedule="split")
     kernel, seen = launch.fused_linear_kernel, []
 
     class Spy:  # records each launch's lr / q load path
@@ -305,19 +309,43 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
                          else {(False, True), (False, False)})
 
 
-def test_set_output_grad_mode_overrides_the_environment(monkeypatch):
-    from fusedpeft.ops import output_grad_mode, set_output_grad_mode
+def test_settings_read_once_override_nests_and_checks():
+    """The environment is read once into settings; override() nests, restores on error, bumps
+    the generation, and refuses unknown names and bad values by name."""
+    from fusedpeft.settings import environment_variables, from_environment
 
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "recompute")
-    assert output_grad_mode() == "recompute"
-    try:
-        set_output_grad_mode("save")
-        assert output_grad_mode() == "save"
-        with pytest.raises(ValueError, match="save' or 'recompute"):
-            set_output_grad_mode("never")
-    finally:
-        set_output_grad_mode(None)
-    assert output_grad_mode() == "recompute"
+    env = {var: "0" for name, var in environment_variables().items()
+           if name in ("autotune", "fast_launch", "tensor_descriptors")}
+    env.update({"FUSEDPEFT_OUTPUT_SCALE_GRAD": "recompute", "FUSEDPEFT_WEIGHT_GRAD_TILE": "128x32",
+                "FUSEDPEFT_CACHE_DIR": ""})
+    values = from_environment(env)
+    assert (values.autotune, values.fast_launch, values.tensor_descriptors) == (False, False, False)
+    assert values.output_scale_grad == "recompute" and values.weight_grad_tile == (128, 32)
+    assert values.cache_dir == ""
+    with pytest.raises(ValueError, match="FUSEDPEFT_LORA_SCHEDULE"):
+        from_environment({"FUSEDPEFT_LORA_SCHEDULE": "sometimes"})
+    with pytest.raises(ValueError, match="FUSEDPEFT_TILE_CONFIG"):
+        from_environment({"FUSEDPEFT_TILE_CONFIG": "first"})
+
+    settings = fusedpeft.settings
+    before, generation = settings.values(), settings.generation
+    with settings.override(output_scale_grad="recompute"):
+        assert settings.output_scale_grad == "recompute" and settings.generation != generation
+        with pytest.raises(KeyError):
+            with settings.override(output_scale_grad="save", lora_schedule="split"):
+                assert (settings.output_scale_grad, settings.lora_schedule) == ("save", "split")
+                raise KeyError("inside")
+        assert (settings.output_scale_grad, settings.lora_schedule) == ("recompute", before.lora_schedule)
+    assert settings.values() == before
+    with pytest.raises(TypeError, match="unknown setting 'autotun'"):
+        settings.override(autotun=False).__enter__()
+    with pytest.raises(ValueError, match="True or False"):
+        settings.override(autotune="no").__enter__()
+    with pytest.raises(ValueError, match="two powers of two"):
+        settings.override(weight_grad_tile=(100, 64)).__enter__()
+    with pytest.raises(AttributeError, match="override"):
+        settings.autotune = False
+    assert settings.values() == before
 
 
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
@@ -329,7 +357,7 @@ def test_triton_rescale_split_reductions(grad_mode, monkeypatch):
 
 
 @pytest.mark.parametrize("subtile", [False, True])
-def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch):
+def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch, use_settings):
     """The GEMM core's epilogue runs on the whole output tile or on two halves (EPI_SUBTILE, the
     interpreter's default); both compute the same LoRA, IA3 and SSF layers, and so does the
     pointer-load path."""
@@ -339,7 +367,7 @@ def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch):
     cfg = {**launch.INTERPRETER_CONFIG, "EPI_SUBTILE": subtile, "BLOCK_N": 32 if subtile else 16}
     monkeypatch.setattr(launch, "INTERPRETER_CONFIG", cfg)
     monkeypatch.setattr(launch, "USE_TENSOR_DESCRIPTORS", not subtile)
-    monkeypatch.setenv("FUSEDPEFT_LORA_SCHEDULE", "split")
+    use_settings(lora_schedule="split")
     test_lora_linear_matches_reference("triton", torch.float32, (45,), 40, 47, 8, True, 0.0, monkeypatch)
     test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch)
     test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch)

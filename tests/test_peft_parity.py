@@ -159,12 +159,12 @@ TRITON_PARITY = [(c, mode) for c in CASES if c[0] == "llama" and (c[1] == "ia3" 
 
 
 @pytest.mark.parametrize("case,grad_mode", TRITON_PARITY, ids=[f"{c[0]}-{c[1]}-{c[2]}-{m}" for c, m in TRITON_PARITY])
-def test_triton_kernels_match_peft(case, grad_mode, monkeypatch):
+def test_triton_kernels_match_peft(case, grad_mode, monkeypatch, use_settings):
     """The same comparison with fusedpeft's layers forced onto the Triton kernels (the CPU
     interpreter here, the GPU in tests/test_cuda.py): LoRA and IA3 output and input scaling on the
     tiny Llama, both ways of getting IA3's output-scale gradient."""
     kind, method, name, kw = case
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    use_settings(output_scale_grad=grad_mode)
     _, pm, fm = twins(kind, method, kw)
     fusedpeft.backends.reset_counts()
     with fusedpeft.use_backend("triton"):

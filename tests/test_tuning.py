@@ -12,9 +12,9 @@ from helpers import assert_close, leaf
 
 
 @pytest.fixture
-def tuning_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(tuning.AUTOTUNE_ENV, raising=False)
+def tuning_dir(tmp_path, monkeypatch, use_settings):
+    use_settings(cache_dir=str(tmp_path))
+    use_settings(autotune=True)
     tuning.clear()
     yield tmp_path
     tuning.clear()
@@ -49,8 +49,8 @@ def test_choose_skips_a_failing_candidate_and_reports_when_none_runs(tuning_dir)
         tuning.choose("op_b", (2,), ["broken"], bench)
 
 
-def test_autotune_off_takes_the_first_candidate_without_measuring(tuning_dir, monkeypatch):
-    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "0")
+def test_autotune_off_takes_the_first_candidate_without_measuring(tuning_dir, monkeypatch, use_settings):
+    use_settings(autotune=False)
     assert tuning.choose("op_c", (3,), ["first", "second"], lambda n: pytest.fail("measured")) == "first"
     assert tuning.entries() == [], "an unmeasured default must not be remembered"
 

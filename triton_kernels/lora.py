@@ -18,9 +18,9 @@ across programs; they are memory-bound passes over x and grad_y (2MK + 2MN bytes
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from fusedpeft.settings import settings
 
 from . import launch
 from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
@@ -29,13 +29,13 @@ from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
 def schedule(M: int, r: int) -> str:
     """'fused' (one launch: the rank-r product inside the GEMM's K loop) or 'split' (the rank-r
     product as its own skinny GEMM first, then the base GEMM with a rank-r epilogue).
-    FUSEDPEFT_LORA_SCHEDULE=fused|split overrides. The rule comes from the H100 measurements in
+    settings.lora_schedule ("fused" or "split"; FUSEDPEFT_LORA_SCHEDULE) overrides. The rule comes from the H100 measurements in
     benchmarks/RESULTS.md: at M <= 64 the layer is bound by reading W and the in-loop product is
     free, while one more launch is not; at large M the in-loop MMA (N = r) stalls the tensor-core
     pipeline more than a separate pass over x (2MK bytes) costs. Above r = 64 the in-loop product
     keeps a [BLOCK_R, BLOCK_K] slice of A per pipeline stage (64 KB and more at the small-M tiles'
     BLOCK_K of 128-256), which the small-M configs cannot hold beside their own: split."""
-    forced = os.environ.get("FUSEDPEFT_LORA_SCHEDULE", "auto")
+    forced = settings.lora_schedule
     if forced in ("fused", "split"):
         return forced
     return "fused" if M <= 64 and r <= 64 else "split"

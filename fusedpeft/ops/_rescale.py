@@ -21,39 +21,19 @@ torch backend, the autograd Function / custom ops and the dispatch they share. B
 """
 from __future__ import annotations
 
-import os
 import types
 from typing import Optional
 
 import torch
 
 from .. import backends, tuning
+from ..settings import settings
 from . import _common
 
-OUTPUT_GRAD_ENV = "FUSEDPEFT_OUTPUT_SCALE_GRAD"
-OUTPUT_GRAD_DEFAULT = "save"
-_MODES = ("save", "recompute")
-_mode_set: Optional[str] = None
-
-
-def set_output_grad_mode(mode: Optional[str]):
-    """Choose 'save' or 'recompute' for output scaling's grad_scale in this process (None: back to
-    the FUSEDPEFT_OUTPUT_SCALE_GRAD environment variable, else the default)."""
-    global _mode_set
-    if mode is not None and mode not in _MODES:
-        raise ValueError(f"output grad mode must be 'save' or 'recompute', got {mode!r}")
-    _mode_set = mode
-
-
 def output_grad_mode() -> str:
-    """'save' or 'recompute' (see the module docstring): set_output_grad_mode(), else the
-    FUSEDPEFT_OUTPUT_SCALE_GRAD environment variable, else OUTPUT_GRAD_DEFAULT."""
-    if _mode_set is not None:
-        return _mode_set
-    mode = os.environ.get(OUTPUT_GRAD_ENV, OUTPUT_GRAD_DEFAULT).strip().lower()
-    if mode not in _MODES:
-        raise ValueError(f"{OUTPUT_GRAD_ENV} must be 'save' or 'recompute', got {mode!r}")
-    return mode
+    """'save' or 'recompute' (see the module docstring): ``settings.output_scale_grad``
+    (FUSEDPEFT_OUTPUT_SCALE_GRAD)."""
+    return settings.output_scale_grad
 
 
 # ----------------------------------------------------------------------------- torch backend
