@@ -143,8 +143,8 @@ def _rescale_case(kind, lead, K, N, dtype, dev="cuda"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((77,), 4095, 513), ((1,), 4096, 4096), ((16,), 4096, 4096)])
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, monkeypatch):
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, use_settings):
+    use_settings(output_scale_grad=grad_mode)
     _check_rescale(kind, dtype, lead, K, N)
 
 
@@ -153,11 +153,11 @@ def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, monk
 @pytest.mark.parametrize("kind", RESCALE_KINDS)
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monkeypatch):
+def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monkeypatch, use_settings):
     from fusedpeft._kernels import triton_kernels
 
     monkeypatch.setattr(triton_kernels.launch, "RESCALE_TMA", tma)
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", grad_mode)
+    use_settings(output_scale_grad=grad_mode)
     _check_rescale(kind, torch.bfloat16, (3, 100), 1024, 1536)
     _check_rescale(kind, torch.float32, (300,), 520, 648)
 
@@ -174,7 +174,7 @@ def _all_candidates():
 # an in-flight wgmma's registers would show here as wrong results.
 @pytest.mark.parametrize("M,index", _all_candidates())
 @pytest.mark.parametrize("kind", ["ia3_ff", "ia3_out"])
-def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch):
+def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch, use_settings):
     from fusedpeft._kernels import triton_kernels
 
     launch = triton_kernels.launch
@@ -186,7 +186,7 @@ def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch):
 
     monkeypatch.setattr(launch, "_tuned_config", forced)
     monkeypatch.setattr(launch, "_PLANS", {})
-    monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", "recompute")
+    use_settings(output_scale_grad="recompute")
     _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
 
 

@@ -81,9 +81,8 @@ def test_lora_fp32_large_backward_runs_in_a_fresh_process():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_measured_dispatch_runs_the_winner_forward_and_backward(tmp_path, monkeypatch):
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
+def test_measured_dispatch_runs_the_winner_forward_and_backward(tmp_path, monkeypatch, use_settings):
+    use_settings(cache_dir=str(tmp_path), autotune=True)
     tuning.clear()
     x = torch.randn(1024, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # K not a multiple of 8
     W = torch.randn(520, 1000, device="cuda", dtype=torch.bfloat16)
@@ -205,12 +204,11 @@ def test_reduce_overhead_compile_trains_like_eager(model_fn, lr):
 
 @pytest.mark.parametrize("backend", [None, *PATHS], ids=lambda b: b or "auto")
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_training_step_never_waits_for_the_gpu(backend, dropout, tmp_path, monkeypatch):
+def test_training_step_never_waits_for_the_gpu(backend, dropout, tmp_path, monkeypatch, use_settings):
     """After warm-up, a LoRA module's training step (the measured choice included) launches work
     and returns without any host-device synchronisation: a sync would drain the GPU's queue at
     every layer."""
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
-    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")  # the automatic choice measures in the warm-up
+    use_settings(cache_dir=str(tmp_path), autotune=True)  # the automatic choice measures in the warm-up
     layer = fusedpeft.LoraLinear(nn.Linear(1024, 512).cuda().bfloat16(), r=16, lora_alpha=32, lora_dropout=dropout,
                                  init_lora_weights=False).cuda().train()
     x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)

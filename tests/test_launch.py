@@ -91,7 +91,7 @@ def _same_launch(first, second, inputs):
             assert type(a1) is type(a2) and a1 == a2, (i, a1, a2)
 
 
-def test_launch_plans_replay_the_planning_call(stubbed_gpu):
+def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
     """A repeated launch is served from its plan (launch._PLANS, and lora._PLANS for the weight
     gradients) without re-deriving anything;
     the plan must hand the kernel the same grid and arguments, in the same order, as the call
@@ -123,7 +123,7 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu):
     }
     for name, call in calls.items():
         for mode in ("save", "recompute"):
-            monkeypatch.setenv("FUSEDPEFT_OUTPUT_SCALE_GRAD", mode)
+            use_settings(output_scale_grad=mode)
             inputs = {t.data_ptr() for t in (x, W, b, A, B, l_in, l_out, shift, g)}
             launches = []
             for _ in range(2):  # the first call plans, the second replays
@@ -165,12 +165,12 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
         assert int(counters.abs().sum()) == 0
 
 
-def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu):
+def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu, use_settings):
     """When no tile config can hold the rank-r epilogue (the H100 at r = 256 and large M), the
     launch runs the core alone and the rank-r update apart; the failure is remembered per key
     (no re-tuning on every call), and a launch without that way out raises NoConfigFits."""
     monkeypatch = stubbed_gpu
-    monkeypatch.setenv("FUSEDPEFT_AUTOTUNE", "0")
+    use_settings(autotune=False)
     tried = []
 
     def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages):

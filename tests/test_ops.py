@@ -314,18 +314,13 @@ def test_settings_read_once_override_nests_and_checks():
     the generation, and refuses unknown names and bad values by name."""
     from fusedpeft.settings import environment_variables, from_environment
 
-    env = {var: "0" for name, var in environment_variables().items()
-           if name in ("autotune", "fast_launch", "tensor_descriptors")}
-    env.update({"FUSEDPEFT_OUTPUT_SCALE_GRAD": "recompute", "FUSEDPEFT_WEIGHT_GRAD_TILE": "128x32",
-                "FUSEDPEFT_CACHE_DIR": ""})
+    env = {environment_variables()["autotune"]: "0", "FUSEDPEFT_OUTPUT_SCALE_GRAD": "recompute",
+           "FUSEDPEFT_CACHE_DIR": "", "FUSEDPEFT_LORA_SCHEDULE": "Split"}
     values = from_environment(env)
-    assert (values.autotune, values.fast_launch, values.tensor_descriptors) == (False, False, False)
-    assert values.output_scale_grad == "recompute" and values.weight_grad_tile == (128, 32)
-    assert values.cache_dir == ""
+    assert values.autotune is False and values.output_scale_grad == "recompute"
+    assert values.cache_dir == "" and values.lora_schedule == "split"
     with pytest.raises(ValueError, match="FUSEDPEFT_LORA_SCHEDULE"):
         from_environment({"FUSEDPEFT_LORA_SCHEDULE": "sometimes"})
-    with pytest.raises(ValueError, match="FUSEDPEFT_TILE_CONFIG"):
-        from_environment({"FUSEDPEFT_TILE_CONFIG": "first"})
 
     settings = fusedpeft.settings
     before, generation = settings.values(), settings.generation
@@ -341,8 +336,8 @@ def test_settings_read_once_override_nests_and_checks():
         settings.override(autotun=False).__enter__()
     with pytest.raises(ValueError, match="True or False"):
         settings.override(autotune="no").__enter__()
-    with pytest.raises(ValueError, match="two powers of two"):
-        settings.override(weight_grad_tile=(100, 64)).__enter__()
+    with pytest.raises(ValueError, match="one of"):
+        settings.override(lora_schedule="sometimes").__enter__()
     with pytest.raises(AttributeError, match="override"):
         settings.autotune = False
     assert settings.values() == before

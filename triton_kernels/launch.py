@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedpeft.settings import settings
+
 from .fused_linear import dropout_mask_kernel, fused_linear_kernel
 
 # Tests flip this to exercise the pointer-load path on inputs a descriptor could take.
@@ -230,7 +232,7 @@ def _candidates(M: int, N: int, element_size: int):
 # compile (warp specialisation around a data-dependent branch, say) is skipped instead of failing
 # the call. Key: M's size class, N, K and the constexpr flags; the first call per key times every
 # candidate (about 0.1-2 s each including compilation) and later calls reuse the winner.
-# FUSEDPEFT_AUTOTUNE=0 takes the first candidate that runs instead.
+# settings.autotune off (FUSEDPEFT_AUTOTUNE=0) takes the first candidate that runs instead.
 TUNED: dict = {}
 TUNE_LOG: list = []
 
@@ -259,7 +261,7 @@ def _tuned_config(key, M, N, element_size, launch_with):
         raise NoConfigFits(cfg)
     if cfg is not None:
         return cfg
-    tune = os.environ.get("FUSEDPEFT_AUTOTUNE", "1") != "0"
+    tune = settings.autotune
     if CONFIG_STORE is not None and tune:
         stored = CONFIG_STORE.lookup("triton_config", repr(key))
         if stored is not None:
