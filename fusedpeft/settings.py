@@ -97,19 +97,13 @@ def from_environment(environ=None) -> Values:
 
 
 class Settings:
-    """The live settings: attribute reads give the current values (see the module docstring)."""
+    """The live settings: each field of Values is a plain attribute (torch.compile reads them as
+    constants while tracing); see the module docstring."""
 
     def __init__(self, values: Values):
-        object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "generation", 0)
-
-    def __getattr__(self, name):
-        values = object.__getattribute__(self, "_values")
-        try:
-            return getattr(values, name)
-        except AttributeError:
-            raise AttributeError(f"fusedpeft.settings has no setting {name!r}") from None
+        object.__setattr__(self, "generation", -1)
+        self._replace(values)
 
     def __setattr__(self, name, value):
         raise AttributeError("fusedpeft.settings is changed with settings.override(...), in a with block")
@@ -119,6 +113,8 @@ class Settings:
 
     def _replace(self, values: Values):
         object.__setattr__(self, "_values", values)
+        for field in dataclasses.fields(values):
+            object.__setattr__(self, field.name, getattr(values, field.name))
         object.__setattr__(self, "generation", self.generation + 1)
 
     @contextlib.contextmanager
