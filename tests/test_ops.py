@@ -344,11 +344,11 @@ def test_settings_read_once_override_nests_and_checks():
 
 
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_triton_rescale_split_reductions(grad_mode, monkeypatch):
+def test_triton_rescale_split_reductions(grad_mode, monkeypatch, use_settings):
     """M > 64 with N <= 16 splits the saved-z column reduction over M (several partials), and
     M over several row blocks gives the recompute epilogue several partial rows."""
-    test_ssf_linear_matches_reference("triton", torch.float32, (150,), 20, 8, True, grad_mode, monkeypatch)
-    test_ia3_linear_matches_reference("triton", torch.bfloat16, (3, 50), 20, 8, False, True, grad_mode, monkeypatch)
+    test_ssf_linear_matches_reference("triton", torch.float32, (150,), 20, 8, True, grad_mode, monkeypatch, use_settings)
+    test_ia3_linear_matches_reference("triton", torch.bfloat16, (3, 50), 20, 8, False, True, grad_mode, monkeypatch, use_settings)
 
 
 @pytest.mark.parametrize("subtile", [False, True])
@@ -364,5 +364,5 @@ def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch, use_setting
     monkeypatch.setattr(launch, "USE_TENSOR_DESCRIPTORS", not subtile)
     use_settings(lora_schedule="split")
     test_lora_linear_matches_reference("triton", torch.float32, (45,), 40, 47, 8, True, 0.0, monkeypatch)
-    test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch)
-    test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch)
+    test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch, use_settings)
+    test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch, use_settings)
