@@ -2,7 +2,7 @@
 # Everything the GPU must show, in one call on the device machine; results under $OUT (at most 8
 # files come back: run.log, layers.{md,png,json}, model.{md,png,json}, cache/tuning.json).
 #   TESTS=1     the cuda-marked tests (tests/test_cuda.py, tests/test_cuda_paths.py), WORKERS processes
-#   TRACE=1     tools.trace_launches at the fp32 shape that once faulted
+#   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
 # The tuning file (FUSEDPEFT_CACHE_DIR) starts from .tuning/tuning.json when the call carries one,

@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import math
 import platform
+import statistics
 import time
 from typing import Callable, Optional, Sequence, Union
 
@@ -68,9 +69,7 @@ def median_ms(fn: Callable, warmup_ms: float = 25, rep_ms: float = 150, device="
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    return statistics.median(times)
 
 
 def train_step_peak_mib(step: Callable, device="cuda") -> float:
@@ -87,6 +86,15 @@ def train_step_peak_mib(step: Callable, device="cuda") -> float:
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def release(device="cuda"):
+    """Free what the last case left before the next is built: on CUDA its memory must be gone
+    before the next peak is measured. CPU runs measure no memory and skip the full collection
+    (about 0.3 s with transformers loaded)."""
+    if _is_cuda(device):
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _path_of(case: Case) -> str:
@@ -112,9 +120,7 @@ def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_
         r = Result(case.group, case.variant, median_ms(fwd, warmup_ms, rep_ms, device),
                    median_ms(step, warmup_ms, rep_ms, device), train_step_peak_mib(step, device), case.flops, path)
         del fwd, step
-        gc.collect()
-        if _is_cuda(device):
-            torch.cuda.empty_cache()
+        release(device)
         mem = f"{r.train_mem_mib:9.1f} MiB" if not math.isnan(r.train_mem_mib) else "        - MiB"
         log(f"{r.group:38s} {r.variant:18s} fwd {r.fwd_ms:8.4f} ms  train {r.train_ms:8.4f} ms  mem {mem}"
             + (f"  [{r.path}]" if r.path else "") + f"  (first {first_s:.1f} s, case {time.perf_counter() - t0:.1f} s)")
@@ -144,11 +150,13 @@ def environment(device="cuda") -> str:
     return ", ".join(parts)
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+def fmt(value: Optional[float], spec: str = ".3f") -> str:
+    """``value`` in the format ``spec``; "-" for a value not measured (None, NaN or infinite)."""
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: Optional[float], b: Optional[float]) -> float:
+    """a / b; NaN where either is missing (None or NaN) or b is not positive."""
     if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
         return float("nan")
     return a / b
@@ -175,9 +183,9 @@ def table(results: list[Result], base: str, compare: Union[str, Sequence[str], N
         for name, r in variants.items():
             tflops = r.flops / (r.fwd_ms * 1e-3) / 1e12 if r.flops and r.fwd_ms > 0 else float("nan")
             row = f"| {group} | {name} |" + (f" {r.path or '-'} |" if with_path else "")
-            row += (f" {r.fwd_ms:.4f} | {_fmt(_ratio(r.fwd_ms, b.fwd_ms if b else None), 3)} | {r.train_ms:.4f} | "
-                    f"{_fmt(_ratio(r.train_ms, b.train_ms if b else None), 3)} | {_fmt(r.train_mem_mib, 1)} | "
-                    f"{_fmt(_ratio(r.train_mem_mib, max(b.train_mem_mib, 1e-9) if b else None), 3)} | {_fmt(tflops, 0)} |")
+            row += (f" {r.fwd_ms:.4f} | {fmt(ratio(r.fwd_ms, b.fwd_ms if b else None))} | {r.train_ms:.4f} | "
+                    f"{fmt(ratio(r.train_ms, b.train_ms if b else None))} | {fmt(r.train_mem_mib, '.1f')} | "
+                    f"{fmt(ratio(r.train_mem_mib, max(b.train_mem_mib, 1e-9) if b else None))} | {fmt(tflops, '.0f')} |")
             for cname in compares:
                 c = variants.get(cname)
                 row += (f" {r.fwd_ms / c.fwd_ms:.3f} | {r.train_ms / c.train_ms:.3f} |" if c else " - | - |")
@@ -185,34 +193,52 @@ def table(results: list[Result], base: str, compare: Union[str, Sequence[str], N
     return "\n".join(lines)
 
 
-def plot(results: list[Result], base: str, path: str, title: str, variants: Optional[Sequence[str]] = None):
-    """Bars of time / base per group, forward and training step side by side (``variants``: which
-    to draw, default all but the base)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def ratio_bars(ax, groups: Sequence, variants: Sequence[str], value: Callable, ylabel: str, labels=None):
+    """One bar per group and variant, value(group, variant) high (0 where it is None), the variants
+    of a group side by side, with a line at 1.0: the plot of ratios to a reference."""
+    width = 0.8 / max(len(variants), 1)
+    for i, v in enumerate(variants):
+        ys = [value(g, v) for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], [0 if y is None else y for y in ys], width, label=v)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(groups))])
+    ax.set_xticklabels(groups if labels is None else labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: str):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def plot(results: list[Result], base: str, path: str, title: str, variants: Optional[Sequence[str]] = None):
+    """Bars of time / base per group, forward and training step side by side (``variants``: which
+    to draw, default all but the base)."""
     groups = list(dict.fromkeys(r.group for r in results))
     present = [v for v in dict.fromkeys(r.variant for r in results) if v != base]
     variants = present if variants is None else [v for v in variants if v in present]
     index = {(r.group, r.variant): r for r in results}
     # 1.3 inch per group up to 60 inches; past that the groups share the width (bars get thinner).
-    fig, axes = plt.subplots(1, 2, figsize=(min(60, max(10, 1.3 * len(groups))), 5), sharey=False)
-    width = 0.8 / max(len(variants), 1)
+    fig, axes = pyplot().subplots(1, 2, figsize=(min(60, max(10, 1.3 * len(groups))), 5), sharey=False)
     for ax, attr, label in ((axes[0], "fwd_ms", "forward"), (axes[1], "train_ms", "forward + backward")):
-        for i, v in enumerate(variants):
-            ys = [getattr(index[(g, v)], attr) / getattr(index[(g, base)], attr) if (g, v) in index else 0 for g in groups]
-            ax.bar([j + i * width for j in range(len(groups))], ys, width, label=v)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(groups))])
-        ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(f"time / {base}")
+        ratio_bars(ax, groups, variants,
+                   lambda g, v: getattr(index[(g, v)], attr) / getattr(index[(g, base)], attr) if (g, v) in index else None,
+                   f"time / {base}")
         ax.set_title(label)
-        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def cli(doc: str, add_args: Callable, make_cases: Callable, title: str, argv=None, default_shapes=()) -> list[Result]:
@@ -261,24 +287,32 @@ def step_fn(forward: Callable, grad: torch.Tensor, params) -> Callable:
     return step
 
 
-def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:
-    """Host time of fn per call, timed without a sync inside the loop (what the CPU spends when
-    the GPU work is short), then the top of cProfile over a few more calls. Returns ms/call."""
-    import cProfile
-    import io
-    import pstats
-    import time
-
-    fn()
-    torch.cuda.synchronize()
+def host_ms(fn: Callable, calls: int, warmup: int = 1, device="cuda") -> float:
+    """Host time of fn per call, in ms: the mean over ``calls`` calls after ``warmup`` calls, with
+    no sync inside the timed loop (what the host spends when the device work is short). On CUDA
+    the device is synchronised before and after the timed loop."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    host_ms = (time.perf_counter() - t0) / calls * 1e3
-    torch.cuda.synchronize()
-    print(f"{label} host {host_ms:.3f} ms/call (no sync inside)")
+    ms = (time.perf_counter() - t0) / calls * 1e3
+    synchronize(device)
+    return ms
+
+
+def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:
+    """Host time of fn per call (host_ms, on CUDA), then the top of cProfile over a few more
+    calls. Returns ms/call."""
+    import cProfile
+    import io
+    import pstats
+
+    host = host_ms(fn, calls)
+    print(f"{label} host {host:.3f} ms/call (no sync inside)")
     if not top:
-        return host_ms
+        return host
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(profiled_calls):
@@ -290,15 +324,13 @@ def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int 
     rows = [ln for ln in text.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:top]
     for ln in rows:
         print("     ", ln[:150])
-    return host_ms
+    return host
 
 
 def step_times_ms(step: Callable[[int], None], steps: int, cuda: bool = True) -> list[float]:
     """Times of ``steps`` calls step(0), step(1), ... one by one, in ms. On CUDA: events recorded on
     the current stream around each call, one synchronize after the loop (no host sync inside it, so
     the host can run ahead as in training). Otherwise time.perf_counter around each call."""
-    import time
-
     if not cuda:
         times = []
         for i in range(steps):

@@ -9,17 +9,18 @@ Beside fusedpeft's triton path it times, on the same tensors, the plain torch Lo
 and, where "cublas" backends are registered for lora_linear, each under use_backend.
 
 The absolute figures are this machine's, not the GPU host's; use it to compare two versions of
-the host code (benchmarks/RESULTS.md quotes it), and benchmarks.profile_lora / diag_rescale on
+the host code (benchmarks/RESULTS.md quotes it), and tools.profile_lora / tools.diag_rescale on
 the GPU for the real thing."""
 from __future__ import annotations
 
 import os
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from . import harness  # noqa: E402
 
 
 def _stub_gpu(launch):
@@ -47,12 +48,7 @@ def _stub_gpu(launch):
 
 
 def _us_per_call(fn, n):
-    for _ in range(max(n // 10, 20)):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
+    return harness.host_ms(fn, n, warmup=max(n // 10, 20), device="cpu") * 1e3
 
 
 def main(M=16, K=256, N=256, r=16):

@@ -457,16 +457,6 @@ def cases_of(groups: list[Group], device, dtype, with_peft: bool, args) -> list[
 
 
 # ----------------------------------------------------------------------------- summary
-def _fmt(v: float, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _ratio(a, b) -> float:
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b <= 0:
-        return float("nan")
-    return a / b
-
-
 def summary(results: list[harness.Result], groups: list[Group]) -> str:
     index = {(r.group, r.variant): r for r in results}
     by_key: dict = {}
@@ -480,7 +470,7 @@ def summary(results: list[harness.Result], groups: list[Group]) -> str:
     for (M, config), gs in by_key.items():
         cells = []
         for other in COMPARE:
-            ratios = [(_ratio(index[(g.label, OURS)].train_ms, index[(g.label, other)].train_ms), g) for g in gs
+            ratios = [(harness.ratio(index[(g.label, OURS)].train_ms, index[(g.label, other)].train_ms), g) for g in gs
                       if (g.label, OURS) in index and (g.label, other) in index]
             if not ratios:
                 cells += ["-", "-"]
@@ -505,7 +495,7 @@ def summary(results: list[harness.Result], groups: list[Group]) -> str:
                     if all((g.label, v) in index and (g.label, BASE) in index for g in gs):
                         num = sum(g.shape.count * getattr(index[(g.label, v)], attr) for g in gs)
                         den = sum(g.shape.count * getattr(index[(g.label, BASE)], attr) for g in gs)
-                        cells.append(_fmt(num / den))
+                        cells.append(harness.fmt(num / den))
                     else:
                         cells.append("-")
             lines.append(f"| {M} | {config} | " + " | ".join(cells) + " |")
@@ -535,9 +525,9 @@ def targets(results: list[harness.Result], groups: list[Group], M_target: int = 
         for g in gs:
             ours, base = index[(g.label, OURS)], index[(g.label, BASE)]
             large = g.shape.N >= 2048 and g.shape.K >= 2048
-            train = _ratio(ours.train_ms, base.train_ms)
-            fwd = _ratio(ours.fwd_ms, base.fwd_ms)
-            mem = _ratio(ours.train_mem_mib, base.train_mem_mib)
+            train = harness.ratio(ours.train_ms, base.train_ms)
+            fwd = harness.ratio(ours.fwd_ms, base.fwd_ms)
+            mem = harness.ratio(ours.train_mem_mib, base.train_mem_mib)
             ok_train, ok_fwd = train <= (1.10 if large else 1.25), fwd <= (1.05 if large else 1.15)
             met["train"] += ok_train
             met["fwd"] += ok_fwd

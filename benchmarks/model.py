@@ -38,7 +38,7 @@ traceback, listed under the tables, and makes the exit status 1; the run goes on
 
 --json writes every row, the loss curves, fusedpeft.backend_counts() deltas per variant (which
 backend ran how often over all of that variant's steps, loss curve included; each of its rows
-carries the same delta) and, where it exists, fusedpeft.tuning.entries().
+carries the same delta) and fusedpeft.tuning.entries() (the tuned configs).
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ import argparse
 import gc
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -170,25 +169,20 @@ def random_batches(shape, count: int, vocab: int, seed: int, device) -> list[tor
     return [torch.randint(vocab, shape, generator=gen).to(device) for _ in range(count)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_batch(model, opt, batches, warmup: int, device) -> dict:
     """First-step wall time, median step time and peak memory of training on ``batches``
     (warm-up steps first, the rest timed)."""
-    sync(device)
+    harness.synchronize(device)
     t0 = time.perf_counter()
     train_step(model, opt, batches[0])
-    sync(device)
+    harness.synchronize(device)
     first_s = time.perf_counter() - t0
     for b in batches[1:warmup]:
         train_step(model, opt, b)
     timed = batches[warmup:]
     cuda = device.type == "cuda"
     if cuda:
-        sync(device)
+        harness.synchronize(device)
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
     gc.disable()  # as timeit does: a full collection (0.1-0.3 s with transformers loaded) is no step's cost
@@ -222,29 +216,6 @@ def loss_curve(model, init: dict[str, torch.Tensor], batches, steps: int, lr: fl
 def counts_delta(before: dict, after: dict) -> dict[str, int]:
     return {f"{op}/{backend}": n - before.get((op, backend), 0) for (op, backend), n in after.items()
             if n != before.get((op, backend), 0)}
-
-
-def free(device):
-    """Free the last variant's model before the next is built (on CUDA: its memory must be gone
-    before the next peak is measured). A full gc.collect takes ~0.3 s with transformers loaded,
-    which dominates the CPU test; CPU runs skip it."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def tuning_entries():
-    """fusedpeft.tuning.entries() where that module exists (it may not yet)."""
-    try:
-        import importlib
-
-        tuning = importlib.import_module("fusedpeft.tuning")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fusedpeft.tuning":
-            raise
-        return None
-    entries = getattr(tuning, "entries", None)
-    return entries() if callable(entries) else None
 
 
 def run_variant(variant: str, model_name: str, adapter: str, args, device, data: dict, log) -> list[dict]:
@@ -300,7 +271,7 @@ def run_case(model_name: str, adapter: str, args, device, log) -> tuple[list[dic
         for row in new:
             row["backend_counts"] = delta
         rows += new
-        free(device)
+        harness.release(device)
     return rows, compare_curves(model_name, adapter, data["curves"], args), errors
 
 
@@ -327,10 +298,6 @@ def compare_curves(model_name: str, adapter: str, curves: dict, args) -> list[di
 
 
 # ----------------------------------------------------------------------------- report
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
-
-
 def add_ratios(rows: list[dict]):
     """Each row's ratios to the peft row of its (model, batch, adapter): speed_vs_peft (tokens/s),
     mem_vs_peft, and above_floor_vs_peft = (t - t_floor) / (t_peft - t_floor). The last is None
@@ -362,8 +329,8 @@ def table(rows: list[dict]) -> str:
 
     for r in sorted(rows, key=key):
         lines.append(f"| {r['model']} | {r['batch']} | {r['adapter']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
-                     f"{_fmt(r['speed_vs_peft'], '.3f')} | {r['step_ms']:.2f} | {r['first_step_s']:.2f} | "
-                     f"{_fmt(r['peak_gib'], '.2f')} | {_fmt(r['mem_vs_peft'], '.3f')} | {_fmt(r['above_floor_vs_peft'], '.3f')} |")
+                     f"{harness.fmt(r['speed_vs_peft'], '.3f')} | {r['step_ms']:.2f} | {r['first_step_s']:.2f} | "
+                     f"{harness.fmt(r['peak_gib'], '.2f')} | {harness.fmt(r['mem_vs_peft'], '.3f')} | {harness.fmt(r['above_floor_vs_peft'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -375,17 +342,12 @@ def curve_table(curves: list[dict]) -> str:
         theirs = f"{ref[0]:.4f} -> {ref[-1]:.4f}" if ref else c["error"]
         ours = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else c["error"]
         lines.append(f"| {c['model']} | {c['adapter']} | {c['variant']} | {c['batch']} | {c['steps']} | {c['lr']:g} | "
-                     f"{theirs} | {ours} | {_fmt(c['max_rel_diff'], '.2e')} | {c['tol']:g} | "
+                     f"{theirs} | {ours} | {harness.fmt(c['max_rel_diff'], '.2e')} | {c['tol']:g} | "
                      f"{'ok' if c['ok'] else '**FAIL**'} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     index = {(r["model"], r["batch"], r["adapter"], r["variant"]): r for r in rows}
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     groups = sorted({(r["model"], r["batch"], r["adapter"]) for r in rows if (r["model"], r["batch"], r["adapter"], "peft") in index},
@@ -393,33 +355,18 @@ def plot(rows: list[dict], path: str, title: str):
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "peft"]
     if not groups or not variants:
         return
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups)), 5))
-    for i, v in enumerate(variants):
-        ys = [index[g + (v,)]["tokens_per_s"] / index[g + ("peft",)]["tokens_per_s"] if g + (v,) in index else 0 for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=v)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(groups))])
-    ax.set_xticklabels([" ".join(g) for g in groups], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("tokens/s / peft's")
-    ax.legend(fontsize=7)
+    fig, ax = harness.pyplot().subplots(figsize=(max(8, 0.9 * len(groups)), 5))
+    harness.ratio_bars(ax, groups, variants,
+                       lambda g, v: index[g + (v,)]["tokens_per_s"] / index[g + ("peft",)]["tokens_per_s"] if g + (v,) in index else None,
+                       "tokens/s / peft's", labels=[" ".join(g) for g in groups])
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def environment(device: torch.device) -> str:
     import transformers
 
-    if device.type == "cuda":
-        line = harness.environment()
-    else:
-        import peft
-
-        line = (f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-                f"python {platform.python_version()}, peft {peft.__version__}")
-    return f"{line}, transformers {transformers.__version__}"
+    return f"{harness.environment(device.type)}, transformers {transformers.__version__}"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -472,6 +419,7 @@ def main(argv=None, log=print) -> dict:
     """Run the benchmark; returns the report (what --json writes) with "status": 1 when a variant
     raised, or with --check when a loss curve is off peft's; else 0."""
     import fusedpeft
+    from fusedpeft import tuning
 
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -501,7 +449,7 @@ def main(argv=None, log=print) -> dict:
         log(f"loss-curve check FAILED for {len(failed)} of {len(curves)}: " + ", ".join(f"{c['model']}/{c['adapter']}/{c['variant']}" for c in failed))
     report = dict(environment=env, args={k: v for k, v in vars(args).items()}, rows=rows, curves=curves, errors=errors,
                   backend_counts_total={f"{op}/{b}": n for (op, b), n in fusedpeft.backend_counts().items()},
-                  tuning_entries=tuning_entries(), status=1 if errors or (args.check and failed) else 0)
+                  tuning_entries=tuning.entries(), status=1 if errors or (args.check and failed) else 0)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)

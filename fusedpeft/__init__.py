@@ -5,6 +5,9 @@ a pure-PyTorch backend everywhere), nn.Module replacements, an injector for any 
 adapter files in HF peft's format (SSF, which peft lacks, in the same layout)."""
 from .settings import settings  # noqa: E402  (first: every layer reads it)
 from . import ops, tuning
+# Backend modules, after the ops (each op registers its torch reference first) and in this order:
+# the registration indices that compiled graphs carry follow it (see fusedpeft/backends).
+from .backends import triton as _triton_backends  # noqa: F401,E402
 from .backends import backend_counts, last_backend, use_backend
 from .config import IA3Config, LoraConfig, SSFConfig
 from .inject import (
@@ -19,6 +22,7 @@ from .inject import (
     unmerge,
 )
 from .io import load_adapter, save_adapter
+from . import methods  # noqa: E402
 from .modules import IA3Linear, LoraLinear, SSFLinear
 from .peft_compat import from_peft
 
@@ -41,6 +45,7 @@ __all__ = [
     "load_adapter",
     "mark_only_adapters_trainable",
     "merge",
+    "methods",
     "ops",
     "print_trainable_parameters",
     "save_adapter",

@@ -1,6 +1,7 @@
 """Adapter configs. Field names and meanings follow HF peft's LoraConfig / IA3Config so that a
 peft config (or its adapter_config.json) translates one to one. SSFConfig, which peft lacks, is
-built the same way."""
+built the same way. Each config class is one method's record in ``fusedpeft.methods``, which also
+reads adapter_config.json dicts back into configs (``config_from_dict``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -158,14 +159,3 @@ def _pattern_value(patterns: dict, module_name: str, default):
             return value
     return default
 
-
-CONFIG_CLASSES = {"LORA": LoraConfig, "IA3": IA3Config, "SSF": SSFConfig}
-
-
-def config_from_dict(data: dict[str, Any]) -> _AdapterConfig:
-    peft_type = data.get("peft_type")
-    if peft_type not in CONFIG_CLASSES:
-        raise ValueError(
-            f"unsupported peft_type {peft_type!r} in adapter config; fusedpeft reads {sorted(CONFIG_CLASSES)}"
-        )
-    return CONFIG_CLASSES[peft_type].from_dict(data)

@@ -8,17 +8,14 @@ import contextlib
 import dataclasses
 from typing import Iterable, Optional, Union
 
-import torch
 from torch import nn
 
-from .config import CONFIG_CLASSES, IA3Config, LoraConfig, SSFConfig, _AdapterConfig, matches
-from .modules import AdapterLayer, IA3Linear, LoraLinear, ModulesToSaveWrapper, SSFLinear, is_conv1d
+from . import methods
+from .config import _AdapterConfig, matches
+from .modules import AdapterLayer, ModulesToSaveWrapper, is_conv1d
 
 CONFIG_ATTR = "fusedpeft_config"  # {adapter_name: config} kept on the patched model
 _STATE_ATTR = "_fusedpeft_requires_grad"  # {parameter: requires_grad before the first inject}
-
-LAYER_CLASSES = {"LORA": LoraLinear, "IA3": IA3Linear, "SSF": SSFLinear}
-ADAPTER_PARAM_MARKERS = ("lora_", "ia3_l", "ssf_")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -83,38 +80,6 @@ def find_targets(model: nn.Module, config: _AdapterConfig) -> list[str]:
     return targets
 
 
-def _new_layer(config: _AdapterConfig, name: str, base: nn.Module, adapter_name: str, autocast_adapter_dtype: bool):
-    if isinstance(config, LoraConfig):
-        r, alpha = config.rank_and_alpha(name)
-        return LoraLinear(
-            base, adapter_name, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-            fan_in_fan_out=config.fan_in_fan_out, autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-    if isinstance(config, IA3Config):
-        return IA3Linear(
-            base, adapter_name, is_feedforward=config.is_feedforward(name),
-            init_ia3_weights=config.init_ia3_weights, fan_in_fan_out=config.fan_in_fan_out,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-    if isinstance(config, SSFConfig):
-        return SSFLinear(
-            base, adapter_name, init_ssf_weights=config.init_ssf_weights, fan_in_fan_out=config.fan_in_fan_out,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-    raise TypeError(f"unsupported config type {type(config).__name__}")
-
-
-def _add_to_layer(layer: AdapterLayer, config: _AdapterConfig, name: str, adapter_name: str, autocast_adapter_dtype: bool):
-    if isinstance(config, LoraConfig):
-        r, alpha = config.rank_and_alpha(name)
-        layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, autocast_adapter_dtype)
-    elif isinstance(config, IA3Config):
-        layer.update_layer(adapter_name, config.init_ia3_weights, autocast_adapter_dtype)
-    else:
-        layer.update_layer(adapter_name, config.init_ssf_weights, autocast_adapter_dtype)
-
-
 def inject(
     model: nn.Module,
     config: _AdapterConfig,
@@ -123,14 +88,14 @@ def inject(
 ) -> nn.Module:
     """Patch ``model`` in place with the adapter ``config`` describes and return it.
 
-    Targeted nn.Linear / Conv1D modules become LoraLinear / IA3Linear / SSFLinear wrapping the same
-    module (no weight copy); a target that already holds adapters of the same method gets one more.
+    Targeted nn.Linear / Conv1D modules become the method's layer (LoraLinear, IA3Linear, SSFLinear:
+    see fusedpeft.methods) wrapping the same module (no weight copy); a target that already holds
+    adapters of the same method gets one more.
     An adapter added beside existing ones arrives inactive, as in peft: ``set_adapter`` turns it on.
     Only the adapter (plus modules_to_save, plus biases as ``config.bias`` says) is left trainable.
     With autocast_adapter_dtype, adapter weights of a bf16/fp16 base are kept in float32 (peft's
     default)."""
-    if not isinstance(config, tuple(CONFIG_CLASSES.values())):
-        raise TypeError(f"config must be a fusedpeft LoraConfig, IA3Config or SSFConfig, got {type(config).__name__}")
+    method = methods.for_config(config)  # a TypeError naming any other type
     dataclasses.replace(config)  # re-runs the config's checks: fields may have been set after construction
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
@@ -138,7 +103,7 @@ def inject(
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
     targets = find_targets(model, config)
-    layer_cls = LAYER_CLASSES[config.peft_type]
+    layer_cls = method.layer_class
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer) and not isinstance(module, layer_cls):
@@ -155,10 +120,10 @@ def inject(
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
-            _add_to_layer(module, config, name, adapter_name, autocast_adapter_dtype)
+            method.add_adapter(module, config, name, adapter_name, autocast_adapter_dtype)
         else:
             parent, child = _parent(model, name)
-            setattr(parent, child, _new_layer(config, name, module, adapter_name, autocast_adapter_dtype))
+            setattr(parent, child, method.new_layer(config, name, module, adapter_name, autocast_adapter_dtype))
     for name in save_names:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
@@ -283,10 +248,6 @@ def eject(model: nn.Module, merge: bool = False) -> nn.Module:
         if attr in model.__dict__:
             object.__delattr__(model, attr)
     return model
-
-
-def is_adapter_param(name: str) -> bool:
-    return any(marker in name for marker in ADAPTER_PARAM_MARKERS)
 
 
 def mark_only_adapters_trainable(model: nn.Module, bias: str = "none") -> nn.Module:

@@ -15,6 +15,7 @@ fusedpeft already made) are left as they are by :func:`from_peft`.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -22,17 +23,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import methods
 from .modules import AdapterLayer, IA3Linear, LoraLinear, is_conv1d
-
-# Submodules a peft lora.Linear / ia3.Linear may hold for the adapters fusedpeft runs; anything
-# else (DoRA magnitudes, variant state added by newer peft) means the layer is not plain LoRA/IA3.
-_LORA_CHILDREN = {"base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
-_IA3_CHILDREN = {"base_layer", "ia3_l"}
-# LoRA variants of peft's LoraConfig (any of them truthy: not plain LoRA).
-_LORA_VARIANT_FIELDS = (
-    "use_dora", "lora_bias", "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config",
-    "monteclora_config", "kasa_config",
-)
 
 
 def _names(adapter_names) -> list[str]:
@@ -55,6 +47,24 @@ class _PeftLayerProtocol:
 
     frozen_peft_weight_names: dict = {}
     quantization_backend = None
+    # Set by each method's class: its registry record; the peft module, the peft layer it replaces
+    # and peft's layer class whose isinstance checks must see it; the submodules a peft layer may
+    # hold for the adapters fusedpeft runs (anything else is state fusedpeft does not know).
+    method: "methods.Method"
+    peft_module: str
+    peft_layer: str
+    peft_base: str
+    peft_children: set
+
+    @classmethod
+    def swap_reason(cls, layer) -> Optional[str]:
+        """Why a peft layer of this method cannot be swapped for ``cls``, or None."""
+        adapters = getattr(layer, cls.adapter_layer_names[0])
+        return _shared_reason(layer, adapters, cls.method.name, cls.peft_children) or cls._method_reason(layer)
+
+    @staticmethod
+    def _method_reason(layer) -> Optional[str]:
+        return None
 
     @property
     def active_adapters(self) -> list[str]:
@@ -156,6 +166,10 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
     """LoraLinear that peft's LoraModel can drive (made by :func:`from_peft`)."""
 
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "use_dora", "lora_bias")
+    method = methods.LORA
+    peft_module, peft_layer, peft_base = "peft.tuners.lora.layer", "Linear", "LoraLayer"
+    peft_children = {"base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                     "lora_magnitude_vector"}
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, *args, config=None, **kwargs):
         """fusedpeft's positional signature, or peft's ``update_layer(name, r, lora_alpha=..., config=...)``
@@ -166,7 +180,7 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
         if config is None:
             super().update_layer(adapter_name, r, lora_alpha, *args, **kwargs)
         else:
-            bad = [f"{f}={getattr(config, f)!r}" for f in _LORA_VARIANT_FIELDS if getattr(config, f, None)]
+            bad = [f"{f}={getattr(config, f)!r}" for f in methods.LORA.variant_keys if getattr(config, f, None)]
             if config.init_lora_weights not in (True, False, "gaussian"):
                 bad.append(f"init_lora_weights={config.init_lora_weights!r}")
             if bad:
@@ -210,6 +224,30 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
         for name in self.active_adapters:
             self.scaling[name] = self._initial_scaling(name) if scale is None else self.scaling[name] / scale
 
+    @staticmethod
+    def _method_reason(layer) -> Optional[str]:
+        if any(layer.use_dora.values()) or len(layer.lora_magnitude_vector):
+            return "DoRA (use_dora=True)"
+        if any(getattr(layer, "lora_bias", {}).values()):
+            return "lora_bias=True"
+        if getattr(layer, "lora_variant", None):
+            kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
+            return f"LoRA variant {kinds}"
+        if len(layer.lora_embedding_A):
+            return "embedding LoRA weights"
+        for name in layer.lora_A:
+            if name not in layer.lora_B or name not in layer.lora_dropout:
+                return f"adapter {name!r} has no lora_B / lora_dropout entry"
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+                return f"adapter {name!r} has lora_A / lora_B that are not bias-free nn.Linear"
+            drop = layer.lora_dropout[name]
+            if type(drop) not in (nn.Dropout, nn.Identity):
+                return f"adapter {name!r} has dropout module {type(drop).__name__}"
+            if name not in layer.scaling:
+                return f"adapter {name!r} has no scaling"
+        return None
+
     @classmethod
     def from_peft_layer(cls, layer: nn.Module) -> "PeftLoraLinear":
         names = list(layer.lora_A.keys())
@@ -236,6 +274,10 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
 class PeftIA3Linear(_PeftLayerProtocol, IA3Linear):
     """IA3Linear that peft's IA3Model can drive (made by :func:`from_peft`)."""
 
+    method = methods.IA3
+    peft_module, peft_layer, peft_base = "peft.tuners.ia3.layer", "Linear", "IA3Layer"
+    peft_children = {"base_layer", "ia3_l"}
+
     def update_layer(self, adapter_name: str, *args, config=None, **kwargs):
         """fusedpeft's signature, or peft's ``update_layer(name, config=...)``."""
         if config is None:
@@ -246,6 +288,14 @@ class PeftIA3Linear(_PeftLayerProtocol, IA3Linear):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False  # a rescaling, not an additive update
+
+    @staticmethod
+    def _method_reason(layer) -> Optional[str]:
+        shape = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
+        for name, p in layer.ia3_l.items():
+            if tuple(p.shape) != shape:
+                return f"ia3_l[{name!r}] has shape {tuple(p.shape)}, expected {shape}"
+        return None
 
     @classmethod
     def from_peft_layer(cls, layer: nn.Module) -> "PeftIA3Linear":
@@ -316,60 +366,25 @@ def _shared_reason(layer, adapters, method: str, children: set) -> Optional[str]
     return None
 
 
-def _lora_reason(layer) -> Optional[str]:
-    reason = _shared_reason(layer, layer.lora_A, "LoRA", _LORA_CHILDREN)
-    if reason:
-        return reason
-    if any(layer.use_dora.values()) or len(layer.lora_magnitude_vector):
-        return "DoRA (use_dora=True)"
-    if any(getattr(layer, "lora_bias", {}).values()):
-        return "lora_bias=True"
-    if getattr(layer, "lora_variant", None):
-        kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
-        return f"LoRA variant {kinds}"
-    if len(layer.lora_embedding_A):
-        return "embedding LoRA weights"
-    for name in layer.lora_A:
-        if name not in layer.lora_B or name not in layer.lora_dropout:
-            return f"adapter {name!r} has no lora_B / lora_dropout entry"
-        a, b = layer.lora_A[name], layer.lora_B[name]
-        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
-            return f"adapter {name!r} has lora_A / lora_B that are not bias-free nn.Linear"
-        drop = layer.lora_dropout[name]
-        if type(drop) not in (nn.Dropout, nn.Identity):
-            return f"adapter {name!r} has dropout module {type(drop).__name__}"
-        if name not in layer.scaling:
-            return f"adapter {name!r} has no scaling"
-    return None
+# The layers from_peft swaps in, one per method peft also has.
+_SWAPS = (PeftLoraLinear, PeftIA3Linear)
+_SWAP_FOR: Optional[dict] = None  # {peft's layer class: the class that replaces it}, once peft is imported
 
 
-def _ia3_reason(layer) -> Optional[str]:
-    reason = _shared_reason(layer, layer.ia3_l, "IA3", _IA3_CHILDREN)
-    if reason:
-        return reason
-    shape = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
-    for name, p in layer.ia3_l.items():
-        if tuple(p.shape) != shape:
-            return f"ia3_l[{name!r}] has shape {tuple(p.shape)}, expected {shape}"
-    return None
-
-
-_REGISTERED = False
-
-
-def _register_with_peft():
-    """Make peft's isinstance(module, LoraLayer / IA3Layer / BaseTunerLayer) checks see the swapped
-    layers (they are ABCs). Only the Peft* subclasses are registered: layers made by
-    fusedpeft.inject stay invisible to peft."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from peft.tuners.ia3.layer import IA3Layer
-    from peft.tuners.lora.layer import LoraLayer
-
-    LoraLayer.register(PeftLoraLinear)
-    IA3Layer.register(PeftIA3Linear)
-    _REGISTERED = True
+def _swap_classes() -> dict:
+    """{peft's layer class: its fused replacement}. On the first call, also makes peft's
+    isinstance(module, LoraLayer / IA3Layer / BaseTunerLayer) checks see the replacements (those
+    are ABCs). Only the Peft* subclasses are registered: layers made by fusedpeft.inject stay
+    invisible to peft."""
+    global _SWAP_FOR
+    if _SWAP_FOR is None:
+        swaps = {}
+        for cls in _SWAPS:
+            module = importlib.import_module(cls.peft_module)
+            getattr(module, cls.peft_base).register(cls)
+            swaps[getattr(module, cls.peft_layer)] = cls
+        _SWAP_FOR = swaps
+    return _SWAP_FOR
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
@@ -395,12 +410,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     Not supported on swapped layers: peft's mixed-batch inference (``adapter_names=...``) raises.
     """
     try:
-        from peft.tuners.ia3.layer import Linear as IA3PeftLinear
-        from peft.tuners.lora.layer import Linear as LoraPeftLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
+
+        swaps = _swap_classes()
     except ImportError as e:
         raise ImportError("fusedpeft.from_peft needs the optional peft package (pip install peft)") from e
-    _register_with_peft()
 
     done: list[str] = []  # swapped or left alone: their insides are not visited
     skipped: dict[str, str] = {}
@@ -413,12 +427,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if not isinstance(module, BaseTunerLayer):
             continue
         done.append(name)
-        if type(module) is LoraPeftLinear:
-            reason, cls = _lora_reason(module), PeftLoraLinear
-        elif type(module) is IA3PeftLinear:
-            reason, cls = _ia3_reason(module), PeftIA3Linear
+        cls = swaps.get(type(module))
+        if cls is None:
+            reason = f"{type(module).__module__}.{type(module).__name__} has no fused counterpart"
         else:
-            reason, cls = f"{type(module).__module__}.{type(module).__name__} has no fused counterpart", None
+            reason = cls.swap_reason(module)
         if reason:
             skipped[name] = reason
             continue

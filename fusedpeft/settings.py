@@ -9,9 +9,8 @@
 An override holds for every thread (autograd runs CUDA backward passes on a worker thread, which
 must see what the forward saw), nests, and is undone on leaving the block even when it raises.
 Names and values are checked: an unknown name is a TypeError, a bad value a ValueError.
-``settings.generation`` changes with every change. README's "Settings" table lists the variables;
-the kernel launchers' own switches (FUSEDPEFT_FAST_LAUNCH, FUSEDPEFT_LORA_LOWRANK_TMA,
-FUSEDPEFT_RESCALE_TMA) are read by triton_kernels/launch.py at import and are not settings yet.
+``settings.generation`` changes with every change, so caches keyed on it (the launch plans) never
+replay a launch planned under other settings. README's "Settings" table lists the variables.
 """
 from __future__ import annotations
 
@@ -28,6 +27,15 @@ _FIELDS = {
     "cache_dir": ("FUSEDPEFT_CACHE_DIR", "path", None),
     "output_scale_grad": ("FUSEDPEFT_OUTPUT_SCALE_GRAD", "choice", ("save", "recompute")),
     "lora_schedule": ("FUSEDPEFT_LORA_SCHEDULE", "choice", ("auto", "fused", "split")),
+    "fast_launch": ("FUSEDPEFT_FAST_LAUNCH", "bool", None),
+    "tensor_descriptors": ("FUSEDPEFT_TENSOR_DESCRIPTORS", "bool", None),
+    "lowrank_tma": ("FUSEDPEFT_LORA_LOWRANK_TMA", "bool", None),
+    "rescale_tma": ("FUSEDPEFT_RESCALE_TMA", "bool", None),
+    "loop_form": ("FUSEDPEFT_LOOP_FORM", "choice", ("auto", "flattened", "per_tile")),
+    "separate_lowrank": ("FUSEDPEFT_SEPARATE_LOWRANK", "bool", None),
+    "tile_config": ("FUSEDPEFT_TILE_CONFIG", "index", None),
+    "weight_grad_tile": ("FUSEDPEFT_WEIGHT_GRAD_TILE", "tile", None),
+    "weight_grad_programs_per_sm": ("FUSEDPEFT_WEIGHT_GRAD_PROGRAMS_PER_SM", "positive", None),
 }
 
 
@@ -40,6 +48,15 @@ class Values:
     cache_dir: Optional[str] = None  # tuning file folder; None: $XDG_CACHE_HOME/fusedpeft; "": no file
     output_scale_grad: str = "save"  # output scaling's grad_scale: z saved, or recomputed
     lora_schedule: str = "auto"  # the Triton LoRA path: one launch ("fused") or rank-r product first
+    fast_launch: bool = True  # replay compiled kernels from launch plans instead of Triton's entry
+    tensor_descriptors: bool = True  # TMA descriptors where the operands allow; False: pointer loads
+    lowrank_tma: bool = True  # a precomputed LoRA term's tiles through descriptors
+    rescale_tma: bool = True  # IA3 / SSF's saved-z tiles through descriptors
+    loop_form: str = "auto"  # the GEMM core's loop: its own choice, or forced flat / per tile
+    separate_lowrank: bool = False  # the rank-r update apart from the GEMM (the no-fit fallback)
+    tile_config: Optional[int] = None  # force this index of the candidate tile configs (diagnostics)
+    weight_grad_tile: Optional[tuple] = None  # (BLOCK_M, BLOCK_C) of the weight-gradient reduction
+    weight_grad_programs_per_sm: int = 2  # programs per SM the weight-gradient split aims at
 
 
 def _parse(name: str, raw: str):

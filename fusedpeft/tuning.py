@@ -5,7 +5,7 @@ Two kinds of choice are measured once per shape key and then reused:
 - the *path* of an op (``backends``): where several tunable backends can run the inputs (on CUDA,
   the Triton kernels and a composition of cuBLAS calls), each candidate runs the op's step
   (forward, plus backward when training) on the call's own tensors and the fastest wins;
-- the Triton *tile config* of a fused launch (``triton_kernels/launch.py`` hands its winners here).
+- the Triton *tile config* of a fused launch (``triton_kernels/configs.py`` hands its winners here).
 
 Winners persist in one JSON file, as Triton's own cache does, so a process that meets the same
 shapes again starts without tuning. The file lives in ``$FUSEDPEFT_CACHE_DIR`` (default
@@ -32,8 +32,6 @@ import torch
 
 from .settings import settings
 
-CACHE_ENV = "FUSEDPEFT_CACHE_DIR"
-AUTOTUNE_ENV = "FUSEDPEFT_AUTOTUNE"
 _FILE_NAME = "tuning.json"
 _FORMAT = 1
 

@@ -36,19 +36,15 @@ def test_triton_lora_large_ranks(lead, K, N, r, dtype, monkeypatch):
 # r = 16 (descriptor-sized) and r = 40 (BLOCK_R padding), with dropout.
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("r", [16, 40])
-def test_triton_lora_term_by_pointer_and_by_descriptor(tma, r, monkeypatch):
-    from fusedpeft._kernels import triton_kernels
-
-    monkeypatch.setattr(triton_kernels.launch, "LOWRANK_TMA", tma)
+def test_triton_lora_term_by_pointer_and_by_descriptor(tma, r, monkeypatch, use_settings):
+    use_settings(lowrank_tma=tma)
     _run((3, 111), 1000, 1496, r, torch.bfloat16, 0.1, bias=True, monkeypatch=monkeypatch)
     _run((300,), 520, 640, r, torch.float32, 0.0, bias=False, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("use_desc", [True, False])
-def test_descriptor_and_pointer_paths(use_desc, monkeypatch):
-    from fusedpeft._kernels import triton_kernels
-
-    monkeypatch.setattr(triton_kernels.launch, "USE_TENSOR_DESCRIPTORS", use_desc)
+def test_descriptor_and_pointer_paths(use_desc, monkeypatch, use_settings):
+    use_settings(tensor_descriptors=use_desc)
     _run((300,), 512, 640, 8, torch.bfloat16, 0.1, bias=False, monkeypatch=monkeypatch)
 
 
@@ -153,11 +149,8 @@ def test_triton_rescale_matches_float64(kind, dtype, lead, K, N, grad_mode, use_
 @pytest.mark.parametrize("kind", RESCALE_KINDS)
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
-def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monkeypatch, use_settings):
-    from fusedpeft._kernels import triton_kernels
-
-    monkeypatch.setattr(triton_kernels.launch, "RESCALE_TMA", tma)
-    use_settings(output_scale_grad=grad_mode)
+def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, use_settings):
+    use_settings(rescale_tma=tma, output_scale_grad=grad_mode)
     _check_rescale(kind, torch.bfloat16, (3, 100), 1024, 1536)
     _check_rescale(kind, torch.float32, (300,), 520, 648)
 
@@ -165,28 +158,17 @@ def test_triton_rescale_by_pointer_and_by_descriptor(kind, tma, grad_mode, monke
 def _all_candidates():
     from fusedpeft._kernels import triton_kernels
 
-    launch = triton_kernels.launch
-    return [(M, i) for M in (48, 300) for i in range(len(launch._candidates(M, 1024, 2)))]
+    return [(M, i) for M in (48, 300) for i in range(len(triton_kernels.configs.candidates(M, 1024, 2)))]
 
 
 # Every tile config the tuner may pick for the register-scaled loops, bf16, at M <= 64 and at large
 # M: the loop form (pipelined or serialised) follows the config, and a pipelined loop that reused
-# an in-flight wgmma's registers would show here as wrong results.
+# an in-flight wgmma's registers would show here as wrong results. Every launch of the layer (all
+# M x 1024 outputs, so one candidate list) takes the config.
 @pytest.mark.parametrize("M,index", _all_candidates())
 @pytest.mark.parametrize("kind", ["ia3_ff", "ia3_out"])
-def test_triton_rescale_every_tile_config(M, index, kind, monkeypatch, use_settings):
-    from fusedpeft._kernels import triton_kernels
-
-    launch = triton_kernels.launch
-    cand = launch._candidates(M, 1024, 2)[index]
-    tuned = launch._tuned_config
-
-    def forced(key, M_, N_, size, launch_with):  # the register-scaled launch takes cand; others as usual
-        return cand if ("SCALE_A", True) in key[4] else tuned(key, M_, N_, size, launch_with)
-
-    monkeypatch.setattr(launch, "_tuned_config", forced)
-    monkeypatch.setattr(launch, "_PLANS", {})
-    use_settings(output_scale_grad="recompute")
+def test_triton_rescale_every_tile_config(M, index, kind, use_settings):
+    use_settings(tile_config=index, output_scale_grad="recompute")
     _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
 
 

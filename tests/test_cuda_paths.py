@@ -81,7 +81,7 @@ def test_lora_fp32_large_backward_runs_in_a_fresh_process():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_measured_dispatch_runs_the_winner_forward_and_backward(tmp_path, monkeypatch, use_settings):
+def test_measured_dispatch_runs_the_winner_forward_and_backward(tmp_path, use_settings):
     use_settings(cache_dir=str(tmp_path), autotune=True)
     tuning.clear()
     x = torch.randn(1024, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # K not a multiple of 8

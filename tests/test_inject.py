@@ -516,6 +516,8 @@ def test_non_config_and_missing_targets_raise():
     snap = _snapshot(model)
     with pytest.raises(TypeError, match="LoraConfig, IA3Config or SSFConfig"):
         fusedpeft.inject(model, peft.LoraConfig(target_modules=["q"]))
+    with pytest.raises(TypeError, match="got dict"):
+        fusedpeft.inject(model, {"peft_type": "LORA", "target_modules": ["q"]})
     with pytest.raises(ValueError, match="target_modules must be given"):
         fusedpeft.inject(model, LoraConfig())
     _assert_same(model, snap)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fusedpeft
+from fusedpeft import methods
 
 from helpers import assert_close
 from test_peft_parity import (
@@ -151,6 +152,27 @@ def test_load_adapter_casts_to_each_parameter_dtype(tmp_path):
     x = make_input(kind)
     with torch.no_grad():
         assert_close(fm(x.to(torch.bfloat16)), pm(x), torch.bfloat16, "bf16 model, float32 file")
+
+
+@pytest.mark.parametrize("method", methods.METHODS, ids=lambda m: m.name)
+def test_adapter_file_keys_are_the_method_records(method, tmp_path):
+    """What a layer writes per adapter is what its registry record says (Method.file_keys)."""
+    model = fusedpeft.inject(make_base("mlp"), method.config_class(target_modules=MLP_TARGETS))
+    fusedpeft.save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == {f"base_model.model.{m}.{k}" for m in MLP_TARGETS for k in method.file_keys}
+
+
+@pytest.mark.parametrize("init", ["eva", "orthogonal"])
+def test_inits_that_only_draw_starting_values_load(init, tmp_path):
+    """peft's eva and orthogonal inits pick starting values only, which the file's tensors
+    overwrite: such a file loads as plain LoRA (its config with the default init)."""
+    kind, method, kw = CASES["mlp-lora"]
+    base, pm = _peft_saved(kind, method, kw, tmp_path)
+    _edit_config(tmp_path, init_lora_weights=init)
+    fm = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert fm.fusedpeft_config["default"].init_lora_weights is True
+    _outputs_equal(fm, pm, kind, f"init_lora_weights={init!r}")
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -6,11 +6,12 @@ import triton
 
 from fusedpeft._kernels import triton_kernels
 
-launch = triton_kernels.launch
+buffers, configs, fast_launch = triton_kernels.buffers, triton_kernels.configs, triton_kernels.fast_launch
+gemm, layout = triton_kernels.gemm, triton_kernels.layout
 
 
 def _key(*args):
-    return launch._specialization_key(args)
+    return fast_launch.specialization_key(args)
 
 
 def test_specialization_key_separates_what_triton_specialises_on():
@@ -34,13 +35,13 @@ def test_specialization_key_separates_what_triton_specialises_on():
 @pytest.mark.parametrize("a", [0, 1, 2, 15, 16, 17, 1000, 4097])
 @pytest.mark.parametrize("b", [1, 3, 16, 64])
 def test_grid_helpers_match_triton(a, b):
-    assert launch.cdiv(a, b) == (a + b - 1) // b
-    assert launch.next_power_of_2(a) == triton.next_power_of_2(a)
+    assert layout.cdiv(a, b) == (a + b - 1) // b
+    assert layout.next_power_of_2(a) == triton.next_power_of_2(a)
 
 
 @pytest.mark.parametrize("M,C", [(1, 1), (37, 24), (4096, 16), (10, 5000)])
 def test_split_rows_covers_every_row_once(M, C):
-    col_blocks, splits, rows_per_split = launch.split_rows(M, C, 16, 16, torch.device("cpu"))
+    col_blocks, splits, rows_per_split = layout.split_rows(M, C, 16, 16, torch.device("cpu"))
     assert col_blocks * 16 >= C and (col_blocks - 1) * 16 < C
     assert rows_per_split % 16 == 0 and splits * rows_per_split >= M and (splits - 1) * rows_per_split < M
 
@@ -65,18 +66,18 @@ class _AlwaysHit(dict):
 
 
 @pytest.fixture
-def stubbed_gpu(monkeypatch):
+def stubbed_gpu(monkeypatch, use_settings):
     """The launch path as on a GPU, without one: no interpreter, 4 "SMs", no descriptor allocator,
     fresh plan and tuning caches. Tests stub the kernel launch itself."""
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
-    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
-    monkeypatch.setattr(launch, "num_sms", lambda index: 4)
-    monkeypatch.setattr(launch, "ensure_allocator", lambda: None)
-    monkeypatch.setattr(launch, "_PLANS", {})
-    monkeypatch.setattr(triton_kernels.lora, "_PLANS", {})
-    monkeypatch.setattr(launch, "TUNED", {})
+    monkeypatch.setattr(layout, "interpreting", lambda: False)
+    monkeypatch.setattr(layout, "num_sms", lambda index: 4)
+    monkeypatch.setattr(buffers, "ensure_allocator", lambda: None)
+    monkeypatch.setattr(configs, "TUNED", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return monkeypatch
+    use_settings(fast_launch=True)
+    fast_launch.clear_plans()
+    yield monkeypatch
+    fast_launch.clear_plans()
 
 
 def _same_launch(first, second, inputs):
@@ -92,7 +93,7 @@ def _same_launch(first, second, inputs):
 
 
 def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
-    """A repeated launch is served from its plan (launch._PLANS, and lora._PLANS for the weight
+    """A repeated launch is served from its plan (gemm's plans, and lora's for the weight
     gradients) without re-deriving anything;
     the plan must hand the kernel the same grid and arguments, in the same order, as the call
     that made it. Checked with the GPU stubbed out, for every launch the LoRA, IA3 and SSF
@@ -103,8 +104,8 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
 
     monkeypatch = stubbed_gpu
     recorder = _Recorder()
-    monkeypatch.setattr(launch, "_COMPILED", _AlwaysHit(recorder))
-    monkeypatch.setattr(launch, "_tuned_config", lambda key, M, N, size, launch_with: launch._candidates(M, N, size)[0])
+    monkeypatch.setattr(fast_launch, "COMPILED", _AlwaysHit(recorder))
+    use_settings(tile_config=0)
     monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([12345], device=device))
     M, K, N, r = 100, 48, 40, 8
     x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
@@ -136,7 +137,7 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
             assert len(launches[0]) == len(launches[1]), name
             for first, second in zip(*launches):
                 _same_launch(first, second, inputs)
-    assert launch._PLANS and triton_kernels.lora._PLANS  # the second calls did go through plans
+    assert gemm._PLANS and triton_kernels.lora._PLANS  # the second calls did go through plans
 
 
 # (M, C, R, split over M in the interpreter's grid)
@@ -160,8 +161,8 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
         results.append(got.clone())
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     if dev == "cpu":
-        assert (launch.split_rows(M, C, 16, 16, l.device)[1] > 1) == split
-    for counters in launch._COUNTERS.values():
+        assert (layout.split_rows(M, C, 16, 16, l.device)[1] > 1) == split
+    for counters in buffers._COUNTERS.values():
         assert int(counters.abs().sum()) == 0
 
 
@@ -181,19 +182,19 @@ def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu, use_
         out.copy_(args[0] @ args[1].T + (args[3] if constexprs["HAS_BIAS"] else 0))
         return None
 
-    monkeypatch.setattr(launch, "cached_launch", launch_or_run_out)
+    monkeypatch.setattr(fast_launch, "cached_launch", launch_or_run_out)
     M, K, N, r = 70, 24, 40, 8
     a, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     q, lr = torch.randn(N, r), torch.randn(M, r)
     expected = a @ w.T + bias + lr @ q.T  # a precomputed lr carries its scale: lr_scale is not applied
     for _ in range(2):
         out = torch.empty(M, N)
-        launch.launch_fused_linear(a, w, out, bias=bias, q=q, lr=lr, lr_precomputed=True, lr_scale=0.5)
+        gemm.launch_gemm(a, w, out, bias=bias, lowrank=gemm.LowRank(q, lr, 0.5))
         assert torch.allclose(out, expected, atol=1e-4)
-    candidates = len(launch._candidates(M, N, 4))
+    candidates = len(configs.candidates(M, N, 4))
     assert tried.count(True) == candidates  # tuned once; the second call knew the key does not fit
-    with pytest.raises(launch.NoConfigFits, match="no Triton config"):
-        launch.launch_fused_linear(a, w, torch.empty(M, N), q=q, lr=lr, lr_precomputed=True, scale=bias)
+    with pytest.raises(configs.NoConfigFits, match="no Triton config"):
+        gemm.launch_gemm(a, w, torch.empty(M, N), lowrank=gemm.LowRank(q, lr, 0.5), rescale=gemm.Rescale(bias))
 
 
 def test_out_scale_comes_alone():
@@ -201,7 +202,20 @@ def test_out_scale_comes_alone():
     combined with another extra it is refused by name rather than silently mixed."""
     a, w = torch.randn(20, 12), torch.randn(6, 12)
     out = torch.empty(20, 6)
-    launch.launch_fused_linear(a, w, out, out_scale=-0.75)
+    gemm.launch_gemm(a, w, out, out_scale=-0.75)
     assert torch.allclose(out, -0.75 * a @ w.T, atol=1e-4)
     with pytest.raises(ValueError, match="out_scale comes alone"):
-        launch.launch_fused_linear(a, w, out, scale=torch.randn(6), out_scale=2.0)
+        gemm.launch_gemm(a, w, out, rescale=gemm.Rescale(torch.randn(6)), out_scale=2.0)
+    with pytest.raises(ValueError, match="Dropout.on"):
+        gemm.launch_gemm(a, w, out, dropout=gemm.Dropout(torch.zeros(1, dtype=torch.int64), 0.5, 12, "everywhere"))
+
+
+def test_forced_tile_config_must_exist(use_settings):
+    """settings.tile_config names a candidate by index; one past the list is refused by name."""
+    n = len(configs.candidates(300, 1024, 2))
+    use_settings(tile_config=n - 1)
+    forced = configs.tuned_config(("k",), 300, 1024, 2, lambda cfg: None)
+    assert str(forced) == str(configs.candidates(300, 1024, 2)[-1])
+    use_settings(tile_config=n)
+    with pytest.raises(ValueError, match="tile_config"):
+        configs.tuned_config(("k",), 300, 1024, 2, lambda cfg: None)

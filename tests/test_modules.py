@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fusedpeft import IA3Linear, LoraLinear, SSFLinear, backends
+from fusedpeft.modules import LoraVariant
 from fusedpeft.ops import lora as lora_mod
 from fusedpeft.ops import ssf_linear_reference
 
@@ -650,3 +651,84 @@ def test_bad_rank_raises():
 def test_non_linear_base_raises():
     with pytest.raises(TypeError, match="Embedding is not a linear layer"):
         LoraLinear(nn.Embedding(10, 4))
+
+
+class _TripledVariant(LoraVariant):
+    """A LoRA variant for the test: the update counts three times, in the forward and in merges.
+    It records each hook call."""
+
+    calls: list = []
+
+    @staticmethod
+    def init(module, adapter_name):
+        _TripledVariant.calls.append(("init", adapter_name))
+
+    @staticmethod
+    def forward(module, adapter_name, x):
+        _TripledVariant.calls.append(("forward", adapter_name))
+        return _TripledVariant.update(module, adapter_name, x, module.base_layer(x))
+
+    @staticmethod
+    def update(module, adapter_name, x, y):
+        _TripledVariant.calls.append(("update", adapter_name))
+        A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        return y + 3 * module.scaling[adapter_name] * ((x @ A.T) @ B.T)
+
+    @staticmethod
+    def merge(module, adapter_name, weight):
+        _TripledVariant.calls.append(("merge", adapter_name))
+        return weight + 3 * module.delta_weight(adapter_name, weight.dtype)
+
+    @staticmethod
+    def unmerge(module, adapter_name, weight):
+        _TripledVariant.calls.append(("unmerge", adapter_name))
+        return weight - 3 * module.delta_weight(adapter_name, weight.dtype)
+
+
+def test_lora_variant_runs_the_forward_and_the_merges_of_its_adapter():
+    """A variant given to one adapter is what that adapter's forward, per-row forward, merge and
+    unmerge run; the layer's other adapters stay plain LoRA, through the fused op."""
+    dtype = torch.float32
+    _TripledVariant.calls = []
+    layer = _lora(_base("linear", True, dtype), adapter_name="v", r=3, variant=_TripledVariant)
+    layer.update_layer("plain", 2, 4.0, init_lora_weights=False)
+    assert _TripledVariant.calls == [("init", "v")]
+    assert layer.lora_variant == {"v": _TripledVariant}
+    x = _x(dtype)
+
+    def expected(names):
+        y = _base_ref(layer.base_layer, x)
+        for n in names:
+            lora = (_d(x) @ _d(layer.lora_A[n].weight).T) @ _d(layer.lora_B[n].weight).T
+            y = y + (3 if n == "v" else 1) * layer.scaling[n] * lora
+        return y
+
+    assert_close(layer(x), expected(["v"]), dtype, "variant alone")
+    assert _TripledVariant.calls[-1] == ("update", "v") and ("forward", "v") in _TripledVariant.calls
+    layer.set_adapter(["plain", "v"])
+    _TripledVariant.calls = []
+    assert_close(layer(x), expected(["plain", "v"]), dtype, "plain, then the variant on top")
+    assert _TripledVariant.calls == [("update", "v")]
+    layer.set_adapter("plain")
+    backends.reset_counts()
+    assert_close(layer(x), expected(["plain"]), dtype, "plain adapter")
+    assert backends.backend_counts() == {("lora_linear", "torch"): 1}, "a plain adapter runs the fused op"
+    _TripledVariant.calls = []
+    rows = ["v", "__base__", "plain"]
+    got = layer(x, adapter_names=rows)
+    for i, n in enumerate(rows):
+        assert_close(got[i], expected([] if n == "__base__" else [n])[i], dtype, f"per-row {n}")
+    assert _TripledVariant.calls == [("update", "v")]
+
+    layer.set_adapter("v")
+    before, want = layer.base_layer.weight.detach().clone(), expected(["v"])
+    delta = layer.delta_weight("v", torch.float32)
+    layer.merge()
+    assert _TripledVariant.calls[-1] == ("merge", "v")
+    assert_close(layer.base_layer.weight, before + 3 * delta, dtype, "merged weight")
+    assert_close(layer(x), want, dtype, "merged forward")
+    layer.unmerge()
+    assert _TripledVariant.calls[-1] == ("unmerge", "v")
+    assert rel_err(layer.base_layer.weight, before) <= _unmerge_tol(dtype)
+    layer.delete_adapter("v")
+    assert layer.lora_variant == {}

@@ -272,8 +272,7 @@ def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch, use_settin
     product. Forced here on small shapes, forward and backward."""
     from fusedpeft._kernels import triton_kernels
 
-    monkeypatch.setattr(triton_kernels.launch, "SEPARATE_LOWRANK", True)
-    use_settings(lora_schedule="split")
+    use_settings(lora_schedule="split", separate_lowrank=True)
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
 
@@ -288,10 +287,9 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
     descriptor-sized rows for lr, B (the forward) and A (grad_x, stored [r, K])."""
     from fusedpeft._kernels import triton_kernels
 
-    launch = triton_kernels.launch
-    monkeypatch.setattr(launch, "LOWRANK_TMA", tma)
-    use_settings(lora_schedule="split")
-    kernel, seen = launch.fused_linear_kernel, []
+    gemm = triton_kernels.gemm
+    use_settings(lora_schedule="split", lowrank_tma=tma)
+    kernel, seen = gemm.fused_linear_kernel, []
 
     class Spy:  # records each launch's lr / q load path
         def __getitem__(self, grid):
@@ -301,7 +299,7 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
                 return kernel[grid](*args, **flags)
             return run
 
-    monkeypatch.setattr(launch, "fused_linear_kernel", Spy())
+    monkeypatch.setattr(gemm, "fused_linear_kernel", Spy())
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.float32, (3, 5), 40, 52, 8, True, dropout, monkeypatch)
@@ -314,13 +312,18 @@ def test_settings_read_once_override_nests_and_checks():
     the generation, and refuses unknown names and bad values by name."""
     from fusedpeft.settings import environment_variables, from_environment
 
-    env = {environment_variables()["autotune"]: "0", "FUSEDPEFT_OUTPUT_SCALE_GRAD": "recompute",
-           "FUSEDPEFT_CACHE_DIR": "", "FUSEDPEFT_LORA_SCHEDULE": "Split"}
+    env = {var: "0" for name, var in environment_variables().items()
+           if name in ("autotune", "fast_launch", "tensor_descriptors")}
+    env.update({"FUSEDPEFT_OUTPUT_SCALE_GRAD": "recompute", "FUSEDPEFT_WEIGHT_GRAD_TILE": "128x32",
+                "FUSEDPEFT_CACHE_DIR": ""})
     values = from_environment(env)
-    assert values.autotune is False and values.output_scale_grad == "recompute"
-    assert values.cache_dir == "" and values.lora_schedule == "split"
+    assert (values.autotune, values.fast_launch, values.tensor_descriptors) == (False, False, False)
+    assert values.output_scale_grad == "recompute" and values.weight_grad_tile == (128, 32)
+    assert values.cache_dir == ""
     with pytest.raises(ValueError, match="FUSEDPEFT_LORA_SCHEDULE"):
         from_environment({"FUSEDPEFT_LORA_SCHEDULE": "sometimes"})
+    with pytest.raises(ValueError, match="FUSEDPEFT_TILE_CONFIG"):
+        from_environment({"FUSEDPEFT_TILE_CONFIG": "first"})
 
     settings = fusedpeft.settings
     before, generation = settings.values(), settings.generation
@@ -336,8 +339,8 @@ def test_settings_read_once_override_nests_and_checks():
         settings.override(autotun=False).__enter__()
     with pytest.raises(ValueError, match="True or False"):
         settings.override(autotune="no").__enter__()
-    with pytest.raises(ValueError, match="one of"):
-        settings.override(lora_schedule="sometimes").__enter__()
+    with pytest.raises(ValueError, match="two powers of two"):
+        settings.override(weight_grad_tile=(100, 64)).__enter__()
     with pytest.raises(AttributeError, match="override"):
         settings.autotune = False
     assert settings.values() == before
@@ -358,11 +361,10 @@ def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch, use_setting
     pointer-load path."""
     from fusedpeft._kernels import triton_kernels
 
-    launch = triton_kernels.launch
-    cfg = {**launch.INTERPRETER_CONFIG, "EPI_SUBTILE": subtile, "BLOCK_N": 32 if subtile else 16}
-    monkeypatch.setattr(launch, "INTERPRETER_CONFIG", cfg)
-    monkeypatch.setattr(launch, "USE_TENSOR_DESCRIPTORS", not subtile)
-    use_settings(lora_schedule="split")
+    configs = triton_kernels.configs
+    cfg = {**configs.INTERPRETER_CONFIG, "EPI_SUBTILE": subtile, "BLOCK_N": 32 if subtile else 16}
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", cfg)
+    use_settings(lora_schedule="split", tensor_descriptors=not subtile)
     test_lora_linear_matches_reference("triton", torch.float32, (45,), 40, 47, 8, True, 0.0, monkeypatch)
     test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch, use_settings)
     test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch, use_settings)

@@ -41,6 +41,8 @@ import os
 import triton
 import triton.language as tl
 
+from .dropout import dropout_keep, load_seed
+
 # Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands, and bfloat16 tensors
 # elementwise, as their uint16 storage. Under the interpreter both are widened to float32 first:
 # bf16 x bf16 products are exact in float32, so this reproduces the GPU's result.
@@ -75,44 +77,6 @@ def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile_id % group_size)
     pid_n = (tile_id % num_in_group) // group_size
     return pid_m, pid_n
-
-
-@triton.jit
-def dropout_keep(seed, rows, cols, ld, p):
-    """Dropout keep-mask (True = kept) at [rows, cols] of an (*, ld) tensor; cols is one run of
-    consecutive columns starting at a multiple of 8 (every tile here is). One philox4x32 draw
-    (tl.randint4x, 10 rounds) per 8 consecutive columns of a row, keyed by (seed, row *
-    cdiv(ld, 8) + col // 8): its four 32-bit words give eight 16-bit uniforms, one per column,
-    and a column is kept when its value is >= 65536 p. So the keep probability is
-    1 - ceil(65536 p) / 65536, within 2^-16 of 1 - p.
-
-    Why eight per draw: a philox draw is ~100 integer operations, and one per element made the
-    masked passes (each a memory-bound read of x) cost more in arithmetic than in bytes: on the
-    H200 dropout doubled a LoRA layer's training step. The same (seed, row, col) gives the same
-    bit in every kernel, so the backward regenerates the forward's mask. ``seed`` is the value of
-    the op's seed tensor (load_seed), drawn from torch's generator, so a captured CUDA graph
-    draws a new mask at every replay."""
-    BC: tl.constexpr = cols.shape[0]
-    col0 = tl.min(cols, axis=0)
-    groups = col0 // 8 + tl.arange(0, BC // 8)
-    counter = rows[:, None] * ((ld + 7) // 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    low16 = 0xFFFF
-    first = tl.interleave(tl.interleave(r0 & low16, r0 >> 16), tl.interleave(r1 & low16, r1 >> 16))
-    second = tl.interleave(tl.interleave(r2 & low16, r2 >> 16), tl.interleave(r3 & low16, r3 >> 16))
-    uniform16 = tl.interleave(first, second)  # [rows, BC]
-    return uniform16.to(tl.float32) >= p * 65536.0
-
-
-@triton.jit
-def load_seed(seed_ptr, DROPOUT: tl.constexpr):
-    """The dropout seed (int64) from its one-element tensor; 0 (never used) without dropout, when
-    seed_ptr stands in for a tensor of another dtype."""
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
-    return seed
 
 
 @triton.jit
@@ -167,7 +131,7 @@ def _base_k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, k_til
         if SCALE_A:
             # a * scale[k] in a's dtype (mul.bf16x2 on Hopper): the exact product of two 16-bit
             # floats fits float32, so one rounding gives what the unfused (x * l) gives.
-            # By pointer (cp.async): a 1-D descriptor (TMA) was 7-13% slower in session 5.
+            # By pointer (cp.async): a 1-D descriptor (TMA) was 7-13% slower (benchmarks/RESULTS.md).
             cols_k = off_k + tl.arange(0, BLOCK_K)
             s = tl.load(scale_ptr + cols_k, mask=cols_k < K, other=0.0)
             if _WIDEN_16BIT:
@@ -518,14 +482,3 @@ def column_dot_kernel(
     tl.store(partial_ptr + split * C + cols, dot, mask=cols < C)
     if SUM_G:
         tl.store(partial_ptr + (splits + split) * C + cols, total, mask=cols < C)
-
-
-@triton.jit
-def dropout_mask_kernel(out_ptr, M, C, seed_ptr, dropout_p, BLOCK: tl.constexpr):
-    """The keep-mask as 0/1 float32, for tests and the torch fallback's parity checks."""
-    pid_m = tl.program_id(0)
-    seed = load_seed(seed_ptr, True)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    rows = pid_m + tl.arange(0, 1)
-    keep = dropout_keep(seed, rows, cols, C, dropout_p)
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], keep.to(tl.float32), mask=cols[None, :] < C)

@@ -22,8 +22,12 @@ import torch
 
 from fusedpeft.settings import settings
 
-from . import launch
-from .fused_linear import dropout_mask_kernel, lowrank_weight_grad_kernel
+from . import fast_launch, layout
+from .buffers import ticket_counters
+from .dropout import dropout_mask_kernel
+from .fused_linear import lowrank_weight_grad_kernel
+from .gemm import Dropout, LowRank, launch_gemm
+from .layout import block_r, cdiv, split_rows
 
 
 def schedule(M: int, r: int) -> str:
@@ -47,13 +51,13 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)  # s * drop(x) A^T
     s = scaling / (1.0 - dropout_p)
-    common = dict(lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K)
+    dropout = Dropout(seed, dropout_p, K, "input") if dropout_p > 0 else None
     if schedule(M, r) == "fused":
-        launch.launch_fused_linear(x, weight, y, bias=bias, p=lora_A, q=lora_B, lr=u_s, dropout_in=True, **common)
+        launch_gemm(x, weight, y, bias=bias, lowrank=LowRank(lora_B, u_s, s, p=lora_A), dropout=dropout)
     else:
-        launch.launch_fused_linear(x, lora_A, u_s, seed=seed, dropout_p=dropout_p, mask_ld=K, mask_a=True,
-                                   precise=True, out_scale=s)
-        launch.launch_fused_linear(x, weight, y, bias=bias, q=lora_B, lr=u_s, lr_precomputed=True, **common)
+        mask_x = Dropout(seed, dropout_p, K, "product") if dropout_p > 0 else None
+        launch_gemm(x, lora_A, u_s, dropout=mask_x, precise=True, out_scale=s)
+        launch_gemm(x, weight, y, bias=bias, lowrank=LowRank(lora_B, u_s, s))
     return y, (u_s,)
 
 
@@ -72,7 +76,7 @@ class _WeightGradPlan:
                                              *self.tail))
 
 
-_PLANS: dict = {}
+_PLANS = fast_launch.plan_cache()
 
 
 def _split_buffers(partial_numel, col_blocks, out):
@@ -81,16 +85,15 @@ def _split_buffers(partial_numel, col_blocks, out):
     if not partial_numel:
         return out, out
     return (torch.empty(partial_numel, dtype=torch.float32, device=out.device),
-            launch.ticket_counters(col_blocks, out.device))
+            ticket_counters(col_blocks, out.device))
 
 
 # The weight-gradient reduction's tile on the GPU (rows per step, columns per program) and the
-# programs per SM its split over M aims at. benchmarks/diag_weight_grad.py times the choices; on the
+# programs per SM its split over M aims at. tools/diag_weight_grad.py times the choices; on the
 # H100 (RESULTS.md) 256 x 64 with 2 programs per SM was best or within 4% of it at every shape and
 # rank <= 64 (4096 x 4096, r = 64: 36 us against 53 us for 64 x 64 at 4 per SM). Above r = 64 a
-# 256-row stage would not leave room for two stages: 64 x 64. None = that rule; a tuple forces it.
-WEIGHT_GRAD_TILE = None
-WEIGHT_GRAD_PROGRAMS_PER_SM = 2
+# 256-row stage would not leave room for two stages: 64 x 64. settings.weight_grad_tile and
+# settings.weight_grad_programs_per_sm override both.
 
 
 def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0, mask_ld=1):
@@ -106,41 +109,42 @@ def _weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dro
         if colsum is not None:
             colsum.zero_()
         return
-    interp = launch.interpreting()
-    fast = launch.FAST_LAUNCH and not interp
+    interp = layout.interpreting()
+    fast = fast_launch.enabled()
     if fast:
-        meta = launch._meta
-        plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0, mask_ld)
+        meta = fast_launch.meta
+        plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0, mask_ld,
+                    settings.generation)
         plan = _PLANS.get(plan_key)
         if plan is not None:
             return plan(l, s, out, colsum, scale, seed, dropout_p)
-    BLOCK_R = launch.block_r(R)
-    BLOCK_M, BLOCK_C = (16, 16) if interp else WEIGHT_GRAD_TILE or ((256, 64) if BLOCK_R <= 64 else (64, 64))
+    BLOCK_R = block_r(R)
+    BLOCK_M, BLOCK_C = (16, 16) if interp else settings.weight_grad_tile or ((256, 64) if BLOCK_R <= 64 else (64, 64))
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
     # memory (r = 256: 66 KB a stage in bf16 at 64 x 64, so 2), and 8 warps once the
     # [BLOCK_C, BLOCK_R] float32 accumulator passes 64 registers a thread at 4 warps.
     stage_bytes = BLOCK_M * (BLOCK_C * l.element_size() + BLOCK_R * s.element_size())
     num_stages = 1 if interp else max(1, min(4, (160 * 1024) // stage_bytes))
     num_warps = 8 if BLOCK_C * BLOCK_R > 128 * 64 else 4
-    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, l.device,
-                                                           WEIGHT_GRAD_PROGRAMS_PER_SM)
+    col_blocks, splits, rows_per_split = split_rows(M, C, BLOCK_M, BLOCK_C, l.device,
+                                                    settings.weight_grad_programs_per_sm)
     partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
     partial, counter = _split_buffers(partial_numel, col_blocks, out)
     stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
     ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or)
     constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
                       BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
-    entry = launch.cached_launch(
+    entry = fast_launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
         (l, s, out, colsum if colsum is not None else out, partial, counter, *ints,
          float(scale), l if seed is None else seed, float(dropout_p), int(mask_ld)),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     if fast and entry is not None:
-        plan = launch.new_plan(_PLANS, plan_key, _WeightGradPlan)
+        plan = fast_launch.new_plan(_PLANS, plan_key, _WeightGradPlan)
         plan.entry, plan.grid3, plan.device = entry, (col_blocks, splits, 1), l.get_device()
         plan.partial_numel, plan.col_blocks, plan.ints = partial_numel, col_blocks, ints
-        plan.tail = (int(mask_ld), *(constexprs[n] for n in launch._constexpr_names(lowrank_weight_grad_kernel)))
+        plan.tail = (int(mask_ld), *(constexprs[n] for n in fast_launch.constexpr_names(lowrank_weight_grad_kernel)))
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
@@ -153,12 +157,12 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
     if need_x or need_A:
         g_s = torch.empty(M, r, dtype=grad_y.dtype, device=x.device)  # s * grad_y B
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        common = dict(q=lora_A.T, lr=g_s, lr_scale=s, seed=seed, dropout_p=dropout_p, mask_ld=K, dropout_out=True)
+        dropout = Dropout(seed, dropout_p, K, "term") if dropout_p > 0 else None
         if schedule(M, r) == "fused":
-            launch.launch_fused_linear(grad_y, weight.T, grad_x, p=lora_B.T, **common)
+            launch_gemm(grad_y, weight.T, grad_x, lowrank=LowRank(lora_A.T, g_s, s, p=lora_B.T), dropout=dropout)
         else:
-            launch.launch_fused_linear(grad_y, lora_B.T, g_s, precise=True, out_scale=s)
-            launch.launch_fused_linear(grad_y, weight.T, grad_x, lr_precomputed=True, **common)
+            launch_gemm(grad_y, lora_B.T, g_s, precise=True, out_scale=s)
+            launch_gemm(grad_y, weight.T, grad_x, lowrank=LowRank(lora_A.T, g_s, s), dropout=dropout)
         if not need_x:
             grad_x = None
     if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
@@ -183,5 +187,5 @@ def dropout_mask(seed, shape, p, device):
     if M and C:
         BLOCK = 64
         seed = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(1)
-        dropout_mask_kernel[(M, launch.cdiv(C, BLOCK))](out, M, C, seed, float(p), BLOCK=BLOCK)
+        dropout_mask_kernel[(M, cdiv(C, BLOCK))](out, M, C, seed, float(p), BLOCK=BLOCK)
     return out

@@ -31,15 +31,16 @@ import types
 
 import torch
 
-from . import launch, lowrank
+from . import lowrank
+from .gemm import Dropout, launch_gemm
 from .lora import _weight_grad, dropout_mask
 
 
 def _scaled_u(x, lora_A, s, dropout_p, seed):
     if dropout_p > 0:
         u_s = torch.empty(x.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
-        launch.launch_fused_linear(x, lora_A, u_s, seed=seed, dropout_p=dropout_p, mask_ld=x.shape[1], mask_a=True,
-                                   precise=True, out_scale=s)
+        launch_gemm(x, lora_A, u_s, dropout=Dropout(seed, dropout_p, x.shape[1], "product"), precise=True,
+                    out_scale=s)
         return u_s
     # addmm with beta = 0 never reads its input (A's first column only gives the (r,) shape it
     # broadcasts); alpha applies s inside the GEMM: one launch, not a GEMM and a scaling.

@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
-from .fused_linear import dropout_keep, load_seed, mma
+from . import fast_launch, layout
+from .dropout import dropout_keep, load_seed
+from .fused_linear import mma
+from .layout import block_r, cdiv
 
 
 @triton.jit
@@ -62,15 +64,15 @@ def lowrank_into(out, l, q, scale, seed=None, dropout_p=0.0, accumulate=True):
         return out
     if out.stride(1) != 1:
         raise ValueError("add_lowrank writes an output with a unit column stride")
-    BLOCK_R = launch.block_r(R)
-    if launch.interpreting():
+    BLOCK_R = block_r(R)
+    if layout.interpreting():
         BLOCK_M, BLOCK_C, warps = 16, 32, 4
     else:
         # 64 x 128 output tiles at R <= 64; narrower above, where the l and q tiles are large.
         BLOCK_M, BLOCK_C, warps = (64, 128, 4) if BLOCK_R <= 64 else (64, 64, 4)
     dropout = dropout_p > 0
-    launch.cached_launch(
-        lowrank_update_kernel, (launch.cdiv(M, BLOCK_M), launch.cdiv(C, BLOCK_C)),
+    fast_launch.cached_launch(
+        lowrank_update_kernel, (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)),
         (out, l, q, seed if dropout else out, M, C, R, out.stride(0), l.stride(0), l.stride(1), q.stride(0),
          q.stride(1), float(scale), float(dropout_p), int(C)),
         dict(DROPOUT=dropout, IEEE=out.dtype == torch.float32, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M,

@@ -5,7 +5,7 @@ saving and recomputing z.
 Forward, one launch each:
 - input scaling:  y = (x * l) W^T + b      l applied to the x tile in registers (SCALE_A; a per-tile
                   K loop for 16-bit 128-row tiles, the serialised flattened loop otherwise:
-                  launch.config_constexprs says why)
+                  configs.config_constexprs says why)
 - output scaling: y = (x W^T + b) * l (+ t) in the epilogue (SCALE_OUT, SHIFT_OUT); in "save"
   mode the same epilogue also writes z = x W^T + b (SAVE_AUX: + MN bytes written).
 FLOPs and bytes are the base GEMM's (2MNK; x, W, y) plus K or N scale entries: the scaling is free
@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import torch
 
-from . import launch
+from . import fast_launch, layout
 from .fused_linear import column_dot_kernel
+from .gemm import Rescale, launch_gemm
+from .layout import column_sums, split_rows, zero_column_sums
 
 
 def forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
     M, N = x.shape[0], weight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if input_scale:
-        launch.launch_fused_linear(x, weight, y, bias=bias, scale=scale, scale_a=True)
+        launch_gemm(x, weight, y, bias=bias, rescale=Rescale(scale, scale_a=True))
         return y, None
     z = torch.empty(M, N, dtype=x.dtype, device=x.device) if save_unscaled else None
-    launch.launch_fused_linear(x, weight, y, bias=bias, scale=scale, shift=shift, aux=z, save_aux=save_unscaled)
+    launch_gemm(x, weight, y, bias=bias, rescale=Rescale(scale, shift=shift, aux=z, save_aux=save_unscaled))
     return y, z
 
 
@@ -44,20 +46,20 @@ def _column_dot(g, z, want_sum):
     """(sum_rows(g * z), sum_rows(g) or None) as float32, from split-M partials summed in order."""
     M, C = g.shape
     if M == 0 or C == 0:
-        return launch.zero_column_sums(C, want_sum, g.device)
-    interp = launch.interpreting()
+        return zero_column_sums(C, want_sum, g.device)
+    interp = layout.interpreting()
     # 64 x 128 tiles, 4 warps, 3 stages, ~4 programs per SM: 2.1-2.2 TB/s on the H100 against
-    # 1.35-1.4 for 32 x 128 (benchmarks/diag_rescale.py --kernels, session 5).
+    # 1.35-1.4 for 32 x 128 (tools/diag_rescale.py --kernels).
     BLOCK_C, BLOCK_M = (16, 16) if interp else (128, 64)
-    col_blocks, splits, rows_per_split = launch.split_rows(M, C, BLOCK_M, BLOCK_C, g.device)
+    col_blocks, splits, rows_per_split = split_rows(M, C, BLOCK_M, BLOCK_C, g.device)
     partial = torch.empty(2 if want_sum else 1, splits, C, dtype=torch.float32, device=g.device)
-    launch.cached_launch(
+    fast_launch.cached_launch(
         column_dot_kernel, (col_blocks, splits),
         (g, z, partial, M, C, rows_per_split, g.stride(0), z.stride(0)),
         dict(SUM_G=bool(want_sum), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C),
         num_warps=4, num_stages=1 if interp else 3,
     )
-    return launch.column_sums(partial, want_sum)
+    return column_sums(partial, want_sum)
 
 
 def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
@@ -68,7 +70,7 @@ def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
     if input_scale:
         if need_x or need_scale:
             grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device) if need_x else None
-            res = launch.launch_fused_linear(grad_y, weight.T, grad_x, scale=scale, aux=x, reduce_aux=need_scale)
+            res = launch_gemm(grad_y, weight.T, grad_x, rescale=Rescale(scale, aux=x, reduce_aux=need_scale))
             if need_scale:
                 grad_scale = res[0].to(dtype)
         if need_b:
@@ -79,15 +81,15 @@ def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
 
     if need_x:
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        launch.launch_fused_linear(grad_y, weight.T, grad_x, scale=scale, scale_a=True)
+        launch_gemm(grad_y, weight.T, grad_x, rescale=Rescale(scale, scale_a=True))
     want_sum = need_shift or need_b
     col_g = None
     if need_scale:
         if z is not None:
             dot, col_g = _column_dot(grad_y, z, want_sum)
         else:
-            dot, col_g = launch.launch_fused_linear(x, weight, None, bias=bias, aux=grad_y, reduce_aux=True,
-                                                    reduce_sum=want_sum)
+            dot, col_g = launch_gemm(x, weight, None, bias=bias,
+                                     rescale=Rescale(aux=grad_y, reduce_aux=True, reduce_sum=want_sum))
         grad_scale = dot.to(dtype)
     elif want_sum:
         col_g = grad_y.sum(0, dtype=torch.float32)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import config_from_dict
+from .. import methods
 from ..inject import CONFIG_ATTR, inject, mark_only_adapters_trainable, set_adapter
 from ..modules import AdapterLayer, ModulesToSaveWrapper
 
@@ -51,15 +51,8 @@ _IGNORED_KEYS = {
     "peft_version", "megatron_config", "megatron_core", "use_qalora", "qalora_group_size", "layers_pattern",
     "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
 }
-# peft features that change the computation and that fusedpeft does not implement.
-_UNSUPPORTED_KEYS = (
-    "use_dora", "lora_bias", "layers_to_transform", "layer_replication", "target_parameters",
-    "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
-    "monteclora_config", "kasa_config",
-)
-# init_lora_weights values that only set the adapter's starting values (the file overwrites them);
-# the others (pissa, olora, corda, loftq, lora_ga, mica, ...) also rewrite the base weights.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# The keys that change the computation (refused) and the init values a file may carry are each
+# method's: fusedpeft.methods.
 
 
 # ----------------------------------------------------------------------------- keys
@@ -187,19 +180,26 @@ def _read_config(directory: str):
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     data = dict(data)
-    bad = [f"{k}={data[k]!r}" for k in _UNSUPPORTED_KEYS if data.get(k)]
-    init = data.get("init_lora_weights", True)
-    if data.get("peft_type") == "LORA" and init not in _PLAIN_INITS:
-        bad.append(f"init_lora_weights={init!r} (it rewrites the base weights; convert the adapter to plain LoRA first)")
+    bad = [f"{k}={data[k]!r}" for k in methods.UNSUPPORTED_KEYS if data.get(k)]
+    method = methods.for_peft_type(data.get("peft_type"))  # None: config_from_dict names the peft_type
+    if method is not None and method.file_inits is not None and method.init_key in data:
+        init = data[method.init_key]
+        try:
+            known_init = init in method.file_inits
+        except TypeError:  # an unhashable value (a list, a dict) is no init fusedpeft knows
+            known_init = False
+        if known_init:
+            data[method.init_key] = method.file_inits[init]  # starting values only: the file overwrites them
+        else:
+            bad.append(f"{method.init_key}={init!r} (it rewrites the base weights; convert the adapter to plain "
+                       f"{method.name} first)")
     if bad:
         raise ValueError(f"{path} uses peft features fusedpeft does not implement: {', '.join(bad)}")
     try:
-        config = config_from_dict(data)
+        config = methods.config_from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
-    if config.peft_type == "LORA" and config.init_lora_weights not in (True, False, "gaussian"):
-        config.init_lora_weights = True  # eva / orthogonal: starting values only, the file overwrites them
-    known = {f for f in config.to_dict()} | _IGNORED_KEYS | set(_UNSUPPORTED_KEYS) | {"init_lora_weights"}
+    known = {f for f in config.to_dict()} | _IGNORED_KEYS | set(methods.UNSUPPORTED_KEYS) | methods.INIT_KEYS
     unknown = sorted(k for k, v in data.items() if k not in known and v)
     if unknown:
         warnings.warn(f"{path}: ignoring config keys fusedpeft does not know: {unknown}")
@@ -293,7 +293,7 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
             raise ValueError(
                 f"the model's adapter {adapter_name!r} is {current.peft_type} but {load_directory!r} holds {config.peft_type}"
             )
-        skip = {"init_lora_weights", "init_ia3_weights", "init_ssf_weights"}  # starting values only
+        skip = methods.INIT_KEYS  # starting values only
         a, b = current.to_dict(), config.to_dict()
         differ = sorted(k for k in a if k not in skip and a[k] != b.get(k))
         if differ:

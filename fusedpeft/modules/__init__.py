@@ -1,6 +1,6 @@
 from .base import AdapterLayer, ModulesToSaveWrapper, is_conv1d, linear_shape
 from .ia3 import IA3Linear
-from .lora import LoraLinear
+from .lora import LoraLinear, LoraVariant
 from .ssf import SSFLinear
 
-__all__ = ["AdapterLayer", "IA3Linear", "LoraLinear", "ModulesToSaveWrapper", "SSFLinear", "is_conv1d", "linear_shape"]
+__all__ = ["AdapterLayer", "IA3Linear", "LoraLinear", "LoraVariant", "ModulesToSaveWrapper", "SSFLinear", "is_conv1d", "linear_shape"]

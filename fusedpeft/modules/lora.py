@@ -1,10 +1,15 @@
 """LoraLinear: an nn.Linear (or transformers Conv1D) with LoRA adapters, run through the fused
 ``lora_linear`` op. Its parameters carry peft's names (``base_layer.weight``,
-``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``) so state dicts and optimizers carry over."""
+``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``) so state dicts and optimizers carry over.
+
+What an adapter computes, and how it merges, is its variant's (``LoraVariant``, as peft's): plain
+LoRA by default, and a variant such as DoRA is a subclass that overrides the hooks it changes, not
+a copy of the layer."""
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -13,9 +18,52 @@ from ..ops.lora import lora_linear
 from .base import AdapterLayer
 
 
+class LoraVariant:
+    """The hooks through which a LoraLinear runs one adapter; this class is plain LoRA. A variant
+    subclasses it and overrides what it changes. Hooks are static: the state lives on the layer
+    (its per-adapter dicts and containers, and whatever ``init`` adds), the variant holds code only.
+
+    - ``init(module, adapter_name)``: once the adapter's lora_A, lora_B and scaling exist (a variant
+      adds its own parameters here).
+    - ``forward(module, adapter_name, x) -> y``: the layer's output with this adapter the only
+      active one, base included (plain LoRA: one fused ``lora_linear`` call).
+    - ``update(module, adapter_name, x, y) -> y``: ``y``, the output so far (the base and the
+      adapters before this one), plus this adapter's part, with its own dropout mask (several
+      active adapters, and per-row adapter_names).
+    - ``merge(module, adapter_name, weight) -> weight`` / ``unmerge(...)``: the base weight, as
+      (out, in) in float32 (float64 for a float64 base), with this adapter folded in / taken out.
+    """
+
+    @staticmethod
+    def init(module: "LoraLinear", adapter_name: str) -> None:
+        return None
+
+    @staticmethod
+    def forward(module: "LoraLinear", adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        return lora_linear(
+            x, module.base_weight(), module.base_layer.bias, module.lora_A[adapter_name].weight,
+            module.lora_B[adapter_name].weight, module.scaling[adapter_name], module._dropout_p(adapter_name),
+            module.training,
+        )
+
+    @staticmethod
+    def update(module: "LoraLinear", adapter_name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        x_n = module.lora_dropout[adapter_name](x.to(A.dtype))
+        return y + (module.scaling[adapter_name] * ((x_n @ A.T) @ B.T)).to(y.dtype)
+
+    @staticmethod
+    def merge(module: "LoraLinear", adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + module.delta_weight(adapter_name, weight.dtype)
+
+    @staticmethod
+    def unmerge(module: "LoraLinear", adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - module.delta_weight(adapter_name, weight.dtype)
+
+
 class LoraLinear(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant")
 
     def __init__(
         self,
@@ -28,6 +76,7 @@ class LoraLinear(AdapterLayer):
         use_rslora: bool = False,
         fan_in_fan_out: bool = False,
         autocast_adapter_dtype: bool = True,
+        variant: Optional[type[LoraVariant]] = None,
     ):
         super().__init__(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
@@ -37,7 +86,10 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, autocast_adapter_dtype)
+        # The adapters that are not plain LoRA, and their variants (as peft keeps them).
+        self.lora_variant: dict[str, type[LoraVariant]] = {}
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, autocast_adapter_dtype,
+                          variant=variant)
 
     def update_layer(
         self,
@@ -48,9 +100,11 @@ class LoraLinear(AdapterLayer):
         init_lora_weights=True,
         use_rslora: bool = False,
         autocast_adapter_dtype: bool = True,
+        variant: Optional[type[LoraVariant]] = None,
     ):
         """Add an adapter. The first one becomes active; later ones are added inactive and frozen
-        until set_adapter names them (as in peft)."""
+        until set_adapter names them (as in peft). ``variant``: a LoraVariant subclass that runs
+        and merges this adapter (None: plain LoRA)."""
         self._check_new_adapter(adapter_name)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
@@ -68,6 +122,9 @@ class LoraLinear(AdapterLayer):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if variant is not None and variant is not LoraVariant:
+            self.lora_variant[adapter_name] = variant
+        self._variant(adapter_name).init(self, adapter_name)
         self.set_adapter(self.active_adapters or adapter_name)
 
     @torch.no_grad()
@@ -88,32 +145,28 @@ class LoraLinear(AdapterLayer):
         module = self.lora_dropout[name]
         return module.p if isinstance(module, nn.Dropout) else 0.0
 
+    def _variant(self, name: str) -> type[LoraVariant]:
+        return self.lora_variant.get(name, LoraVariant)
+
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         names = self.active_adapters
-        weight, bias = self.base_weight(), self.base_layer.bias
+        variants = self.lora_variant
         if len(names) == 1:
             name = names[0]
-            return lora_linear(
-                x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], self._dropout_p(name), self.training,
-            )
-        if not self.training or all(self._dropout_p(n) == 0.0 for n in names):
-            # Several adapters without dropout are one adapter of rank sum(r): concatenate A along
-            # rows and scaling_i * B_i along columns, and run a single fused call.
+            return variants.get(name, LoraVariant).forward(self, name, x)
+        plain = not any(n in variants for n in names)
+        if plain and (not self.training or all(self._dropout_p(n) == 0.0 for n in names)):
+            # Several plain adapters without dropout are one adapter of rank sum(r): concatenate A
+            # along rows and scaling_i * B_i along columns, and run a single fused call.
             dtype = self.lora_A[names[0]].weight.dtype
             A = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], 0)
             B = torch.cat([self.lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], 1)
-            return lora_linear(x, weight, bias, A, B, 1.0)
-        # Several adapters with dropout need independent masks: the first one runs fused with the
-        # base, the others add their update on top.
-        y = lora_linear(
-            x, weight, bias, self.lora_A[names[0]].weight, self.lora_B[names[0]].weight,
-            self.scaling[names[0]], self._dropout_p(names[0]), self.training,
-        )
+            return lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, 1.0)
+        # Otherwise each adapter needs its own mask (or its own variant): the first one runs with
+        # the base (fused, for plain LoRA), the others add their part on top.
+        y = self._variant(names[0]).forward(self, names[0], x)
         for n in names[1:]:
-            A, B = self.lora_A[n].weight, self.lora_B[n].weight
-            x_n = self.lora_dropout[n](x.to(A.dtype))
-            y = y + (self.scaling[n] * ((x_n @ A.T) @ B.T)).to(y.dtype)
+            y = self._variant(n).update(self, n, x, y)
         return y
 
     def _per_row_forward(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
@@ -126,10 +179,8 @@ class LoraLinear(AdapterLayer):
             if name == "__base__" or name not in self.lora_A:
                 continue
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            sub = self.lora_dropout[name](x.index_select(0, rows).to(A.dtype))
-            update = (sub @ A.T) @ B.T * self.scaling[name]
-            result = result.index_add(0, rows, update.to(result.dtype))
+            part = self._variant(name).update(self, name, x.index_select(0, rows), result.index_select(0, rows))
+            result = result.index_copy(0, rows, part)
         return result
 
     # ------------------------------------------------------------------ merge
@@ -141,11 +192,10 @@ class LoraLinear(AdapterLayer):
 
     def _merge_one(self, name: str, safe_merge: bool):
         w = self.base_weight()
-        dt = self._merge_dtype(w)
-        merged = (w.to(dt) + self.delta_weight(name, dt)).to(w.dtype)
+        merged = self._variant(name).merge(self, name, w.to(self._merge_dtype(w))).to(w.dtype)
         self._write_base(merged, None, safe_merge, name)
 
     def _unmerge_one(self, name: str):
         w = self.base_weight()
-        dt = self._merge_dtype(w)
-        self._write_base((w.to(dt) - self.delta_weight(name, dt)).to(w.dtype), None, False, name)
+        restored = self._variant(name).unmerge(self, name, w.to(self._merge_dtype(w))).to(w.dtype)
+        self._write_base(restored, None, False, name)

@@ -1,5 +1,6 @@
-"""Functional ops, one file per method: the float reference, the autograd Function and the backend
-dispatch."""
+"""Functional ops, one file per method: the float reference (the ``torch`` backend, registered
+there), the backend dispatch and the op. Each op's autograd Function and torch custom ops come
+from one factory (``_autograd.autograd_op``); the other backends register from fusedpeft/backends/."""
 from .ia3 import ia3_linear, ia3_linear_reference
 from ._rescale import output_grad_mode
 from .lora import lora_linear, lora_linear_reference

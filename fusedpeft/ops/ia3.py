@@ -14,7 +14,7 @@ import torch
 from . import _common, _rescale
 
 OP = "ia3_linear"
-_rescale.register_backends(OP)
+_rescale.register_reference(OP)
 
 
 def ia3_linear_reference(x, weight, bias, ia3_scale, feedforward: bool):

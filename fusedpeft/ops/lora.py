@@ -1,10 +1,11 @@
 """LoRA linear: y = x W^T + b + scaling * (dropout(x) A^T) B^T.
 
 Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r). This file holds the float reference, the
-``torch`` backend (hand-written forward/backward, any device), the autograd Function and the
-backend dispatch. Faster backends implement the same three functions on 2-D inputs and register
-below: ``forward(...) -> (y, saved)``, ``backward(..., needs, saved) -> grads`` (``saved`` is the
-small tensors the forward chose to keep, here u) and ``dropout_mask(seed, shape, p, device)``.
+``torch`` backend (hand-written forward/backward, any device), the backend dispatch and the op,
+whose autograd Function and custom ops come from ``_autograd.autograd_op``. Faster backends
+implement the same three functions on 2-D inputs and register from ``fusedpeft/backends/``:
+``forward(...) -> (y, saved)``, ``backward(..., needs, saved) -> grads`` (``saved`` is the small
+tensors the forward chose to keep, here u) and ``dropout_mask(seed, shape, p, device)``.
 
 Dropout is never stored: the forward draws a seed, the mask is a pure function of (seed, shape,
 p, device) and the backward regenerates it. The seed is a one-element int64 tensor on x's device
@@ -13,10 +14,10 @@ CUDA): ``torch.manual_seed`` reproduces a run, and a captured CUDA graph draws a
 new masks, at every replay. The low-rank activation u = dropout(x) A^T (M x r) is saved: M*r
 values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
 
-On CUDA three backends compete per shape (fusedpeft/tuning.py): ``triton`` (the fused GEMM core),
-and ``cublas`` and ``cublas_after`` (cuBLAS GEMMs with the masks from small Triton kernels, the
-rank-r term written before or added after the GEMM). The first call at a shape key times a step
-of each on its own inputs; the fastest runs from then on.
+On CUDA three backends (``fusedpeft/backends/triton.py``) compete per shape (fusedpeft/tuning.py):
+``triton`` (the fused GEMM core), and ``cublas`` and ``cublas_after`` (cuBLAS GEMMs with the masks
+from small Triton kernels, the rank-r term written before or added after the GEMM). The first
+call at a shape key times a step of each on its own inputs; the fastest runs from then on.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import backends, tuning
-from . import _common
+from . import _autograd, _common
 
 OP = "lora_linear"
 
@@ -91,52 +92,12 @@ torch_backend = types.SimpleNamespace(
 )
 
 
-def _torch_supports(x, weight, forced=False):
-    return None
+# The op's reference: registered here, first (registration index 0). The backends that run on
+# Triton register in fusedpeft/backends/triton.py.
+backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0)
 
 
-backends.register(OP, "torch", load=lambda: torch_backend, supports=_torch_supports, priority=0)
-
-
-def _load_triton():
-    from .._kernels import triton_kernels
-
-    return triton_kernels.lora
-
-
-def _triton_supports(x, weight, forced=False):
-    from .._kernels import triton_usable
-
-    return triton_usable(x, weight, forced)
-
-
-backends.register(OP, "triton", load=_load_triton, supports=_triton_supports, priority=10, tunable=True)
-
-
-def _load_cublas(order):
-    def load():
-        from .._kernels import triton_kernels
-
-        return getattr(triton_kernels.lora_cublas, order)
-
-    return load
-
-
-# cuBLAS for the GEMMs, Triton for the seeded masks: they need what the triton backend needs.
-backends.register(OP, "cublas", load=_load_cublas("low_rank_first"), supports=_triton_supports, priority=5,
-                  tunable=True)
-backends.register(OP, "cublas_after", load=_load_cublas("low_rank_after"), supports=_triton_supports, priority=4,
-                  tunable=True)
-
-
-# ----------------------------------------------------------------------------- autograd
-# Two entry points over the same forward/backward: a plain autograd.Function in eager mode (the
-# lowest per-call overhead), and, under torch.compile, two torch custom ops tied by
-# register_autograd, so that compile(fullgraph=True) sees one opaque node per call and never
-# traces the launchers. The backend is chosen in the forward; the backward runs the same one (and
-# so regenerates the same dropout mask) even if the use_backend() block has been left by then.
-
-
+# ----------------------------------------------------------------------------- dispatch
 def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
     """(shape key, bench) for backends.select: the key holds what decides the fastest path; the
     bench times one candidate's training step (forward only without gradients) on these inputs."""
@@ -164,103 +125,20 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, nee
     return y, (u if u.dtype == x.dtype else u.to(x.dtype)), index
 
 
-def _backward_impl(grad_y, x, weight, lora_A, lora_B, u, index: int, scaling, dropout_p, seed, needs):
+def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scaling, dropout_p, seed, needs):
     impl = backends.impl_at(OP, index)
     # u stays in its saved dtype: backends read it as they need.
     return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
                          tuple(needs), (u,))
 
 
-def _needs(ctx, has_bias):
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    return [need_x, need_w, need_b and has_bias, need_A, need_B]
-
-
-class LoraLinearFunction(torch.autograd.Function):
-    """Eager path: saves x, the frozen weight, A, B (in x's dtype) and u (M x r); nothing of size
-    M x N. The adapter weights are cast to x's dtype here and their gradients cast back to their
-    own (float32 masters beside a bf16 base): two casts each way, but no autograd node for them,
-    which at small layers is host time the step would otherwise spend."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
-        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
-        lora_A, lora_B = _common.cast(lora_A, x.dtype), _common.cast(lora_B, x.dtype)
-        y, u, index = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                    _needs(ctx, bias is not None))
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
-        ctx.index, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias = index, scaling, dropout_p, seed, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        grad_x, grad_w, grad_b, grad_A, grad_B = _backward_impl(
-            grad_y, x, weight, lora_A, lora_B, u, ctx.index, ctx.scaling, ctx.dropout_p, ctx.seed,
-            _needs(ctx, ctx.has_bias))
-        dtype_A, dtype_B = ctx.adapter_dtypes
-        return (grad_x, grad_w, grad_b, _common.cast(grad_A, dtype_A), _common.cast(grad_B, dtype_B),
-                None, None, None)
-
-
-# Under torch.compile the backend travels as an int argument: forced_index, read while tracing (-1:
-# chosen per call). With -1 the forward measures or looks up its shape key, and the backward looks
-# the same key up again: the choice is remembered from the forward, so both run one backend. The
-# gradients are unknown inside a custom op, so its shape keys are tuned as training.
-def _train_needs(bias):
-    return (True, False, bias is not None, True, True)
-
-
-@torch.library.custom_op("fusedpeft::lora_linear_fwd", mutates_args=())
-def _lora_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: torch.Tensor, backend: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    y, u, _ = _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _train_needs(bias), backend)
-    return y, u
-
-
-@_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    return x.new_empty(M, N), x.new_empty(M, r)
-
-
-@torch.library.custom_op("fusedpeft::lora_linear_bwd", mutates_args=())
-def _lora_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-    lora_B: torch.Tensor, u: torch.Tensor, backend: int, scaling: float, dropout_p: float, seed: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend < 0:  # the forward's choice, looked up by the same shape key
-        backend, _ = _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, _train_needs(bias),
-                             record=False)
-    grads = _backward_impl(grad_y, x, weight, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs)
-    return _common.grads_to_tensors(grads, x)
-
-
-@_lora_bwd.register_fake
-def _(grad_y, x, weight, bias, lora_A, lora_B, u, backend, scaling, dropout_p, seed, needs):
-    return _common.fake_grads(x, (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape), needs)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    _, u = output
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, u, seed)
-    ctx.scaling, ctx.dropout_p, ctx.has_bias, ctx.backend = scaling, dropout_p, bias is not None, backend
-    ctx.mark_non_differentiable(u)
-
-
-def _op_backward(ctx, grad_y, grad_u):
-    x, weight, bias, lora_A, lora_B, u, seed = ctx.saved_tensors
-    needs = _needs(ctx, ctx.has_bias)
-    grads = _lora_bwd(grad_y, x, weight, bias, lora_A, lora_B, u, ctx.backend, ctx.scaling, ctx.dropout_p, seed,
-                      needs)
-    return (*_common.grads_from_tensors(grads, needs), None, None, None, None)
-
-
-_lora_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+# The eager autograd Function and the custom ops for torch.compile (ops/_autograd.py). They save
+# x, the frozen weight, A, B (in x's dtype) and u (M x r): nothing of size M x N.
+_OP = _autograd.autograd_op(
+    "lora_linear", adapters="Tensor lora_A, Tensor lora_B", params="float scaling, float dropout_p, Tensor? seed",
+    forward=_forward_impl, backward=_backward_impl, select=_select,
+    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]))
+_lora_fwd = _OP.forward_op
 
 
 def _new_seed(device) -> torch.Tensor:
@@ -268,20 +146,6 @@ def _new_seed(device) -> torch.Tensor:
     philox state, which a CUDA graph advances at every replay). A tensor, so torch.compile keeps
     it in the graph and the kernels read it on the device: no host sync."""
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-
-
-def _apply(x2, args, scaling, p):
-    if torch.compiler.is_compiling():
-        seed = _new_seed(x2.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x2.device)
-        lora_A, lora_B = (_common.cast(t, x2.dtype) for t in args[3:])
-        return _lora_fwd(x2, args[1], args[2], lora_A, lora_B, float(scaling), p, seed,
-                         backends.forced_index(OP, x2, args[1]))[0]
-    seed = _new_seed(x2.device) if p > 0.0 else None
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
-        # Inference (serving, evaluation): no autograd node and nothing saved.
-        lora_A, lora_B = (_common.cast(t, x2.dtype) for t in args[3:])
-        return _forward_impl(x2, args[1], args[2], lora_A, lora_B, float(scaling), p, seed)[0]
-    return LoraLinearFunction.apply(x2, *args[1:], float(scaling), p, seed)
 
 
 def lora_linear(
@@ -311,9 +175,11 @@ def lora_linear(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
     dtype = _common.compute_dtype(x, weight)
-    # The adapter weights keep their dtype here: _apply casts them (inside the autograd Function).
-    args = [_common.cast(t, dtype) for t in (x, weight, bias)] + [lora_A, lora_B]
+    # The adapter weights keep their dtype here: the autograd Function casts them.
+    x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
     p = float(dropout_p) if training else 0.0
-    x2 = _common.flatten_rows(args[0])
-    y = _common.outside_autocast(x.device.type, _apply, x2, args, scaling, p)
+    x2 = _common.flatten_rows(x_c)
+    seed = _new_seed(x2.device) if p > 0.0 else None
+    y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, float(scaling),
+                                 p, seed)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

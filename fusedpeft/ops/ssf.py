@@ -15,7 +15,7 @@ import torch
 from . import _common, _rescale
 
 OP = "ssf_linear"
-_rescale.register_backends(OP)
+_rescale.register_reference(OP)
 
 
 def ssf_linear_reference(x, weight, bias, ssf_scale, ssf_shift):

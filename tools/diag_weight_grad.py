@@ -4,7 +4,7 @@ grad_A = g_s^T drop(x) reads x [M, K]; grad_B = grad_y^T u_s (and grad_bias) rea
 memory-bound passes, so each time is printed beside the time to read l once at 3.0 TB/s. Every
 (rows per step, columns per program) tile and programs-per-SM target is timed.
 
-    python -m benchmarks.diag_weight_grad [MxC ...] [--ranks 16,64]
+    python -m tools.diag_weight_grad [MxC ...] [--ranks 16,64]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from . import harness
+from benchmarks import harness
 
 TILES = [(64, 64), (128, 64), (64, 128), (128, 128), (32, 64), (256, 64)]
 

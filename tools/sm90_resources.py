@@ -6,17 +6,21 @@ and backward make (shapes, strides, dtypes and flags as the real launchers pass 
 stubbed out), compiles each for sm_90 under every tile config the tuner would try, and prints what
 `cuobjdump -res-usage` reports for the cubin, beside the dynamic shared memory Triton asks for
 (227 KB is the H100's limit), any "Potential Performance Loss" advisory of ptxas (C7515:
-wgmmas serialised, which cost the IA3 input-scaling loop ~35% until session 5), and any
-instruction that overwrites a register operand of a wgmma still in flight (the race that gave
-fp32 input scaling wrong results once its loop was pipelined; register_operand_hazards).
-Session 4 used it to find the cost of the LoRA epilogue before spending device time
-(benchmarks/RESULTS.md); the figures are the installed Triton's, which may differ from the
-device image's (3.6).
+wgmmas serialised, which costs a register-scaled loop about a third of its time), and any
+instruction that overwrites a register operand of a wgmma still in flight (a race that gives wrong
+results: register_operand_hazards). It prices a kernel change on Hopper before any device time is
+spent (benchmarks/RESULTS.md quotes it); the figures are the installed Triton's, which may differ
+from the device image's (3.6).
 
-    python -m benchmarks.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
-                                        [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
-                                        [--launches forward,grad_x]
-                                        [--block-n 256] [--stages 3] [--json] [--dump DIR]
+    python -m tools.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
+                                   [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
+                                   [--launches forward,grad_x]
+                                   [--block-n 256] [--stages 3] [--json] [--dump DIR]
+    python -m tools.sm90_resources --flags-only [...]     # the launches' flags; nothing compiled
+    python -m tools.sm90_resources --sass FILE [FILE ...]  # the hazard check on SASS listings
+
+--shape, --method, --rank and --dtype take comma-separated lists: every combination is reported,
+and with --json each row names its shape, method, rank and dtype.
 
 Triton compiles only when its language module was loaded without the interpreter; under
 TRITON_INTERPRET=1 (as in CI) main() re-runs itself in a fresh process without it.
@@ -103,9 +107,9 @@ def compile_for_sm90(kernel, args, constexprs, num_warps, num_stages, dump=None)
                                   os.path.join(tmp, "v.cubin")], capture_output=True, text=True).stderr
     if dump:
         os.makedirs(dump, exist_ok=True)
-        for ext in ("ttgir", "ptx"):
+        for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(os.path.join(dump, f"kernel.{ext}"), "w") as f:
-                f.write(compiled.asm[ext])
+                f.write(text)
     fields = dict(item.split(":") for item in usage.split() if ":" in item)
     fields["hazards"] = register_operand_hazards(sass)
     fields["advisories"] = [line.split("Potential Performance Loss:", 1)[1].strip().split(" in the function")[0]
@@ -178,36 +182,36 @@ def register_operand_hazards(sass: str) -> list:
 
 def record_launches(step):
     """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch that
-    step() makes through the Triton backend's launchers, built as for a GPU; nothing runs."""
+    step() makes through the Triton backend's launchers, built as for a GPU; nothing runs. The
+    launchers' GPU queries are stood in for (an H100's 132 SMs), and each tuned launch takes the
+    first candidate config, recorded with the whole candidate list."""
     from fusedpeft._kernels import triton_kernels
+    from fusedpeft.settings import settings
 
-    launch, lora = triton_kernels.launch, triton_kernels.lora
+    buffers, configs, fast_launch, layout = (triton_kernels.buffers, triton_kernels.configs,
+                                             triton_kernels.fast_launch, triton_kernels.layout)
     recorded, pending = [], []
-    saved = {n: getattr(launch, n) for n in ("interpreting", "num_sms", "ensure_allocator", "cached_launch",
-                                             "_tuned_config", "_PLANS", "TUNED")}
-    saved_plans, saved_device = lora._PLANS, torch.cuda.current_device
 
     def record(kernel, grid, args, constexprs, num_warps, num_stages):
         recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
 
     def first_candidate(key, M_, N_, size, launch_with):
-        cands = launch._candidates(M_, N_, size)
+        cands = configs.candidates(M_, N_, size)
         pending.append(cands)  # the launch that follows is recorded with them
         return cands[0]
 
+    stand_ins = [(layout, "interpreting", lambda: False), (layout, "num_sms", lambda index: 132),
+                 (buffers, "ensure_allocator", lambda: None), (fast_launch, "cached_launch", record),
+                 (configs, "tuned_config", first_candidate), (torch.cuda, "current_device", lambda: 0)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in stand_ins]
     try:
-        launch.interpreting = lambda: False
-        launch.num_sms = lambda index: 132
-        launch.ensure_allocator = lambda: None
-        launch.cached_launch = record
-        launch._tuned_config = first_candidate
-        launch._PLANS, launch.TUNED, lora._PLANS = {}, {}, {}
-        torch.cuda.current_device = lambda: 0
-        step()
+        for obj, name, value in stand_ins:
+            setattr(obj, name, value)
+        with settings.override(fast_launch=False):  # no launch plans: every call goes through the launchers
+            step()
     finally:
-        for n, v in saved.items():
-            setattr(launch, n, v)
-        lora._PLANS, torch.cuda.current_device = saved_plans, saved_device
+        for obj, name, value in saved:
+            setattr(obj, name, value)
     return recorded
 
 
@@ -250,28 +254,39 @@ def record_rescale_launches(M, K, N, kind, dtype=torch.bfloat16, save_unscaled=T
     return [launch for launch in record_launches(step) if launch[5] is not None]  # the tuned GEMMs
 
 
-LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]
-
-
+LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]  # the split schedule (large M)
+FUSED_LAUNCH_NAMES = ["forward", "grad_x", "grad_A", "grad_B"]  # the fused schedule (decode sizes)
 RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _tensor_dtypes(kernel, args, constexprs) -> dict:
+    """{argument name: Triton dtype} of a launch's tensor arguments."""
+    plain = [n for n in kernel.arg_names if n not in constexprs]
+    return {n: _TRITON_TYPES[v.dtype] for n, v in zip(plain, args) if isinstance(v, torch.Tensor)}
 
 
 def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False,
-           dtype=torch.bfloat16):
-    """[{launch, kernel, flags, configs: [{config, warps, stages, registers, stack, shared,
-    advisories, hazards, error}]}] for the launches of one training step of ``method`` ("lora",
-    named as LAUNCH_NAMES at large M, or one of RESCALE_KINDS, named as RESCALE_NAMES;
-    ``recompute``: output scaling's recompute mode), each compiled for sm_90 under every tuner
-    candidate (filtered by BLOCK_N and stages if given)."""
+           dtype=torch.bfloat16, compile=True):
+    """[{launch, kernel, flags, tensors, tuned, configs: [{config, warps, stages, FLATTEN,
+    registers, stack, shared, over_shared_limit, advisories, hazards, error}]}] for the launches
+    of one training step of ``method`` ("lora", named as LAUNCH_NAMES or FUSED_LAUNCH_NAMES by the
+    schedule it takes, or one of RESCALE_KINDS, named as RESCALE_NAMES; ``recompute``: output
+    scaling's recompute mode), each under every tuner candidate (filtered by BLOCK_N and stages if
+    given). ``tensors`` gives each tensor argument's dtype, ``tuned`` whether the tuner picks the
+    launch's config, and FLATTEN the loop form a config of the fused GEMM kernel gets. With
+    ``compile`` (the default) each config is compiled for sm_90 and its resources filled in;
+    without, nothing is compiled."""
     if method == "lora":
-        recorded, names = record_lora_launches(M, K, N, r, dtype), LAUNCH_NAMES
+        recorded = record_lora_launches(M, K, N, r, dtype)
+        names = FUSED_LAUNCH_NAMES if len(recorded) == len(FUSED_LAUNCH_NAMES) else LAUNCH_NAMES
     elif method in RESCALE_KINDS:
         recorded, names = record_rescale_launches(M, K, N, method, dtype, not recompute), RESCALE_NAMES
     else:
         raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
     from fusedpeft._kernels import triton_kernels
 
-    launch_mod = triton_kernels.launch
+    tile_configs = triton_kernels.configs
     rows = []
     for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(recorded):
         name = names[i] if i < len(names) else f"launch {i}"
@@ -279,18 +294,23 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
             continue
         configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, num_stages)]
         row = {"launch": name, "kernel": kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
-               "flags": {k: v for k, v in constexprs.items() if isinstance(v, (bool, int))}, "configs": []}
+               "flags": {k: v for k, v in constexprs.items() if isinstance(v, (bool, int))},
+               "tensors": _tensor_dtypes(kernel, call_args, constexprs), "tuned": candidates is not None,
+               "configs": []}
         for j, (kw, w, st) in enumerate(configs):
             if (block_n and kw.get("BLOCK_N") != block_n) or (stages and st != stages):
                 continue
             entry = {"config": kw, "warps": w, "stages": st}
             try:
-                if kernel is launch_mod.fused_linear_kernel:  # the loop form follows the config, as at launch
-                    kw = launch_mod.config_constexprs(constexprs, kw, call_args[0].element_size())
-                fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
-                                                  os.path.join(dump, f"{i}_{j}") if dump else None)
-                entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
-                             advisories=fields["advisories"], hazards=fields["hazards"])
+                if "FLATTEN" in kernel.arg_names:  # the loop form follows the config, as at launch
+                    kw = tile_configs.config_constexprs(constexprs, kw, call_args[0].element_size())
+                    entry["FLATTEN"] = kw["FLATTEN"]
+                if compile:
+                    fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
+                                                      os.path.join(dump, f"{i}_{j}") if dump else None)
+                    entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
+                                 over_shared_limit=shared > H100_SHARED_LIMIT, advisories=fields["advisories"],
+                                 hazards=fields["hazards"])
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[-1][:200] if str(exc) else ''}"
             row["configs"].append(entry)
@@ -298,48 +318,83 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
     return rows
 
 
-def main(argv=None):
-    import json
-    import sys
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N")
-    parser.add_argument("--method", default="lora", choices=("lora", *RESCALE_KINDS))
-    parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA's rank")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--launches", default=None,
-                        help=f"comma-separated subset of {','.join(LAUNCH_NAMES)} (LoRA) or {','.join(RESCALE_NAMES)}")
-    parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
-    parser.add_argument("--stages", type=int, default=None, help="only configs with this many stages")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--dump", default=None, help="write each compiled launch's TTGIR and PTX below this folder")
-    args = parser.parse_args(argv)
-    if _interpreting():  # triton.language itself was loaded for the interpreter: start afresh without it
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        argv = sys.argv[1:] if argv is None else argv
-        raise SystemExit(subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", *argv], env=env).returncode)
-    M, K, N = (int(v) for v in args.shape.split("x"))
-    rows = report(M, K, N, args.rank, args.launches.split(",") if args.launches else None, args.block_n,
-                  args.stages, args.dump, args.method, args.recompute,
-                  {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
-    if args.json:
-        print(json.dumps(rows))
-        return
+def _print_rows(rows, flags=False):
     for row in rows:
         print(f"{row['launch']} ({row['kernel']}):")
+        if flags:
+            print("  flags: " + " ".join(k if v is True else f"{k}={v}" for k, v in row["flags"].items() if v is not False)
+                  + "; " + " ".join(f"{n}: {t}" for n, t in row["tensors"].items()))
         for c in row["configs"]:
             tag = " ".join(f"{k}={v}" for k, v in c["config"].items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SUBTILE"))
             head = f"  {tag or 'fixed config'} w{c['warps']} s{c['stages']}: "
             if "error" in c:
                 print(head + f"does not compile ({c['error'][:100]})")
+            elif "registers" not in c:  # --flags-only
+                print(head + ("flattened loop" if c.get("FLATTEN") else "per-tile K loops" if "FLATTEN" in c else "recorded"))
             else:
-                over = "  (over the H100's shared memory)" if c["shared"] > H100_SHARED_LIMIT else ""
+                over = "  (over the H100's shared memory)" if c["over_shared_limit"] else ""
                 print(head + f"{c['registers']} registers, stack {c['stack']}, shared {c['shared'] / 1024:.0f} KB{over}")
                 for advisory in c["advisories"]:
                     print(f"      ptxas: {advisory}")
                 for hazard in c["hazards"]:
                     print(f"      register operand overwritten in flight: {hazard}")
+
+
+def main(argv=None):
+    import itertools
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N, or several, comma-separated")
+    parser.add_argument("--method", default="lora", help=f"lora or one of {', '.join(RESCALE_KINDS)}, or several, comma-separated")
+    parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
+    parser.add_argument("--rank", default="16", help="LoRA's rank, or several, comma-separated")
+    parser.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}, or several, comma-separated")
+    parser.add_argument("--launches", default=None,
+                        help=f"comma-separated subset of {','.join(LAUNCH_NAMES)} (LoRA) or {','.join(RESCALE_NAMES)}")
+    parser.add_argument("--block-n", type=int, default=None, help="only configs with this BLOCK_N")
+    parser.add_argument("--stages", type=int, default=None, help="only configs with this many stages")
+    parser.add_argument("--flags-only", action="store_true",
+                        help="record the launches and report their flags, tensor dtypes and loop forms; compile nothing")
+    parser.add_argument("--sass", nargs="+", default=None, metavar="FILE",
+                        help="only run register_operand_hazards on these SASS listings (cuobjdump -sass)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (one line)")
+    parser.add_argument("--dump", default=None, help="write each compiled launch's TTGIR, PTX and SASS below this folder")
+    args = parser.parse_args(argv)
+    if args.sass:
+        found = {}
+        for path in args.sass:
+            with open(path) as f:
+                found[path] = register_operand_hazards(f.read())
+        if args.json:
+            print(json.dumps(found))
+        for path, lines in ([] if args.json else found.items()):
+            print(f"{path}: " + ("no register operand overwritten in flight" if not lines else ""))
+            for line in lines:
+                print(f"  {line}")
+        return
+    methods = args.method.split(",")
+    unknown = [m for m in methods if m not in ("lora", *RESCALE_KINDS)] + [d for d in args.dtype.split(",") if d not in DTYPES]
+    if unknown:
+        parser.error(f"unknown --method or --dtype: {unknown}")
+    if _interpreting() and not args.flags_only:
+        # triton.language itself was loaded for the interpreter: start afresh without it
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else argv
+        raise SystemExit(subprocess.run([sys.executable, "-m", "tools.sm90_resources", *argv], env=env).returncode)
+    rows = []
+    for shape, method, dtype in itertools.product(args.shape.split(","), methods, args.dtype.split(",")):
+        M, K, N = (int(v) for v in shape.split("x"))
+        for r in [int(v) for v in args.rank.split(",")] if method == "lora" else [None]:
+            part = report(M, K, N, r, args.launches.split(",") if args.launches else None, args.block_n,
+                          args.stages, args.dump, method, args.recompute, DTYPES[dtype], compile=not args.flags_only)
+            if not args.json:
+                print(f"== {shape} {method}" + (f" r={r}" if r else "") + f" {dtype}")
+                _print_rows(part, flags=args.flags_only)
+            rows += [{"shape": shape, "method": method, "rank": r, "dtype": dtype, **row} for row in part]
+    if args.json:
+        print(json.dumps(rows))
 
 
 if __name__ == "__main__":

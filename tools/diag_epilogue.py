@@ -6,7 +6,7 @@ pointer and by tensor descriptor (launch.LOWRANK_TMA), in both orientations the 
 launches: the forward (q = B, stored [N, r]) and grad_x (q = A^T, A stored [r, K]; w = W^T).
 cuBLAS beside. A key no config can hold runs the update apart and is marked "(apart)".
 
-    python -m benchmarks.diag_epilogue [MxKxN ...] [--ranks 16,64] [--orient fwd,grad_x]
+    python -m tools.diag_epilogue [MxKxN ...] [--ranks 16,64] [--orient fwd,grad_x]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import harness
+from benchmarks import harness
 
 
 def main(argv=None):

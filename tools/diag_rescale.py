@@ -1,24 +1,24 @@
 """Host-side profile of the IA3 / SSF calls (GPU): per-call host time, compiled-kernel cache
 growth, and the top of cProfile, for each variant of benchmarks.rescale at one shape.
 
-    python -m benchmarks.diag_rescale 16 4096 4096
+    python -m tools.diag_rescale 16 4096 4096
 
 and, with --kernels, each kernel of the steps timed alone (kernel_variants):
 
-    python -m benchmarks.diag_rescale --kernels 4096x4096x4096 8192x4096x14336
+    python -m tools.diag_rescale --kernels 4096x4096x4096 8192x4096x14336
 """
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
-from . import harness, rescale
+from benchmarks import harness, rescale
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    M, K, N = (int(v) for v in argv[:3]) if argv else (16, 4096, 4096)
+def host_profiles(M=16, K=4096, N=4096):
+    """Host time, compiled-kernel cache growth and cProfile's top of every fusedpeft variant of
+    benchmarks.rescale at one shape, forward and training step."""
     from fusedpeft._kernels import triton_kernels
 
     cache = triton_kernels.launch._COMPILED
@@ -37,9 +37,10 @@ def main(argv=None):
 def kernel_variants(M=4096, K=4096, N=4096, log=print):
     """Each GPU kernel of the IA3 / SSF steps timed alone (bf16), beside cuBLAS's x W^T and the
     core GEMM with nothing fused, with the tuner's three best configs: where each variant's time
-    goes. "flattened" is the register-scaled loop as it was before session 5 (one flattened
-    tile-and-K loop, whose wgmmas ptxas serialises); the core on per-tile K loops, as the
-    register-scaled loop runs now, separates the cost of the loop form from that of the scaling."""
+    goes. "flattened loop" forces the register-scaled loop into one flattened tile-and-K loop,
+    whose wgmmas ptxas serialises; the core on per-tile K loops (the form the register-scaled loop
+    takes on 16-bit 128-row tiles) separates the cost of the loop form from that of the scaling.
+    "by pointer" reads the aux tiles by pointer instead of by tensor descriptor."""
     from fusedpeft._kernels import triton_kernels
 
     launch_mod = triton_kernels.launch
@@ -67,7 +68,7 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
     out_fwd_z = lambda: launch(x, W, y, scale=l_n, aux=z, save_aux=True)
     out_grad_x = lambda: launch(g, W.T, gx, scale=l_n, scale_a=True)
     recompute = lambda: launch(x, W, None, aux=g, reduce_aux=True, reduce_sum=True)
-    pointers = dict(RESCALE_TMA=False)  # the aux tiles by pointer, as before session 5
+    pointers = dict(RESCALE_TMA=False)  # the aux tiles by pointer loads, not tensor descriptors
     variants = {
         "cuBLAS x W^T": lambda: torch.mm(x, W.T, out=y),
         "core x W^T": lambda: launch(x, W, y),
@@ -113,9 +114,18 @@ def kernel_variants(M=4096, K=4096, N=4096, log=print):
             f"{4 * M * N / ms / 1e9:.2f} TB/s")
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--kernels"]:
-        for shape in sys.argv[2:] or ["4096x4096x4096"]:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sizes", nargs="*", help="M K N of the host profile (default 16 4096 4096); with --kernels, "
+                        "MxKxN shapes (default 4096x4096x4096)")
+    parser.add_argument("--kernels", action="store_true", help="time each kernel of the steps alone (kernel_variants)")
+    args = parser.parse_args(argv)
+    if args.kernels:
+        for shape in args.sizes or ["4096x4096x4096"]:
             kernel_variants(*(int(v) for v in shape.split("x")))
     else:
-        main()
+        host_profiles(*(int(v) for v in args.sizes[:3]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,5 @@
-"""Backend registry: each op (``lora_linear``, ``ia3_linear``, ...) has one or more implementations
-(``torch`` everywhere; ``triton`` and ``cuda`` where they are built). The choice, per call:
+"""Backend registry: each op (``lora_linear``, ``ia3_linear``, ``ssf_linear``) has one or more
+implementations: ``torch`` everywhere, and others where their code can run. The choice, per call:
 
 1. ``settings.backend``: a ``use_backend(name)`` block (innermost first), else the
    ``FUSEDPEFT_BACKEND`` environment variable (``torch``, ``triton``, ``cublas``, ... or ``auto``);
@@ -10,13 +10,41 @@
 
 A backend named by 1 that cannot take the inputs raises, naming why: a forced choice is
 never silently replaced by another. ``last_backend(op)`` says which implementation ran last.
+
+How a backend registers
+-----------------------
+Each op file registers its ``torch`` reference (``fusedpeft/ops/lora.py``, ``ops/ia3.py``,
+``ops/ssf.py``); every other backend lives in a module of this package that registers itself when
+imported: ``triton.py`` holds the Triton kernels and the cuBLAS compositions that draw their masks
+with Triton. ``fusedpeft/__init__.py`` imports these modules after ``fusedpeft.ops``, in a fixed
+order (and each module imports ``fusedpeft.ops`` before it registers anything), so that the
+registration index of every (op, backend) pair is the same in every process: the reference is
+index 0, then the backends in the order their modules register them. Compiled
+graphs carry that index (``forced_index``) and the backward finds the forward's backend by it
+(``impl_at``). A backend module calls, for each op it serves::
+
+    register(op, name, load=..., supports=..., priority=..., tunable=...)
+
+- ``load()`` takes no argument and returns the implementation, an object with the op's functions
+  (``forward``, ``backward`` and, for LoRA, ``dropout_mask``: see the op file for their
+  signatures). It runs on first use, so it is where the module imports its compiled code: importing
+  fusedpeft never imports triton or a CUDA extension. An exception it raises becomes the reason the
+  backend cannot run, reported to whoever names it.
+- ``supports(x, weight, forced=False)`` reads only the tensors' devices and dtypes (a choice is
+  cached per device types and dtypes) and returns None when the backend can run them, else why not.
+- ``priority`` orders the automatic choice; ``tunable`` makes the backend a measured candidate.
+
+A CUDA extension built from ``csrc/`` fits the same way: ``backends/cuda.py`` would import the
+extension inside ``load`` (so that the package imports where it was not built), report in
+``supports`` why it cannot run (not built, no CUDA tensors, a dtype it lacks), and be imported by
+``fusedpeft/__init__.py`` after ``triton``, so that the indices already given do not move.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .settings import settings
+from ..settings import settings
 
 ENV_VAR = "FUSEDPEFT_BACKEND"
 
@@ -29,8 +57,8 @@ class Backend:
     # it cannot. `forced` is True when the user named this backend (some paths, such as Triton's
     # CPU interpreter, are for testing and are never picked automatically).
     supports: Callable[..., Optional[str]]
-    # Either the implementation itself or a zero-argument loader returning it (imported lazily so
-    # that `import fusedpeft` never imports triton or compiles CUDA code).
+    # A zero-argument loader returning the implementation, called on first use (so that
+    # `import fusedpeft` never imports triton or compiles CUDA code).
     load: Callable[[], Any]
     # An automatic candidate timed against the op's other tunable backends per shape key.
     tunable: bool = False
@@ -76,7 +104,9 @@ def registered(op: str) -> list[str]:
 
 
 def _forced() -> Optional[str]:
-    value = settings.backend
+    # values() rather than settings.backend: dynamo traces a plain method and an attribute of a
+    # frozen dataclass, not Settings.__getattr__, and guards the compiled graph on the value.
+    value = settings.values().backend
     return None if value == "auto" else value
 
 
@@ -108,13 +138,12 @@ class _Kind:
 
 def _constant_while_tracing(fn):
     # Dynamo calls fn with its (constant) arguments at trace time and keeps the int it returns,
-    # rather than tracing the registry's checks (which import and inspect modules).
-    try:
-        import torch
-
-        return torch.compiler.assume_constant_result(fn)
-    except (ImportError, AttributeError):
-        return fn
+    # rather than tracing the registry's checks (which import and inspect modules). The mark is
+    # the one torch.compiler.assume_constant_result sets; that function imports torch._dynamo, and
+    # with it triton, which importing fusedpeft must not do. tests/test_compile.py checks that
+    # dynamo honours the mark.
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_while_tracing
@@ -146,7 +175,7 @@ def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -
 def _measured(op: str, candidates: tuple, tune) -> Backend:
     if tune is None:
         return candidates[0]
-    from . import tuning
+    from .. import tuning
 
     shape_key, bench = tune
     name = tuning.choose(op, shape_key, [b.name for b in candidates],

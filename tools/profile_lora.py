@@ -1,17 +1,25 @@
-"""Host-side profile of one LoRA layer call (where the time goes when the GPU work is short):
-    python -m benchmarks.profile_lora [M K N r]"""
-import sys
+"""Host-side profile of one LoRA layer call (where the time goes when the GPU work is short),
+triton and torch backends, forward and training step (GPU):
+
+    python -m tools.profile_lora [M K N r]     # default 16 4096 4096 16
+"""
+import argparse
 
 import torch
 
 import fusedpeft
 from fusedpeft.ops import lora_linear
 
-from . import harness
+from benchmarks import harness
 
 
-def main(argv):
-    M, K, N, r = (int(v) for v in (argv or ["16", "4096", "4096", "16"]))
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sizes", nargs="*", type=int, default=[16, 4096, 4096, 16], help="M K N r")
+    sizes = parser.parse_args(argv).sizes
+    if len(sizes) != 4:
+        parser.error(f"expected M K N r, got {sizes}")
+    M, K, N, r = sizes
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     A = (torch.randn(r, K, device="cuda") / K**0.5).bfloat16().requires_grad_()
@@ -28,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

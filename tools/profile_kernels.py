@@ -2,7 +2,7 @@
 activity), beside the step's wall time: which launch is short of its roofline, and how much of
 the step is the GPU idling on the host.
 
-    python -m benchmarks.profile_kernels [MxKxN ...] [--ranks 16,64] [--backend triton]
+    python -m tools.profile_kernels [MxKxN ...] [--ranks 16,64] [--backend triton]
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import fusedpeft
 from fusedpeft.ops import lora_linear
 
-from . import harness
-from .lora import _inputs
+from benchmarks import harness
+from benchmarks.lora import _inputs
 
 
 def profile_step(step, steps: int = 10):

@@ -1,0 +1,66 @@
+"""The backends that run on Triton: ``triton`` (the fused kernels of ``fusedpeft.triton_kernels``)
+for lora_linear, ia3_linear and ssf_linear, and, for lora_linear, ``cublas`` and ``cublas_after``
+(cuBLAS GEMMs with the dropout masks from small Triton kernels, the rank-r term written before the
+GEMM or added after it).
+
+Nothing here imports triton: each ``load`` reaches the kernels through ``fusedpeft._kernels`` on
+first use, and ``supports`` asks only whether triton is installed."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+from .. import ops  # noqa: F401  (each op registers its torch reference first: registration index 0)
+from . import register
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(x, weight, forced=False):
+    """None when the Triton backend can run on these tensors, else why not. On CPU tensors it runs
+    only when asked for by name under Triton's interpreter (TRITON_INTERPRET=1): that is how CI
+    tests the kernels, and far too slow to pick automatically."""
+    if not triton_installed():
+        return "triton is not installed"
+    import torch
+
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 and float32, not {x.dtype}"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu" and interpreter_on() and forced:
+        return None
+    return f"tensors are on {x.device.type}; the Triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)"
+
+
+def _kernel(*path):
+    """A loader for the object at ``path`` inside fusedpeft.triton_kernels."""
+    def load():
+        from .._kernels import triton_kernels
+
+        found = triton_kernels
+        for name in path:
+            found = getattr(found, name)
+        return found
+
+    return load
+
+
+# Priorities, tunable flags and order as the op's shape key expects them: the fused kernels first,
+# then cuBLAS with the rank-r term first, then after. The cuBLAS compositions draw their masks with
+# Triton, so they need what the triton backend needs.
+register("lora_linear", "triton", load=_kernel("lora"), supports=triton_usable, priority=10, tunable=True)
+register("lora_linear", "cublas", load=_kernel("lora_cublas", "low_rank_first"), supports=triton_usable,
+         priority=5, tunable=True)
+register("lora_linear", "cublas_after", load=_kernel("lora_cublas", "low_rank_after"), supports=triton_usable,
+         priority=4, tunable=True)
+for _op in ("ia3_linear", "ssf_linear"):  # one implementation serves both rescaling methods
+    register(_op, "triton", load=_kernel("rescale"), supports=triton_usable, priority=10, tunable=True)

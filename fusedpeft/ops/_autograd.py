@@ -1,0 +1,182 @@
+"""One factory for the autograd entry points of every op.
+
+An op computes y (M, N) from x (M, K), the frozen weight (N, K), an optional bias (N,) and its
+adapter tensors, under parameters that take no gradient (scalars, flags, a seed). Its file gives
+the factory three functions on 2-D x:
+
+    forward(x, weight, bias, *adapters, *params, needs, index=-1) -> (y, saved, index)
+    backward(grad_y, x, weight, bias, *adapters, saved, index, *params, needs) -> a grad per tensor
+    select(x, weight, bias, *adapters, *params, needs, index=-1, record=True) -> (index, impl)
+
+``forward`` picks the backend (``select``) and runs it. ``index`` is that backend's registration
+index (fusedpeft.backends): the backward runs the backend at that index, so it always runs the
+forward's backend (and regenerates the same dropout mask), even when a ``use_backend`` block has
+been left by then. ``saved`` is the one activation the forward keeps for the backward, or None;
+``needs`` says which tensor inputs want a gradient (None where the answer is no).
+
+From these the factory builds (``AutogradOp``):
+
+- ``function``: a plain torch.autograd.Function, the eager path, with the least host time per
+  call. It casts the adapter tensors to x's dtype inside and their gradients back to their own
+  (float32 masters beside a bf16 base), so the casts add no autograd node.
+- ``forward_op`` / ``backward_op``: the torch custom ops ``fusedpeft::<name>_fwd`` / ``_bwd``, with
+  fake implementations and tied by register_autograd, so that torch.compile(fullgraph=True) sees
+  one opaque node per call and never traces a launcher. The backend travels as an int argument:
+  ``backends.forced_index``, read while tracing, or -1 for "chosen per call by the shape key", in
+  which case the backward selects again, finds the choice the forward made for that key, and so
+  runs the same backend. The gradients wanted are unknown inside a custom op, so its shape keys
+  are selected as for training: every tensor but the frozen weight.
+- ``apply(backend_op, x, weight, bias, *adapters, *params)``: the entry point. Under
+  torch.compile it calls the custom ops; without autograd (grad mode off, or nothing requires
+  grad: serving, evaluation) the forward alone, with no node and nothing saved; else the Function.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from .. import backends
+from . import _common
+
+_BASE_SCHEMA = "Tensor x, Tensor weight, Tensor? bias"
+
+
+@dataclasses.dataclass(frozen=True)
+class AutogradOp:
+    """The entry points ``autograd_op`` builds (see the module docstring)."""
+
+    name: str
+    function: type
+    forward_op: Any
+    backward_op: Any
+    apply: Callable[..., torch.Tensor]
+
+
+def _fields(schema: str) -> list[str]:
+    return [part.strip() for part in schema.split(",") if part.strip()]
+
+
+def _saved_or_none(saved: torch.Tensor):
+    # The custom ops return an empty 1-D tensor where the forward kept nothing.
+    return None if saved.dim() == 1 and saved.numel() == 0 else saved
+
+
+def autograd_op(
+    name: str,
+    *,
+    adapters: str,
+    params: str,
+    forward: Callable,
+    backward: Callable,
+    select: Callable,
+    saved_shape: Callable[..., tuple],
+) -> AutogradOp:
+    """Build the eager autograd Function and the custom-op pair of one op.
+
+    name: the custom ops are ``fusedpeft::<name>_fwd`` and ``fusedpeft::<name>_bwd``.
+    adapters: schema of the adapter tensors after x, weight and bias, e.g.
+        ``"Tensor lora_A, Tensor lora_B"``; each takes a gradient, cast to x's dtype.
+    params: schema of the arguments after them that take no gradient, e.g.
+        ``"float scaling, float dropout_p, Tensor? seed"``.
+    forward, backward, select: the op's implementation, as the module docstring writes them.
+    saved_shape(x, weight, bias, *adapters, *params): the shape of the forward's saved tensor
+        (``(0,)`` where it saves none), for the fake implementation.
+    """
+    n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
+    param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
+    tensor_params = tuple(i for i, kind in enumerate(param_types) if kind.startswith("Tensor"))
+    no_grads = (None,) * len(param_types)
+    inputs_schema = f"{_BASE_SCHEMA}, {adapters}"
+
+    def cast_adapters(args):
+        dtype = args[0].dtype
+        return (*args[:3], *[_common.cast(a, dtype) for a in args[3:n]], *args[n:])
+
+    def train_needs(inputs):
+        return (True, False, inputs[2] is not None, *[a is not None for a in inputs[3:]])
+
+    # ------------------------------------------------------------------ eager
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            ctx.adapter_dtypes = [None if a is None else a.dtype for a in args[3:n]]
+            args = cast_adapters(args)
+            y, saved, ctx.index = forward(*args, needs=ctx.needs_input_grad[:n])
+            ctx.save_for_backward(*args[:n], saved)
+            ctx.params = args[n:]
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            *inputs, saved = ctx.saved_tensors
+            grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n])
+            return (*grads[:3], *map(_common.cast, grads[3:], ctx.adapter_dtypes), *no_grads)
+
+    Function.__name__ = Function.__qualname__ = "".join(w.title() for w in name.split("_")) + "Function"
+
+    # ------------------------------------------------------------------ torch.compile
+    def fwd(*args):
+        y, saved, _ = forward(*args[:-1], needs=train_needs(args[:n]), index=args[-1])
+        return y, (saved if saved is not None else args[0].new_empty(0))
+
+    forward_op = torch.library.custom_op(
+        f"fusedpeft::{name}_fwd", fwd, mutates_args=(),
+        schema=f"({inputs_schema}, {params}, int backend) -> (Tensor, Tensor)")
+
+    @forward_op.register_fake
+    def _(*args):
+        x, weight = args[0], args[1]
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(saved_shape(*args[:-1]))
+
+    def bwd(grad_y, *args):
+        inputs, saved, backend, op_params, needs = args[:n], args[n], args[n + 1], args[n + 2:-1], args[-1]
+        if backend < 0:  # the forward's choice, looked up by the same shape key
+            backend, _ = select(*inputs, *op_params, needs=train_needs(inputs), record=False)
+        grads = backward(grad_y, *inputs, _saved_or_none(saved), backend, *op_params, needs=needs)
+        return _common.grads_to_tensors(grads, inputs[0])
+
+    backward_op = torch.library.custom_op(
+        f"fusedpeft::{name}_bwd", bwd, mutates_args=(),
+        schema=f"(Tensor grad_y, {inputs_schema}, Tensor saved, int backend, {params}, bool[] needs) -> "
+               f"({', '.join(['Tensor'] * n)})")
+
+    @backward_op.register_fake
+    def _(grad_y, *args):
+        inputs, needs = args[:n], args[-1]
+        return _common.fake_grads(inputs[0], [(0,) if t is None else t.shape for t in inputs], needs)
+
+    def setup_context(ctx, inputs, output):
+        op_params = inputs[n:-1]
+        # Tensors go through save_for_backward, the tensor params (a seed) among them.
+        ctx.save_for_backward(*inputs[:n], output[1], *[op_params[i] for i in tensor_params])
+        ctx.params = [None if i in tensor_params else p for i, p in enumerate(op_params)]
+        ctx.backend = inputs[-1]
+        ctx.mark_non_differentiable(output[1])
+
+    def op_backward(ctx, grad_y, grad_saved):
+        tensors = ctx.saved_tensors
+        op_params = list(ctx.params)
+        for i, t in zip(tensor_params, tensors[n + 1:]):
+            op_params[i] = t
+        needs = list(ctx.needs_input_grad[:n])
+        grads = backward_op(grad_y, *tensors[:n + 1], ctx.backend, *op_params, needs)
+        return (*_common.grads_from_tensors(grads, needs), *no_grads, None)
+
+    forward_op.register_autograd(op_backward, setup_context=setup_context)
+
+    # ------------------------------------------------------------------ entry point
+    function_apply = Function.apply
+
+    def apply(backend_op: str, *args):
+        if torch.compiler.is_compiling():
+            args = cast_adapters(args)
+            return forward_op(*args, backends.forced_index(backend_op, args[0], args[1]))[0]
+        if torch.is_grad_enabled():
+            for t in args[:n]:
+                if t is not None and t.requires_grad:
+                    return function_apply(*args)
+        return forward(*cast_adapters(args))[0]
+
+    return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply)

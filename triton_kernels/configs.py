@@ -1,0 +1,169 @@
+"""Tile configs of the GEMM core and the tuner that picks one per launch key."""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import triton
+
+from fusedpeft.settings import settings
+
+from .layout import next_power_of_2
+
+def _config(bm, bn, bk, warps, stages, ws=False, sub=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "WARP_SPECIALIZE": ws,
+                          "EPI_SUBTILE": sub}, num_warps=warps, num_stages=stages)
+
+
+def _gemm_configs():
+    # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours, each
+    # with and without warp specialisation; the 128x256 tiles also with the epilogue in two
+    # halves (EPI_SUBTILE, less shared memory: the rank-64 epilogue fits beside 3 stages).
+    large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W.
+    small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4)]
+    return ([_config(*c, ws=ws, sub=sub) for c in large for sub in ((True, False) if c[1] == 256 else (False,))
+             for ws in (False, True)] + [_config(*c) for c in small])
+
+
+def _skinny_configs(N):
+    # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
+    # enough that every SM streams its share of a. (Two programs per SM on the small-row tiles
+    # never won the tuning at the benchmark shapes: benchmarks/RESULTS.md.)
+    bn = max(16, next_power_of_2(N))
+    return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_specialization_applies() -> bool:
+    # Triton 3.6 compiles this kernel's warp_specialize loop to the same binary as the plain loop on
+    # Hopper (the same TTGIR but for the attribute, the same cubin): only Blackwell (sm_100+) gets
+    # partitions. Timing both on Hopper would double the tuning time for nothing.
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
+
+
+def candidates(M: int, N: int, element_size: int) -> list:
+    """The tile configs the tuner times for an M x N output of element_size-byte inputs."""
+    small = M <= 64
+    if N <= 64:
+        cands = _skinny_configs(N)
+    else:
+        cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
+                 and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
+    if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
+        cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
+                               num_stages=min(c.num_stages, 3)) for c in cands]
+    return cands
+
+
+# Autotuning, by hand rather than triton.autotune so that a config the installed Triton cannot
+# compile (warp specialisation around a data-dependent branch, say) is skipped instead of failing
+# the call. Key: M's size class, N, K and the constexpr flags; the first call per key times every
+# candidate (about 0.1-2 s each including compilation) and later calls reuse the winner.
+# settings.autotune off takes the first candidate that runs instead; settings.tile_config forces
+# one candidate by its index (diagnostics).
+TUNED: dict = {}
+TUNE_LOG: list = []
+
+
+class NoConfigFits(RuntimeError):
+    """No candidate tile config can run this launch (shared memory or registers run out)."""
+
+
+# Where tuned configs persist across processes: an object with lookup(kind, key) and
+# record(kind, key, value) (fusedpeft.tuning, set when the Triton backend loads); None keeps
+# them in this process only.
+CONFIG_STORE = None
+
+
+def _config_to_json(cfg) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _config_from_json(data):
+    return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"])
+
+
+def tuned_config(key, M, N, element_size, launch_with):
+    """The tile config for a launch key: known, stored, or timed now over candidates()
+    (launch_with(cfg) runs the launch with cfg). Raises NoConfigFits when none can run."""
+    forced = settings.tile_config
+    if forced is not None:
+        cands = candidates(M, N, element_size)
+        if forced >= len(cands):
+            raise ValueError(f"settings.tile_config={forced}, but this launch has {len(cands)} candidate configs")
+        return cands[forced]
+    cfg = TUNED.get(key)
+    if isinstance(cfg, str):  # known not to fit: fail fast, every call
+        raise NoConfigFits(cfg)
+    if cfg is not None:
+        return cfg
+    tune = settings.autotune
+    if CONFIG_STORE is not None and tune:
+        stored = CONFIG_STORE.lookup("triton_config", repr(key))
+        if stored is not None:
+            try:
+                cfg = _config_from_json(stored)
+                launch_with(cfg)  # a stored config that no longer runs is tuned afresh
+                TUNED[key] = cfg
+                return cfg
+            except Exception:
+                pass
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("a fused launch met a new shape key inside a CUDA-graph capture, where its tile "
+                           "configs cannot be timed: run the step once eagerly before capturing it")
+    import triton.testing
+
+    t0 = time.perf_counter()
+    timings, errors = [], []
+    for cand in candidates(M, N, element_size):
+        try:
+            if tune:
+                ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
+            else:  # autotune off: the first candidate that runs (tests, quick starts)
+                launch_with(cand)
+                ms = 0.0
+            timings.append((ms, cand))
+            if not tune:
+                break
+        except Exception as exc:  # compile or resource failure: skip the candidate
+            errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
+    if not timings:
+        TUNED[key] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
+        raise NoConfigFits(TUNED[key])
+    ms, cfg = min(timings, key=lambda t: t[0])
+    TUNED[key] = cfg
+    if CONFIG_STORE is not None and tune:
+        CONFIG_STORE.record("triton_config", repr(key), _config_to_json(cfg))
+    TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
+                     "failed": errors, "all": [(round(t, 4), str(c)) for t, c in sorted(timings, key=lambda t: t[0])]})
+    return cfg
+
+
+# The CPU interpreter runs one fixed small config: tiles smaller than the test shapes, so ragged
+# edges, several K steps and the persistent loop (3 "SMs") are all exercised.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "WARP_SPECIALIZE": False,
+                      "EPI_SUBTILE": True}
+INTERPRETER_SMS = 3
+
+
+def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
+    """The kernel's constexprs for one tile config: the launch's flags and the config, with the loop
+    form the config allows (FLATTEN; settings.loop_form "flattened" or "per_tile" forces one). The in-loop low-rank product (IN_LOOP_LR) branches on the row
+    block, which the pipeliner's loop flattening cannot take: never flattened.
+
+    A flattened tile-and-K loop zeroes the accumulator between tiles with a select that ptxas takes
+    for a non-wgmma write to registers that a register-operand (SCALE_A) wgmma is still
+    accumulating into; it then serialises every wgmma of the kernel (ptxas advisory C7515,
+    tools/sm90_resources.py). A per-tile K loop keeps them pipelined, but it is only safe
+    where Triton 3.6 gives each step's scaled tile registers that no in-flight wgmma still reads:
+    16-bit inputs on the 128-row tiles. fp32 (tf32) tiles and the 64-row, one-warpgroup tiles
+    reload the next step's tile into the registers the previous step's wgmmas are reading (wrong
+    results on the H100 for fp32; found for both by sm90_resources' register-operand hazard
+    check), so they keep the serialised loop."""
+    loop_form = settings.loop_form
+    per_tile = flags["SCALE_A"] and loop_form != "flattened" and element_size == 2 and cfg["BLOCK_M"] >= 128
+    per_tile = per_tile or loop_form == "per_tile"
+    return {**flags, **cfg, "FLATTEN": not flags["IN_LOOP_LR"] and not per_tile}
