@@ -5,6 +5,8 @@
 #   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
+#   BASELINE=DIR  the same layer table, run again from another checkout of fusedpeft in DIR (an A/B of
+#               two versions on one machine; its own tuning file), into layers_base.{md,json}
 # The tuning file (FUSEDPEFT_CACHE_DIR) starts from .tuning/tuning.json when the call carries one,
 # and comes back as cache/tuning.json, so a later call can start tuned.
 set -uo pipefail
@@ -32,6 +34,11 @@ if [ "${LAYERS:-1}" = "1" ]; then
   stage layers
   timeout "${LAYERS_TIMEOUT:-300}" python3 -m benchmarks.layers ${LAYERS_ARGS:-} --out "$OUT/layers.md" \
     --plot "$OUT/layers.png" --json "$OUT/layers.json" 2>&1 | tee -a "$LOG" | tail -70
+fi
+if [ -n "${BASELINE:-}" ]; then
+  stage baseline
+  (cd "$BASELINE" && FUSEDPEFT_CACHE_DIR="$OUT/cache_base" timeout "${LAYERS_TIMEOUT:-300}" python3 -m benchmarks.layers \
+    ${LAYERS_ARGS:-} --out "$OUT/layers_base.md" --json "$OUT/layers_base.json") 2>&1 | tee -a "$LOG" | tail -70
 fi
 if [ "${MODEL:-1}" = "1" ]; then
   stage model

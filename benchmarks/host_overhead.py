@@ -13,6 +13,7 @@ the host code (benchmarks/RESULTS.md quotes it), and tools.profile_lora / tools.
 the GPU for the real thing."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the triton backend take CPU tensors
@@ -23,7 +24,14 @@ import torch.nn.functional as F  # noqa: E402
 from . import harness  # noqa: E402
 
 
-def _stub_gpu(launch):
+@contextlib.contextmanager
+def _stubbed_gpu(triton_kernels):
+    """The launchers' GPU queries stood in for (an H100's 132 SMs) and every compiled-kernel cache
+    look-up answered with a no-op kernel, so launches cost their host work alone; restored after.
+    Autotuning is off: the first candidate config stands in for the tuner's pick (one no-op launch
+    per key, then the tuned-config look-up)."""
+    from fusedpeft.settings import settings
+
     class _NoOpKernel:
         def __call__(self, grid3, device, args):
             return None
@@ -32,19 +40,24 @@ def _stub_gpu(launch):
         def get(self, key, default=None):
             return _NoOpKernel()
 
-    launch.interpreting = lambda: False
-    launch.num_sms = lambda index: 132
-    launch.ensure_allocator = lambda: None
-    launch._COMPILED = _AlwaysHit()
-    torch.cuda.current_device = lambda: 0
-    real_tuned = launch._tuned_config
-
-    def tuned(key, M, N, element_size, launch_with):
-        if key not in launch.TUNED:  # the first candidate stands in for the tuner's pick
-            launch.TUNED[key] = launch._candidates(M, N, element_size)[0]
-        return real_tuned(key, M, N, element_size, launch_with)
-
-    launch._tuned_config = tuned
+    layout, buffers, configs, fast_launch = (triton_kernels.layout, triton_kernels.buffers, triton_kernels.configs,
+                                             triton_kernels.fast_launch)
+    tuned = dict(configs.TUNED)
+    stand_ins = [(layout, "interpreting", lambda: False), (layout, "num_sms", lambda index: 132),
+                 (buffers, "ensure_allocator", lambda: None), (fast_launch, "COMPILED", _AlwaysHit()),
+                 (torch.cuda, "current_device", lambda: 0)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in stand_ins]
+    try:
+        for obj, name, value in stand_ins:
+            setattr(obj, name, value)
+        with settings.override(autotune=False):
+            yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+        fast_launch.clear_plans()  # the plans hold no-op kernels, the tuned configs were never timed
+        configs.TUNED.clear()
+        configs.TUNED.update(tuned)
 
 
 def _us_per_call(fn, n):
@@ -56,16 +69,18 @@ def main(M=16, K=256, N=256, r=16):
     from fusedpeft._kernels import triton_kernels
     from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
 
-    launch = triton_kernels.launch
-    _stub_gpu(launch)
     dt = torch.bfloat16
     x = torch.randn(M, K, dtype=dt, requires_grad=True)
     W = torch.randn(N, K, dtype=dt)
     y = torch.empty(M, N, dtype=dt)
+    ones = torch.ones(N, dtype=dt)
     A, B = torch.randn(r, K, dtype=dt, requires_grad=True), torch.randn(N, r, dtype=dt, requires_grad=True)
     l_in, l_out, shift = (torch.randn(n, dtype=dt, requires_grad=True) for n in (K, N, N))
     g = torch.randn(M, N, dtype=dt)
-    print(f"one launch (launch_fused_linear)  {_us_per_call(lambda: launch.launch_fused_linear(x.detach(), W, y), 3000):7.1f} us")
+    # One launch of the plain GEMM (x W^T, with a ones output scale) through the launch layer: the
+    # launcher's plan look-up and the compiled kernel's call.
+    rescaled = triton_kernels.rescale._rescaled
+    one_launch = lambda: rescaled(x.detach(), W, y, None, ones, input_scale=False)  # noqa: E731
     # (label, backend forced or None, the call); the fusedpeft lines run the triton path with the
     # GPU stubbed out, so what they time is host work only.
     calls = [
@@ -80,23 +95,24 @@ def main(M=16, K=256, N=256, r=16):
         calls.insert(1 + i, (f"lora [{name}]", name, lambda: lora_linear(x, W, None, A, B, 2.0)))
     # The plain torch LoRA a user would write, on the same tensors.
     calls.append(("torch composition", None, lambda: F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)))
-    for name, backend, call in calls:
-        def fwd():
-            with torch.no_grad(), _backend(backend):
-                call()
+    with _stubbed_gpu(triton_kernels):
+        print(f"one launch (rescale_kernel) {_us_per_call(one_launch, 3000):7.1f} us")
+        for name, backend, call in calls:
+            def fwd():
+                with torch.no_grad(), _backend(backend):
+                    call()
 
-        def train():
-            with _backend(backend):
-                call().backward(g)
+            def train():
+                with _backend(backend):
+                    call().backward(g)
 
-        print(f"{name:20s} forward {_us_per_call(fwd, 1000):7.1f} us   forward + backward {_us_per_call(train, 300):7.1f} us")
+            print(f"{name:20s} forward {_us_per_call(fwd, 1000):7.1f} us   "
+                  f"forward + backward {_us_per_call(train, 300):7.1f} us")
     print("(lora [cublas*] and torch composition run their small products on this CPU for real: their figures are an\n"
           " upper bound on host cost, the stubbed triton lines host work alone)")
 
 
 def _backend(name):
-    import contextlib
-
     import fusedpeft
 
     return fusedpeft.use_backend(name) if name else contextlib.nullcontext()

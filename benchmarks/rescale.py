@@ -38,7 +38,7 @@ def _no_grad(fn):
 
 def cases(M, K, N, method, dtype=torch.bfloat16, with_peft=True):
     import fusedpeft
-    from fusedpeft.ops import ia3_linear, set_output_grad_mode, ssf_linear
+    from fusedpeft.ops import ia3_linear, ssf_linear
 
     group = f"{M}x{K}x{N} {method}"
     flops = 2.0 * M * N * K
@@ -50,15 +50,14 @@ def cases(M, K, N, method, dtype=torch.bfloat16, with_peft=True):
 
     def ours(backend, mode):
         def make():
-            set_output_grad_mode(mode)  # cases run one after another: this one's mode
             x, W, scale, shift, g = _inputs(M, K, N, method, dtype)
             if method == "ssf":
                 call = lambda: ssf_linear(x, W, None, scale, shift)
             else:
                 call = lambda: ia3_linear(x, W, None, scale, method == "ia3-ff")
 
-            def fwd():
-                with fusedpeft.use_backend(backend):
+            def fwd():  # the mode decides what the forward saves for the backward
+                with fusedpeft.settings.override(backend=backend, output_scale_grad=mode):
                     return call()
 
             return _no_grad(fwd), harness.step_fn(fwd, g, [x, scale] + ([shift] if shift is not None else []))

@@ -9,8 +9,10 @@
 An override holds for every thread (autograd runs CUDA backward passes on a worker thread, which
 must see what the forward saw), nests, and is undone on leaving the block even when it raises.
 Names and values are checked: an unknown name is a TypeError, a bad value a ValueError.
-``settings.generation`` changes with every change, so caches keyed on it (the launch plans) never
-replay a launch planned under other settings. README's "Settings" table lists the variables.
+``settings.generation`` names the values of every setting but ``backend``: the launch plans are
+keyed on it, so a plan is never replayed under other settings, and the same values give the same
+generation again (a ``use_backend`` block, or a block that restates the current values, keeps the
+plans). README's "Settings" table lists the variables.
 """
 from __future__ import annotations
 
@@ -119,7 +121,7 @@ class Settings:
 
     def __init__(self, values: Values):
         object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "generation", -1)
+        object.__setattr__(self, "_generations", {})
         self._replace(values)
 
     def __setattr__(self, name, value):
@@ -132,7 +134,8 @@ class Settings:
         object.__setattr__(self, "_values", values)
         for field in dataclasses.fields(values):
             object.__setattr__(self, field.name, getattr(values, field.name))
-        object.__setattr__(self, "generation", self.generation + 1)
+        plan_values = dataclasses.replace(values, backend="auto")  # the backend changes no launch
+        object.__setattr__(self, "generation", self._generations.setdefault(plan_values, len(self._generations)))
 
     @contextlib.contextmanager
     def override(self, **changes):

@@ -137,7 +137,10 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
             assert len(launches[0]) == len(launches[1]), name
             for first, second in zip(*launches):
                 _same_launch(first, second, inputs)
-    assert gemm._PLANS and triton_kernels.lora._PLANS  # the second calls did go through plans
+    lora, lowrank, rescale = triton_kernels.lora, triton_kernels.lowrank, triton_kernels.rescale
+    for planned in (lora._FORWARD.plans, lora._GRAD_X.plans, lowrank._PRODUCT.plans, lowrank._WEIGHT_GRAD_PLANS,
+                    rescale._RESCALE.plans, rescale._REDUCE.plans):
+        assert planned  # the second calls did go through plans
 
 
 # (M, C, R, split over M in the interpreter's grid)
@@ -154,7 +157,7 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
     for transpose in (False, True, False):
         out = torch.empty((R, C) if transpose else (C, R), device=dev, dtype=torch.bfloat16)
         colsum = torch.empty(C, device=dev, dtype=torch.bfloat16)
-        triton_kernels.lora._weight_grad(l, s, out, scale=0.5, transpose_out=transpose, colsum=colsum)
+        triton_kernels.lowrank.weight_grad(l, s, out, scale=0.5, transpose_out=transpose, colsum=colsum)
         got = out.T if transpose else out
         assert (got.double() - ref).norm() / ref.norm() < 1e-2
         assert (colsum.double() - l.double().sum(0)).norm() / l.double().sum(0).norm() < 1e-2
@@ -168,46 +171,52 @@ def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(
 
 def test_unfit_rank_r_epilogue_falls_back_to_a_separate_update(stubbed_gpu, use_settings):
     """When no tile config can hold the rank-r epilogue (the H100 at r = 256 and large M), the
-    launch runs the core alone and the rank-r update apart; the failure is remembered per key
-    (no re-tuning on every call), and a launch without that way out raises NoConfigFits."""
+    launch runs the GEMM alone (cuBLAS) and the rank-r update apart; the failure is remembered per
+    key (no re-tuning on every call), and a launch without that way out (the rank-r product in the
+    K loop) raises NoConfigFits."""
     monkeypatch = stubbed_gpu
     use_settings(autotune=False)
+    lora, lowrank = triton_kernels.lora, triton_kernels.lowrank
     tried = []
 
     def launch_or_run_out(kernel, grid, args, constexprs, num_warps, num_stages):
-        tried.append(constexprs["LR_EPILOGUE"])
-        if constexprs["LR_EPILOGUE"]:
-            raise RuntimeError("out of resource: shared memory")
-        out = args[2]  # stand-in for the core: out = a @ w^T + bias
-        out.copy_(args[0] @ args[1].T + (args[3] if constexprs["HAS_BIAS"] else 0))
-        return None
+        if kernel is lowrank.lowrank_update_kernel:  # stand-in: out += scale * l @ q^T
+            out, l, q, scale = args[0], args[1], args[2], args[11]
+            out.add_(scale * l @ q.T)
+            return None
+        tried.append(kernel)
+        raise RuntimeError("out of resource: shared memory")
 
     monkeypatch.setattr(fast_launch, "cached_launch", launch_or_run_out)
     M, K, N, r = 70, 24, 40, 8
     a, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-    q, lr = torch.randn(N, r), torch.randn(M, r)
-    expected = a @ w.T + bias + lr @ q.T  # a precomputed lr carries its scale: lr_scale is not applied
+    A, B, lr = torch.randn(r, K), torch.randn(N, r), torch.randn(M, r)
+    expected = a @ w.T + bias + lr @ B.T  # a precomputed lr carries its scale: lr_scale is not applied
     for _ in range(2):
         out = torch.empty(M, N)
-        gemm.launch_gemm(a, w, out, bias=bias, lowrank=gemm.LowRank(q, lr, 0.5))
+        lora._launch_lora(lora._FORWARD, a, w, out, A, B, lr, 0.5, None, 0.0, bias=bias, in_loop=False,
+                          dropout_arg=False)
         assert torch.allclose(out, expected, atol=1e-4)
-    candidates = len(configs.candidates(M, N, 4))
-    assert tried.count(True) == candidates  # tuned once; the second call knew the key does not fit
+    assert len(tried) == len(configs.candidates(M, N, 4))  # tuned once; the second call knew the key does not fit
     with pytest.raises(configs.NoConfigFits, match="no Triton config"):
-        gemm.launch_gemm(a, w, torch.empty(M, N), lowrank=gemm.LowRank(q, lr, 0.5), rescale=gemm.Rescale(bias))
+        lora._launch_lora(lora._FORWARD, a, w, torch.empty(M, N), A, B, lr, 0.5, None, 0.0, bias=bias, in_loop=True,
+                          dropout_arg=False)
 
 
-def test_out_scale_comes_alone():
-    """out_scale (the skinny launch writing a pre-scaled u or grad_y B) scales the whole product;
-    combined with another extra it is refused by name rather than silently mixed."""
-    a, w = torch.randn(20, 12), torch.randn(6, 12)
-    out = torch.empty(20, 6)
-    gemm.launch_gemm(a, w, out, out_scale=-0.75)
-    assert torch.allclose(out, -0.75 * a @ w.T, atol=1e-4)
-    with pytest.raises(ValueError, match="out_scale comes alone"):
-        gemm.launch_gemm(a, w, out, rescale=gemm.Rescale(torch.randn(6)), out_scale=2.0)
-    with pytest.raises(ValueError, match="Dropout.on"):
-        gemm.launch_gemm(a, w, out, dropout=gemm.Dropout(torch.zeros(1, dtype=torch.int64), 0.5, 12, "everywhere"))
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_lowrank_product_scales_and_masks(dropout):
+    """lowrank_product: out = scale * (a * mask) @ w^T, w given as A ([r, K]) or as the view B^T of
+    a stored B ([K, r]: the grad_y B of the backward), against float64 with the kernels' mask."""
+    lowrank, lora = triton_kernels.lowrank, triton_kernels.lora
+    M, K, r = 37, 40, 5
+    a = torch.randn(M, K)
+    seed = torch.tensor([77], dtype=torch.int64)
+    mask = lora.dropout_mask(seed, (M, K), dropout, a.device) if dropout else torch.ones(M, K)
+    for w_mat in (torch.randn(r, K), torch.randn(K, r).T):
+        out = torch.empty(M, r)
+        lowrank.lowrank_product(a, w_mat, out, -0.75, seed, dropout)
+        ref = -0.75 * (a.double() * mask.double()) @ w_mat.double().T
+        assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
 
 def test_forced_tile_config_must_exist(use_settings):

@@ -270,8 +270,6 @@ def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch, use_settin
     """The fallback for ranks whose epilogue no tile config can hold (r = 256 at large M on the
     H100): the GEMM core alone, then the rank-r update (and its dropout mask) as a separate
     product. Forced here on small shapes, forward and backward."""
-    from fusedpeft._kernels import triton_kernels
-
     use_settings(lora_schedule="split", separate_lowrank=True)
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
@@ -287,19 +285,22 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
     descriptor-sized rows for lr, B (the forward) and A (grad_x, stored [r, K])."""
     from fusedpeft._kernels import triton_kernels
 
-    gemm = triton_kernels.gemm
+    lora = triton_kernels.lora
     use_settings(lora_schedule="split", lowrank_tma=tma)
-    kernel, seen = gemm.fused_linear_kernel, []
+    seen = []
 
     class Spy:  # records each launch's lr / q load path
+        def __init__(self, kernel, rmajor):
+            self.kernel, self.rmajor, self.__name__ = kernel, rmajor, kernel.__name__
+
         def __getitem__(self, grid):
             def run(*args, **flags):
-                if flags["LR_PRECOMPUTED"]:
-                    seen.append((flags["LR_DESC"], flags["Q_RMAJOR"]))
-                return kernel[grid](*args, **flags)
+                seen.append((flags["LR_DESC"], flags[self.rmajor]))
+                return self.kernel[grid](*args, **flags)
             return run
 
-    monkeypatch.setattr(gemm, "fused_linear_kernel", Spy())
+    monkeypatch.setattr(lora._FORWARD, "kernel", Spy(lora._FORWARD.kernel, "B_RMAJOR"))
+    monkeypatch.setattr(lora._GRAD_X, "kernel", Spy(lora._GRAD_X.kernel, "A_RMAJOR"))
     test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.float32, (3, 5), 40, 52, 8, True, dropout, monkeypatch)

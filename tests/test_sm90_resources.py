@@ -45,13 +45,15 @@ def test_split_schedule_launches_and_flags(recorded):
     u, fwd, g, grad_x, grad_A, grad_B = launches
     # u = s * x A^T and g = s * grad_y B: skinny launches that write the scaled, bf16 rank-r tile.
     for skinny in (u, g):
-        assert _flags(skinny)["ACC_SCALE"] and not _flags(skinny)["LR_EPILOGUE"]
-        assert skinny["tensors"]["out_ptr"] == "bf16"
+        assert skinny["kernel"] == "lowrank_product_kernel" and skinny["tensors"]["out_ptr"] == "bf16"
+    assert _flags(u)["W_KMAJOR"] and not _flags(g)["W_KMAJOR"]  # A as stored; B^T as a view of B
     # The GEMMs read it back by descriptor: B stored [N, r] for the forward, A stored [r, K] for grad_x.
-    for big, q_rmajor in ((fwd, True), (grad_x, False)):
+    assert fwd["kernel"] == "lora_forward_kernel" and grad_x["kernel"] == "lora_grad_x_kernel"
+    assert not _flags(fwd)["U_IN_LOOP"] and _flags(fwd)["B_RMAJOR"]
+    assert not _flags(grad_x)["G_IN_LOOP"] and not _flags(grad_x)["A_RMAJOR"]
+    for big in (fwd, grad_x):
         flags = _flags(big)
-        assert flags["LR_PRECOMPUTED"] and flags["LR_DESC"] and flags["EVEN_R"] and flags["USE_DESC"]
-        assert flags["Q_RMAJOR"] is q_rmajor and not flags["ACC_SCALE"]
+        assert flags["LR_DESC"] and flags["EVEN_R"] and flags["USE_DESC"]
     assert _flags(fwd)["W_KMAJOR"] and not _flags(grad_x)["W_KMAJOR"]
     assert not _flags(grad_A)["COLSUM"] and not _flags(grad_B)["COLSUM"]  # no bias here
     assert not grad_A["tuned"] and not grad_B["tuned"]  # fixed tiles
@@ -60,8 +62,9 @@ def test_split_schedule_launches_and_flags(recorded):
 def test_fused_schedule_at_decode_size(recorded):
     launches = recorded[("16x256x384", "lora", 16, "bf16")]
     assert [row["launch"] for row in launches] == ["forward", "grad_x", "grad_A", "grad_B"]
-    for launch in launches[:2]:
-        assert _flags(launch)["IN_LOOP_LR"] and _flags(launch)["SAVE_LR"] and not _flags(launch)["LR_PRECOMPUTED"]
+    fwd, grad_x = launches[:2]
+    assert _flags(fwd)["U_IN_LOOP"] and _flags(grad_x)["G_IN_LOOP"]
+    assert not _flags(fwd)["FLATTEN"] and not _flags(grad_x)["FLATTEN"]  # the row-block branch
 
 
 def test_rank_100_pads_the_rank_tile(recorded):
@@ -92,15 +95,16 @@ def test_register_scaled_loops_are_pipelined_for_16_bit_only(recorded):
         fwd_ff, grad_ff = recorded[("512x256x384", "ia3-ff", None, dtype)]
         fwd_out, grad_out = recorded[("512x256x384", "ia3-out", None, dtype)]
         for row in (fwd_ff, grad_out):
-            assert _flags(row)["SCALE_A"] and _flags(row)["FLATTEN"] is flatten, (dtype, row)
+            assert _flags(row)["SCALE_INPUT"] and _flags(row)["FLATTEN"] is flatten, (dtype, row)
         for row in (grad_ff, fwd_out):  # no register scaling: flattened as every other launch
-            assert not _flags(row)["SCALE_A"] and _flags(row)["FLATTEN"]
-        assert _flags(grad_ff)["REDUCE_AUX"] and _flags(grad_ff)["AUX_DESC"]
-        assert _flags(fwd_out)["SAVE_AUX"] and _flags(fwd_out)["AUX_DESC"]
+            assert not _flags(row).get("SCALE_INPUT") and _flags(row)["FLATTEN"]
+        assert grad_ff["kernel"] == "rescale_reduce_kernel" and _flags(grad_ff)["OTHER_DESC"]
+        assert fwd_out["kernel"] == "rescale_kernel" and _flags(fwd_out)["SAVE_Z"] and _flags(fwd_out)["Z_DESC"]
         # M <= 64: the tuner's 16- to 64-row candidates, each on the flattened loop.
         small = [recorded[("48x256x384", kind, None, dtype)][i] for kind, i in (("ia3-ff", 0), ("ia3-out", 1))]
         for row in small:
-            assert _flags(row)["SCALE_A"] and any(c["config"]["BLOCK_M"] == 64 for c in row["configs"]), row
+            assert _flags(row)["SCALE_INPUT"], row
+            assert any(c["config"]["BLOCK_M"] == 64 for c in row["configs"]), row
             assert all(c["FLATTEN"] for c in row["configs"]), (dtype, row)
 
 

@@ -21,7 +21,7 @@ def host_profiles(M=16, K=4096, N=4096):
     benchmarks.rescale at one shape, forward and training step."""
     from fusedpeft._kernels import triton_kernels
 
-    cache = triton_kernels.launch._COMPILED
+    cache = triton_kernels.fast_launch.COMPILED
     for method in rescale.METHODS:
         for case in rescale.cases(M, K, N, method, with_peft=False):
             if "fusedpeft" not in case.variant:
@@ -36,74 +36,75 @@ def host_profiles(M=16, K=4096, N=4096):
 
 def kernel_variants(M=4096, K=4096, N=4096, log=print):
     """Each GPU kernel of the IA3 / SSF steps timed alone (bf16), beside cuBLAS's x W^T and the
-    core GEMM with nothing fused, with the tuner's three best configs: where each variant's time
-    goes. "flattened loop" forces the register-scaled loop into one flattened tile-and-K loop,
-    whose wgmmas ptxas serialises; the core on per-tile K loops (the form the register-scaled loop
-    takes on 16-bit 128-row tiles) separates the cost of the loop form from that of the scaling.
-    "by pointer" reads the aux tiles by pointer instead of by tensor descriptor."""
+    core GEMM with nothing fused (rescale_kernel with a scale of ones), with the tuner's
+    three best configs: where each variant's time goes. "flattened loop" forces the register-scaled
+    loop into one flattened tile-and-K loop (settings.loop_form), whose wgmmas ptxas serialises;
+    the core on per-tile K loops (the form the register-scaled loop takes on 16-bit 128-row tiles)
+    separates the cost of the loop form from that of the scaling. "by pointer" reads the saved-z /
+    reduced tiles by pointer instead of by tensor descriptor (settings.rescale_tma off)."""
     from fusedpeft._kernels import triton_kernels
+    from fusedpeft.settings import settings
 
-    launch_mod = triton_kernels.launch
-    launch, rescale = launch_mod.launch_fused_linear, triton_kernels.rescale
+    configs, layout, rescale = triton_kernels.configs, triton_kernels.layout, triton_kernels.rescale
+    reduce_against = rescale._reduce_against
+
+    def scaled_input(a, w, out, bias, scale):
+        return rescale._rescaled(a, w, out, bias, scale, input_scale=True)
+
+    def scaled_output(a, w, out, bias, scale, shift, z):
+        return rescale._rescaled(a, w, out, bias, scale, input_scale=False, shift=shift, z=z)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, g = torch.randn(M, K, **bf16), torch.randn(M, N, **bf16)
     W = torch.randn(N, K, **bf16) / K**0.5
     l_k, l_n = 1 + 0.1 * torch.randn(K, **bf16), 1 + 0.1 * torch.randn(N, **bf16)
+    ones_k, ones_n = torch.ones(K, **bf16), torch.ones(N, **bf16)
     y, z, gx = torch.empty(M, N, **bf16), torch.empty(M, N, **bf16), torch.empty(M, K, **bf16)
 
-    def with_flags(fn, **flags):  # fn with launch's module switches set for the call
-        def run():
-            saved = {k: getattr(launch_mod, k) for k in flags}
-            for k, v in flags.items():
-                setattr(launch_mod, k, v)
-            try:
-                fn()
-            finally:
-                for k, v in saved.items():
-                    setattr(launch_mod, k, v)
-        return run
-
-    ff_fwd = lambda: launch(x, W, y, scale=l_k, scale_a=True)
-    ff_grad = lambda: launch(g, W.T, gx, scale=l_k, aux=x, reduce_aux=True)
-    out_fwd_z = lambda: launch(x, W, y, scale=l_n, aux=z, save_aux=True)
-    out_grad_x = lambda: launch(g, W.T, gx, scale=l_n, scale_a=True)
-    recompute = lambda: launch(x, W, None, aux=g, reduce_aux=True, reduce_sum=True)
-    pointers = dict(RESCALE_TMA=False)  # the aux tiles by pointer loads, not tensor descriptors
+    core = lambda: scaled_output(x, W, y, None, ones_n, None, None)  # noqa: E731
+    ff_fwd = lambda: scaled_input(x, W, y, None, l_k)  # noqa: E731
+    # grad_x = (g W) * l and grad_l = sum_rows((g W) * x) in one launch
+    ff_grad = lambda: reduce_against(g, W.T, x, out=gx, scale=l_k)  # noqa: E731
+    out_fwd_z = lambda: scaled_output(x, W, y, None, l_n, None, z)  # noqa: E731
+    out_grad_x = lambda: scaled_input(g, W.T, gx, None, l_n)  # noqa: E731
+    recompute = lambda: reduce_against(x, W, g, sum_other=True)  # noqa: E731
+    pointers = dict(rescale_tma=False)  # the z / reduced tiles by pointer loads, not tensor descriptors
+    # name: (the call, the settings it runs under)
     variants = {
-        "cuBLAS x W^T": lambda: torch.mm(x, W.T, out=y),
-        "core x W^T": lambda: launch(x, W, y),
-        "ia3-ff fwd: x*l in the K loop": ff_fwd,
-        "ia3-ff fwd, flattened loop": with_flags(ff_fwd, LOOP_FORM="flattened"),
-        "core x W^T, per-tile K loop": with_flags(lambda: launch(x, W, y), LOOP_FORM="per_tile"),
-        "ia3-ff fwd as x*l pre-pass + core": lambda: launch(x * l_k, W, y),
-        "core g W (grad_x's GEMM)": lambda: launch(g, W.T, gx),
-        "ia3-ff grad_x + grad_l (g W, reduce h*x)": ff_grad,
-        "ia3-ff grad_x + grad_l, x by pointer": with_flags(ff_grad, **pointers),
-        "ia3-out fwd, no z": lambda: launch(x, W, y, scale=l_n),
-        "ia3-out fwd, saving z": out_fwd_z,
-        "ia3-out fwd, saving z by pointer": with_flags(out_fwd_z, **pointers),
-        "ia3-out grad_x: (g*l) W in the K loop": out_grad_x,
-        "ia3-out grad_l from saved z (column dot)": lambda: rescale._column_dot(g, z, True),
-        "ia3-out grad_l recomputing z": recompute,
-        "ia3-out grad_l recomputing z, g by pointer": with_flags(recompute, **pointers),
+        "cuBLAS x W^T": (lambda: torch.mm(x, W.T, out=y), {}),
+        "core x W^T": (core, {}),
+        "ia3-ff fwd: x*l in the K loop": (ff_fwd, {}),
+        "ia3-ff fwd, flattened loop": (ff_fwd, dict(loop_form="flattened")),
+        "core x W^T, per-tile K loop": (core, dict(loop_form="per_tile")),
+        "ia3-ff fwd as x*l pre-pass + core": (lambda: scaled_output(x * l_k, W, y, None, ones_n, None, None), {}),
+        "core g W (grad_x's GEMM)": (lambda: scaled_output(g, W.T, gx, None, ones_k, None, None), {}),
+        "ia3-ff grad_x + grad_l (g W, reduce h*x)": (ff_grad, {}),
+        "ia3-ff grad_x + grad_l, x by pointer": (ff_grad, pointers),
+        "ia3-out fwd, no z": (lambda: scaled_output(x, W, y, None, l_n, None, None), {}),
+        "ia3-out fwd, saving z": (out_fwd_z, {}),
+        "ia3-out fwd, saving z by pointer": (out_fwd_z, pointers),
+        "ia3-out grad_x: (g*l) W in the K loop": (out_grad_x, {}),
+        "ia3-out grad_l from saved z (column dot)": (lambda: rescale._column_dot(g, z, True), {}),
+        "ia3-out grad_l recomputing z": (recompute, {}),
+        "ia3-out grad_l recomputing z, g by pointer": (recompute, pointers),
     }
     base = None
-    for name, fn in variants.items():
-        n_log = len(launch_mod.TUNE_LOG)
-        fn()
-        ms = harness.median_ms(fn)
+    for name, (fn, overrides) in variants.items():
+        n_log = len(configs.TUNE_LOG)
+        with settings.override(**overrides):  # around the whole timing: the launch plans hold within it
+            fn()
+            ms = harness.median_ms(fn)
         base = base or ms
         log(f"{M}x{K}x{N} {name:44s} {ms:.4f} ms  {ms / base:.3f}x cuBLAS")
-        for entry in launch_mod.TUNE_LOG[n_log:]:
+        for entry in configs.TUNE_LOG[n_log:]:
             for t, cfg in entry["all"][:3]:
                 log(f"      {t:.4f} ms  {cfg}")
     # The column dot (grad_l from a saved z) reads 4MN bytes: its configs against the bandwidth.
-    column_dot_kernel = triton_kernels.fused_linear.column_dot_kernel
+    column_dot_kernel = rescale.column_dot_kernel
 
     for block_m, block_c, warps, stages, per_sm in [(32, 128, 4, 3, 4), (64, 128, 4, 3, 4), (32, 256, 4, 3, 4),
                                                      (64, 256, 8, 3, 2), (16, 512, 4, 4, 4), (128, 128, 8, 2, 2),
                                                      (32, 128, 4, 4, 8), (64, 64, 4, 4, 8)]:
-        col_blocks, splits, rows = launch_mod.split_rows(M, N, block_m, block_c, g.device, per_sm)
+        col_blocks, splits, rows = layout.split_rows(M, N, block_m, block_c, g.device, per_sm)
         partial = torch.empty(2, splits, N, dtype=torch.float32, device="cuda")
         fn = lambda: column_dot_kernel[(col_blocks, splits)](g, z, partial, M, N, rows, g.stride(0), z.stride(0),
                                                              SUM_G=True, BLOCK_M=block_m, BLOCK_C=block_c,

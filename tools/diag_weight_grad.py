@@ -1,10 +1,12 @@
-"""The LoRA weight-gradient reduction (lowrank_weight_grad_kernel) tile by tile (GPU).
+"""The LoRA weight-gradient reduction (lowrank.weight_grad: lowrank_weight_grad_kernel) tile by tile
+(GPU).
 
 grad_A = g_s^T drop(x) reads x [M, K]; grad_B = grad_y^T u_s (and grad_bias) reads grad_y [M, N]:
 memory-bound passes, so each time is printed beside the time to read l once at 3.0 TB/s. Every
-(rows per step, columns per program) tile and programs-per-SM target is timed.
+(rows per step, columns per program) tile (settings.weight_grad_tile) and programs-per-SM target
+(settings.weight_grad_programs_per_sm) is timed.
 
-    python -m tools.diag_weight_grad [MxC ...] [--ranks 16,64]
+    python -m tools.diag_weight_grad [MxC ...] [--ranks 16,64] [--per-sm 2,4,8]
 """
 from __future__ import annotations
 
@@ -19,15 +21,15 @@ TILES = [(64, 64), (128, 64), (64, 128), (128, 128), (32, 64), (256, 64)]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shapes", nargs="*", default=["4096x4096", "8192x14336"])
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--per-sm", default="2,4,8")
     args = parser.parse_args(argv)
     from fusedpeft._kernels import triton_kernels
+    from fusedpeft.settings import settings
 
-    lora = triton_kernels.lora
-    saved = lora.WEIGHT_GRAD_TILE, lora.WEIGHT_GRAD_PROGRAMS_PER_SM  # restored after
+    lowrank = triton_kernels.lowrank
     for shape, r in itertools.product(args.shapes, [int(v) for v in args.ranks.split(",")]):
         M, C = (int(v) for v in shape.split("x"))
         l = torch.randn(M, C, device="cuda", dtype=torch.bfloat16)
@@ -36,20 +38,19 @@ def main(argv=None):
         colsum = torch.empty(C, device="cuda", dtype=torch.bfloat16)
         floor_us = l.numel() * l.element_size() / 3.0e12 * 1e6
         print(f"\n{shape} r={r}: reading l once at 3.0 TB/s takes {floor_us:.1f} us", flush=True)
+        call = lambda: lowrank.weight_grad(l, s, out, scale=1.0, transpose_out=False, colsum=colsum)  # noqa: E731
         for tile in TILES:
             row = []
             for per_sm in (int(v) for v in args.per_sm.split(",")):
-                lora.WEIGHT_GRAD_TILE, lora.WEIGHT_GRAD_PROGRAMS_PER_SM = tile, per_sm
-                lora._PLANS.clear()
                 try:
-                    call = lambda: lora._weight_grad(l, s, out, scale=1.0, transpose_out=False, colsum=colsum)  # noqa: E731
-                    call()
-                    row.append(f"{per_sm}/SM {harness.median_ms(call) * 1e3:6.1f} us")
+                    # Plan keys carry settings.generation: the override plans this tile afresh.
+                    with settings.override(weight_grad_tile=tile, weight_grad_programs_per_sm=per_sm):
+                        call()
+                        row.append(f"{per_sm}/SM {harness.median_ms(call) * 1e3:6.1f} us")
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     row.append(f"{per_sm}/SM failed ({type(exc).__name__})")
             print(f"  tile {tile}: " + "  ".join(row), flush=True)
-    lora.WEIGHT_GRAD_TILE, lora.WEIGHT_GRAD_PROGRAMS_PER_SM = saved
-    lora._PLANS.clear()
+    triton_kernels.fast_launch.clear_plans()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ spent (benchmarks/RESULTS.md quotes it); the figures are the installed Triton's,
 from the device image's (3.6).
 
     python -m tools.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
-                                   [--recompute] [--rank 16] [--dtype bf16|fp16|fp32]
+                                   [--recompute] [--rank 16] [--dtype bf16|fp16|fp32] [--dropout 0.1]
                                    [--launches forward,grad_x]
                                    [--block-n 256] [--stages 3] [--json] [--dump DIR]
     python -m tools.sm90_resources --flags-only [...]     # the launches' flags; nothing compiled
@@ -181,28 +181,40 @@ def register_operand_hazards(sass: str) -> list:
 
 
 def record_launches(step):
-    """The (kernel, args, constexprs, warps, stages, tuner candidates or None) of each launch that
-    step() makes through the Triton backend's launchers, built as for a GPU; nothing runs. The
-    launchers' GPU queries are stood in for (an H100's 132 SMs), and each tuned launch takes the
-    first candidate config, recorded with the whole candidate list."""
+    """The (kernel, args, constexprs, warps, stages, candidates) of each launch that step() makes
+    through the Triton backend's launchers, built as for a GPU; nothing runs. candidates: for a
+    tuned launch, [(config, constexprs)] of every tile config the tuner would time, each as its
+    launcher would pass it (the first is the one recorded); None for a launch of fixed tiles. The
+    launchers' GPU queries are stood in for (an H100's 132 SMs)."""
     from fusedpeft._kernels import triton_kernels
     from fusedpeft.settings import settings
 
     buffers, configs, fast_launch, layout = (triton_kernels.buffers, triton_kernels.configs,
                                              triton_kernels.fast_launch, triton_kernels.layout)
-    recorded, pending = [], []
+    recorded = []
+    state = {"group": None, "swallow": False}
 
     def record(kernel, grid, args, constexprs, num_warps, num_stages):
-        recorded.append((kernel, args, dict(constexprs), num_warps, num_stages, pending.pop() if pending else None))
+        launch = (kernel, args, dict(constexprs), num_warps, num_stages)
+        if state["group"] is not None:  # the tuner trying one candidate
+            state["group"].append(launch)
+        elif state["swallow"]:  # the launch with the config the tuner returned: recorded already
+            state["swallow"] = False
+        else:
+            recorded.append((*launch, None))
 
-    def first_candidate(key, M_, N_, size, launch_with):
+    def tune_by_recording(key, M_, N_, size, launch_with):
         cands = configs.candidates(M_, N_, size)
-        pending.append(cands)  # the launch that follows is recorded with them
+        state["group"] = []
+        for cand in cands:
+            launch_with(cand)
+        group, state["group"], state["swallow"] = state["group"], None, True
+        recorded.append((*group[0], [(cand, launch[2]) for cand, launch in zip(cands, group)]))
         return cands[0]
 
     stand_ins = [(layout, "interpreting", lambda: False), (layout, "num_sms", lambda index: 132),
                  (buffers, "ensure_allocator", lambda: None), (fast_launch, "cached_launch", record),
-                 (configs, "tuned_config", first_candidate), (torch.cuda, "current_device", lambda: 0)]
+                 (configs, "tuned_config", tune_by_recording), (torch.cuda, "current_device", lambda: 0)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in stand_ins]
     try:
         for obj, name, value in stand_ins:
@@ -215,7 +227,7 @@ def record_launches(step):
     return recorded
 
 
-def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
+def record_lora_launches(M, K, N, r, dtype=torch.bfloat16, dropout_p=0.0):
     """The launches of one LoRA training step (LAUNCH_NAMES at large M)."""
     from fusedpeft._kernels import triton_kernels
 
@@ -224,9 +236,10 @@ def record_lora_launches(M, K, N, r, dtype=torch.bfloat16):
     def step():
         x, W = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
         A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
-        _, saved_u = lora.forward(x, W, None, A, B, 2.0, 0.0, 0)
-        lora.backward(torch.randn(M, N, dtype=dtype), x, W, A, B, 2.0, 0.0, 0, (True, False, False, True, True),
-                      saved_u)
+        seed = torch.zeros(1, dtype=torch.int64)
+        _, saved_u = lora.forward(x, W, None, A, B, 2.0, dropout_p, seed)
+        lora.backward(torch.randn(M, N, dtype=dtype), x, W, A, B, 2.0, dropout_p, seed,
+                      (True, False, False, True, True), saved_u)
 
     return record_launches(step)
 
@@ -267,7 +280,7 @@ def _tensor_dtypes(kernel, args, constexprs) -> dict:
 
 
 def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, method="lora", recompute=False,
-           dtype=torch.bfloat16, compile=True):
+           dtype=torch.bfloat16, compile=True, dropout_p=0.0):
     """[{launch, kernel, flags, tensors, tuned, configs: [{config, warps, stages, FLATTEN,
     registers, stack, shared, over_shared_limit, advisories, hazards, error}]}] for the launches
     of one training step of ``method`` ("lora", named as LAUNCH_NAMES or FUSED_LAUNCH_NAMES by the
@@ -278,35 +291,32 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
     ``compile`` (the default) each config is compiled for sm_90 and its resources filled in;
     without, nothing is compiled."""
     if method == "lora":
-        recorded = record_lora_launches(M, K, N, r, dtype)
+        recorded = record_lora_launches(M, K, N, r, dtype, dropout_p)
         names = FUSED_LAUNCH_NAMES if len(recorded) == len(FUSED_LAUNCH_NAMES) else LAUNCH_NAMES
     elif method in RESCALE_KINDS:
         recorded, names = record_rescale_launches(M, K, N, method, dtype, not recompute), RESCALE_NAMES
     else:
         raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
-    from fusedpeft._kernels import triton_kernels
-
-    tile_configs = triton_kernels.configs
     rows = []
     for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(recorded):
         name = names[i] if i < len(names) else f"launch {i}"
         if launches and name not in launches:
             continue
-        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in candidates] if candidates else [({}, warps, num_stages)]
+        configs = ([(c.kwargs, c.num_warps, c.num_stages, flags) for c, flags in candidates] if candidates
+                   else [({}, warps, num_stages, constexprs)])
         row = {"launch": name, "kernel": kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__,
                "flags": {k: v for k, v in constexprs.items() if isinstance(v, (bool, int))},
                "tensors": _tensor_dtypes(kernel, call_args, constexprs), "tuned": candidates is not None,
                "configs": []}
-        for j, (kw, w, st) in enumerate(configs):
+        for j, (kw, w, st, flags) in enumerate(configs):
             if (block_n and kw.get("BLOCK_N") != block_n) or (stages and st != stages):
                 continue
             entry = {"config": kw, "warps": w, "stages": st}
+            if "FLATTEN" in flags:  # the loop form the launcher gives this config
+                entry["FLATTEN"] = flags["FLATTEN"]
             try:
-                if "FLATTEN" in kernel.arg_names:  # the loop form follows the config, as at launch
-                    kw = tile_configs.config_constexprs(constexprs, kw, call_args[0].element_size())
-                    entry["FLATTEN"] = kw["FLATTEN"]
                 if compile:
-                    fields, shared = compile_for_sm90(kernel, call_args, {**constexprs, **kw}, w, st,
+                    fields, shared = compile_for_sm90(kernel, call_args, flags, w, st,
                                                       os.path.join(dump, f"{i}_{j}") if dump else None)
                     entry.update(registers=int(fields["REG"]), stack=int(fields["STACK"]), shared=shared,
                                  over_shared_limit=shared > H100_SHARED_LIMIT, advisories=fields["advisories"],
@@ -349,6 +359,7 @@ def main(argv=None):
     parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N, or several, comma-separated")
     parser.add_argument("--method", default="lora", help=f"lora or one of {', '.join(RESCALE_KINDS)}, or several, comma-separated")
     parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA's dropout probability")
     parser.add_argument("--rank", default="16", help="LoRA's rank, or several, comma-separated")
     parser.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}, or several, comma-separated")
     parser.add_argument("--launches", default=None,
@@ -388,7 +399,8 @@ def main(argv=None):
         M, K, N = (int(v) for v in shape.split("x"))
         for r in [int(v) for v in args.rank.split(",")] if method == "lora" else [None]:
             part = report(M, K, N, r, args.launches.split(",") if args.launches else None, args.block_n,
-                          args.stages, args.dump, method, args.recompute, DTYPES[dtype], compile=not args.flags_only)
+                          args.stages, args.dump, method, args.recompute, DTYPES[dtype], compile=not args.flags_only,
+                          dropout_p=args.dropout)
             if not args.json:
                 print(f"== {shape} {method}" + (f" r={r}" if r else "") + f" {dtype}")
                 _print_rows(part, flags=args.flags_only)

@@ -1,6 +1,9 @@
 """Run one LoRA training step with every Triton launch printed and synchronised, so that a launch
 that faults (an illegal memory access is sticky: the process cannot go on) is the last line
-printed. Tuning runs as usual, so every tile config the tuner tries is traced too.
+printed. Tuning runs as usual, so every tile config the tuner tries is traced too. Launches go
+through fast_launch.cached_launch (settings.fast_launch on, as by default), which is wrapped here;
+a launch replayed from a plan would bypass it, but one step makes no launch twice with the same
+plan key.
 
     python -m tools.trace_launches --shape 8192x5120x5120 --rank 16 --dtype float32 --backend triton
 """
@@ -23,9 +26,10 @@ def main(argv=None):
     import fusedpeft
     from fusedpeft._kernels import triton_kernels
     from fusedpeft.ops import lora_linear
+    from fusedpeft.settings import settings
 
-    launch = triton_kernels.launch
-    real = launch.cached_launch
+    fast_launch = triton_kernels.fast_launch
+    real = fast_launch.cached_launch
 
     def traced(kernel, grid, call_args, constexprs, num_warps, num_stages):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
@@ -36,8 +40,6 @@ def main(argv=None):
         torch.cuda.synchronize()
         return entry
 
-    launch.cached_launch = traced
-    launch.FAST_LAUNCH = True
     M, K, N = (int(v) for v in args.shape.split("x"))
     dtype = getattr(torch, args.dtype)
     dev = "cuda"
@@ -45,13 +47,18 @@ def main(argv=None):
     W = (torch.randn(N, K, device=dev) / K**0.5).to(dtype)
     A = (torch.randn(args.rank, K, device=dev) / K**0.5).to(dtype).requires_grad_()
     B = (torch.randn(N, args.rank, device=dev) / args.rank**0.5).to(dtype).requires_grad_()
-    with fusedpeft.use_backend(args.backend):
-        y = lora_linear(x, W, None, A, B, 0.5, dropout_p=args.dropout, training=True)
-    torch.cuda.synchronize()
-    print("forward ok", flush=True)
-    y.backward(torch.randn_like(y))
-    torch.cuda.synchronize()
-    print("backward ok", flush=True)
+    fast_launch.cached_launch = traced
+    try:
+        with settings.override(fast_launch=True):
+            with fusedpeft.use_backend(args.backend):
+                y = lora_linear(x, W, None, A, B, 0.5, dropout_p=args.dropout, training=True)
+            torch.cuda.synchronize()
+            print("forward ok", flush=True)
+            y.backward(torch.randn_like(y))
+            torch.cuda.synchronize()
+            print("backward ok", flush=True)
+    finally:
+        fast_launch.cached_launch = real
     return 0
 
 

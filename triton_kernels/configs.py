@@ -149,21 +149,22 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2,
 INTERPRETER_SMS = 3
 
 
-def config_constexprs(flags: dict, cfg: dict, element_size: int) -> dict:
-    """The kernel's constexprs for one tile config: the launch's flags and the config, with the loop
-    form the config allows (FLATTEN; settings.loop_form "flattened" or "per_tile" forces one). The in-loop low-rank product (IN_LOOP_LR) branches on the row
-    block, which the pipeliner's loop flattening cannot take: never flattened.
+def config_constexprs(cfg: dict, element_size: int, *, scales_a: bool = False, in_loop: bool = False) -> dict:
+    """A tile config's constexprs with the loop form it allows (FLATTEN; settings.loop_form
+    "flattened" or "per_tile" forces one). A kernel whose K loop branches on the row block
+    (``in_loop``: the rank-r product computed beside the main loop) cannot take the pipeliner's loop
+    flattening: never flattened.
 
-    A flattened tile-and-K loop zeroes the accumulator between tiles with a select that ptxas takes
-    for a non-wgmma write to registers that a register-operand (SCALE_A) wgmma is still
-    accumulating into; it then serialises every wgmma of the kernel (ptxas advisory C7515,
-    tools/sm90_resources.py). A per-tile K loop keeps them pipelined, but it is only safe
-    where Triton 3.6 gives each step's scaled tile registers that no in-flight wgmma still reads:
-    16-bit inputs on the 128-row tiles. fp32 (tf32) tiles and the 64-row, one-warpgroup tiles
-    reload the next step's tile into the registers the previous step's wgmmas are reading (wrong
-    results on the H100 for fp32; found for both by sm90_resources' register-operand hazard
-    check), so they keep the serialised loop."""
+    ``scales_a``: the a tile is scaled in registers before the MMA. A flattened tile-and-K loop
+    zeroes the accumulator between tiles with a select that ptxas takes for a non-wgmma write to
+    registers that a register-operand wgmma is still accumulating into; it then serialises every
+    wgmma of the kernel (ptxas advisory C7515, tools/sm90_resources.py). A per-tile K loop keeps
+    them pipelined, but it is only safe where Triton 3.6 gives each step's scaled tile registers
+    that no in-flight wgmma still reads: 16-bit inputs on the 128-row tiles. fp32 (tf32) tiles and
+    the 64-row, one-warpgroup tiles reload the next step's tile into the registers the previous
+    step's wgmmas are reading (wrong results on the H100 for fp32; found for both by
+    sm90_resources' register-operand hazard check), so they keep the serialised loop."""
     loop_form = settings.loop_form
-    per_tile = flags["SCALE_A"] and loop_form != "flattened" and element_size == 2 and cfg["BLOCK_M"] >= 128
+    per_tile = scales_a and loop_form != "flattened" and element_size == 2 and cfg["BLOCK_M"] >= 128
     per_tile = per_tile or loop_form == "per_tile"
-    return {**flags, **cfg, "FLATTEN": not flags["IN_LOOP_LR"] and not per_tile}
+    return {**cfg, "FLATTEN": not in_loop and not per_tile}

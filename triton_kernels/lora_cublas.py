@@ -31,17 +31,14 @@ import types
 
 import torch
 
-from . import lowrank
-from .gemm import Dropout, launch_gemm
-from .lora import _weight_grad, dropout_mask
+from .lora import dropout_mask
+from .lowrank import lowrank_into, lowrank_product, weight_grad
 
 
 def _scaled_u(x, lora_A, s, dropout_p, seed):
     if dropout_p > 0:
         u_s = torch.empty(x.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
-        launch_gemm(x, lora_A, u_s, dropout=Dropout(seed, dropout_p, x.shape[1], "product"), precise=True,
-                    out_scale=s)
-        return u_s
+        return lowrank_product(x, lora_A, u_s, s, seed, dropout_p)
     # addmm with beta = 0 never reads its input (A's first column only gives the (r,) shape it
     # broadcasts); alpha applies s inside the GEMM: one launch, not a GEMM and a scaling.
     return torch.addmm(lora_A[:, 0], x, lora_A.T, beta=0, alpha=s)
@@ -60,13 +57,13 @@ def _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed):
     if low_rank_first:
         if dropout_p > 0:
             grad_x = torch.empty(grad_y.shape[0], lora_A.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-            lowrank.lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, accumulate=False)
+            lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, accumulate=False)
         else:  # beta = 0: A's first row only gives the (K,) shape; alpha = s inside the GEMM
             grad_x = torch.addmm(lora_A[0], g, lora_A, beta=0, alpha=s)
         return grad_x.addmm_(grad_y, weight)
     grad_x = grad_y @ weight
     if dropout_p > 0:
-        return lowrank.lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p)
+        return lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p)
     return grad_x.addmm_(g, lora_A, alpha=s)
 
 
@@ -81,7 +78,7 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
     if need_A:
         if dropout_p > 0:
             grad_A = torch.empty_like(lora_A)
-            _weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p, mask_ld=x.shape[1])
+            weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p)
         else:  # beta = 0: lora_A only gives the shape, its values are never read
             grad_A = torch.addmm(lora_A, g.T, x, beta=0, alpha=s)
     if need_B:

@@ -1,45 +1,208 @@
-"""IA3 / SSF launchers over the shared GEMM core (fused_linear_kernel), on 2-D inputs. The op layer
-(fusedpeft/ops/_rescale.py) owns argument checks, reshapes, autograd and the choice between
+"""IA3 / SSF kernels and launchers, on 2-D inputs: per-channel rescaling fused into the GEMM. The op
+layer (fusedpeft/ops/_rescale.py) owns argument checks, reshapes, autograd and the choice between
 saving and recomputing z.
 
-Forward, one launch each:
-- input scaling:  y = (x * l) W^T + b      l applied to the x tile in registers (SCALE_A; a per-tile
-                  K loop for 16-bit 128-row tiles, the serialised flattened loop otherwise:
-                  configs.config_constexprs says why)
-- output scaling: y = (x W^T + b) * l (+ t) in the epilogue (SCALE_OUT, SHIFT_OUT); in "save"
-  mode the same epilogue also writes z = x W^T + b (SAVE_AUX: + MN bytes written).
-FLOPs and bytes are the base GEMM's (2MNK; x, W, y) plus K or N scale entries: the scaling is free
-against the GEMM, so the forward should match the base linear.
-
-Backward, with g = grad_y:
-- input scaling, one launch: h = g W with the epilogue reducing sum_rows(h * x) per row block
-  (REDUCE_AUX with aux = x) and storing grad_x = h * l (SCALE_OUT). The partial sums
-  ([row blocks, K] float32) are summed in a fixed order: deterministic, no atomics.
-- output scaling: grad_x = (g * l) W, l applied to the g tile (SCALE_A), one launch. grad_l
-  (and grad_shift = sum_rows(g)) from z:
-    "save":      column_dot_kernel over g and the saved z, a memory-bound pass (4MN bytes);
-    "recompute": z = x W^T + b recomputed by the core with the reduction in its epilogue and no
-                 store (REDUCE_AUX with aux = g): one more 2MNK GEMM, no M x N memory.
+Entry kernels, each over core.py's pieces:
+- rescale_kernel         input scaling: out = (a * l[k]) @ w^T (+ b), the a tile scaled in
+                         registers, never stored: IA3's feedforward forward (a = x), and output
+                         scaling's grad_x = (g * l) W (a = g, w = W^T).
+                         output scaling: z = x W^T + b, y = z * l (+ t), z written too in "save"
+                         mode (+ MN bytes): the forward of IA3's output scaling and SSF.
+- rescale_reduce_kernel  h = a @ w^T (+ b) with the column sums sum_rows(h * other) (and of other)
+                         reduced per row block in the epilogue, h * l stored or nothing stored:
+                         input scaling's backward (a = g, other = x: grad_x = h * l and
+                         grad_l = sum_rows(h * x) in one launch), and output scaling's
+                         "recompute" mode (a = x, other = g: grad_l = sum_rows(z * g) with
+                         grad_shift = sum_rows(g), z never stored).
+- column_dot_kernel      sum_rows(g * z) and sum_rows(g) from a saved z ("save" mode).
+FLOPs and bytes are the base GEMM's (2MNK; a, w, out) plus K or N scale entries: the scaling is
+free against the GEMM, so each should match the base linear. The partial sums ([row blocks, N]
+float32) are summed on the host side in a fixed order: deterministic, no atomics.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from fusedpeft.settings import settings
 
 from . import fast_launch, layout
-from .fused_linear import column_dot_kernel
-from .gemm import Rescale, launch_gemm
-from .layout import column_sums, split_rows, zero_column_sums
+from .core import column_vector, k_loop, make_desc, operand_descs, reduce_columns, split_halves, store_tile, tile_start
+from .gemm import NOT_PLANNED, Gemm, PersistentGemm
+from .layout import column_sums, descriptor_ok, split_rows, weight_operand, zero_column_sums
 
 
-def forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
-    M, N = x.shape[0], weight.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if input_scale:
-        launch_gemm(x, weight, y, bias=bias, rescale=Rescale(scale, scale_a=True))
-        return y, None
-    z = torch.empty(M, N, dtype=x.dtype, device=x.device) if save_unscaled else None
-    launch_gemm(x, weight, y, bias=bias, rescale=Rescale(scale, shift=shift, aux=z, save_aux=save_unscaled))
-    return y, z
+@triton.jit
+def rescale_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, shift_ptr, z_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_zm,
+    SCALE_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, SAVE_Z: tl.constexpr,
+    W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, Z_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EPI_SUBTILE: tl.constexpr,
+):
+    """SCALE_INPUT: out = (a * scale[k]) @ w^T (+ bias), the a tile scaled in registers; its loop
+    form matters (configs.config_constexprs: a wgmma with a register operand, pipelined per tile
+    only where Triton keeps it race-free).
+    Otherwise: z = a @ w^T (+ bias), out = z * scale[n] (+ shift[n]); with SAVE_Z, z written too
+    (Z_DESC: by descriptor, an asynchronous store with no per-element addresses in registers)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    a_desc, w_desc = operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   W_KMAJOR, USE_DESC)
+    EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
+    out_desc = make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC)
+    z_desc = make_desc(z_ptr, M, N, stride_zm, BLOCK_M, EPI_N, Z_DESC)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
+                            warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n, off_m, off_n = tile_start(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn,
+                     stride_wk, scale_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC,
+                     SCALE_A=SCALE_INPUT)
+        acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+        for piece in tl.static_range(2 if EPI_SUBTILE else 1):
+            off_p = off_n + piece * EPI_N
+            cols = off_p + tl.arange(0, EPI_N)
+            out = acc0 if piece == 0 else acc1
+            if HAS_BIAS:
+                out += column_vector(bias_ptr, cols, N)
+            if not SCALE_INPUT:
+                if SAVE_Z:
+                    store_tile(z_ptr, z_desc, out, off_m, off_p, M, N, stride_zm, 1, BLOCK_M, EPI_N, Z_DESC)
+                out = out * column_vector(scale_ptr, cols, N)
+                if HAS_SHIFT:
+                    out += column_vector(shift_ptr, cols, N)
+            store_tile(out_ptr, out_desc, out, off_m, off_p, M, N, stride_om, 1, BLOCK_M, EPI_N, USE_DESC)
+
+
+@triton.jit
+def rescale_reduce_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, scale_ptr, other_ptr, partial_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_xm, stride_xn,
+    HAS_BIAS: tl.constexpr, STORE_OUT: tl.constexpr, SUM_OTHER: tl.constexpr, W_KMAJOR: tl.constexpr,
+    USE_DESC: tl.constexpr, OTHER_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EPI_SUBTILE: tl.constexpr,
+):
+    """h = a @ w^T (+ bias); partial[0, pid_m, n] = sum over the tile's rows of h * other (other
+    [M, N], strides stride_xm / stride_xn) and with SUM_OTHER partial[1, pid_m, n] = sum of other;
+    with STORE_OUT out = h * scale[n]."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    a_desc, w_desc = operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   W_KMAJOR, USE_DESC)
+    EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
+    out_desc = make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC and STORE_OUT)
+    other_desc = make_desc(other_ptr, M, N, stride_xm, BLOCK_M, EPI_N, OTHER_DESC)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
+                            warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n, off_m, off_n = tile_start(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn,
+                     stride_wk, a_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+        acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+        for piece in tl.static_range(2 if EPI_SUBTILE else 1):
+            off_p = off_n + piece * EPI_N
+            cols = off_p + tl.arange(0, EPI_N)
+            h = acc0 if piece == 0 else acc1
+            if HAS_BIAS:
+                h += column_vector(bias_ptr, cols, N)
+            reduce_columns(h, other_ptr, other_desc, partial_ptr, off_m, off_p, pid_m, num_pid_m, M, N, stride_xm,
+                           stride_xn, BLOCK_M, EPI_N, OTHER_DESC, SUM_OTHER)
+            if STORE_OUT:
+                store_tile(out_ptr, out_desc, h * column_vector(scale_ptr, cols, N), off_m, off_p, M, N, stride_om, 1,
+                           BLOCK_M, EPI_N, USE_DESC)
+
+
+@triton.jit
+def column_dot_kernel(
+    g_ptr, z_ptr, partial_ptr, M, C, rows_per_split, stride_gm, stride_zm,
+    SUM_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """partial[split, c] = sum over the split's rows of g * z, and with SUM_G
+    partial[splits + split, c] = sum of g: grad_scale = sum_rows(grad_y * z) and
+    grad_shift = sum_rows(grad_y) of output scaling from a saved z. Memory-bound: reads g and z
+    once (4MN bytes in bf16), no FLOPs to speak of; unit column strides."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    dot = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_end) & (cols[None, :] < C)
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * z, axis=0)
+        if SUM_G:
+            total += tl.sum(g, axis=0)
+    tl.store(partial_ptr + split * C + cols, dot, mask=cols < C)
+    if SUM_G:
+        tl.store(partial_ptr + (splits + split) * C + cols, total, mask=cols < C)
+
+
+_RESCALE = PersistentGemm(rescale_kernel)
+_REDUCE = PersistentGemm(rescale_reduce_kernel)
+
+
+def _plan_key(*tensors, flags=()):
+    if not fast_launch.enabled():
+        return None
+    meta = fast_launch.meta
+    return (tensors[0].get_device(), *(meta(t) for t in tensors), *flags, settings.generation)
+
+
+def _rescaled(a, w_mat, out, bias, scale, *, input_scale, shift=None, z=None):
+    """rescale_kernel: out = (a * scale) @ w_mat^T (+ bias) with ``input_scale``, else
+    out = (a @ w_mat^T + bias) * scale (+ shift) and z = the unscaled result when given."""
+    M, K = a.shape
+    N = w_mat.shape[0]
+    w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
+    tensors = (a, w, out, a if bias is None else bias, scale, a if shift is None else shift, a if z is None else z)
+    plan_key = _plan_key(a, w, out, bias, scale, shift, z, flags=(input_scale,))
+    if plan_key is not None and _RESCALE.replay(plan_key, tensors, ()) is not NOT_PLANNED:
+        return out
+    use_desc = descriptor_ok(a, w, out)
+    z_desc = bool(settings.rescale_tma and use_desc and z is not None and descriptor_ok(z))
+    ints = (M, N, K, a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), 0 if z is None else z.stride(0))
+    flags = dict(SCALE_INPUT=bool(input_scale), HAS_BIAS=bias is not None, HAS_SHIFT=shift is not None,
+                 SAVE_Z=z is not None, W_KMAJOR=w_kmajor, USE_DESC=use_desc, Z_DESC=z_desc)
+    _RESCALE.launch(plan_key, tensors, ints, (), flags,
+                    Gemm(M, N, K, a.dtype, a.element_size(), descriptors=use_desc or z_desc, scales_a=bool(input_scale)))
+    return out
+
+
+def _reduce_against(a, w_mat, other, *, bias=None, out=None, scale=None, sum_other=False):
+    """(sum_rows(h * other), sum_rows(other) if sum_other else None) as float32 for h = a @ w_mat^T
+    (+ bias), and out = h * scale when out is given: rescale_reduce_kernel."""
+    M, K = a.shape
+    N = w_mat.shape[0]
+    if M == 0 or N == 0:
+        return zero_column_sums(N, sum_other, a.device)
+    w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
+    tensors = (a, w, a if out is None else out, a if bias is None else bias, a if scale is None else scale, other)
+    plan_key = _plan_key(a, w, out, bias, scale, other, flags=(sum_other,))
+    if plan_key is not None:
+        partial = _REDUCE.replay(plan_key, tensors, ())
+        if partial is not NOT_PLANNED:
+            return column_sums(partial, sum_other)
+    use_desc = descriptor_ok(a, w, out)
+    other_desc = bool(settings.rescale_tma and use_desc and descriptor_ok(other))
+    ints = (M, N, K, a.stride(0), a.stride(1), stride_wn, stride_wk, 0 if out is None else out.stride(0),
+            other.stride(0), other.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, STORE_OUT=out is not None, SUM_OTHER=bool(sum_other),
+                 W_KMAJOR=w_kmajor, USE_DESC=use_desc, OTHER_DESC=other_desc)
+    partial = _REDUCE.launch(plan_key, tensors, ints, (), flags,
+                             Gemm(M, N, K, a.dtype, a.element_size(), descriptors=use_desc or other_desc,
+                                  partial_planes=2 if sum_other else 1))
+    return column_sums(partial, sum_other)
 
 
 def _column_dot(g, z, want_sum):
@@ -62,6 +225,17 @@ def _column_dot(g, z, want_sum):
     return column_sums(partial, want_sum)
 
 
+def forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y, (torch.empty_like(y) if save_unscaled and not input_scale else None)
+    if input_scale:
+        return _rescaled(x, weight, y, bias, scale, input_scale=True), None
+    z = torch.empty(M, N, dtype=x.dtype, device=x.device) if save_unscaled else None
+    return _rescaled(x, weight, y, bias, scale, input_scale=False, shift=shift, z=z), z
+
+
 def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
     need_x, need_w, need_b, need_scale, need_shift = needs
     grad_x = grad_w = grad_b = grad_scale = grad_shift = None
@@ -70,9 +244,10 @@ def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
     if input_scale:
         if need_x or need_scale:
             grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device) if need_x else None
-            res = launch_gemm(grad_y, weight.T, grad_x, rescale=Rescale(scale, aux=x, reduce_aux=need_scale))
-            if need_scale:
-                grad_scale = res[0].to(dtype)
+            if need_scale:  # h = g W: grad_x = h * l and grad_l = sum_rows(h * x) in one launch
+                grad_scale = _reduce_against(grad_y, weight.T, x, out=grad_x, scale=scale)[0].to(dtype)
+            elif M and K:
+                _rescaled(grad_y, weight.T, grad_x, None, scale, input_scale=False)
         if need_b:
             grad_b = grad_y.sum(0, dtype=torch.float32).to(dtype)
         if need_w:
@@ -81,15 +256,15 @@ def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
 
     if need_x:
         grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        launch_gemm(grad_y, weight.T, grad_x, rescale=Rescale(scale, scale_a=True))
+        if M and K:
+            _rescaled(grad_y, weight.T, grad_x, None, scale, input_scale=True)
     want_sum = need_shift or need_b
     col_g = None
     if need_scale:
         if z is not None:
             dot, col_g = _column_dot(grad_y, z, want_sum)
         else:
-            dot, col_g = launch_gemm(x, weight, None, bias=bias,
-                                     rescale=Rescale(aux=grad_y, reduce_aux=True, reduce_sum=want_sum))
+            dot, col_g = _reduce_against(x, weight, grad_y, bias=bias, sum_other=want_sum)
         grad_scale = dot.to(dtype)
     elif want_sum:
         col_g = grad_y.sum(0, dtype=torch.float32)
