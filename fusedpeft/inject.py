@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Iterable, Optional, Union
 
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 from . import methods
 from .config import _AdapterConfig, matches
 from .modules import AdapterLayer, ModulesToSaveWrapper, is_conv1d
+from .target_defaults import with_default_targets
 
 CONFIG_ATTR = "fusedpeft_config"  # {adapter_name: config} kept on the patched model
 _STATE_ATTR = "_fusedpeft_requires_grad"  # {parameter: requires_grad before the first inject}
@@ -55,10 +57,13 @@ def _candidate_modules(model: nn.Module):
 
 def find_targets(model: nn.Module, config: _AdapterConfig) -> list[str]:
     """Names of the modules ``config`` adapts; raises naming the problem when a target is missing
-    or is not a linear layer."""
+    or is a kind of module the method does not adapt (linear layers, and what its record's
+    other_layers name: LoRA's nn.Embedding)."""
+    other_kinds = tuple(methods.for_config(config).other_layers)
     spec = config.target_modules
     if spec is None:
-        raise ValueError("target_modules must be given: a list of module-name suffixes, a regex, or 'all-linear'")
+        raise ValueError("target_modules must be given (or be found by fusedpeft.target_defaults for the model's "
+                         "architecture): a list of module-name suffixes, a regex, or 'all-linear'")
     modules = list(_candidate_modules(model))
     if spec == "all-linear" or spec == ["all-linear"]:
         heads = _output_layer_names(model)
@@ -71,12 +76,18 @@ def find_targets(model: nn.Module, config: _AdapterConfig) -> list[str]:
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
     if config.exclude_modules is not None:
         targets = [n for n in targets if not matches(config.exclude_modules, n)]
+    named = set(spec) if isinstance(spec, list) else set()
+    targets = [n for n in targets if n in named or config.in_layers(n)]  # a full name given is kept (peft's rule)
     if not targets:
-        raise ValueError(f"target_modules {spec!r} match no module of {type(model).__name__}")
+        layers = "" if config.layers_to_transform is None else f" in layers {config.layers_to_transform}"
+        raise ValueError(f"target_modules {spec!r} match no module of {type(model).__name__}{layers}")
     modules = dict(modules)
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in targets if not (_is_linear(modules[n]) or isinstance(modules[n], AdapterLayer))]
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in targets
+           if not (_is_linear(modules[n]) or isinstance(modules[n], (AdapterLayer, *other_kinds)))]
     if bad:
-        raise TypeError(f"fusedpeft adapts linear layers (nn.Linear, transformers Conv1D) only; these targets are not: {bad}")
+        others = "".join(f" and nn.{k.__name__}" for k in other_kinds)
+        raise TypeError(f"{config.peft_type} adapts linear layers (nn.Linear, transformers Conv1D){others} only; "
+                        f"these targets are not: {bad}")
     return targets
 
 
@@ -102,11 +113,24 @@ def inject(
     configs = getattr(model, CONFIG_ATTR, {})
     if adapter_name in configs:
         raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    config = with_default_targets(config, model)  # the stored config names its targets, as peft's does
     targets = find_targets(model, config)
-    layer_cls = method.layer_class
+    if not config.fan_in_fan_out and any(is_conv1d(model.get_submodule(n)) for n in targets):
+        # peft's rule: a Conv1D (GPT-2) target stores its weight as (in, out); the adapter's config
+        # records it, so its file says so too.
+        warnings.warn("the targets include transformers Conv1D layers (weight stored as (in, out)): setting "
+                      "fan_in_fan_out=True")
+        config = dataclasses.replace(config, fan_in_fan_out=True)
+    init = getattr(config, "init_lora_weights", True)
+    if configs and isinstance(init, str) and init.startswith(("pissa", "olora")):
+        warnings.warn(f"init_lora_weights={init!r} rewrites the base weights that the model's other adapters "
+                      f"{sorted(configs)} were made for")
+    layer_classes = method.layer_classes()
     for name in targets:
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer) and not isinstance(module, layer_cls):
+        if method.check_target is not None:
+            method.check_target(config, name, module)
+        if isinstance(module, AdapterLayer) and not isinstance(module, layer_classes):
             raise TypeError(
                 f"{name} already holds {type(module).__name__} adapters; one layer takes one method "
                 f"({config.peft_type} asked)"
@@ -173,8 +197,13 @@ def _require_adapters(model: nn.Module):
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> nn.Module:
     """Fold the (active, or named) adapters into every adapted layer's base weight."""
     _require_adapters(model)
-    for _, layer in adapter_layers(model):
-        names = layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.adapter_names]
+    plan = [(layer, layer.active_adapters if adapter_names is None else [n for n in adapter_names if n in layer.adapter_names])
+            for _, layer in adapter_layers(model)]
+    for layer, names in plan:  # every layer's refusal before any layer changes
+        for name in names:
+            if name not in layer.merged_adapters:
+                layer.check_merge(name)
+    for layer, names in plan:
         layer.merge(safe_merge=safe_merge, adapter_names=names)
     return model
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import methods
+from .config import is_lora_init
 from .modules import AdapterLayer, IA3Linear, LoraLinear, is_conv1d
 
 
@@ -174,14 +175,13 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, *args, config=None, **kwargs):
         """fusedpeft's positional signature, or peft's ``update_layer(name, r, lora_alpha=..., config=...)``
         (used by ``PeftModel.add_adapter`` / ``load_adapter`` on an already adapted layer)."""
-        for attr in ("use_dora", "lora_bias"):
-            if attr not in self.__dict__:
-                setattr(self, attr, {})
+        if "use_dora" not in self.__dict__:
+            self.use_dora = {}
         if config is None:
             super().update_layer(adapter_name, r, lora_alpha, *args, **kwargs)
         else:
             bad = [f"{f}={getattr(config, f)!r}" for f in methods.LORA.variant_keys if getattr(config, f, None)]
-            if config.init_lora_weights not in (True, False, "gaussian"):
+            if not is_lora_init(config.init_lora_weights):
                 bad.append(f"init_lora_weights={config.init_lora_weights!r}")
             if bad:
                 raise NotImplementedError(
@@ -192,10 +192,10 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
             super().update_layer(
                 adapter_name, r, lora_alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
                 autocast_adapter_dtype=False,  # peft creates them in the base dtype and upcasts model-wide after
+                lora_bias=bool(getattr(config, "lora_bias", False)),
             )
             self.set_adapter(active, inference_mode=config.inference_mode)
         self.use_dora[adapter_name] = False
-        self.lora_bias[adapter_name] = False
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -228,8 +228,6 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
     def _method_reason(layer) -> Optional[str]:
         if any(layer.use_dora.values()) or len(layer.lora_magnitude_vector):
             return "DoRA (use_dora=True)"
-        if any(getattr(layer, "lora_bias", {}).values()):
-            return "lora_bias=True"
         if getattr(layer, "lora_variant", None):
             kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
             return f"LoRA variant {kinds}"
@@ -239,8 +237,9 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
             if name not in layer.lora_B or name not in layer.lora_dropout:
                 return f"adapter {name!r} has no lora_B / lora_dropout entry"
             a, b = layer.lora_A[name], layer.lora_B[name]
-            if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
-                return f"adapter {name!r} has lora_A / lora_B that are not bias-free nn.Linear"
+            with_bias = bool(getattr(layer, "lora_bias", {}).get(name, False))
+            if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or (b.bias is not None) != with_bias:
+                return f"adapter {name!r} has lora_A / lora_B that are not nn.Linear with the biases lora_bias says"
             drop = layer.lora_dropout[name]
             if type(drop) not in (nn.Dropout, nn.Identity):
                 return f"adapter {name!r} has dropout module {type(drop).__name__}"
@@ -399,7 +398,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``save_pretrained``, ``disable_adapter()``, ``set_adapter``, ``merge_adapter`` /
     ``unmerge_adapter``, ``merge_and_unload``, and adding plain LoRA / IA3 adapters.
 
-    Layers fusedpeft cannot run (LoRA on Embedding / Conv layers, DoRA, ``lora_bias``, other LoRA
+    Layers fusedpeft cannot run (LoRA on Embedding / Conv layers, DoRA, other LoRA
     variants, quantized or patched base layers, other peft methods) stay peft's and keep working
     beside the fused ones; one warning names each of them and why. This is deliberately not an
     error: a partly fused model computes the same thing.

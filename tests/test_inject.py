@@ -445,7 +445,7 @@ def _changed(config, **fields):
     "setup,config,name,exc,match",
     [
         (None, _lora(target_modules=["q", "nope", "missing"]), "x", ValueError, r"target_modules \['missing', 'nope'\] match no module of Toy"),
-        (None, _lora(target_modules=["q", "embed"]), "x", TypeError, r"embed \(Embedding\)"),
+        (None, _ia3(target_modules=["q", "embed"]), "x", TypeError, r"embed \(Embedding\)"),  # LoRA takes it
         (None, _lora(target_modules=["q"], modules_to_save=["nohead"]), "x", ValueError, "nohead"),
         (None, _lora(target_modules=["q"]), "bad.name", ValueError, "without '.'"),
         ("lora", _lora(target_modules=["v"]), "first", ValueError, "already has an adapter named 'first'"),

@@ -227,7 +227,7 @@ BAD = {
     "damaged weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"garbage"), ValueError, "cannot read"),
     "unknown peft_type": (lambda d: _edit_config(d, peft_type="LOHA"), ValueError, "unsupported peft_type 'LOHA'"),
     "dora": (lambda d: _edit_config(d, use_dora=True), ValueError, "does not implement: use_dora=True"),
-    "pissa init": (lambda d: _edit_config(d, init_lora_weights="pissa"), ValueError, "rewrites the base weights"),
+    "corda init": (lambda d: _edit_config(d, init_lora_weights="corda"), ValueError, "rewrites the base weights"),
     "missing key": (lambda d: _edit_weights(d, _drop_one_lora_B), ValueError, r"missing keys .*lora_B"),
     "unexpected key": (lambda d: _edit_weights(d, lambda t: t.update({"base_model.model.fc1.lora_C.weight": torch.ones(2)})),
                        ValueError, r"unexpected keys .*fc1\.lora_C\.weight"),

@@ -106,12 +106,15 @@ LORA_MLP = {
     "bias_lora_only": dict(r=3, lora_alpha=8, bias="lora_only"),
     "patterns": dict(r=4, lora_alpha=8, rank_pattern={"fc2": 2, "^out$": 6}, alpha_pattern={"fc1": 3}),
     "modules_to_save": dict(r=2, lora_alpha=4, modules_to_save=["head"]),
+    "lora_bias": dict(r=4, lora_alpha=8, lora_bias=True),  # fc2 has no base bias: b_B alone there
 }
 LORA_LLAMA = {
     "plain": dict(r=4, lora_alpha=8),
     "rslora": dict(r=8, lora_alpha=4, use_rslora=True),
     "patterns": dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
                      alpha_pattern={"gate_proj": 3, "o_proj": 16}),
+    "layers_to_transform": dict(r=4, lora_alpha=8, layers_to_transform=[1], layers_pattern="layers"),
+    "lora_bias": dict(r=4, lora_alpha=8, lora_bias=True),
 }
 IA3_CASES = {
     ("mlp", "ff"): dict(target_modules=MLP_TARGETS, feedforward_modules=["fc2"]),
@@ -214,6 +217,8 @@ SWAP_CASES = {
                                        init_ia3_weights=False)),
     "gpt2-lora": ("gpt2", "lora", dict(target_modules=GPT2_TARGETS, fan_in_fan_out=True, r=4, lora_alpha=8,
                                        init_lora_weights=False)),
+    "mlp-lora_bias": ("mlp", "lora", dict(target_modules=MLP_TARGETS, r=4, lora_alpha=8, lora_bias=True,
+                                          init_lora_weights=False)),
 }
 
 
@@ -246,7 +251,7 @@ def test_from_peft_keeps_names_parameters_outputs(case):
     assert pm.get_model_status().active_adapters == ["default"]
 
 
-@pytest.mark.parametrize("case", ["llama-lora", "mlp-lora-bias-mts", "mlp-ia3"])
+@pytest.mark.parametrize("case", ["llama-lora", "mlp-lora-bias-mts", "mlp-ia3", "mlp-lora_bias"])
 def test_from_peft_optimizer_built_before_keeps_training_like_peft(case):
     kind, method, kw = SWAP_CASES[case]
     _, pm = _peft_model(kind, method, kw)

@@ -45,14 +45,8 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# peft config keys that do not change what a linear LoRA / IA3 / SSF layer computes.
-_IGNORED_KEYS = {
-    "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
-    "peft_version", "megatron_config", "megatron_core", "use_qalora", "qalora_group_size", "layers_pattern",
-    "ensure_weight_tying", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
-}
-# The keys that change the computation (refused) and the init values a file may carry are each
-# method's: fusedpeft.methods.
+# The keys that change the computation (refused), the init values a file may carry and the
+# bookkeeping keys that are dropped are each method's: fusedpeft.methods and fusedpeft.config.
 
 
 # ----------------------------------------------------------------------------- keys
@@ -184,10 +178,18 @@ def _read_config(directory: str):
     method = methods.for_peft_type(data.get("peft_type"))  # None: config_from_dict names the peft_type
     if method is not None and method.file_inits is not None and method.init_key in data:
         init = data[method.init_key]
+        if isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init):
+            init = "pissa"  # a randomised SVD of the same kind: the same residual-base rule
         try:
             known_init = init in method.file_inits
         except TypeError:  # an unhashable value (a list, a dict) is no init fusedpeft knows
             known_init = False
+        if known_init and init in ("pissa", "olora"):
+            # An init that rewrote the base weights: the file is loaded onto the base as it is, as
+            # peft's instructions have the user save the residual base beside it.
+            warnings.warn(f"{path}: the adapter was initialised with {init!r}, which rewrote the base weights at "
+                          "injection; it is loaded onto the model's base weights as they are, which must be the "
+                          "residual base saved after that injection")
         if known_init:
             data[method.init_key] = method.file_inits[init]  # starting values only: the file overwrites them
         else:
@@ -196,13 +198,13 @@ def _read_config(directory: str):
     if bad:
         raise ValueError(f"{path} uses peft features fusedpeft does not implement: {', '.join(bad)}")
     try:
-        config = methods.config_from_dict(data)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            config = methods.config_from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
-    known = {f for f in config.to_dict()} | _IGNORED_KEYS | set(methods.UNSUPPORTED_KEYS) | methods.INIT_KEYS
-    unknown = sorted(k for k, v in data.items() if k not in known and v)
-    if unknown:
-        warnings.warn(f"{path}: ignoring config keys fusedpeft does not know: {unknown}")
+    for w in seen:  # from_dict's notes, said of the file
+        warnings.warn(f"{path}: {w.message}", w.category)
     return config
 
 

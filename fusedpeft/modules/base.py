@@ -33,10 +33,12 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # (in_features, out_features) of the wrapped layer; a layer of another kind overrides it.
+    base_shape = staticmethod(linear_shape)
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
-        self.in_features, self.out_features = linear_shape(base_layer)
+        self.in_features, self.out_features = self.base_shape(base_layer)
         if is_conv1d(base_layer) and not fan_in_fan_out:
             warnings.warn("the target is a transformers Conv1D (weight stored as (in, out)): setting fan_in_fan_out=True")
             fan_in_fan_out = True
@@ -129,11 +131,18 @@ class AdapterLayer(nn.Module):
         return w.device, dtype
 
     # ------------------------------------------------------------------ merge
+    def check_merge(self, adapter_name: str):
+        """Raise, changing nothing, when this adapter cannot be merged (a method's own rule)."""
+        return None
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None):
         """Fold adapters (default: the active ones) into the base weight in place. The update is
         computed in float32 (float64 for a float64 base) and rounded once. With safe_merge the
         merged weight is checked for NaN/Inf before it is written."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name in self.adapter_names and name not in self.merged_adapters:
+                self.check_merge(name)
         for name in names:
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping")

@@ -59,8 +59,10 @@ class IA3Linear(AdapterLayer):
             scale = 1.0 / scale
         return (w.to(scale.dtype) * scale[None, :]).to(w.dtype), None
 
-    def _merge_one(self, name: str, safe_merge: bool):
+    def check_merge(self, name: str):
         self._refuse_zero_scale("IA3", name, self.ia3_l[name])
+
+    def _merge_one(self, name: str, safe_merge: bool):
         w, b = self._scaled_base(name, invert=False)
         self._write_base(w, b, safe_merge, name)
 

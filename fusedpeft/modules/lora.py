@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear
+from ..config import is_lora_init
 from .base import AdapterLayer
 
 
@@ -41,16 +42,16 @@ class LoraVariant:
     @staticmethod
     def forward(module: "LoraLinear", adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(
-            x, module.base_weight(), module.base_layer.bias, module.lora_A[adapter_name].weight,
+            x, module.base_weight(), module.layer_bias(adapter_name), module.lora_A[adapter_name].weight,
             module.lora_B[adapter_name].weight, module.scaling[adapter_name], module._dropout_p(adapter_name),
             module.training,
         )
 
     @staticmethod
     def update(module: "LoraLinear", adapter_name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-        x_n = module.lora_dropout[adapter_name](x.to(A.dtype))
-        return y + (module.scaling[adapter_name] * ((x_n @ A.T) @ B.T)).to(y.dtype)
+        lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        x_n = module.lora_dropout[adapter_name](x.to(lora_A.weight.dtype))
+        return y + (module.scaling[adapter_name] * lora_B(lora_A(x_n))).to(y.dtype)
 
     @staticmethod
     def merge(module: "LoraLinear", adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ class LoraVariant:
 
 class LoraLinear(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "lora_bias")
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class LoraLinear(AdapterLayer):
         fan_in_fan_out: bool = False,
         autocast_adapter_dtype: bool = True,
         variant: Optional[type[LoraVariant]] = None,
+        lora_bias: bool = False,
     ):
         super().__init__(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
@@ -86,10 +88,11 @@ class LoraLinear(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         # The adapters that are not plain LoRA, and their variants (as peft keeps them).
         self.lora_variant: dict[str, type[LoraVariant]] = {}
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, autocast_adapter_dtype,
-                          variant=variant)
+                          variant=variant, lora_bias=lora_bias)
 
     def update_layer(
         self,
@@ -101,10 +104,12 @@ class LoraLinear(AdapterLayer):
         use_rslora: bool = False,
         autocast_adapter_dtype: bool = True,
         variant: Optional[type[LoraVariant]] = None,
+        lora_bias: bool = False,
     ):
         """Add an adapter. The first one becomes active; later ones are added inactive and frozen
         until set_adapter names them (as in peft). ``variant``: a LoraVariant subclass that runs
-        and merges this adapter (None: plain LoRA)."""
+        and merges this adapter (None: plain LoRA). ``lora_bias``: lora_B gets a trainable bias
+        b_B, so the adapter adds scaling * b_B too (peft's lora_bias)."""
         self._check_new_adapter(adapter_name)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
@@ -115,7 +120,10 @@ class LoraLinear(AdapterLayer):
             )
         device, dtype = self._adapter_param_device_dtype(autocast_adapter_dtype)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        if lora_bias and self.base_layer.bias is None:
+            warnings.warn(f"lora_bias=True on a layer without a bias: adapter {adapter_name!r} cannot be merged")
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
+        self.lora_bias[adapter_name] = bool(lora_bias)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -129,17 +137,59 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights):
+        """The adapter's starting values (see LoraConfig.init_lora_weights). pissa and olora also
+        rewrite the base weight to the residual W - scaling B A, so the layer's output is unchanged."""
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
+        if not is_lora_init(init_lora_weights):
+            raise ValueError(f"unknown init_lora_weights {init_lora_weights!r}")
         if init_lora_weights is False:
-            return  # nn.Linear's own init: both random (for tests; the adapter is not a no-op)
+            return  # nn.Linear's own init: all random (for tests; the adapter is not a no-op)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init_lora_weights == "gaussian":
             nn.init.normal_(A, std=1 / self.r[adapter_name])
         else:
-            raise ValueError(f"unknown init_lora_weights {init_lora_weights!r}")
+            self._init_from_base(adapter_name, init_lora_weights)
+            return
         nn.init.zeros_(B)
+
+    def _init_from_base(self, adapter_name: str, init: str):
+        """pissa / pissa_niter_<n> / olora: B, A from the base weight W (out, in), in float32, and
+        W rewritten to W - scaling B A (one rounding to its dtype)."""
+        w = self.base_weight()
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"init_lora_weights={init!r} needs a floating-point base weight, got {w.dtype}")
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if r > min(w.shape):
+            raise ValueError(f"init_lora_weights={init!r} needs r <= min(in, out) = {min(w.shape)}, got r={r}")
+        W = w.to(self._merge_dtype(w))
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)  # W = Q R: B = Q_r (out, r), A = R_r (r, in)
+            B, A = Q[:, :r], R[:r]
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:  # pissa_niter_<n>: a randomised SVD with n subspace iterations
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(init.rsplit("_", 1)[1]))
+                Vh = V.T
+            root = torch.sqrt(S / scaling)
+            B, A = U * root, root[:, None] * Vh
+        self.lora_A[adapter_name].weight.copy_(A)
+        self.lora_B[adapter_name].weight.copy_(B)
+        self._write_base((W - scaling * (B @ A)).to(w.dtype), None, False, adapter_name)
+
+    def layer_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The bias the fused op adds for this adapter: the base bias, plus scaling * b_B with
+        lora_bias (a differentiable sum, so b_B's gradient is scaling * sum_rows(grad_y))."""
+        bias = self.base_layer.bias
+        if not self.lora_bias.get(adapter_name, False):
+            return bias
+        lora_b = self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+        return lora_b if bias is None else bias + lora_b
 
     def _dropout_p(self, name: str) -> float:
         module = self.lora_dropout[name]
@@ -190,12 +240,25 @@ class LoraLinear(AdapterLayer):
         B = self.lora_B[adapter_name].weight.to(dtype)
         return (B @ A) * self.scaling[adapter_name]
 
+    def check_merge(self, adapter_name: str):
+        if self.lora_bias.get(adapter_name, False) and self.base_layer.bias is None:
+            raise RuntimeError(f"adapter {adapter_name!r} has lora_bias=True but the base layer has no bias to merge "
+                               "it into; nothing was changed")
+
+    def _merged_bias(self, name: str, sign: float) -> Optional[torch.Tensor]:
+        """The base bias with sign * scaling * b_B folded in (lora_bias), or None."""
+        if not self.lora_bias.get(name, False):
+            return None
+        bias = self.base_layer.bias
+        dt = self._merge_dtype(bias)
+        return (bias.to(dt) + sign * self.scaling[name] * self.lora_B[name].bias.to(dt)).to(bias.dtype)
+
     def _merge_one(self, name: str, safe_merge: bool):
         w = self.base_weight()
         merged = self._variant(name).merge(self, name, w.to(self._merge_dtype(w))).to(w.dtype)
-        self._write_base(merged, None, safe_merge, name)
+        self._write_base(merged, self._merged_bias(name, 1.0), safe_merge, name)
 
     def _unmerge_one(self, name: str):
         w = self.base_weight()
         restored = self._variant(name).unmerge(self, name, w.to(self._merge_dtype(w))).to(w.dtype)
-        self._write_base(restored, None, False, name)
+        self._write_base(restored, self._merged_bias(name, -1.0), False, name)

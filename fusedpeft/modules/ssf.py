@@ -69,9 +69,11 @@ class SSFLinear(AdapterLayer):
         return ssf_linear(x, self.base_weight(), self.base_layer.bias, scale, shift)
 
     # ------------------------------------------------------------------ merge
+    def check_merge(self, name: str):
+        self._refuse_zero_scale("SSF", name, self.ssf_scale[name])
+
     def _merge_one(self, name: str, safe_merge: bool):
         scale, shift = self.ssf_scale[name], self.ssf_shift[name]
-        self._refuse_zero_scale("SSF", name, scale)
         has_bias = self.base_layer.bias is not None
         use_shift = has_bias or bool(shift.any())  # a zero shift needs no bias on a bias-free layer
         w, b = self._output_affine(scale, shift if use_shift else None, invert=False)
