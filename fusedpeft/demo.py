@@ -6,11 +6,13 @@
    projections, IA3 ("ia3") on the MLP, with the down projection as a feedforward module, and
    SSF ("ssf", a per-logit scale and shift) on the lm head;
 3. trains only the adapters for --steps AdamW steps on a synthetic task: the next token of a
-   fixed-rule sequence (x[t+1] = (x[t] + STRIDE) mod V, random start), with a tqdm bar;
+   fixed-rule sequence (x[t+1] = (x[t] + STRIDE) mod V, random start), with a tqdm bar on a
+   terminal and plain progress lines (no carriage returns) when the output goes to a file or a pipe;
 4. checks the held-out loss fell and the frozen base weights did not move;
 5. saves each adapter with ``fusedpeft.save_adapter`` (HF peft's format, one directory each; SSF
-   in fusedpeft's own format of the same layout), reloads all three with ``fusedpeft.load_adapter``
-   into a freshly built base model (same seed) and checks its outputs equal the trained model's;
+   in fusedpeft's own format of the same layout) under --out-dir, or else in a temporary directory
+   that is removed once they are reloaded, reloads all three with ``fusedpeft.load_adapter`` into a
+   freshly built base model (same seed) and checks its outputs equal the trained model's;
 6. prints which backend ran each fused op (``fusedpeft.backend_counts()``).
 
 Exits non-zero when any check fails. On a CPU the default run takes a few seconds.
@@ -18,8 +20,11 @@ Exits non-zero when any check fails. On a CPU the default run takes a few second
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -145,6 +150,17 @@ def attach_adapters(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the run
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_HELP = "where it runs: auto (the default: the GPU if CUDA is available, else the CPU), cpu, cuda or cuda:N"
+
+
+def _device_arg(value: str) -> str:
+    """--device's type: one of DEVICE_CHOICES, cuda:N with N a device index."""
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(DEVICE_CHOICES)})")
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,8 +208,12 @@ def run(args: argparse.Namespace) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
     first = last = None
-    bar = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
-    for step in bar:
+    # Progress goes to stderr: a tqdm bar on a terminal; in a file, a pipe or a CI log (stdout or
+    # stderr not a terminal) about ten plain lines instead, as a bar's carriage returns garble those.
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+    bar = tqdm(total=args.steps, desc="training", unit="step", dynamic_ncols=True) if interactive else None
+    every = max(1, args.steps // 10)
+    for step in range(1, args.steps + 1):
         ids, targets = make_batch(gen, args.batch_size, model.cfg, device)
         loss = lm_loss(model, ids, targets)
         opt.zero_grad(set_to_none=True)
@@ -201,8 +221,15 @@ def run(args: argparse.Namespace) -> int:
         opt.step()
         last = loss.item()
         first = last if first is None else first
-        bar.set_postfix(loss=f"{last:.4f}")
-    bar.close()
+        if bar is not None:
+            bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+            bar.update()
+        elif step % every == 0 or step == args.steps:
+            sys.stdout.flush()  # keep the order of the lines where stdout and stderr share a log
+            print(f"training: step {step}/{args.steps} loss={last:.4f} ({time.perf_counter() - t0:.1f}s)",
+                  file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
     loss_after = eval_loss()
     print(f"train loss: first step {first:.4f} -> last step {last:.4f}")
     print(f"held-out loss: before {loss_before:.4f} -> after {loss_after:.4f}")
@@ -215,18 +242,23 @@ def run(args: argparse.Namespace) -> int:
     moved = [k for k, v in base_state.items() if not torch.equal(state[_adapted_key(state, k)], v)]
     check(not moved, "frozen base weights unchanged by training" + (f" (moved: {moved[:3]})" if moved else ""))
 
-    # Save each adapter in peft's format, reload them all into a freshly built base model.
-    out_dir = args.out_dir or tempfile.mkdtemp(prefix="fusedpeft-demo-")
-    dirs = {}
-    for name in ADAPTERS:
-        dirs[name] = os.path.join(out_dir, name)
-        fusedpeft.save_adapter(model, dirs[name], adapter_name=name)
-        files = sorted(os.listdir(dirs[name]))
-        print(f"saved adapter {name!r} to {dirs[name]} ({', '.join(files)})")
+    # Save each adapter in peft's format, reload them all into a freshly built base model. Without
+    # --out-dir they go to a temporary directory, removed when the reload is done (or on an error).
+    with contextlib.ExitStack() as cleanup:
+        out_dir = args.out_dir
+        if not out_dir:
+            out_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fusedpeft-demo-"))
+            print("adapters go to a temporary directory, removed once they are reloaded (--out-dir DIR keeps them)")
+        dirs = {}
+        for name in ADAPTERS:
+            dirs[name] = os.path.join(out_dir, name)
+            fusedpeft.save_adapter(model, dirs[name], adapter_name=name)
+            files = sorted(os.listdir(dirs[name]))
+            print(f"saved adapter {name!r} to {dirs[name]} ({', '.join(files)})")
 
-    reloaded = build_base(args.seed, device, dtype)
-    for name in ADAPTERS:
-        fusedpeft.load_adapter(reloaded, dirs[name], adapter_name=name)
+        reloaded = build_base(args.seed, device, dtype)
+        for name in ADAPTERS:
+            fusedpeft.load_adapter(reloaded, dirs[name], adapter_name=name)
     fusedpeft.set_adapter(reloaded, list(ADAPTERS))
     model.eval()
     reloaded.eval()
@@ -264,8 +296,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    parser.add_argument("--device", type=_device_arg, default="auto", metavar="{" + ",".join(DEVICE_CHOICES) + "}",
+                        help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base model dtype")
     parser.add_argument("--seed", type=int, default=0, help="seed of the base model and the data (default 0)")
-    parser.add_argument("--out-dir", default=None, help="where the adapters are saved (default: a new temp dir)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where the adapters are saved (default: a temporary directory, removed after the reload)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a CPU device)")

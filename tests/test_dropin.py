@@ -76,7 +76,8 @@ def test_gpt2_adapter_file_says_fan_in_fan_out_as_peft_does(tmp_path):
     with pytest.warns(UserWarning, match="fan_in_fan_out=True"):
         fusedpeft.inject(model, fusedpeft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
     fusedpeft.save_adapter(model, tmp_path / "f")
-    pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):  # peft's note of the same fix
+        pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"]))
     pm.save_pretrained(tmp_path / "p")
     ours = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
@@ -162,9 +163,9 @@ class TwoLinear(nn.Module):
 def _lora_bias_twins():
     base = TwoLinear()
     config = dict(r=3, lora_alpha=6, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # b has no base bias: merging it will be refused
+    with pytest.warns(UserWarning, match="has no bias"):  # b has none: merging it will be refused, in peft too
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    with pytest.warns(UserWarning, match="cannot be merged"):
         fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
     fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
     return base, pm, fm
@@ -193,11 +194,12 @@ def test_lora_bias_files_both_ways(tmp_path):
     base, pm, fm = _lora_bias_twins()
     x = torch.randn(4, 12)
     fusedpeft.save_adapter(fm, tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with pytest.warns(UserWarning, match="has no bias"):
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     assert_close(back(x), fm(x), torch.float32, "peft loads ours")
-    pm.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match="invalid shape.*lora_B.bias"):  # peft's check taking a bias for a shard
+        pm.save_pretrained(tmp_path / "theirs")
+    with pytest.warns(UserWarning, match="cannot be merged"):
         ours = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
     assert_close(ours(x), pm(x), torch.float32, "we load peft's")
 
