@@ -88,8 +88,11 @@ def twins(kind, method, kw, dtype=torch.float32):
     """(base, peft model, fusedpeft model) holding the same adapter weights: peft draws them, the
     fusedpeft model loads peft's state dict by name (strict: the parameter names are identical)."""
     base = make_base(kind, dtype)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
-    fm = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
+    with warnings.catch_warnings():
+        # lora_bias on a bias-free layer (the MLP's fc2): both warn that it cannot be merged
+        warnings.filterwarnings("ignore", message=".*(has no bias|cannot be merged)")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+        fm = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
     fm.load_state_dict({strip(k): v for k, v in pm.state_dict().items()}, strict=True)
     return base, pm, fm
 
@@ -224,7 +227,9 @@ SWAP_CASES = {
 
 def _peft_model(kind, method, kw):
     base = make_base(kind)
-    return base, peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has no bias")  # lora_bias on the MLP's bias-free fc2
+        return base, peft.get_peft_model(copy.deepcopy(base), peft_config(method, **kw))
 
 
 @pytest.mark.parametrize("case", list(SWAP_CASES))
