@@ -161,6 +161,9 @@ def inject(
         # that hold only it): the model keeps running, and training, what was active before.
         set_adapter(model, previous_active)
     mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
+    from .io import hf_checkpoint  # here: fusedpeft.io imports this module
+
+    hf_checkpoint.install(model)  # a transformers model's save_pretrained writes the base under its own names
     return model
 
 
@@ -255,6 +258,9 @@ def eject(model: nn.Module, merge: bool = False) -> nn.Module:
     exact up to one rounding, and a bias a merged SSF shift added is removed) and their
     requires_grad flags as before inject; with merge=True the active adapters are folded in first
     and modules_to_save keep their trained copies."""
+    from .io import hf_checkpoint
+
+    hf_checkpoint.uninstall(model)
     flags = dict(getattr(model, _STATE_ATTR, {}))
     for name, layer in list(adapter_layers(model)):
         if merge:
