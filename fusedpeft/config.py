@@ -129,6 +129,8 @@ class LoraConfig(_AdapterConfig):
     B = U_r sqrt(S_r / scaling), A = sqrt(S_r / scaling) V_r^T), "pissa_niter_<n>" (the same from
     a randomised SVD with n subspace iterations), "olora" (B, A = Q_r, R_r of W's QR).
     rank_pattern / alpha_pattern map a module-name regex to a per-module r / lora_alpha.
+    use_dora: DoRA (fusedpeft.ops.dora_linear): each output row of W + s B A rescaled to a learned
+    length m, which starts at that row's norm (linear targets only).
     """
 
     r: int = 8
@@ -142,10 +144,15 @@ class LoraConfig(_AdapterConfig):
     lora_bias: bool = False
     layers_to_transform: Optional[Union[list, int]] = None
     layers_pattern: Optional[Union[list, str]] = None
+    use_dora: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = "LORA"
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoraConfig: use_dora together with lora_bias is not implemented")
         self._check_layers()
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")

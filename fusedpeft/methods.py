@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import IA3Config, LoraConfig, SSFConfig, _AdapterConfig
 from .modules import AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, SSFLinear
+from .modules.dora import DoraVariant
 from .ops import ia3_linear, lora_linear, ssf_linear
 
 
@@ -88,7 +89,12 @@ class Method:
 def _lora_adapter_args(config: LoraConfig, module_name: str) -> dict:
     r, alpha = config.rank_and_alpha(module_name)
     return dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
-                use_rslora=config.use_rslora, lora_bias=config.lora_bias)
+                use_rslora=config.use_rslora, lora_bias=config.lora_bias, variant=lora_variant(config))
+
+
+def lora_variant(config: LoraConfig):
+    """The LoraVariant an adapter of this config runs (None: plain LoRA)."""
+    return DoraVariant if config.use_dora else None
 
 
 def _no_args(config, module_name: str) -> dict:
@@ -101,6 +107,8 @@ def _check_lora_target(config: LoraConfig, module_name: str, module: nn.Module) 
     if isinstance(base, nn.Embedding):
         if config.lora_bias:
             raise ValueError(f"lora_bias=True is not supported on the nn.Embedding {module_name} (as in peft)")
+        if config.use_dora:
+            raise ValueError(f"use_dora=True is not implemented on the nn.Embedding {module_name}")
         if init not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights={init!r} is not supported on the nn.Embedding {module_name}")
         return
@@ -125,7 +133,7 @@ LORA = Method(
     # lora_ga, mica, ... need more than the file and a residual base: refused.
     file_inits={True: True, False: False, "gaussian": "gaussian", "eva": True, "orthogonal": True, "pissa": True,
                 "olora": True},
-    variant_keys=("use_dora", "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config",
+    variant_keys=("arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config",
                   "monteclora_config", "kasa_config"),
     unsupported_keys=("layer_replication", "target_parameters", "trainable_token_indices"),
 )

@@ -26,6 +26,7 @@ from torch import nn
 from . import methods
 from .config import is_lora_init
 from .modules import AdapterLayer, IA3Linear, LoraLinear, is_conv1d
+from .modules.dora import DoraVariant
 
 
 def _names(adapter_names) -> list[str]:
@@ -181,6 +182,8 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
             super().update_layer(adapter_name, r, lora_alpha, *args, **kwargs)
         else:
             bad = [f"{f}={getattr(config, f)!r}" for f in methods.LORA.variant_keys if getattr(config, f, None)]
+            if getattr(config, "use_dora", False) and getattr(config, "lora_bias", False):
+                bad.append("use_dora with lora_bias")
             if not is_lora_init(config.init_lora_weights):
                 bad.append(f"init_lora_weights={config.init_lora_weights!r}")
             if bad:
@@ -192,10 +195,10 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
             super().update_layer(
                 adapter_name, r, lora_alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
                 autocast_adapter_dtype=False,  # peft creates them in the base dtype and upcasts model-wide after
-                lora_bias=bool(getattr(config, "lora_bias", False)),
+                lora_bias=bool(getattr(config, "lora_bias", False)), variant=methods.lora_variant(config),
             )
             self.set_adapter(active, inference_mode=config.inference_mode)
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = adapter_name in self.lora_variant
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -226,11 +229,19 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
 
     @staticmethod
     def _method_reason(layer) -> Optional[str]:
-        if any(layer.use_dora.values()) or len(layer.lora_magnitude_vector):
-            return "DoRA (use_dora=True)"
-        if getattr(layer, "lora_variant", None):
-            kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
-            return f"LoRA variant {kinds}"
+        dora = {n for n, on in layer.use_dora.items() if on}
+        others = sorted({type(v).__name__ for n, v in getattr(layer, "lora_variant", {}).items()
+                         if not (n in dora and type(v).__name__ == "DoraLinearVariant")})
+        if others:
+            return f"LoRA variant {others}"
+        for name in dora:
+            magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
+            if not isinstance(getattr(magnitude, "weight", None), nn.Parameter):
+                return f"DoRA adapter {name!r} has no magnitude vector"
+            if getattr(layer, "lora_bias", {}).get(name, False):
+                return f"DoRA adapter {name!r} with lora_bias"
+        if set(layer.lora_magnitude_vector) - dora:
+            return "magnitude vectors of adapters that are not DoRA"
         if len(layer.lora_embedding_A):
             return "embedding LoRA weights"
         for name in layer.lora_A:
@@ -266,7 +277,9 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
         for attr in ("cast_input_dtype_enabled", "ephemeral_gpu_offload", "is_target_conv_1d_layer", "kwargs"):
             if hasattr(layer, attr):
                 setattr(new, attr, getattr(layer, attr))
-        new.lora_variant, new._caches = {}, {}
+        # DoRA adapters run through fusedpeft's variant, which reads peft's magnitude modules as they are.
+        new.lora_variant = {name: DoraVariant for name in names if new.use_dora[name]}
+        new._caches = {}
         return _finish(new, layer)
 
 
@@ -398,7 +411,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``save_pretrained``, ``disable_adapter()``, ``set_adapter``, ``merge_adapter`` /
     ``unmerge_adapter``, ``merge_and_unload``, and adding plain LoRA / IA3 adapters.
 
-    Layers fusedpeft cannot run (LoRA on Embedding / Conv layers, DoRA, other LoRA
+    Layers fusedpeft cannot run (LoRA on Embedding / Conv layers, other LoRA
     variants, quantized or patched base layers, other peft methods) stay peft's and keep working
     beside the fused ones; one warning names each of them and why. This is deliberately not an
     error: a partly fused model computes the same thing.

@@ -384,10 +384,12 @@ def test_from_peft_leaves_unsupported_layers_with_a_warning():
     assert type(model.base_model.model.proj) is PeftLoraLinear
     assert_close(model(ids), y0, torch.float32, "partly swapped")
 
-    dora = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], use_dora=True, init_lora_weights=False))
-    with pytest.warns(UserWarning, match=r"(?s)fc1: DoRA"):
-        fusedpeft.from_peft(dora)
-    assert type(dora.base_model.model.fc1) is peft.tuners.lora.layer.Linear
+    # A LoRA variant fusedpeft does not run (an aLoRA adapter's variant) stays peft's.
+    variant = peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["fc1"], init_lora_weights=False))
+    variant.base_model.model.fc1.lora_variant["default"] = object()
+    with pytest.warns(UserWarning, match=r"(?s)fc1: LoRA variant \['object'\]"):
+        fusedpeft.from_peft(variant)
+    assert type(variant.base_model.model.fc1) is peft.tuners.lora.layer.Linear
 
 
 def test_from_peft_leaves_fusedpeft_ssf_layers_alone():

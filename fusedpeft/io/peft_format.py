@@ -51,11 +51,15 @@ PREFIX = "base_model.model."
 
 # ----------------------------------------------------------------------------- keys
 def _remove_adapter_name(key: str, adapter_name: str) -> str:
-    """peft's rule: 'x.lora_A.<name>.weight' -> 'x.lora_A.weight', 'x.ia3_l.<name>' -> 'x.ia3_l'."""
+    """peft's rule: 'x.lora_A.<name>.weight' -> 'x.lora_A.weight', 'x.ia3_l.<name>' -> 'x.ia3_l';
+    DoRA's magnitude 'x.lora_magnitude_vector.<name>.weight' -> 'x.lora_magnitude_vector' (the key
+    peft's files have kept since the magnitude was a ParameterDict)."""
     if key.endswith("." + adapter_name):
         return key[: -len(adapter_name) - 1]
     head, _, last = key.rpartition(".")
     head = re.sub(re.escape("." + adapter_name) + "$", "", head)
+    if head.endswith("lora_magnitude_vector") and last == "weight":
+        return head
     return f"{head}.{last}"
 
 

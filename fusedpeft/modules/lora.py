@@ -63,7 +63,7 @@ class LoraVariant:
 
 
 class LoraLinear(AdapterLayer):
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "lora_bias")
 
     def __init__(
@@ -84,6 +84,7 @@ class LoraLinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's magnitudes (fusedpeft.modules.dora), as peft keeps them
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}

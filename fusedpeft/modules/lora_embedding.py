@@ -36,6 +36,7 @@ class LoraEmbedding(AdapterLayer):
         fan_in_fan_out: bool = False,
         autocast_adapter_dtype: bool = True,
         lora_bias: bool = False,
+        variant=None,
     ):
         super().__init__(base_layer, False)
         self.lora_embedding_A = nn.ParameterDict()
@@ -45,7 +46,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
-                          autocast_adapter_dtype, lora_bias=lora_bias)
+                          autocast_adapter_dtype, lora_bias=lora_bias, variant=variant)
 
     @staticmethod
     def base_shape(base_layer: nn.Module) -> tuple[int, int]:
@@ -55,9 +56,12 @@ class LoraEmbedding(AdapterLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False, autocast_adapter_dtype: bool = True,
-                     lora_bias: bool = False):
-        """Add an adapter (the first becomes active; later ones wait for set_adapter, as in peft)."""
+                     lora_bias: bool = False, variant=None):
+        """Add an adapter (the first becomes active; later ones wait for set_adapter, as in peft).
+        Plain LoRA only: a variant (DoRA) is refused."""
         self._check_new_adapter(adapter_name)
+        if variant is not None:
+            raise ValueError(f"{getattr(variant, '__name__', variant)} is not implemented on an nn.Embedding")
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
         if lora_bias:

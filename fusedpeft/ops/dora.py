@@ -1,0 +1,230 @@
+"""DoRA linear (weight-decomposed LoRA, peft's ``use_dora=True``): LoRA whose merged weight
+W' = W + s B A gets each output row rescaled to a learned length m,
+
+    y = (m / n) * (x W^T + s (x A^T) B^T) + b,        n = ||W + s B A||_row  (detached, as peft)
+
+and with dropout in training, peft's formula (drop(x) = x * mask / (1 - p)):
+
+    y = x W^T + b + (m/n - 1) * (drop(x) W^T) + (m/n) * s (drop(x) A^T) B^T
+
+which needs a second GEMM with W (on drop(x)) in the forward and in the backward: about 1.5x the
+GEMM work of a LoRA layer's step, inherent to peft's definition.
+
+The row norms never form W' (N x K): ||W_row||^2 is fixed while W is (the caller caches it,
+``weight_sq_norm``), and the rest is O(N r (K + r)):
+
+    n^2 = ||W||^2_row + 2 s rowsum((W A^T) * B) + s^2 rowsum((B (A A^T)) * B)
+
+Backward, with c = m / n and z = drop(x) W^T + s (drop(x) A^T) B^T (at p = 0: x W^T + LoRA term):
+
+    grad_x = grad_y W + mask/(1-p) * (((c - 1) grad_y) W + s ((c grad_y) B) A)   (p = 0: (c grad_y) W + s ((c grad_y) B) A)
+    grad_A = s ((c grad_y) B)^T drop(x),   grad_B = s (c grad_y)^T (drop(x) A^T)
+    grad_m = sum_rows(grad_y * z) / n,     grad_b = sum_rows(grad_y)
+
+grad_m needs z (M x N): saved in the forward, or recomputed in the backward (one more 2MNK GEMM),
+as ``settings.output_scale_grad`` says ("save" / "recompute"), the rule IA3's output scaling
+follows for the same reduction. Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r), m (N,).
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+
+from .. import backends, tuning
+from ..settings import settings
+from . import _autograd, _common
+from .lora import _masked, _torch_dropout_mask
+
+OP = "dora_linear"
+
+
+# ----------------------------------------------------------------------------- the norm
+def weight_row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W_row||^2 (N,) in float32 (float64 for float64): the part of DoRA's norm that is fixed
+    while W is, so callers compute it once per weight."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(weight, dim=1, dtype=dt).square()
+
+
+@torch.no_grad()
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Optional[torch.Tensor] = None):
+    """||W + s B A||_row (N,) without forming W + s B A, in float32 (float64 for float64), detached.
+    W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if weight_sq_norm is None:
+        weight_sq_norm = weight_row_sq_norm(weight)
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    cross = ((weight @ lora_A.to(weight.dtype).T).to(dt) * B).sum(1)  # rowsum((W A^T) * B)
+    last = ((B @ (A @ A.T)) * B).sum(1)  # rowsum(B (A A^T) * B) = ||(B A)_row||^2
+    return (weight_sq_norm.to(dt) + 2.0 * scaling * cross + scaling * scaling * last).clamp_min(0).sqrt()
+
+
+# ----------------------------------------------------------------------------- reference
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_mask=None, dropout_p=0.0):
+    """peft's formula, written plainly (W + s B A formed); tests run it in float64.
+    ``dropout_mask`` (x's shape, 0/1) and ``dropout_p`` give drop(x) = x * mask / (1 - p)."""
+    norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    c = magnitude / norm
+    x_d = x if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
+    base = x @ weight.T
+    y = base + (c - 1) * (x_d @ weight.T) + c * scaling * ((x_d @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _parts(x, weight, lora_A, lora_B, scaling, dropout_p, seed):
+    """(t, u_s) with t = drop(x) W^T and u_s = s drop(x) A^T (t is x W^T at p = 0)."""
+    if dropout_p == 0.0:
+        return x @ weight.T, torch.mm(x, lora_A.T) * scaling
+    x_d = _masked(x, dropout_p, seed)  # x * mask; the 1 / (1 - p) goes into the scalars
+    keep = 1.0 / (1.0 - dropout_p)
+    return torch.mm(x_d, weight.T) * keep, torch.mm(x_d, lora_A.T) * (scaling * keep)
+
+
+def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+    c = (magnitude / norm).to(x.dtype)
+    t, u_s = _parts(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    z = torch.addmm(t, u_s, lora_B.T)  # drop(x) W^T + s drop(x) A^T B^T
+    if dropout_p == 0.0:
+        y = c * z
+    else:  # x W^T + (c - 1) t + c (z - t) = x W^T - t + c z
+        y = torch.mm(x, weight.T) - t + c * z
+    if bias is not None:
+        y = y + bias
+    return y, (z if save_z else u_s)
+
+
+def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed,
+                    save_z, needs):
+    need_x, need_w, need_b, need_A, need_B, need_m = needs
+    dtype = grad_y.dtype
+    c = (magnitude / norm).to(dtype)
+    g_c = grad_y * c
+    keep = 1.0 / (1.0 - dropout_p)
+    x_d = x if dropout_p == 0.0 else _masked(x, dropout_p, seed) * keep  # drop(x)
+    if save_z:
+        z, u_s = saved, torch.mm(x_d, lora_A.T) * scaling
+    else:
+        u_s = saved
+        z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T) if need_m else None
+    g_B = g_c @ lora_B  # (M, r)
+    grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
+    if need_x:
+        low = torch.mm(g_B, lora_A) * scaling
+        if dropout_p == 0.0:
+            grad_x = torch.addmm(low, g_c, weight)
+        else:
+            inner = _masked(torch.addmm(low, g_c - grad_y, weight), dropout_p, seed) * keep
+            grad_x = torch.addmm(inner, grad_y, weight)
+    if need_w:  # only when the user unfroze the base weight (the norm stays detached, as peft's)
+        grad_w = grad_y.T @ x + ((g_c - grad_y).T @ x_d)
+    if need_b:
+        grad_b = _common.sum_rows(grad_y, dtype)
+    if need_A:
+        grad_A = (g_B.T @ x_d) * scaling
+    if need_B:
+        grad_B = g_c.T @ u_s
+    if need_m:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grad_m = ((grad_y.to(acc) * z.to(acc)).sum(0) / norm.to(acc)).to(dtype)
+    return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m
+
+
+torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
+                                      dropout_mask=_torch_dropout_mask)
+
+# The op's reference: registered here, first (registration index 0).
+backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs):
+    M, K = x.shape
+    key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
+           save_z, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+    bench = tuning.step_bench(
+        lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z),
+        lambda impl, grad, saved: impl.backward(grad, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
+                                                dropout_p, seed, save_z, needs),
+        (M, weight.shape[0]), x, any(needs))
+    return key, bench
+
+
+def _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, index=-1,
+            record=True):
+    tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs)
+            if x.is_cuda and index < 0 else None)
+    return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
+
+
+def _forward_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z,
+                  needs=(False,) * 6, index=-1):
+    index, impl = _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs,
+                          index)
+    y, saved = impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z)
+    return y, saved, index
+
+
+def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, index, scaling, norm, dropout_p, seed,
+                   save_z, needs):
+    impl = backends.impl_at(OP, index)
+    return impl.backward(grad_y.contiguous(), x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
+                         dropout_p, seed, save_z, tuple(needs))
+
+
+def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+    return (x.shape[0], weight.shape[0]) if save_z else (x.shape[0], lora_A.shape[0])
+
+
+# The eager autograd Function and the custom ops (ops/_autograd.py). They save x, the frozen weight,
+# A, B, m (in x's dtype) and z (M x N, "save" mode) or s drop(x) A^T (M x r, "recompute" mode).
+_OP = _autograd.autograd_op(
+    "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
+    params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    weight_norm: Optional[torch.Tensor] = None,
+    weight_sq_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA over any leading shape of x (see the module docstring). magnitude: (out_features,).
+    weight_norm: ||W + s B A||_row if the caller has it (a layer in eval caches it), else it is
+    computed here, from weight_sq_norm = ||W_row||^2 when given (fixed while W is). Dropout
+    applies only when ``training``. Adapter tensors in another float dtype are cast to the
+    compute dtype, as lora_linear's."""
+    from .lora import _new_seed
+
+    _common.check_linear_inputs(OP, x, weight, bias)
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"{OP}: lora_A must be 2-D (r, in_features) with r >= 1, got shape {tuple(lora_A.shape)}")
+    r, (n, k) = lora_A.shape[0], weight.shape
+    _common.check_adapter_tensor(OP, "lora_A", lora_A, (r, k), weight)
+    _common.check_adapter_tensor(OP, "lora_B", lora_B, (n, r), weight)
+    _common.check_adapter_tensor(OP, "magnitude", magnitude, (n,), weight)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    dtype = _common.compute_dtype(x, weight)
+    x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight_c, lora_A, lora_B, scaling, weight_sq_norm)
+    elif tuple(weight_norm.shape) != (n,):
+        raise ValueError(f"{OP}: weight_norm must have shape ({n},), got {tuple(weight_norm.shape)}")
+    p = float(dropout_p) if training else 0.0
+    x2 = _common.flatten_rows(x_c)
+    seed = _new_seed(x2.device) if p > 0.0 else None
+    save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
+    y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, magnitude,
+                                 float(scaling), weight_norm.detach(), p, seed, bool(save_z))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)

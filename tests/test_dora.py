@@ -1,0 +1,231 @@
+"""DoRA (use_dora=True): the op against its float64 reference (output and every gradient, ragged
+shapes, dropout with each backend's own mask, both ways of getting grad_m), the norm without
+W + s B A, and the layer against peft: outputs and gradients, files both ways, merge, from_peft."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedpeft
+from fusedpeft.ops import dora_linear, dora_linear_reference
+from fusedpeft.ops import dora as dora_mod
+from fusedpeft.ops import lora as lora_mod
+
+from helpers import BACKENDS, assert_close, leaf, lora_upstream_grad
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout, grad_mode, monkeypatch, use_settings):
+    use_settings(output_scale_grad=grad_mode)
+    r = 4
+    x = leaf(torch.randn(*lead, K), dtype)
+    W = leaf(torch.randn(N, K) / K**0.5, dtype)
+    b = leaf(torch.randn(N), dtype) if bias else None
+    A = leaf(torch.randn(r, K) / K**0.5, dtype)
+    B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never zero: that would hide the low-rank path
+    m = leaf(torch.rand(N) + 0.5, dtype)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
+    with fusedpeft.use_backend(backend):
+        y = dora_linear(x, W, b, A, B, 1.3, m, dropout_p=dropout, training=True)
+    assert fusedpeft.last_backend("dora_linear") == backend
+    g = lora_upstream_grad(y, B)
+    y.backward(g)
+    mask = None
+    if dropout:
+        impl = fusedpeft.backends._REGISTRY["dora_linear"][backend].impl()
+        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B, m)]
+    y_ref = dora_linear_reference(*refs[:5], 1.3, refs[5], dropout_mask=mask, dropout_p=dropout)
+    y_ref.backward(g.double())
+    what = f"dora[{backend}] p={dropout} {grad_mode}"
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert_close(y, y_ref, dtype, what)
+    for name, t, ref in zip(["x", "W", "b", "A", "B", "m"], (x, W, b, A, B, m), refs):
+        if t is not None:
+            assert t.grad is not None, f"{what}: no gradient for {name}"
+            assert_close(t.grad, ref.grad, dtype, f"{what} grad_{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_dora_norm_without_forming_the_merged_weight(dtype):
+    N, K, r = 30, 50, 6
+    W, A, B = torch.randn(N, K, dtype=dtype), torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+    ref = torch.linalg.vector_norm(W.double() + 0.8 * (B.double() @ A.double()), dim=1)
+    assert_close(dora_mod.dora_weight_norm(W, A, B, 0.8), ref, dtype if dtype != torch.bfloat16 else torch.bfloat16,
+                 "norm")
+    cached = dora_mod.weight_row_sq_norm(W)
+    assert_close(dora_mod.dora_weight_norm(W, A, B, 0.8, cached), ref, dtype, "norm from the cached ||W||^2")
+
+
+def test_dora_linear_bad_input_is_named():
+    x, W = torch.randn(3, 8), torch.randn(5, 8)
+    A, B = torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="magnitude must have shape \\(5,\\)"):
+        dora_linear(x, W, None, A, B, 1.0, torch.ones(4))
+    with pytest.raises(ValueError, match="weight_norm must have shape"):
+        dora_linear(x, W, None, A, B, 1.0, torch.ones(5), weight_norm=torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- the layer against peft
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 10, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _twins(make, targets, **kw):
+    base = make()
+    config = dict(dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False), **kw)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
+    with torch.no_grad():  # magnitudes away from their start, so that m / n is not 1
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
+    return base, pm, fm
+
+
+def _run(model, x):
+    return model(x) if x.is_floating_point() else model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("kind", ["mlp", "llama"])
+def test_dora_layer_outputs_and_every_gradient_match_peft(kind):
+    make, targets, x = ((MLP, ["fc1", "fc2"], torch.randn(3, 5, 12)) if kind == "mlp"
+                        else (tiny_llama, ["q_proj", "v_proj", "down_proj"], torch.randint(0, 60, (2, 7))))
+    _, pm, fm = _twins(make, targets)
+    assert isinstance(next(m for m in fm.modules() if isinstance(m, fusedpeft.LoraLinear)).lora_variant["default"](),
+                      fusedpeft.modules.dora.DoraVariant)
+    y_p, y_f = _run(pm, x), _run(fm, x)
+    assert_close(y_f, y_p, torch.float32, "output")
+    g = torch.randn_like(y_p)
+    y_p.backward(g)
+    y_f.backward(g)
+    theirs = {k.removeprefix("base_model.model."): p for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k: p for k, p in fm.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs) and any("lora_magnitude_vector" in k for k in ours)
+    for name, p in ours.items():
+        assert_close(p.grad, theirs[name].grad, torch.float32, f"grad {name}")
+
+
+def test_dora_magnitude_starts_at_the_norm_as_peft():
+    base = MLP()
+    config = dict(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], use_dora=True)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
+    for name in ("fc1", "fc2"):
+        ours = getattr(fm, name).lora_magnitude_vector["default"].weight
+        theirs = getattr(pm.base_model.model, name).lora_magnitude_vector["default"].weight
+        assert_close(ours, theirs, torch.float32, name)
+    x = torch.randn(4, 12)
+    assert_close(fm(x), base(x), torch.float32, "a fresh DoRA adapter changes nothing")
+
+
+def test_dora_files_both_ways(tmp_path):
+    base, pm, fm = _twins(MLP, ["fc1", "fc2"])
+    x = torch.randn(4, 12)
+    fusedpeft.save_adapter(fm, tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    assert "base_model.model.fc1.lora_magnitude_vector" in load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert_close(back(x), fm(x), torch.float32, "peft loads ours")
+    pm.save_pretrained(tmp_path / "theirs")
+    ours = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert ours.fusedpeft_config["default"].use_dora
+    assert_close(ours(x), pm(x), torch.float32, "we load peft's")
+
+
+def test_dora_merge_unmerge_eject_match_peft():
+    base, pm, fm = _twins(MLP, ["fc1", "fc2"])
+    x = torch.randn(4, 12)
+    y = fm(x)
+    fusedpeft.merge(fm)
+    pm.merge_adapter()
+    assert_close(fm.fc1.base_layer.weight, pm.base_model.model.fc1.base_layer.weight, torch.float32, "merged weight")
+    assert_close(fm(x), y, torch.float32, "merged output")
+    fusedpeft.unmerge(fm)
+    assert_close(fm.fc1.base_layer.weight, base.fc1.weight, torch.float32, "unmerged weight")
+    assert_close(fm(x), y, torch.float32, "unmerged output")
+    fusedpeft.eject(fm, merge=True)
+    assert type(fm.fc1) is nn.Linear
+    assert_close(fm(x), y, torch.float32, "ejected with the merge")
+
+
+def test_dora_norm_is_kept_in_eval_and_recomputed_when_weights_change(monkeypatch):
+    _, _, fm = _twins(MLP, ["fc1"])
+    calls = []
+    real = dora_mod.dora_weight_norm
+    monkeypatch.setattr(dora_mod, "dora_weight_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from fusedpeft.modules import dora as dora_layer
+
+    monkeypatch.setattr(dora_layer, "dora_weight_norm", dora_mod.dora_weight_norm)
+    x = torch.randn(3, 12)
+    fm.eval()
+    with torch.no_grad():
+        y = fm(x)
+        fm(x)
+        assert len(calls) == 1  # computed once, kept
+        fm.fc1.lora_B["default"].weight.add_(0.5)  # A or B change: computed again, and it matters
+        assert not torch.allclose(fm(x), y)
+        assert len(calls) == 2
+    fm.train()
+    fm(x)
+    fm(x)
+    assert len(calls) == 4  # training: every step
+
+
+def test_dora_from_peft_keeps_names_parameters_outputs():
+    base, pm, _ = _twins(tiny_llama, ["q_proj", "v_proj"])
+    ids = torch.randint(0, 60, (2, 7))
+    before = [(n, id(p)) for n, p in pm.named_parameters()]
+    y0 = pm(input_ids=ids).logits
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedpeft.from_peft(pm)
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "PeftLoraLinear"
+    assert [(n, id(p)) for n, p in pm.named_parameters()] == before
+    y1 = pm(input_ids=ids).logits
+    assert_close(y1, y0, torch.float32, "after from_peft")
+    y1.sum().backward()
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight.grad is not None
+
+
+def test_dora_refused_where_not_implemented():
+    with pytest.raises(ValueError, match="use_dora together with lora_bias"):
+        fusedpeft.LoraConfig(target_modules=["fc1"], use_dora=True, lora_bias=True)
+
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+
+    model = WithEmbedding()
+    with pytest.raises(ValueError, match="use_dora=True is not implemented on the nn.Embedding emb"):
+        fusedpeft.inject(model, fusedpeft.LoraConfig(target_modules=["emb"], use_dora=True))
+    assert type(model.emb) is nn.Embedding
