@@ -98,3 +98,36 @@ def test_forced_backend_choice_is_a_constant_while_tracing(monkeypatch):
         torch._dynamo.reset()
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     assert_close(got, expected, torch.float32, "compiled under use_backend")
+
+
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_compile_fullgraph_dora(grad_mode, use_settings):
+    """DoRA layers compile without graph breaks (its norm computed inside the graph) and give
+    eager's gradients, the magnitude's included."""
+    use_settings(output_scale_grad=grad_mode)
+    model = nn.Sequential(nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 8))
+    fusedpeft.inject(model, fusedpeft.LoraConfig(r=4, target_modules=["0", "2"], use_dora=True, init_lora_weights=False))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in grads)
+    for p in model.parameters():
+        p.grad = None
+    x2 = x.detach().clone().requires_grad_()
+    model(x2).square().sum().backward()
+    assert_close(x.grad, x2.grad, torch.float32, "compiled grad_x")
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(grads[n], p.grad, torch.float32, f"compiled grad {n}")
+
+
+def test_opcheck_dora():
+    from fusedpeft.ops import dora as dora_ops
+
+    x, W = torch.randn(7, 32), torch.randn(24, 32)
+    A, B = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    m = (torch.rand(24) + 0.5).requires_grad_()
+    norm = dora_ops.dora_weight_norm(W, A, B, 0.5)
+    for save_z in (True, False):
+        torch.library.opcheck(dora_ops._OP.forward_op,
+                              (x, W, torch.randn(24), A, B, m, 0.5, norm, 0.0, None, save_z, -1))

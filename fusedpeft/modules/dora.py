@@ -52,6 +52,8 @@ def norm(module, adapter_name: str) -> torch.Tensor:
     W, A or B change; in training A and B change every step."""
     w = module.base_weight()
     A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+    if torch.compiler.is_compiling():  # no storage pointers or versions in a traced graph: computed in it
+        return dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name])
     key = (_version(w), _version(A), _version(B))
     slot = f"norm-{adapter_name}"
     if not module.training:
