@@ -25,6 +25,13 @@ from .io import load_adapter, save_adapter
 from . import methods  # noqa: E402
 from .modules import IA3Linear, LoraLinear, SSFLinear
 from .peft_compat import from_peft
+from .adapters import (
+    add_weighted_adapter,
+    delete_adapter,
+    get_adapter_state_dict,
+    hotswap_adapter,
+    set_adapter_state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -35,11 +42,15 @@ __all__ = [
     "LoraLinear",
     "SSFConfig",
     "SSFLinear",
+    "add_weighted_adapter",
     "backend_counts",
+    "delete_adapter",
     "disable_adapters",
     "eject",
     "enable_adapters",
     "from_peft",
+    "get_adapter_state_dict",
+    "hotswap_adapter",
     "inject",
     "last_backend",
     "load_adapter",
@@ -50,6 +61,7 @@ __all__ = [
     "print_trainable_parameters",
     "save_adapter",
     "set_adapter",
+    "set_adapter_state_dict",
     "tuning",
     "unmerge",
     "settings",

@@ -10,9 +10,10 @@ fusedpeft.triton_kernels; see fusedpeft/_kernels.py.
     rescale.py       IA3 / SSF's entry kernels (input scaling, output scaling, the reducing
                      backward) and launchers
     lora_cublas.py   LoRA as cuBLAS GEMMs around the rank-r kernels
+    dora.py          DoRA over the LoRA kernels (the forward's epilogue scale, the backward)
     gemm.py          the launcher every persistent entry kernel shares (config, grid, plan)
     configs.py       tile configs and the tuner
     fast_launch.py   compiled-kernel replay and launch plans (host time)
     buffers.py       persistent device buffers (descriptor scratch, ticket counters)
     layout.py        operand layout and grid arithmetic"""
-from . import lora, lora_cublas, lowrank, rescale
+from . import dora, lora, lora_cublas, lowrank, rescale

@@ -75,6 +75,9 @@ class PersistentGemm:
         sums tensor (gemm.partial_planes > 0) or None. plan_key None: keep no plan. Raises
         configs.NoConfigFits when no candidate config can run the launch."""
         M, N = gemm.M, gemm.N
+        if M == 0 or N == 0:  # nothing to launch: an empty output, and column sums of nothing
+            planes = gemm.partial_planes
+            return torch.zeros(planes, 1, N, dtype=torch.float32, device=tensors[0].device) if planes else None
 
         def partial_shape(cfg):
             return (gemm.partial_planes, cdiv(M, cfg["BLOCK_M"]), N) if gemm.partial_planes else None

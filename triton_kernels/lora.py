@@ -34,8 +34,8 @@ import triton.language as tl
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch
-from .core import (k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc, operand_descs, oriented_desc,
-                   save_lr, split_halves, store_tile, tile_start)
+from .core import (column_vector, k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc, operand_descs,
+                   oriented_desc, save_lr, split_halves, store_tile, tile_start)
 from .dropout import dropout_mask_kernel, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, cdiv, descriptor_ok, weight_operand
@@ -75,12 +75,14 @@ def _tile_with_lowrank(acc, lr, a_ptr, a_desc, w_ptr, w_desc, p_ptr, lr_ptr, lr_
 
 @triton.jit
 def lora_forward_kernel(
-    x_ptr, w_ptr, y_ptr, bias_ptr, lora_A_ptr, lora_B_ptr, u_ptr, seed_ptr,
+    x_ptr, w_ptr, y_ptr, bias_ptr, lora_A_ptr, lora_B_ptr, u_ptr, scale_ptr, z_ptr, seed_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_ar, stride_ak, stride_bn, stride_br, stride_um,
+    stride_zm,
     u_scale, dropout_p,
     HAS_BIAS: tl.constexpr, W_KMAJOR: tl.constexpr, U_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_R: tl.constexpr, USE_DESC: tl.constexpr, LR_DESC: tl.constexpr, B_RMAJOR: tl.constexpr,
+    OUT_SCALE: tl.constexpr, SAVE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     EPI_SUBTILE: tl.constexpr,
@@ -89,7 +91,9 @@ def lora_forward_kernel(
 
     U_IN_LOOP ('fused'): u_s computed beside the main loop and written to u_ptr; otherwise read
     from u_ptr ('split'). W stored [N, K] (W_KMAJOR, nn.Linear) or [K, N]; B stored [N, R]
-    (B_RMAJOR) or [R, N]. LR_DESC: u and B tiles through tensor descriptors."""
+    (B_RMAJOR) or [R, N]. LR_DESC: u and B tiles through tensor descriptors.
+    DoRA's epilogue: with OUT_SCALE, y = scale[n] * z + b, where z = x W^T + u_s B^T (the bias
+    after the scale); SAVE_Z also writes z (its backward's grad of the magnitude reads it)."""
     seed = load_seed(seed_ptr, DROPOUT)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -97,6 +101,7 @@ def lora_forward_kernel(
                                    W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     y_desc = make_desc(y_ptr, M, N, stride_ym, BLOCK_M, EPI_N, USE_DESC)
+    z_desc = make_desc(z_ptr, M, N, stride_zm, BLOCK_M, EPI_N, USE_DESC and SAVE_Z)
     u_desc = make_desc(u_ptr, M, R, stride_um, BLOCK_M, BLOCK_R, LR_DESC)
     b_desc = oriented_desc(lora_B_ptr, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, B_RMAJOR, LR_DESC)
     prev_m = -1
@@ -122,9 +127,12 @@ def lora_forward_kernel(
             b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
             out = lowrank_term(acc0 if piece == 0 else acc1, u_s.to(b.dtype), b, rows, cols, seed, dropout_p, K,
                                False, BLOCK_M, EPI_N)
+            if SAVE_Z:
+                store_tile(z_ptr, z_desc, out, off_m, off_p, M, N, stride_zm, 1, BLOCK_M, EPI_N, USE_DESC)
+            if OUT_SCALE:
+                out = out * column_vector(scale_ptr, cols, N)
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
-                out += bias[None, :].to(tl.float32)
+                out += column_vector(bias_ptr, cols, N)
             store_tile(y_ptr, y_desc, out, off_m, off_p, M, N, stride_ym, 1, BLOCK_M, EPI_N, USE_DESC)
 
 
@@ -213,27 +221,31 @@ def _rmajor(q):
     return None, False
 
 
-def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bias, in_loop, dropout_arg):
+def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bias, in_loop, dropout_arg,
+                 out_scale=None, z=None):
     """One launch of lora_forward_kernel or lora_grad_x_kernel: out = a @ w_mat^T (+ bias) + the
     rank-r term (see each kernel; p: [R, K] for the in-loop product, q: [N, R] for the epilogue,
-    lr: [M, R] written or read). When no tile config can hold the rank-r epilogue, the GEMM runs
-    alone and the update follows (_lowrank_apart)."""
+    lr: [M, R] written or read). The forward's DoRA epilogue: out_scale [N] (float32) scales the
+    result before the bias, and z [M, N] receives it unscaled. When no tile config can hold the
+    rank-r epilogue, the GEMM runs alone and the update follows (_lowrank_apart)."""
     M, K = a.shape
     N, R = q.shape
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
     dropout = dropout_p > 0
     forward = gemm is _FORWARD
-    tensors = ((a, w, out, a if bias is None else bias, p, q, lr, seed if dropout else a) if forward
+    tensors = ((a, w, out, a if bias is None else bias, p, q, lr, a if out_scale is None else out_scale,
+                a if z is None else z, seed if dropout else a) if forward
                else (a, w, out, p.T, q.T, lr, seed if dropout else a))
     scalars = (float(lr_scale), float(dropout_p))
     plan_key = None
     if fast_launch.enabled():
         meta = fast_launch.meta
-        plan_key = (a.get_device(), meta(a), meta(w), meta(out), meta(bias), meta(p), meta(q), meta(lr), in_loop,
-                    dropout, settings.generation)
+        plan_key = (a.get_device(), meta(a), meta(w), meta(out), meta(bias), meta(p), meta(q), meta(lr),
+                    meta(out_scale), meta(z), in_loop, dropout, settings.generation)
         if gemm.replay(plan_key, tensors, scalars) is not NOT_PLANNED:
             return out
-    if settings.separate_lowrank and not in_loop:
+    dora_epilogue = out_scale is not None or z is not None
+    if settings.separate_lowrank and not in_loop and not dora_epilogue:
         return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     q_stored, q_rmajor = _rmajor(q)
     lr_desc = bool(settings.lowrank_tma and not in_loop and q_stored is not None and descriptor_ok(lr, q_stored))
@@ -242,10 +254,13 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
     p_strides = (p.stride(0), p.stride(1)) if forward else (p.stride(1), p.stride(0))
     ints = (M, N, K, R, a.stride(0), a.stride(1), stride_wn, stride_wk, out.stride(0), *p_strides,
             q.stride(0), q.stride(1), lr.stride(0))
+    if forward:
+        ints = (*ints, 0 if z is None else z.stride(0))
     flags = dict(W_KMAJOR=w_kmajor, DROPOUT=dropout, EVEN_R=R == block_r(R), USE_DESC=use_desc, LR_DESC=lr_desc,
                  BLOCK_R=block_r(R))
     if forward:
-        flags.update(HAS_BIAS=bias is not None, U_IN_LOOP=in_loop, B_RMAJOR=q_rmajor)
+        flags.update(HAS_BIAS=bias is not None, U_IN_LOOP=in_loop, B_RMAJOR=q_rmajor, OUT_SCALE=out_scale is not None,
+                     SAVE_Z=z is not None)
     else:
         flags.update(G_IN_LOOP=in_loop, A_RMAJOR=q_rmajor)
     try:
@@ -254,6 +269,8 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
     except configs.NoConfigFits:
         if in_loop:
             raise
+        if dora_epilogue:
+            return _dora_apart(a, w_mat, out, bias, q, lr, out_scale, z)
         return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     return out
 
@@ -265,6 +282,15 @@ def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_on_term):
     H100). It costs one more read and write of out (4MN bytes in bf16)."""
     torch.addmm(bias, a, w_mat.T, out=out) if bias is not None else torch.mm(a, w_mat.T, out=out)
     return lowrank_into(out, lr, q, 1.0, seed, dropout_p if mask_on_term else 0.0)
+
+
+def _dora_apart(a, w_mat, out, bias, q, lr, out_scale, z):
+    """The DoRA epilogue's fallback for ranks no config holds: z = a @ w^T + lr @ q^T by cuBLAS and
+    the rank-r update, then out = out_scale * z + bias."""
+    z_full = _lowrank_apart(a, w_mat, torch.empty_like(out) if z is None else z, None, q, lr, None, 0.0, False)
+    scale = out_scale.to(out.dtype) if out_scale is not None else 1.0
+    torch.mul(z_full, scale, out=out)
+    return out if bias is None else out.add_(bias)
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

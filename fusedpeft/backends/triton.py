@@ -1,5 +1,5 @@
 """The backends that run on Triton: ``triton`` (the fused kernels of ``fusedpeft.triton_kernels``)
-for lora_linear, ia3_linear and ssf_linear, and, for lora_linear, ``cublas`` and ``cublas_after``
+for lora_linear, dora_linear, ia3_linear and ssf_linear, and, for lora_linear, ``cublas`` and ``cublas_after``
 (cuBLAS GEMMs with the dropout masks from small Triton kernels, the rank-r term written before the
 GEMM or added after it).
 
@@ -62,5 +62,6 @@ register("lora_linear", "cublas", load=_kernel("lora_cublas", "low_rank_first"),
          priority=5, tunable=True)
 register("lora_linear", "cublas_after", load=_kernel("lora_cublas", "low_rank_after"), supports=triton_usable,
          priority=4, tunable=True)
+register("dora_linear", "triton", load=_kernel("dora"), supports=triton_usable, priority=10, tunable=True)
 for _op in ("ia3_linear", "ssf_linear"):  # one implementation serves both rescaling methods
     register(_op, "triton", load=_kernel("rescale"), supports=triton_usable, priority=10, tunable=True)

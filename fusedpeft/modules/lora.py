@@ -64,7 +64,7 @@ class LoraVariant:
 
 class LoraLinear(AdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "lora_bias")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_variant", "lora_bias", "use_rslora")
 
     def __init__(
         self,

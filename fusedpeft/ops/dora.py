@@ -135,8 +135,11 @@ def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, s
 torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
                                       dropout_mask=_torch_dropout_mask)
 
-# The op's reference: registered here, first (registration index 0).
-backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0)
+# The op's reference: registered here, first (registration index 0). On CUDA it is tunable: a
+# composition of cuBLAS calls (peft's arithmetic, without forming W + s B A), which runs where it
+# beats the Triton backend at a shape.
+backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0,
+                  tunable=True)
 
 
 # ----------------------------------------------------------------------------- dispatch
