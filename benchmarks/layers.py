@@ -5,6 +5,7 @@ composition a user would write, on the same inputs in one run.
     python -m benchmarks.layers                                   # LoRA, all four families: 136 groups, 816 cases
     python -m benchmarks.layers --models llama3-8b --tokens 8192 --ranks 16 --out t.md --plot t.png --json t.json
     python -m benchmarks.layers --methods ia3,ssf                 # IA3 (output and feedforward) and SSF
+    python -m benchmarks.layers --methods dora                    # DoRA: ours, peft's use_dora layer, the paper's formula
     python -m benchmarks.layers --shapes 4096x4096x1024,4096x896x128+b   # explicit MxKxN (+b: with bias)
     python -m benchmarks.layers --device cpu                      # smoke run of the code paths, tiny shapes
 
@@ -112,20 +113,24 @@ MODELS = {
 BLOCK_FAMILY = "llama3-8b"  # the weighted block of the summary
 CPU_SHAPES = "16x32x24,16x48x40+b"
 CPU_RANKS = "4"
-OPS = {"lora": "lora_linear", "ia3-out": "ia3_linear", "ia3-ff": "ia3_linear", "ssf": "ssf_linear"}
+OPS = {"lora": "lora_linear", "dora": "dora_linear", "ia3-out": "ia3_linear", "ia3-ff": "ia3_linear",
+       "ssf": "ssf_linear"}
+RANKED = ("lora", "dora")  # the methods with a rank and a dropout
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
     shape: Shape
     M: int
-    method: str  # "lora", "ia3-out", "ia3-ff", "ssf"
+    method: str  # "lora", "dora", "ia3-out", "ia3-ff", "ssf"
     r: Optional[int] = None
     p: Optional[float] = None
 
     @property
     def config(self) -> str:
-        return f"r={self.r} p={self.p:g}" if self.method == "lora" else self.method
+        if self.method in RANKED:
+            return f"{'dora ' if self.method == 'dora' else ''}r={self.r} p={self.p:g}"
+        return self.method
 
     @property
     def label(self) -> str:
@@ -215,14 +220,15 @@ def _peft_float32(layer: nn.Module):
     return layer
 
 
-def _peft_lora_layer(lin, r, p):
+def _peft_lora_layer(lin, r, p, use_dora=False):
     import peft
     from peft.tuners import lora
 
     if "config" in inspect.signature(lora.Linear.__init__).parameters:  # peft >= 0.17 or so
-        config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False, use_dora=use_dora)
         return lora.Linear(lin, "default", config=config, r=r, lora_alpha=2 * r)
-    return lora.Linear(lin, "default", r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
+    return lora.Linear(lin, "default", r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False,
+                       use_dora=use_dora)
 
 
 def _peft_ia3_layer(lin, feedforward):
@@ -302,6 +308,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
 
     M, K, N, r, p = group.M, group.shape.K, group.shape.N, group.r, group.p
     label, s = group.label, 2.0
+    dora = group.method == "dora"
     base_flops = 2.0 * M * N * K
     flops = base_flops + 2.0 * M * K * r + 2.0 * M * N * r
 
@@ -309,8 +316,11 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
 
     def ours(backend):
         def make():
+            from fusedpeft.modules.dora import DoraVariant
+
             x, W, b, A, B, g = _lora_inputs(group, device, dtype)
-            m = fusedpeft.LoraLinear(_frozen_linear(W, b), r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
+            m = fusedpeft.LoraLinear(_frozen_linear(W, b), r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False,
+                                     variant=DoraVariant if dora else None)
             with torch.no_grad():
                 m.lora_A["default"].weight.copy_(A)
                 m.lora_B["default"].weight.copy_(B)
@@ -320,7 +330,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
 
     def peft_layer():
         x, W, b, A, B, g = _lora_inputs(group, device, dtype)
-        m = _peft_float32(_peft_lora_layer(_frozen_linear(W, b), r, p))
+        m = _peft_float32(_peft_lora_layer(_frozen_linear(W, b), r, p, use_dora=dora))
         with torch.no_grad():
             m.lora_A["default"].weight.copy_(A)
             m.lora_B["default"].weight.copy_(B)
@@ -329,16 +339,27 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     def composition():
         x, W, b, A, B, g = _lora_inputs(group, device, dtype)
         A, B = A.to(dtype).requires_grad_(), B.to(dtype).requires_grad_()
+        if dora:  # DoRA as a user writes it from the paper: the merged weight's row norms, then the rescale
+            m = torch.linalg.vector_norm(W + s * (B @ A), dim=1).detach().requires_grad_()
+
+            def fwd():
+                x_d = F.dropout(x, p, training=True) if p > 0 else x
+                c = m / torch.linalg.vector_norm(W + s * (B @ A), dim=1).detach()
+                out = F.linear(x, W) + (c - 1) * F.linear(x_d, W) + c * s * F.linear(F.linear(x_d, A), B)
+                return out if b is None else out + b
+
+            return fwd, harness.step_fn(fwd, g, [x, A, B, m])
         if p > 0:
             fwd = lambda: F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p, training=True), A), B)
         else:
             fwd = lambda: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
         return fwd, harness.step_fn(fwd, g, [x, A, B])
 
-    op = OPS["lora"]
+    op = OPS[group.method]
     out = [harness.Case(label, BASE, base, flops=base_flops, path="cuBLAS"),
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
-    for name in _forced_variants(op, ["triton", "cublas", "cublas_after"], device, dtype, args):
+    forced = ["triton", "torch"] if dora else ["triton", "cublas", "cublas_after"]
+    for name in _forced_variants(op, forced, device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
     if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters
         out.append(harness.Case(label, f"{OURS} (again)", ours(None), flops=flops, path=_path(op)))
@@ -433,16 +454,16 @@ def groups_of(args) -> list[Group]:
         shapes = [(M, s) for M in tokens for m in models for s in MODELS[m]]
     methods = []
     for m in (m.strip() for m in args.methods.split(",")):
-        if m not in ("lora", "ia3", "ssf"):
-            raise SystemExit(f"unknown method {m!r}; choose from lora, ia3, ssf")
+        if m not in ("lora", "dora", "ia3", "ssf"):
+            raise SystemExit(f"unknown method {m!r}; choose from lora, dora, ia3, ssf")
         methods += ["ia3-out", "ia3-ff"] if m == "ia3" else [m]
     ranks = [int(r) for r in args.ranks.split(",")]
     dropouts = [float(p) for p in args.dropouts.split(",")]
     groups = []
     for method in methods:
         for M, shape in shapes:
-            if method == "lora":
-                groups += [Group(shape, M, "lora", r, p) for r in ranks for p in dropouts]
+            if method in RANKED:
+                groups += [Group(shape, M, method, r, p) for r in ranks for p in dropouts]
             else:
                 groups.append(Group(shape, M, method))
     return groups
@@ -451,7 +472,7 @@ def groups_of(args) -> list[Group]:
 def cases_of(groups: list[Group], device, dtype, with_peft: bool, args) -> list[harness.Case]:
     cases = []
     for group in groups:
-        make = lora_cases if group.method == "lora" else rescale_cases
+        make = lora_cases if group.method in RANKED else rescale_cases
         cases += make(group, device, dtype, with_peft, args)
     return cases
 
@@ -551,7 +572,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", default="2048,8192", help="token counts M, comma-separated")
     parser.add_argument("--shapes", default=None,
                         help="explicit MxKxN[+b] list (+b: with bias), replacing --models and --tokens")
-    parser.add_argument("--methods", default="lora", help="comma-separated: lora, ia3 (output and feedforward), ssf")
+    parser.add_argument("--methods", default="lora", help="comma-separated: lora, dora, ia3 (output and feedforward), ssf")
     parser.add_argument("--ranks", default=None, help="LoRA ranks (default 16,64; cpu 4)")
     parser.add_argument("--dropouts", default="0,0.05", help="LoRA dropout probabilities")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

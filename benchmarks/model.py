@@ -57,7 +57,7 @@ import torch
 from . import harness
 
 MODELS = ["llama3-8b", "llama3.2-1b", "qwen2.5-0.5b", "phi3-mini"]
-ADAPTERS = ["lora", "lora-dropout", "ia3"]
+ADAPTERS = ["lora", "lora-dropout", "ia3", "dora"]
 # --variants name -> label in the table
 VARIANTS = {"peft": "peft", "from_peft": "fusedpeft (from_peft)", "inject": "fusedpeft (inject)", "floor": "floor"}
 CURVE_VARIANTS = ("peft", "from_peft", "inject")
@@ -65,7 +65,7 @@ CURVE_BATCHES = 2  # distinct batches in the loss-curve run, cycled (so the loss
 # High enough that the loss visibly falls, low enough that it stays well above zero over 20 steps: at
 # 1e-3 LoRA memorises the two batches within 10 steps (loss ~0.01), where a relative difference
 # measures noise. IA3's vectors need the larger step to move the loss.
-CURVE_LR = {"lora": 2e-4, "lora-dropout": 2e-4, "ia3": 1e-2}
+CURVE_LR = {"lora": 2e-4, "lora-dropout": 2e-4, "ia3": 1e-2, "dora": 2e-4}
 TIMING_LR = 1e-4
 ABOVE_FLOOR_MIN = 0.05  # "above floor / peft's" only where peft's step is at least 5% above the floor's
 
@@ -116,8 +116,9 @@ def ia3_targets(model_name: str) -> tuple[list[str], list[str]]:
 
 
 def adapter_fields(adapter: str, model_name: str) -> dict:
-    if adapter in ("lora", "lora-dropout"):
-        return dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05 if adapter == "lora-dropout" else 0.0)
+    if adapter in ("lora", "lora-dropout", "dora"):
+        return dict(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05 if adapter == "lora-dropout" else 0.0,
+                    use_dora=adapter == "dora")
     targets, ff = ia3_targets(model_name)
     return dict(target_modules=targets, feedforward_modules=ff)
 

@@ -15,7 +15,7 @@ SHAPES = "16x32x24,16x24x40+b"
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("layers")
-    argv = ["--device", "cpu", "--shapes", SHAPES, "--methods", "lora,ia3,ssf", "--ranks", "4", "--dropouts", "0,0.05",
+    argv = ["--device", "cpu", "--shapes", SHAPES, "--methods", "lora,dora,ia3,ssf", "--ranks", "4", "--dropouts", "0,0.05",
             "--warmup-ms", "0", "--rep-ms", "1", "--out", str(out / "t.md"), "--json", str(out / "t.json")]
     results = layers.main(argv)
     return results, (out / "t.md").read_text(), json.loads((out / "t.json").read_text())
@@ -30,6 +30,7 @@ def _expected():
     for shape in SHAPES.split(","):
         for p in ("0", "0.05"):
             rows |= {(f"{labels[shape]} r=4 p={p}", v) for v in with_peft}
+            rows |= {(f"{labels[shape]} dora r=4 p={p}", v) for v in with_peft | {"fusedpeft [torch]"}}
         for method in ("ia3-out", "ia3-ff"):
             rows |= {(f"{labels[shape]} {method}", v) for v in with_peft | {"fusedpeft [torch]"}}
         rows |= {(f"{labels[shape]} ssf", v) for v in ("base (cuBLAS)", "fusedpeft", "fusedpeft [torch]", "torch composition")}

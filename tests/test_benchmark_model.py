@@ -19,7 +19,7 @@ except ImportError:  # pytest run without the repo root on sys.path
 
 def test_tiny_run_on_cpu(one_thread, tmp_path):
     out, js = tmp_path / "t.md", tmp_path / "t.json"
-    report = bench.main(["--device", "cpu", "--tiny", "--batches", "2x16", "--adapters", "lora,lora-dropout,ia3",
+    report = bench.main(["--device", "cpu", "--tiny", "--batches", "2x16", "--adapters", "lora,lora-dropout,ia3,dora",
                          "--timed-steps", "1", "--warmup-steps", "1", "--curve-steps", "3", "--check",
                          "--out", str(out), "--json", str(js)], log=lambda *a: None)
     rows = {(r["model"], r["batch"], r["adapter"], r["variant"]): r for r in report["rows"]}
