@@ -365,3 +365,21 @@ def test_embedding_lora_refuses_what_peft_refuses_before_any_change(kw, match):
         fusedpeft.inject(model, fusedpeft.LoraConfig(r=2, target_modules=["proj", "emb"], **kw))
     assert type(model.emb) is nn.Embedding and type(model.proj) is nn.Linear
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_random_inits_draw_what_peft_draws(init, tmp_path):
+    """The default and "gaussian" inits: under the same seed, the same A as peft (B zero), and the
+    file records the init as peft's does."""
+    base = TwoLinear()
+    config = dict(r=4, lora_alpha=8, target_modules=["a", "b"], init_lora_weights=init)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    torch.manual_seed(3)
+    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
+    for name in ("a", "b"):
+        ours, theirs = getattr(fm, name), getattr(pm.base_model.model, name)
+        assert torch.equal(ours.lora_A["default"].weight, theirs.lora_A["default"].weight), name
+        assert not ours.lora_B["default"].weight.any()
+    fusedpeft.save_adapter(fm, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
