@@ -140,13 +140,21 @@ def test_layers_to_transform_checks():
         fusedpeft.inject(tiny_llama(), fusedpeft.LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
 
 
-def test_layers_to_transform_file_loads_in_peft(tmp_path):
-    model = tiny_llama()
-    fusedpeft.inject(model, fusedpeft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1],
-                                                 init_lora_weights=False))
-    fusedpeft.save_adapter(model, tmp_path)
-    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+def test_layers_to_transform_files_both_ways(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 60, (2, 7))
+    model = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                         layers_to_transform=[1], init_lora_weights=False))
+    fusedpeft.save_adapter(model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     assert peft_adapted(back) == ["model.layers.1.self_attn.q_proj"]
+    assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, torch.float32, "peft loads ours")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["v_proj"], layers_to_transform=0,
+                                                                  layers_pattern="layers", init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "theirs")
+    ours = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert adapted(ours) == ["model.layers.0.self_attn.v_proj"]
+    assert_close(ours(input_ids=ids).logits, pm(input_ids=ids).logits, torch.float32, "we load peft's")
 
 
 # ----------------------------------------------------------------------------- lora_bias
