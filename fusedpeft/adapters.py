@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import _pattern_value
 from .inject import CONFIG_ATTR, _active_names, _wrappers, adapter_layers, inject, set_adapter
-from .io.peft_format import PREFIX, _meta_copy, _read_config, _read_weights, checkpoint_keys
+from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, planned_inject
 from .modules import AdapterLayer, LoraLinear
 
 __all__ = [
@@ -340,14 +340,7 @@ def _add_weighted_fused(model, adapters, weights, adapter_name, combination_type
     new_config = dataclasses.replace(first, **changes)
 
     # Where the new adapter goes: a dry run of inject on a structural copy on the meta device.
-    planned = _meta_copy(model)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inject(planned, new_config, adapter_name)
-    except (ValueError, TypeError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise type(e)(f"cannot add the combined adapter {adapter_name!r}: {msg}") from e
+    planned = planned_inject(model, new_config, adapter_name, f"cannot add the combined adapter {adapter_name!r}")
     plan = [(n, layer.r[adapter_name]) for n, layer in adapter_layers(planned) if adapter_name in layer.adapter_names]
     del planned
 

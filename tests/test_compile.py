@@ -15,24 +15,33 @@ def _model(dropout):
     return fusedpeft.inject(model, fusedpeft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False, lora_dropout=dropout))
 
 
+def _compiled_grads(model, x):
+    """The gradients of a fullgraph-compiled step (aot_eager): grad_x and every trainable one."""
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    return grads
+
+
+def _assert_eager_grads(model, x, grads):
+    """The same step in eager mode gives the compiled step's gradients."""
+    for p in model.parameters():
+        p.grad = None
+    x2 = x.detach().clone().requires_grad_()
+    model(x2).square().sum().backward()
+    assert_close(x.grad, x2.grad, torch.float32, "compiled grad_x")
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(grads[n], p.grad, torch.float32, f"compiled grad {n}")
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_compile_fullgraph_forward_and_backward(dropout):
     model = _model(dropout).train()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 5, 32, requires_grad=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert grads and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    grads = _compiled_grads(model, x)
     if dropout == 0.0:  # deterministic: compare with eager
-        for p in model.parameters():
-            p.grad = None
-        x2 = x.detach().clone().requires_grad_()
-        model(x2).square().sum().backward()
-        assert_close(x.grad, x2.grad, torch.float32, "compiled grad_x")
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                assert_close(grads[n], p.grad, torch.float32, f"compiled grad {n}")
+        _assert_eager_grads(model, x, grads)
 
 
 def test_compile_inductor_matches_eager():
@@ -108,17 +117,9 @@ def test_compile_fullgraph_dora(grad_mode, use_settings):
     model = nn.Sequential(nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 8))
     fusedpeft.inject(model, fusedpeft.LoraConfig(r=4, target_modules=["0", "2"], use_dora=True, init_lora_weights=False))
     x = torch.randn(3, 5, 32, requires_grad=True)
-    torch.compile(model, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = _compiled_grads(model, x)
     assert any("lora_magnitude_vector" in n for n in grads)
-    for p in model.parameters():
-        p.grad = None
-    x2 = x.detach().clone().requires_grad_()
-    model(x2).square().sum().backward()
-    assert_close(x.grad, x2.grad, torch.float32, "compiled grad_x")
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert_close(grads[n], p.grad, torch.float32, f"compiled grad {n}")
+    _assert_eager_grads(model, x, grads)
 
 
 def test_opcheck_dora():

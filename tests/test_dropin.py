@@ -168,15 +168,19 @@ class TwoLinear(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def _lora_bias_twins():
-    base = TwoLinear()
-    config = dict(r=3, lora_alpha=6, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False)
-    with pytest.warns(UserWarning, match="has no bias"):  # b has none: merging it will be refused, in peft too
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    with pytest.warns(UserWarning, match="cannot be merged"):
-        fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
+def twins(base, **config):
+    """(base, peft model, fusedpeft model) with the same LoRA config, the fusedpeft model holding
+    peft's adapter weights (loaded by name: the names are peft's)."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
     fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
     return base, pm, fm
+
+
+def _lora_bias_twins():
+    # b has no base bias: both warn that merging it will be refused
+    with pytest.warns(UserWarning, match="has no bias"), pytest.warns(UserWarning, match="cannot be merged"):
+        return twins(TwoLinear(), r=3, lora_alpha=6, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -296,13 +300,8 @@ class WithEmbedding(nn.Module):
         return self.proj(torch.tanh(self.emb(ids)))
 
 
-def _embedding_twins(scaled=False, **kw):
-    base = WithEmbedding(scaled)
-    config = dict(dict(r=4, lora_alpha=8, target_modules=["emb", "proj"], init_lora_weights=False), **kw)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
-    fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
-    return base, pm, fm
+def _embedding_twins(scaled=False):
+    return twins(WithEmbedding(scaled), r=4, lora_alpha=8, target_modules=["emb", "proj"], init_lora_weights=False)
 
 
 @pytest.mark.parametrize("scaled", [False, True])

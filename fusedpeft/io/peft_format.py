@@ -243,6 +243,21 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def planned_inject(model: nn.Module, config, adapter_name: str, what: str) -> nn.Module:
+    """A meta-device copy of ``model`` with the adapter injected (a dry run: the names and shapes a
+    real inject gives, nothing of ``model`` touched). inject's refusal is raised again, saying
+    ``what`` was being done."""
+    planned = _meta_copy(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject(planned, config, adapter_name)
+    except (ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise type(e)(f"{what}: {msg}") from e
+    return planned
+
+
 def _describe(keys, limit=5) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -309,14 +324,8 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
             )
         planned = model
     else:
-        planned = _meta_copy(model)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                inject(planned, config, adapter_name)
-        except (ValueError, TypeError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise type(e)(f"cannot load the adapter in {load_directory!r} into {type(model).__name__}: {msg}") from e
+        planned = planned_inject(model, config, adapter_name,
+                                 f"cannot load the adapter in {load_directory!r} into {type(model).__name__}")
     keys = checkpoint_keys(planned, adapter_name)
     _validate(weights, keys, planned.state_dict(keep_vars=True), load_directory, adapter_name)
     del planned

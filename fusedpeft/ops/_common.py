@@ -51,6 +51,21 @@ def check_adapter_tensor(op: str, name: str, t: torch.Tensor, shape: tuple, weig
         raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}")
 
 
+def check_lora_inputs(op: str, x, weight, bias, lora_A, lora_B, dropout_p: float):
+    """The checks of a LoRA-shaped op (lora_linear, dora_linear): the linear inputs, A (r, K) with
+    r >= 1, B (N, r), dropout_p in [0, 1)."""
+    check_linear_inputs(op, x, weight, bias)
+    if lora_A.dim() != 2:
+        raise ValueError(f"{op}: lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"{op}: LoRA rank must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
+    check_adapter_tensor(op, "lora_A", lora_A, (r, weight.shape[1]), weight)
+    check_adapter_tensor(op, "lora_B", lora_B, (weight.shape[0], r), weight)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     # Adapter weights are often kept in float32 beside a bf16 base (peft's default): they are cast
     # to the compute dtype here, outside the autograd Function, so their gradients come back in

@@ -35,6 +35,7 @@ import torch
 from .. import backends, tuning
 from ..settings import settings
 from . import _autograd, _common
+from . import lora as lora_op
 from .lora import _masked, _torch_dropout_mask
 
 OP = "dora_linear"
@@ -207,17 +208,9 @@ def dora_linear(
     computed here, from weight_sq_norm = ||W_row||^2 when given (fixed while W is). Dropout
     applies only when ``training``. Adapter tensors in another float dtype are cast to the
     compute dtype, as lora_linear's."""
-    from .lora import _new_seed
-
-    _common.check_linear_inputs(OP, x, weight, bias)
-    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
-        raise ValueError(f"{OP}: lora_A must be 2-D (r, in_features) with r >= 1, got shape {tuple(lora_A.shape)}")
-    r, (n, k) = lora_A.shape[0], weight.shape
-    _common.check_adapter_tensor(OP, "lora_A", lora_A, (r, k), weight)
-    _common.check_adapter_tensor(OP, "lora_B", lora_B, (n, r), weight)
+    _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
+    n = weight.shape[0]
     _common.check_adapter_tensor(OP, "magnitude", magnitude, (n,), weight)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
     dtype = _common.compute_dtype(x, weight)
     x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
     if weight_norm is None:
@@ -226,7 +219,7 @@ def dora_linear(
         raise ValueError(f"{OP}: weight_norm must have shape ({n},), got {tuple(weight_norm.shape)}")
     p = float(dropout_p) if training else 0.0
     x2 = _common.flatten_rows(x_c)
-    seed = _new_seed(x2.device) if p > 0.0 else None
+    seed = lora_op._new_seed(x2.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
     save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
     y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, magnitude,
                                  float(scaling), weight_norm.detach(), p, seed, bool(save_z))

@@ -164,16 +164,7 @@ def lora_linear(
     input only, and only when ``training``. Adapter tensors in another float dtype (float32
     master weights beside a bf16 base) are cast to the compute dtype.
     """
-    _common.check_linear_inputs(OP, x, weight, bias)
-    if lora_A.dim() != 2:
-        raise ValueError(f"{OP}: lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError(f"{OP}: LoRA rank must be >= 1, got lora_A of shape {tuple(lora_A.shape)}")
-    _common.check_adapter_tensor(OP, "lora_A", lora_A, (r, weight.shape[1]), weight)
-    _common.check_adapter_tensor(OP, "lora_B", lora_B, (weight.shape[0], r), weight)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
     dtype = _common.compute_dtype(x, weight)
     # The adapter weights keep their dtype here: the autograd Function casts them.
     x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
