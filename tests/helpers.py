@@ -115,3 +115,35 @@ def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch,
             errs["grad_" + name] = rel_err(t.grad, ref.grad)
     bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
     assert not bad, f"{backend} {tuple(lead)}x{K}x{N} r={r} {dtype} p={dropout}: errors over {GPU_TOL[dtype]}: {bad}"
+
+
+def peft_twins(base, prepare=None, **config):
+    """(base, peft model, fusedpeft model) under the same LoRA config (peft's field names), the
+    fusedpeft model holding peft's adapter tensors, loaded by name (strict: the names are peft's).
+    ``prepare(peft_model)`` may change peft's tensors first (under no_grad)."""
+    import copy
+
+    import fusedpeft
+    import peft
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(pm)
+    fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
+    return base, pm, fm
+
+
+def assert_step_matches_peft(pm, fm, y_p, y_f, must_train: str):
+    """Outputs, then after one backward with a random upstream gradient the same trainable
+    parameters (``must_train`` among them) with the same gradients, in float32."""
+    assert_close(y_f, y_p, torch.float32, "output")
+    g = torch.randn_like(y_p)
+    y_p.backward(g)
+    y_f.backward(g)
+    theirs = {k.removeprefix("base_model.model."): p for k, p in pm.named_parameters() if p.requires_grad}
+    ours = {k: p for k, p in fm.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs) and any(must_train in k for k in ours), (sorted(ours), sorted(theirs))
+    for name, p in ours.items():
+        assert_close(p.grad, theirs[name].grad, torch.float32, f"grad {name}")

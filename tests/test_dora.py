@@ -12,7 +12,7 @@ from fusedpeft.ops import dora_linear, dora_linear_reference
 from fusedpeft.ops import dora as dora_mod
 from fusedpeft.ops import lora as lora_mod
 
-from helpers import BACKENDS, assert_close, leaf, lora_upstream_grad
+from helpers import BACKENDS, assert_close, assert_step_matches_peft, leaf, lora_upstream_grad, peft_twins
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -95,17 +95,15 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
-def _twins(make, targets, **kw):
-    base = make()
-    config = dict(dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False), **kw)
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
-    with torch.no_grad():  # magnitudes away from their start, so that m / n is not 1
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand_like(p))
-    fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
-    return base, pm, fm
+def _perturb_magnitudes(pm):
+    for name, p in pm.named_parameters():  # magnitudes away from their start, so that m / n is not 1
+        if "lora_magnitude_vector" in name:
+            p.mul_(1 + 0.3 * torch.rand_like(p))
+
+
+def _twins(make, targets):
+    return peft_twins(make(), prepare=_perturb_magnitudes, r=4, lora_alpha=8, target_modules=targets, use_dora=True,
+                      init_lora_weights=False)
 
 
 def _run(model, x):
@@ -119,16 +117,7 @@ def test_dora_layer_outputs_and_every_gradient_match_peft(kind):
     _, pm, fm = _twins(make, targets)
     assert isinstance(next(m for m in fm.modules() if isinstance(m, fusedpeft.LoraLinear)).lora_variant["default"](),
                       fusedpeft.modules.dora.DoraVariant)
-    y_p, y_f = _run(pm, x), _run(fm, x)
-    assert_close(y_f, y_p, torch.float32, "output")
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    theirs = {k.removeprefix("base_model.model."): p for k, p in pm.named_parameters() if p.requires_grad}
-    ours = {k: p for k, p in fm.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and any("lora_magnitude_vector" in k for k in ours)
-    for name, p in ours.items():
-        assert_close(p.grad, theirs[name].grad, torch.float32, f"grad {name}")
+    assert_step_matches_peft(pm, fm, _run(pm, x), _run(fm, x), "lora_magnitude_vector")
 
 
 def test_dora_magnitude_starts_at_the_norm_as_peft():

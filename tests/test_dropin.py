@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fusedpeft
-from helpers import assert_close
+from helpers import assert_close, assert_step_matches_peft, peft_twins
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -168,19 +168,10 @@ class TwoLinear(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def twins(base, **config):
-    """(base, peft model, fusedpeft model) with the same LoRA config, the fusedpeft model holding
-    peft's adapter weights (loaded by name: the names are peft's)."""
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    fm = fusedpeft.inject(copy.deepcopy(base), fusedpeft.LoraConfig(**config))
-    fm.load_state_dict({k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}, strict=True)
-    return base, pm, fm
-
-
 def _lora_bias_twins():
     # b has no base bias: both warn that merging it will be refused
     with pytest.warns(UserWarning, match="has no bias"), pytest.warns(UserWarning, match="cannot be merged"):
-        return twins(TwoLinear(), r=3, lora_alpha=6, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False)
+        return peft_twins(TwoLinear(), r=3, lora_alpha=6, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -190,16 +181,7 @@ def test_lora_bias_outputs_and_every_gradient_match_peft(backend):
     x = torch.randn(5, 12)
     with fusedpeft.use_backend(backend):
         y_f = fm(x)
-    y_p = pm(x)
-    assert_close(y_f, y_p, torch.float32, "lora_bias output")
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    theirs = {k.removeprefix("base_model.model."): p for k, p in pm.named_parameters() if p.requires_grad}
-    ours = {k: p for k, p in fm.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and "a.lora_B.default.bias" in ours
-    for name, p in ours.items():
-        assert_close(p.grad, theirs[name].grad, torch.float32, f"grad {name}")
+    assert_step_matches_peft(pm, fm, pm(x), y_f, "a.lora_B.default.bias")
 
 
 def test_lora_bias_files_both_ways(tmp_path):
@@ -301,7 +283,7 @@ class WithEmbedding(nn.Module):
 
 
 def _embedding_twins(scaled=False):
-    return twins(WithEmbedding(scaled), r=4, lora_alpha=8, target_modules=["emb", "proj"], init_lora_weights=False)
+    return peft_twins(WithEmbedding(scaled), r=4, lora_alpha=8, target_modules=["emb", "proj"], init_lora_weights=False)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -310,16 +292,7 @@ def test_embedding_lora_outputs_and_gradients_match_peft(scaled):
     assert type(fm.emb) is fusedpeft.modules.LoraEmbedding
     assert fm.emb.lora_embedding_A["default"].shape == (4, 30) and fm.emb.lora_embedding_B["default"].shape == (16, 4)
     ids = torch.randint(0, 30, (3, 7))
-    y_p, y_f = pm(ids), fm(ids)
-    assert_close(y_f, y_p, torch.float32, "embedding output")
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    theirs = {k.removeprefix("base_model.model."): p for k, p in pm.named_parameters() if p.requires_grad}
-    ours = {k: p for k, p in fm.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and "emb.lora_embedding_A.default" in ours
-    for name, p in ours.items():
-        assert_close(p.grad, theirs[name].grad, torch.float32, f"grad {name}")
+    assert_step_matches_peft(pm, fm, pm(ids), fm(ids), "emb.lora_embedding_A.default")
 
 
 def test_embedding_lora_default_init_is_a_no_op_like_peft():
