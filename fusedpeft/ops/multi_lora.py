@@ -1,0 +1,184 @@
+"""Many adapters in one batch, each row its own (inference: serving several fine-tunes of one base).
+
+    LoRA   y[m] = x[m] W^T + b + s[i] (x[m] A[i]^T) B[i]^T          i = adapter_index[m]
+    IA3    y[m] = (x[m] W^T + b) * l[i]            (output scaling, l: N entries per slot)
+           y[m] = (x[m] * l[i]) W^T + b            (input scaling, l: K entries per slot)
+
+with i = -1 meaning the base alone for that row. The adapters live in a bank of fixed slots
+(``fusedpeft.serving`` keeps it): for LoRA, ``lora_A`` (S, R, K), ``lora_B`` (S, N, R),
+``scalings`` (S,) and ``ranks`` (S,): slot s holds an adapter of rank ranks[s] <= R, its A rows and
+B columns past that rank are zero and the kernels do not read them (a rank-8 adapter costs rank-8
+work beside rank-64 ones). For IA3, ``scales`` (S, N) or (S, K).
+
+The torch backend is the reference (any device, float64 included): a loop over the slots present
+in the batch. Faster backends (``fusedpeft/backends/``) implement ``forward(x, weight, bias, ...)``
+on 2-D x, chosen per shape key by measurement. The ops take no gradient: they are for serving
+(training several adapters at once runs through the adapter layers, ``adapter_names=``).
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+
+from .. import backends, tuning
+from . import _common
+
+OP = "multi_lora_linear"
+IA3_OP = "multi_ia3_linear"
+
+
+# ----------------------------------------------------------------------------- references
+def multi_lora_linear_reference(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """Row by row, written plainly (tests run it in float64)."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    rows = []
+    for m in range(x.shape[0]):
+        i = int(adapter_index[m])
+        if i < 0:
+            rows.append(y[m])
+            continue
+        r = int(ranks[i])
+        A, B = lora_A[i, :r], lora_B[i, :, :r]
+        rows.append(y[m] + float(scalings[i]) * ((x[m] @ A.T) @ B.T))
+    return torch.stack(rows) if rows else y
+
+
+def multi_ia3_linear_reference(x, weight, bias, scales, adapter_index, feedforward: bool):
+    """Row by row, written plainly (tests run it in float64)."""
+    rows = []
+    for m in range(x.shape[0]):
+        i = int(adapter_index[m])
+        l = scales[i] if i >= 0 else None
+        if feedforward:
+            xm = x[m] if l is None else x[m] * l
+            ym = xm @ weight.T + (0 if bias is None else bias)
+        else:
+            ym = x[m] @ weight.T + (0 if bias is None else bias)
+            ym = ym if l is None else ym * l
+        rows.append(ym)
+    return torch.stack(rows) if rows else x @ weight.T
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _torch_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """The base GEMM, then per slot present: its rows' shrink and expand (the rows of one slot
+    gathered, their update added back). One host sync per call (the slots present)."""
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    for i in torch.unique(adapter_index).tolist():
+        if i < 0:
+            continue
+        rows = (adapter_index == i).nonzero().squeeze(1)
+        r = int(ranks[i])
+        if r == 0:
+            continue
+        u = x.index_select(0, rows) @ lora_A[i, :r].T
+        y.index_add_(0, rows, (u @ lora_B[i, :, :r].T) * scalings[i].to(y.dtype))
+    return y
+
+
+def _torch_ia3(x, weight, bias, scales, adapter_index, feedforward):
+    has = adapter_index >= 0
+    l = scales.index_select(0, adapter_index.clamp_min(0))  # (M, N or K)
+    l = torch.where(has[:, None], l, torch.ones((), dtype=l.dtype, device=l.device)).to(x.dtype)
+    if feedforward:
+        x = x * l
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    return y if feedforward else y * l
+
+
+torch_backend = types.SimpleNamespace(lora=_torch_lora, ia3=_torch_ia3)
+for _op in (OP, IA3_OP):
+    backends.register(_op, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None,
+                      priority=0, tunable=True)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_index(op, adapter_index, M, slots, device):
+    if adapter_index.dim() != 1 or adapter_index.shape[0] != M:
+        raise ValueError(f"{op}: adapter_index must have one entry per row of x ({M}), got shape "
+                         f"{tuple(adapter_index.shape)}")
+    if adapter_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: adapter_index must be int32 or int64, got {adapter_index.dtype}")
+    if adapter_index.device != device:
+        raise ValueError(f"{op}: adapter_index is on {adapter_index.device} but x is on {device}")
+    if not adapter_index.is_cuda and M and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= slots):
+        # On CUDA this would cost a host sync per call: the serving bank builds valid indices.
+        raise ValueError(f"{op}: adapter_index entries must be -1 or a slot in [0, {slots})")
+
+
+def _refuse_grad(op, *tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is for inference and takes no gradient: run it under torch.no_grad() (training "
+                           "several adapters at once runs through the adapter layers' adapter_names)")
+
+
+def _select(op, x, weight, key_extra, call):
+    M, K = x.shape
+    key = (tuning.rows_class(M), K, weight.shape[0], x.dtype, *key_extra)
+    tune = (key, lambda impl: tuning.time_ms(lambda: call(impl))) if x.is_cuda else None
+    return backends.select(op, x, weight, tune=tune)[1]
+
+
+# ----------------------------------------------------------------------------- ops
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    adapter_index: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row LoRA over any leading shape of x (see the module docstring). adapter_index: one
+    slot per row of x flattened to (M, K), -1 for none. lora_A (S, R, K) and lora_B (S, N, R) in
+    the compute dtype; scalings (S,) float; ranks (S,) int, 0 <= ranks[s] <= R."""
+    _common.check_linear_inputs(OP, x, weight, bias)
+    N, K = weight.shape
+    if lora_A.dim() != 3 or lora_A.shape[2] != K:
+        raise ValueError(f"{OP}: lora_A must be (slots, max_rank, in_features={K}), got {tuple(lora_A.shape)}")
+    S, R = lora_A.shape[:2]
+    if tuple(lora_B.shape) != (S, N, R):
+        raise ValueError(f"{OP}: lora_B must be (slots, out_features, max_rank) = {(S, N, R)}, got {tuple(lora_B.shape)}")
+    if tuple(scalings.shape) != (S,) or tuple(ranks.shape) != (S,):
+        raise ValueError(f"{OP}: scalings and ranks must have one entry per slot ({S}), got "
+                         f"{tuple(scalings.shape)} and {tuple(ranks.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise TypeError(f"{OP}: {name} must be {weight.dtype} on {weight.device} (the bank holds the compute "
+                            f"dtype), got {t.dtype} on {t.device}")
+    _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
+    x2 = _common.flatten_rows(x)
+    _check_index(OP, adapter_index, x2.shape[0], S, x.device)
+    args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+    impl = _select(OP, x2, weight, (R, bias is not None), lambda impl: impl.lora(*args))
+    y = impl.lora(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+def multi_ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    feedforward: bool,
+) -> torch.Tensor:
+    """Per-row IA3 over any leading shape of x: scales (S, K) with ``feedforward`` (input
+    scaling), else (S, N) (output scaling, bias included); adapter_index as multi_lora_linear's."""
+    _common.check_linear_inputs(IA3_OP, x, weight, bias)
+    N, K = weight.shape
+    if scales.dim() != 2 or scales.shape[1] != (K if feedforward else N):
+        raise ValueError(f"{IA3_OP}: scales must be (slots, {'in' if feedforward else 'out'}_features="
+                         f"{K if feedforward else N}), got {tuple(scales.shape)}")
+    _refuse_grad(IA3_OP, x, weight, bias, scales)
+    x2 = _common.flatten_rows(x)
+    _check_index(IA3_OP, adapter_index, x2.shape[0], scales.shape[0], x.device)
+    args = (x2, weight, bias, scales, adapter_index, bool(feedforward))
+    impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args))
+    y = impl.ia3(*args)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
