@@ -11,9 +11,10 @@ fusedpeft.triton_kernels; see fusedpeft/_kernels.py.
                      backward) and launchers
     lora_cublas.py   LoRA as cuBLAS GEMMs around the rank-r kernels
     dora.py          DoRA over the LoRA kernels (the forward's epilogue scale, the backward)
+    multi_lora.py    per-row adapters from a bank (serving): the fused SGMV GEMM, BGMV, IA3
     gemm.py          the launcher every persistent entry kernel shares (config, grid, plan)
     configs.py       tile configs and the tuner
     fast_launch.py   compiled-kernel replay and launch plans (host time)
     buffers.py       persistent device buffers (descriptor scratch, ticket counters)
     layout.py        operand layout and grid arithmetic"""
-from . import dora, lora, lora_cublas, lowrank, rescale
+from . import dora, lora, lora_cublas, lowrank, multi_lora, rescale

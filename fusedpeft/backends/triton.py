@@ -63,5 +63,9 @@ register("lora_linear", "cublas", load=_kernel("lora_cublas", "low_rank_first"),
 register("lora_linear", "cublas_after", load=_kernel("lora_cublas", "low_rank_after"), supports=triton_usable,
          priority=4, tunable=True)
 register("dora_linear", "triton", load=_kernel("dora"), supports=triton_usable, priority=10, tunable=True)
+# Per-row adapters (serving): the fused SGMV GEMM and, for decode-sized batches, base + BGMV.
+register("multi_lora_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
+register("multi_lora_linear", "bgmv", load=_kernel("multi_lora", "bgmv_backend"), supports=triton_usable, priority=9, tunable=True)
+register("multi_ia3_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
 for _op in ("ia3_linear", "ssf_linear"):  # one implementation serves both rescaling methods
     register(_op, "triton", load=_kernel("rescale"), supports=triton_usable, priority=10, tunable=True)

@@ -1,0 +1,100 @@
+"""Per-row adapters from a bank (serving): multi_lora_linear and multi_ia3_linear against their
+float64 row-by-row references, every backend (the Triton kernels through the interpreter), with
+ragged groups, rows without an adapter, mixed ranks, garbage past a slot's rank, 3-D input, M = 0
+and 1, fp32 and bf16; and bad input named."""
+import pytest
+import torch
+
+import fusedpeft
+from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lora_linear, multi_lora_linear_reference
+
+from helpers import TOL, rel_err
+
+LORA_BACKENDS = ["torch", "triton", "bgmv"]
+# (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0
+SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8)]
+RANKS = [16, 4, 0, 9, 1]  # slot ranks: full, partial, an empty slot, odd, 1
+
+
+def _bank(S, R, K, N, dtype, ranks):
+    A, B = torch.randn(S, R, K), torch.randn(S, N, R) / R**0.5
+    clean_A = A.clone()
+    for s, r in enumerate(ranks):
+        clean_A[s, r:] = 0
+        B[s, :, r:] = 0
+    A[1, ranks[1]:] = 7.0  # garbage past slot 1's rank: must never be read
+    return A.to(dtype), clean_A.to(dtype), B.to(dtype)
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_multi_lora_linear_matches_reference(backend, dtype, lead, K, N, bias, index_dtype):
+    S, R = len(RANKS), 16
+    x = torch.randn(*lead, K).to(dtype)
+    W, b = (torch.randn(N, K) / K**0.5).to(dtype), torch.randn(N).to(dtype) if bias else None
+    A, clean_A, B = _bank(S, R, K, N, dtype, RANKS)
+    scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
+    M = x.shape[:-1].numel()
+    idx = torch.randint(-1, S, (M,))
+    if M >= 4:
+        idx[:3] = torch.tensor([1, 1, -1])  # a group of two, and a row without an adapter, always there
+    with torch.no_grad(), fusedpeft.use_backend(backend):
+        y = multi_lora_linear(x, W, b, A, B, scalings, ranks, idx.to(index_dtype))
+    assert fusedpeft.last_backend("multi_lora_linear") == backend
+    ref = multi_lora_linear_reference(x.double().reshape(M, K), W.double(), None if b is None else b.double(),
+                                      clean_A.double(), B.double(), scalings.double(), ranks, idx)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert rel_err(y.reshape(M, N), ref) <= TOL[dtype], backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_multi_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforward):
+    S = 4
+    x = torch.randn(*lead, K).to(dtype)
+    W, b = (torch.randn(N, K) / K**0.5).to(dtype), torch.randn(N).to(dtype)
+    scales = (1 + 0.5 * torch.randn(S, K if feedforward else N)).to(dtype)
+    M = x.shape[:-1].numel()
+    idx = torch.randint(-1, S, (M,))
+    with torch.no_grad(), fusedpeft.use_backend(backend):
+        y = multi_ia3_linear(x, W, b, scales, idx, feedforward)
+    ref = multi_ia3_linear_reference(x.double().reshape(M, K), W.double(), b.double(), scales.double(), idx, feedforward)
+    assert y.shape == (*lead, N)
+    assert rel_err(y.reshape(M, N), ref) <= TOL[dtype], backend
+
+
+def test_multi_lora_groups_rows_by_slot_without_a_host_sync():
+    """The SGMV row grouping: every row once, segments in slot order, the tile table covering
+    each segment's rows with partial last tiles, and tiles past the end pointing nowhere."""
+    from fusedpeft._kernels import triton_kernels
+
+    idx = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2, 3])
+    order, seg_start, tile_seg, tile_start, bound = triton_kernels.multi_lora._row_tiles(idx, 4, 2)
+    assert sorted(order.tolist()) == list(range(9))
+    assert (idx[order] + 1).tolist() == sorted((idx + 1).tolist())  # grouped by segment, stable
+    assert seg_start.tolist() == [0, 2, 4, 4, 8, 9]  # -1: 2 rows, slot 0: 2, slot 1: 0, slot 2: 4, slot 3: 1
+    assert tile_start.tolist() == [0, 1, 2, 2, 4, 5]
+    assert tile_seg[:5].tolist() == [0, 1, 3, 3, 4] and bound >= 5
+
+
+def test_multi_ops_refuse_bad_input_by_name():
+    x, W = torch.randn(5, 8), torch.randn(6, 8)
+    A, B = torch.randn(3, 4, 8), torch.randn(3, 6, 4)
+    s, r = torch.ones(3), torch.full((3,), 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="adapter_index entries must be -1 or a slot in \\[0, 3\\)"):
+        multi_lora_linear(x, W, None, A, B, s, r, torch.tensor([0, 1, 2, 3, -1]))
+    with pytest.raises(ValueError, match="one entry per row of x \\(5\\)"):
+        multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(5))
+    with pytest.raises(ValueError, match="lora_B must be \\(slots, out_features, max_rank\\)"):
+        multi_lora_linear(x, W, None, A, B[:, :5], s, r, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="takes no gradient"):
+        multi_lora_linear(x.requires_grad_(), W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="scales must be \\(slots, out_features=6\\)"):
+        multi_ia3_linear(torch.randn(5, 8), W, None, torch.ones(3, 8), torch.zeros(5, dtype=torch.int64), False)

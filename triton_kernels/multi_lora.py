@@ -1,0 +1,266 @@
+"""Per-row adapters from a bank of slots (serving), on 2-D inputs: the ``triton`` backend of
+fusedpeft.ops.multi_lora_linear / multi_ia3_linear (the op layer checks the arguments).
+
+LoRA, y[m] = x[m] W^T + b + s[i] (x[m] A[i]^T) B[i]^T, i = idx[m] (-1: none); the bank is A (S, R, K),
+B (S, N, R), zero past each slot's rank, whose loads are masked off (a rank-8 slot reads rank-8
+bytes beside rank-64 ones). Two schedules, each a backend of the op (``triton`` and ``bgmv``), so
+that which runs at a shape is measured (fusedpeft.tuning):
+
+- decode (few rows, each its own adapter): cuBLAS's base GEMM, then ``bgmv_shrink_kernel``
+  (u[m] = s[i] x[m] A[i]^T: one program per (row, rank chunk) reads the row and A[i]'s chunk, r K
+  bytes) and ``bgmv_expand_kernel`` (y[m, n] += u[m] B[i][n]^T: per (row, column block)). Memory-bound:
+  the base reads W (2NK bytes in bf16) once for all rows; the adapters add, per distinct slot in the
+  batch, 2rK + 2Nr bytes (from L2 for rows sharing a slot) and y is read and written once more (4MN).
+- prefill (many rows per adapter): ``sgmv_kernel``, the base GEMM with the shrink and the expand
+  fused, y written once. Rows are grouped by slot on the GPU (a stable sort of idx, counts, the
+  row-tile table: no host sync, so it can be captured in a CUDA graph), each row tile holds rows of
+  one slot, and a tile's K loop runs the base MMA and the rank-R one on the same gathered x tile;
+  the epilogue adds s[i] lr B[i]^T and scatters the rows back to their places. The rank-R MMA is
+  R / BLOCK_N of the base's tensor-core work; the bytes are the base's plus A[i] per tile.
+
+IA3, per-row scales L (S, N) after the GEMM (output scaling) or (S, K) on the x tile before it
+(input scaling): ``multi_ia3_kernel``, the base GEMM with the row's scale gathered in the prologue
+or the epilogue, one launch, nothing materialised.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+from . import layout
+from .core import mma
+from .layout import block_r, cdiv
+
+# ----------------------------------------------------------------------------- decode: BGMV
+
+
+@triton.jit
+def bgmv_shrink_kernel(
+    x_ptr, a_ptr, u_ptr, idx_ptr, scale_ptr, rank_ptr,
+    K, R, stride_xm, stride_as, stride_ar, stride_um,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """u[m, r0:r0 + BLOCK_R] = scale[i] * x[m] A[i, r0:r0 + BLOCK_R]^T (float32), i = idx[m]; a row
+    without an adapter, or a chunk past the slot's rank, writes zeros."""
+    m = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    i = tl.load(idx_ptr + m).to(tl.int64)
+    r_idx = r0 + tl.arange(0, BLOCK_R)
+    rank = tl.load(rank_ptr + tl.maximum(i, 0))
+    live = (i >= 0) & (r0 < rank)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if live:
+        r_ok = r_idx < rank
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + i * stride_as + r_idx[:, None] * stride_ar + k[None, :],
+                        mask=r_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
+            acc += tl.sum(a * xk[None, :], axis=1)
+        acc = acc * tl.load(scale_ptr + i)
+    tl.store(u_ptr + m * stride_um + r_idx, acc, mask=r_idx < R)
+
+
+@triton.jit
+def bgmv_expand_kernel(
+    y_ptr, u_ptr, b_ptr, idx_ptr, rank_ptr,
+    N, stride_ym, stride_um, stride_bs, stride_bn,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y[m, n] += sum_{r < rank[i]} u[m, r] B[i, n, r] over one block of columns, i = idx[m]."""
+    m = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i = tl.load(idx_ptr + m).to(tl.int64)
+    if i >= 0:
+        rank = tl.load(rank_ptr + i)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            u = tl.load(u_ptr + m * stride_um + r, mask=r < rank, other=0.0)
+            b = tl.load(b_ptr + i * stride_bs + n[:, None] * stride_bn + r[None, :],
+                        mask=(n[:, None] < N) & (r[None, :] < rank), other=0.0).to(tl.float32)
+            acc += tl.sum(b * u[None, :], axis=1)
+        here = y_ptr + m * stride_ym + n
+        y = tl.load(here, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(here, (y + acc).to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+def _bgmv(y, x, lora_A, lora_B, scalings, ranks, idx):
+    """y += s[i] (x A[i]^T) B[i]^T row by row, in place (the decode schedule's adapter part)."""
+    M, K = x.shape
+    N, R = y.shape[1], lora_A.shape[1]
+    interp = layout.interpreting()
+    BLOCK_R = 16
+    u = torch.empty(M, cdiv(R, BLOCK_R) * BLOCK_R, dtype=torch.float32, device=x.device)
+    bgmv_shrink_kernel[(M, cdiv(R, BLOCK_R))](
+        x, lora_A, u, idx, scalings, ranks, K, R, x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0),
+        BLOCK_K=32 if interp else 256, BLOCK_R=BLOCK_R)
+    BLOCK_N = 32 if interp else 128
+    bgmv_expand_kernel[(M, cdiv(N, BLOCK_N))](
+        y, u, lora_B, idx, ranks, N, y.stride(0), u.stride(0), lora_B.stride(0), lora_B.stride(1),
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+    return y
+
+
+# ----------------------------------------------------------------------------- prefill: fused SGMV
+@triton.jit
+def sgmv_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, rank_ptr, order_ptr, seg_start_ptr, tile_seg_ptr,
+    tile_start_ptr,
+    M, N, K, R,
+    stride_xm, stride_wn, stride_ym, stride_as, stride_ar, stride_bs, stride_bn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One (row tile, column block) of y = x W^T + b + s[i] (x A[i]^T) B[i]^T over rows grouped by
+    slot. Segment 0 holds the rows without an adapter, segment s + 1 slot s's rows; ``order`` lists
+    the rows segment by segment, ``seg_start`` (S + 2) where each starts, ``tile_start`` (S + 2)
+    where each segment's row tiles start among the tiles, ``tile_seg`` the segment of each tile.
+    Programs past the last tile return at once (the grid is sized for the worst case)."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg = tl.load(tile_seg_ptr + t)
+    first_tile = tl.load(tile_start_ptr + seg)
+    row_lo = tl.load(seg_start_ptr + seg) + (t - first_tile) * BLOCK_M
+    row_hi = tl.load(seg_start_ptr + seg + 1)
+    if row_lo < row_hi:
+        slot = (seg - 1).to(tl.int64)
+        pos = row_lo + tl.arange(0, BLOCK_M)
+        in_seg = pos < row_hi
+        rows = tl.load(order_ptr + pos, mask=in_seg, other=0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        rank = tl.load(rank_ptr + tl.maximum(slot, 0)) * (slot >= 0)
+        r_idx = tl.arange(0, BLOCK_R)
+        r_ok = r_idx < rank
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=in_seg[:, None] & (k[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K),
+                        other=0.0)
+            acc = mma(a, w, acc)
+            if rank > 0:
+                p = tl.load(a_ptr + slot * stride_as + r_idx[None, :] * stride_ar + k[:, None],
+                            mask=r_ok[None, :] & (k[:, None] < K), other=0.0)
+                lr = mma(a, p, lr)
+        if rank > 0:
+            q = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + r_idx[:, None],
+                        mask=r_ok[:, None] & (cols[None, :] < N), other=0.0)
+            s = tl.load(scale_ptr + slot)
+            acc = mma((lr * s).to(q.dtype), q, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :].to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=in_seg[:, None] & (cols[None, :] < N))
+
+
+def _row_tiles(idx, slots: int, block_m: int):
+    """The grouping of rows by slot, all on idx's device (no host sync): (order, seg_start,
+    tile_seg, tile_start, tile count bound). Segment 0 is the rows without an adapter."""
+    seg_of_row = idx.long() + 1  # -1 -> segment 0
+    order = torch.argsort(seg_of_row, stable=True)
+    counts = torch.bincount(seg_of_row, minlength=slots + 1)
+    seg_start = torch.zeros(slots + 2, dtype=torch.int64, device=idx.device)
+    seg_start[1:] = torch.cumsum(counts, 0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_start = torch.zeros(slots + 2, dtype=torch.int64, device=idx.device)
+    tile_start[1:] = torch.cumsum(tiles, 0)
+    bound = cdiv(idx.shape[0], block_m) + slots + 1  # every segment's last tile may be partial
+    tile_seg = torch.searchsorted(tile_start, torch.arange(bound, device=idx.device), right=True) - 1
+    return order, seg_start, tile_seg.clamp_max(slots), tile_start, bound
+
+
+def _sgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, idx):
+    M, K = x.shape
+    N, S, R = weight.shape[0], lora_A.shape[0], lora_A.shape[1]
+    interp = layout.interpreting()
+    BLOCK_M, BLOCK_N, BLOCK_K = (16, 32, 16) if interp else (64, 128, 64)
+    order, seg_start, tile_seg, tile_start, bound = _row_tiles(idx, S, BLOCK_M)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    sgmv_kernel[(bound, cdiv(N, BLOCK_N))](
+        x, w, y, x if bias is None else bias, lora_A, lora_B, scalings, ranks, order, seg_start, tile_seg, tile_start,
+        M, N, K, R, x.stride(0), w.stride(0), y.stride(0), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+        lora_B.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=block_r(R),
+        num_warps=4, num_stages=1 if interp else 3)
+    return y
+
+
+def lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """The prefill schedule: sgmv_kernel, one launch, y written once."""
+    if x.shape[0] == 0:
+        return torch.empty(0, weight.shape[0], dtype=x.dtype, device=x.device)
+    return _sgmv(x if x.stride(1) == 1 else x.contiguous(), weight, bias, lora_A, lora_B, scalings, ranks,
+                 adapter_index)
+
+
+def lora_bgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """The decode schedule: cuBLAS's base GEMM, then the BGMV shrink and expand."""
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    if x.shape[0] == 0:
+        return y
+    return _bgmv(y, x if x.stride(1) == 1 else x.contiguous(), lora_A, lora_B, scalings, ranks, adapter_index)
+
+
+# The decode schedule as a backend of its own (its ``lora``), beside the module's SGMV one.
+bgmv_backend = types.SimpleNamespace(lora=lora_bgmv)
+
+
+# ----------------------------------------------------------------------------- IA3
+@triton.jit
+def multi_ia3_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, l_ptr, idx_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_ls,
+    FEEDFORWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = ((x * L[idx]) W^T + b) with FEEDFORWARD (input scaling), else (x W^T + b) * L[idx]; a row
+    with idx -1 has scale 1. The scales are gathered per row in the prologue / epilogue."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i = tl.load(idx_ptr + rows, mask=rows < M, other=-1).to(tl.int64)
+    has = i >= 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
+                    other=0.0)
+        if FEEDFORWARD:
+            scale = tl.load(l_ptr + i[:, None] * stride_ls + k[None, :], mask=has[:, None] & (k[None, :] < K),
+                            other=1.0)
+            a = (a.to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K),
+                    other=0.0)
+        acc = mma(a, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :].to(tl.float32)
+    if not FEEDFORWARD:
+        scale = tl.load(l_ptr + i[:, None] * stride_ls + cols[None, :], mask=has[:, None] & (cols[None, :] < N),
+                        other=1.0)
+        acc = acc * scale.to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def ia3(x, weight, bias, scales, adapter_index, feedforward):
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    scales = scales.to(x.dtype).contiguous()
+    interp = layout.interpreting()
+    BLOCK_M, BLOCK_N, BLOCK_K = (16, 32, 16) if interp else ((16, 128, 128) if M <= 64 else (128, 128, 64))
+    multi_ia3_kernel[(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))](
+        x, w, y, x if bias is None else bias, scales, adapter_index, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+        scales.stride(0), FEEDFORWARD=bool(feedforward), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K, num_warps=4, num_stages=1 if interp else 3)
+    return y
