@@ -5,6 +5,7 @@
 #   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
+#   SERVING=1   python -m benchmarks.serving $SERVING_ARGS (many adapters in one batch, layer level)
 #   BASELINE=DIR  the same layer table, run again from another checkout of fusedpeft in DIR (an A/B of
 #               two versions on one machine; its own tuning file), into layers_base.{md,json}
 # The tuning file (FUSEDPEFT_CACHE_DIR) starts from .tuning/tuning.json when the call carries one,
@@ -34,6 +35,11 @@ if [ "${LAYERS:-1}" = "1" ]; then
   stage layers
   timeout "${LAYERS_TIMEOUT:-300}" python3 -m benchmarks.layers ${LAYERS_ARGS:-} --out "$OUT/layers.md" \
     --plot "$OUT/layers.png" --json "$OUT/layers.json" 2>&1 | tee -a "$LOG" | tail -70
+fi
+if [ "${SERVING:-0}" = "1" ]; then
+  stage serving
+  timeout "${SERVING_TIMEOUT:-300}" python3 -m benchmarks.serving ${SERVING_ARGS:-} --out "$OUT/serving.md" \
+    --plot "$OUT/serving.png" 2>&1 | tee -a "$LOG" | tail -60
 fi
 if [ -n "${BASELINE:-}" ]; then
   stage baseline

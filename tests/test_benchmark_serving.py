@@ -1,0 +1,19 @@
+"""benchmarks/serving.py on CPU: the smoke run gives every expected row with finite positive times
+(the GPU run times the Triton and CUDA backends too)."""
+import math
+
+from benchmarks import serving
+
+
+def test_serving_benchmark_smoke_run_on_cpu(one_thread):
+    lines = []
+    results = serving.main(["--device", "cpu", "--hidden", "32", "--rows", "4,2x4", "--adapters", "1,3", "--ranks",
+                            "4,mixed"], log=lines.append)
+    groups = {r.group for r in results}
+    assert groups == {f"{rows} rows, {n} adapters, r={rk}" for rows in ("4", "2x4") for n in (1, 3) for rk in ("4", "mixed")}
+    for group in groups:
+        variants = {r.variant: r for r in results if r.group == group}
+        assert {"base (cuBLAS)", "fusedpeft", "peft"} <= set(variants)
+        assert variants["fusedpeft"].path == "torch"
+    assert all(math.isfinite(r.fwd_ms) and r.fwd_ms > 0 for r in results)
+    assert "| 2x4 rows, 3 adapters, r=mixed | fusedpeft |" in lines[-1]
