@@ -107,3 +107,26 @@ def test_from_peft_adapter_names_match_peft_and_leave_the_model_working():
         with pytest.raises(ValueError, match="non-existing adapter"):
             pm(input_ids=ids, adapter_names=["nope", "default", "default"])
         assert_close(pm(input_ids=ids).logits, plain, torch.float32, "a plain call after the refused one")
+
+
+@pytest.mark.parametrize("lead", [(5,), (5, 3)])
+def test_adapter_names_without_grad_run_the_serving_op_and_match_the_torch_path(lead):
+    """In inference (no gradient, no dropout in play) a mixed batch is one multi_lora_linear call
+    over the layer's adapters stacked into a bank; the same as the per-adapter torch path."""
+    model = _two_adapter_model()
+    x = torch.randn(*lead, 12)
+    names = ["default", "other", "__base__", "other", "default"]
+    fusedpeft.backends.reset_counts()
+    with torch.no_grad():
+        fast = model[0](x, adapter_names=names)
+    assert fusedpeft.backend_counts().get(("multi_lora_linear", "torch"), 0) == 1
+    layer = model[0]
+    slow = layer.base_layer(x)
+    for i, name in enumerate(names):
+        if name != "__base__":
+            slow[i] = slow[i] + layer.scaling[name] * (x[i] @ layer.lora_A[name].weight.T) @ layer.lora_B[name].weight.T
+    assert_close(fast, slow, torch.float32, "bank path")
+    with torch.no_grad():
+        layer.lora_B["other"].weight.add_(1.0)  # the bank follows the adapter's weights
+        again = model[0](x, adapter_names=names)
+    assert not torch.allclose(again[1], fast[1]) and torch.allclose(again[0], fast[0])

@@ -225,6 +225,8 @@ class LoraLinear(AdapterLayer):
         update on its own rows (computed in the adapter's dtype, as peft does). A name this layer
         does not hold, and ``"__base__"``, leave their rows at the base output."""
         self._check_per_row(x, adapter_names)
+        if self._bank_applies(x, adapter_names):
+            return self._per_row_through_bank(x, adapter_names)
         result = self.base_layer(x)
         for name in dict.fromkeys(adapter_names):
             if name == "__base__" or name not in self.lora_A:
@@ -233,6 +235,43 @@ class LoraLinear(AdapterLayer):
             part = self._variant(name).update(self, name, x.index_select(0, rows), result.index_select(0, rows))
             result = result.index_copy(0, rows, part)
         return result
+
+    def _bank_applies(self, x: torch.Tensor, adapter_names: list) -> bool:
+        """Whether a mixed batch can run through fusedpeft.ops.multi_lora_linear (the serving
+        op): no gradient wanted, no dropout in play, plain LoRA adapters (no variant, no lora_bias)."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
+        return all(n not in self.lora_variant and not self.lora_bias.get(n, False)
+                   and (not self.training or self._dropout_p(n) == 0.0) for n in names)
+
+    def _per_row_through_bank(self, x: torch.Tensor, adapter_names: list) -> torch.Tensor:
+        """The mixed batch as one multi_lora_linear call: the layer's adapters stacked into a bank
+        (kept while none of them changes) and one slot index per row of x flattened."""
+        from ..ops.multi_lora import multi_lora_linear
+
+        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
+        names = list(self.lora_A)
+        key = (dtype, tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
+                             self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr(), self.scaling[n])
+                            for n in names))
+        cached = self.__dict__.get("_bank_cache")
+        if cached is None or cached[0] != key:
+            R = max(self.r[n] for n in names)
+            A = torch.zeros(len(names), R, self.in_features, dtype=dtype, device=x.device)
+            B = torch.zeros(len(names), self.out_features, R, dtype=dtype, device=x.device)
+            for s, n in enumerate(names):
+                A[s, :self.r[n]] = self.lora_A[n].weight.detach()
+                B[s, :, :self.r[n]] = self.lora_B[n].weight.detach()
+            scalings = torch.tensor([float(self.scaling[n]) for n in names], dtype=torch.float32, device=x.device)
+            ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=x.device)
+            cached = self.__dict__["_bank_cache"] = (key, (A, B, scalings, ranks, {n: s for s, n in enumerate(names)}))
+        A, B, scalings, ranks, slot = cached[1]
+        per_seq = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+        idx = per_seq.repeat_interleave(x[0].numel() // x.shape[-1]) if x.dim() > 1 else per_seq
+        w, b = self.base_weight(), self.base_layer.bias
+        y = multi_lora_linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), A, B, scalings, ranks, idx)
+        return y
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
