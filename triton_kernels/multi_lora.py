@@ -164,7 +164,9 @@ def _row_tiles(idx, slots: int, block_m: int):
     tile_seg, tile_start, tile count bound). Segment 0 is the rows without an adapter."""
     seg_of_row = idx.long() + 1  # -1 -> segment 0
     order = torch.argsort(seg_of_row, stable=True)
-    counts = torch.bincount(seg_of_row, minlength=slots + 1)
+    # scatter_add, not bincount: bincount sizes its output from the largest entry (a host sync)
+    counts = torch.zeros(slots + 1, dtype=torch.int64, device=idx.device).scatter_add_(0, seg_of_row,
+                                                                                      torch.ones_like(seg_of_row))
     seg_start = torch.zeros(slots + 2, dtype=torch.int64, device=idx.device)
     seg_start[1:] = torch.cumsum(counts, 0)
     tiles = (counts + block_m - 1) // block_m

@@ -1,0 +1,125 @@
+"""GPU checks at real sizes of DoRA and of the serving ops (marked cuda; skipped without a GPU):
+every backend against float64, the automatic choice included. Run on the device with
+python -m pytest -q -m cuda tests/test_cuda_new_ops.py"""
+import pytest
+import torch
+
+import fusedpeft
+from fusedpeft.ops import (dora_linear, dora_linear_reference, multi_ia3_linear, multi_ia3_linear_reference,
+                           multi_lora_linear, multi_lora_linear_reference)
+from fusedpeft.ops import lora as lora_ops
+
+from helpers import GPU_TOL, leaf, lora_upstream_grad, rel_err
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((16,), 4096, 4096),
+                                      ((2048,), 4096, 1024)])
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_dora_matches_float64(backend, dtype, lead, K, N, r, dropout, grad_mode, monkeypatch, use_settings):
+    use_settings(output_scale_grad=grad_mode)
+    d = "cuda"
+    x = leaf(torch.randn(*lead, K, device=d), dtype)
+    W = leaf(torch.randn(N, K, device=d) / K**0.5, dtype, requires_grad=False)
+    b = leaf(torch.randn(N, device=d), dtype)
+    A = leaf(torch.randn(r, K, device=d) / K**0.5, dtype)
+    B = leaf(torch.randn(N, r, device=d) / r**0.5, dtype)
+    m = leaf(torch.rand(N, device=d) + 0.5, dtype)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda dev: torch.tensor([seed], device=dev))
+    with fusedpeft.use_backend(backend or "auto"):
+        y = dora_linear(x, W, b, A, B, 0.75, m, dropout_p=dropout, training=True)
+    used = fusedpeft.last_backend("dora_linear")
+    assert backend is None or used == backend
+    g = lora_upstream_grad(y, B)
+    y.backward(g)
+    mask = None
+    if dropout:
+        impl = fusedpeft.backends._REGISTRY["dora_linear"][used].impl()
+        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    refs = [leaf(t, torch.float64, requires_grad=t.requires_grad) for t in (x, W, b, A, B, m)]
+    y_ref = dora_linear_reference(*refs[:5], 0.75, refs[5], dropout_mask=mask, dropout_p=dropout)
+    y_ref.backward(g.double())
+    errs = {"y": rel_err(y, y_ref)}
+    for name, t, ref in zip(["x", "b", "A", "B", "m"], (x, b, A, B, m), (refs[0], *refs[2:])):
+        errs["grad_" + name] = rel_err(t.grad, ref.grad)
+    bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
+    assert not bad, f"dora[{used}] {lead}x{K}x{N} r={r} {dtype} p={dropout} {grad_mode}: {bad}"
+
+
+def _bank(S, R, K, N, dtype, ranks, device="cuda"):
+    A = torch.randn(S, R, K, device=device) / K**0.5
+    B = torch.randn(S, N, R, device=device) / R**0.5
+    for s, r in enumerate(ranks):
+        A[s, r:] = 0
+        B[s, :, r:] = 0
+    return A.to(dtype), B.to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (7, 1000, 1496), (64, 4096, 4096), (256, 2048, 512),
+                                   (4096, 4096, 4096)])
+@pytest.mark.parametrize("n_slots", [1, 8, 32])
+def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
+    if backend is not None and backend not in fusedpeft.backends.registered("multi_lora_linear"):
+        pytest.skip(f"backend {backend} is not registered")
+    ranks = [(8, 16, 32, 64)[s % 4] for s in range(n_slots)]
+    A, B = _bank(n_slots, max(ranks), K, N, dtype, ranks)
+    scalings = torch.rand(n_slots, device="cuda") + 0.5
+    rank_t = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
+    bias = torch.randn(N, device="cuda").to(dtype)
+    idx = torch.randint(-1, n_slots, (M,), device="cuda")
+    with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
+        y = multi_lora_linear(x, W, bias, A, B, scalings, rank_t, idx)
+    ref = multi_lora_linear_reference(x.double().cpu(), W.double().cpu(), bias.double().cpu(), A.double().cpu(),
+                                      B.double().cpu(), scalings.double().cpu(), rank_t.cpu(), idx.cpu())
+    err = rel_err(y, ref)
+    assert err <= GPU_TOL[dtype], f"{fusedpeft.last_backend('multi_lora_linear')}: {err}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", None])
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (64, 1000, 1496), (4096, 4096, 4096)])
+def test_multi_ia3_matches_float64(backend, feedforward, M, K, N):
+    S = 8
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    scales = (1 + 0.3 * torch.randn(S, K if feedforward else N, device="cuda")).to(torch.bfloat16)
+    idx = torch.randint(-1, S, (M,), device="cuda")
+    with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
+        y = multi_ia3_linear(x, W, None, scales, idx, feedforward)
+    ref = multi_ia3_linear_reference(x.double().cpu(), W.double().cpu(), None, scales.double().cpu(), idx.cpu(),
+                                     feedforward)
+    assert rel_err(y, ref) <= GPU_TOL[torch.bfloat16]
+
+
+def test_multi_lora_decode_step_captures_in_a_cuda_graph():
+    """No host sync in the op on CUDA: a step captures, and replays with new indices and inputs."""
+    S, R, K, N, M = 8, 16, 1024, 1024, 64
+    A, B = _bank(S, R, K, N, torch.bfloat16, [R] * S)
+    scalings = torch.ones(S, device="cuda")
+    ranks = torch.full((S,), R, dtype=torch.int32, device="cuda")
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    idx = torch.randint(-1, S, (M,), device="cuda")
+    with torch.no_grad():
+        for backend in [b for b in ("triton", "bgmv") if b in fusedpeft.backends.registered("multi_lora_linear")]:
+            with fusedpeft.use_backend(backend):
+                multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)  # warm: compile, plan
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    y = multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)
+                x.copy_(torch.randn_like(x))
+                idx.copy_(torch.randint(-1, S, (M,), device="cuda"))
+                graph.replay()
+                expect = multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)
+                assert rel_err(y, expect) < 1e-2, backend
