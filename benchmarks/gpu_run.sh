@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one call on the device machine; results under $OUT (at most 8
 # files come back: run.log, layers.{md,png,json}, model.{md,png,json}, cache/tuning.json).
-#   TESTS=1     the cuda-marked tests (tests/test_cuda.py, tests/test_cuda_paths.py), WORKERS processes
+#   TESTS=1     every cuda-marked test under tests/ (TEST_FILES narrows it), WORKERS processes
 #   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
@@ -25,7 +25,7 @@ if [ "${TESTS:-1}" = "1" ]; then
   stage tests
   # -v: each test's result on its own line as it ends, so a stage cut short still names its failures.
   FUSEDPEFT_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -v -rf -p no:cacheprovider -n "${WORKERS:-15}" \
-    -m cuda ${TEST_FILES:-tests/test_cuda.py tests/test_cuda_paths.py} ${TEST_K:+-k "$TEST_K"} 2>&1 | tee -a "$LOG" | tail -40
+    -m cuda ${TEST_FILES:-tests} ${TEST_K:+-k "$TEST_K"} 2>&1 | tee -a "$LOG" | tail -40
 fi
 if [ "${TRACE:-0}" = "1" ]; then
   stage trace
