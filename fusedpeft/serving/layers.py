@@ -1,0 +1,211 @@
+"""The serving layers: one per targeted linear layer, holding that layer's share of the adapter bank.
+
+Each layer replaces an ``nn.Linear`` (or a transformers ``Conv1D``, whose weight is stored as
+(in, out): the op gets a transposed view, no copy) and keeps the original as ``.base_layer``. Its
+slots are **buffers** allocated once, when the model is wrapped, in the base weight's dtype and on
+its device (they are not parameters: serving is inference):
+
+    MultiLoraLinear   lora_A (S, R, K), lora_B (S, N, R), scalings (S,) float32, ranks (S,) int32
+    MultiIA3Linear    ia3_out (S, N) (output scaling), ia3_in (S, K) (feed-forward input scaling)
+
+S = max_adapters and R = max_rank. Slot s holds the same adapter in every layer (the slot table is
+the model's: ``fusedpeft.serving.bank``); a layer the adapter does not touch holds rank 0 and zeros
+in that slot (IA3: ones). Rows of A and columns of B past an adapter's rank are zero, so nothing
+from an earlier occupant of the slot is ever read.
+
+Which slot a row uses. The wrapper keeps one :class:`BatchIndex` shared by all layers: a fixed
+int32 buffer per device with one slot per *sequence* (-1 for the base model), and the number of
+sequences n (a host int). A layer sees x of shape (..., K) with M = x.numel() / K rows; the rows of
+a batch-first model are sequence-major, so row m belongs to sequence m // (M / n). The layer passes
+``index[:n]`` (decode: one row per sequence; a view, no kernel) or ``index[:n]`` repeated M / n
+times each (prefill, beam or num_return_sequences copies: transformers lays those out as
+contiguous repeats of their sequence) to :func:`fusedpeft.ops.multi_lora_linear`. Nothing in that
+path reads a device value on the host, so a step can be captured in a CUDA graph: replaying it
+reads whatever slots the buffer holds at replay time.
+
+Shortcuts (eager only). With no batch set (n = 0: a call without adapter_names) the layer runs its
+base layer alone; and a layer that holds none of the batch's adapters does too. Both choices are
+made on the host from the slots of the batch, so a CUDA graph captured through them would keep
+them for later batches: a model wrapped with ``cuda_graphs=True`` never takes them (every layer
+runs the op, with -1 for base rows).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..modules.base import is_conv1d, linear_shape
+from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear
+
+
+class BatchIndex:
+    """The per-sequence slot index every serving layer reads (one object per wrapped model).
+
+    ``buffers``: {device: int32 tensor (capacity,)}, allocated when the model is wrapped and
+    regrown only when a call brings more sequences than ``capacity`` (never within a generate call,
+    never per step). ``n``: how many sequences the current batch has (0: none set, every layer
+    runs its base). ``slots``: the set of slots the batch uses (host side, for the eager
+    shortcuts). ``stale``: why the batch may no longer be used (an adapter of it was unloaded)."""
+
+    def __init__(self, devices, capacity: int, graph_safe: bool):
+        self.capacity = max(int(capacity), 1)
+        self.buffers = {d: torch.full((self.capacity,), -1, dtype=torch.int32, device=d) for d in devices}
+        self.n = 0
+        self.slots: frozenset = frozenset()
+        self.graph_safe = bool(graph_safe)
+        self.stale: Optional[str] = None
+
+    def set(self, slots: list[int]) -> None:
+        """Write one slot per sequence (-1: base) into the fixed buffers, without a host sync."""
+        n = len(slots)
+        if n > self.capacity:  # a larger batch than ever before: the only time the buffers move
+            self.capacity = max(n, 2 * self.capacity)
+            self.buffers = {d: torch.full((self.capacity,), -1, dtype=torch.int32, device=d) for d in self.buffers}
+        host = torch.tensor(slots, dtype=torch.int32)
+        for d, buf in self.buffers.items():
+            if buf.is_cuda:
+                buf[:n].copy_(host.pin_memory(), non_blocking=True)
+            else:
+                buf[:n].copy_(host)
+        self.n = n
+        self.slots = frozenset(s for s in slots if s >= 0)
+        self.stale = None
+
+    def clear(self) -> None:
+        """No batch: every layer runs its base layer (the buffers keep their contents)."""
+        self.n = 0
+        self.slots = frozenset()
+        self.stale = None
+
+    def rows(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """One slot per row of x flattened to (M, K), from the per-sequence buffer."""
+        n = self.n
+        M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if M % n:
+            raise ValueError(
+                f"a serving layer got {M} rows (input of shape {tuple(x.shape)}) for a batch of {n} sequences: the "
+                f"rows must be the sequences' rows in order (a batch-first model), {n} times a whole number")
+        buffer = self.buffers.get(device)
+        if buffer is None:
+            raise RuntimeError(f"the batch index lives on {sorted(map(str, self.buffers))} but this layer runs on "
+                               f"{device}: wrap the model on the device(s) it runs on (moving it afterwards does not "
+                               "move the serving bank's index)")
+        index = buffer[:n]
+        k = M // n
+        return index if k == 1 else index.unsqueeze(1).expand(n, k).reshape(M)
+
+
+class _ServingLayer(nn.Module):
+    """What both serving layers share: the wrapped base layer, the (out, in) view of its weight, the
+    batch index and the host-side set of slots that hold an adapter touching this layer."""
+
+    def __init__(self, base_layer: nn.Module, batch: BatchIndex):
+        super().__init__()
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        object.__setattr__(self, "_batch", batch)  # shared, not a submodule
+        self.filled: set[int] = set()  # slots whose adapter touches this layer (host side)
+
+    def base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The row index, or None where the base layer alone gives the answer (eager shortcuts)."""
+        batch = self._batch
+        if batch.stale is not None:
+            raise RuntimeError(batch.stale)
+        if batch.n == 0:
+            return None
+        if not batch.graph_safe and not (batch.slots & self.filled):
+            return None
+        return batch.rows(x, self.base_layer.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.slots}"
+
+
+class MultiLoraLinear(_ServingLayer):
+    """A linear layer with a LoRA bank: row m gets ``scalings[i] * (x A[i]^T) B[i]^T`` added,
+    i its sequence's slot (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, batch: BatchIndex, slots: int, max_rank: int):
+        super().__init__(base_layer, batch)
+        w = base_layer.weight
+        self.slots, self.max_rank = int(slots), int(max_rank)
+        K, N, d = self.in_features, self.out_features, w.device
+        # Not persistent: runtime state of the server, never part of the model's state_dict.
+        self.register_buffer("lora_A", torch.zeros(slots, max_rank, K, dtype=w.dtype, device=d), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(slots, N, max_rank, dtype=w.dtype, device=d), persistent=False)
+        self.register_buffer("scalings", torch.zeros(slots, dtype=torch.float32, device=d), persistent=False)
+        self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int32, device=d), persistent=False)
+
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "scalings": self.scalings, "ranks": self.ranks}
+
+    def write_slot(self, slot: int, entry, non_blocking: bool) -> None:
+        """Fill one slot from a host entry (A (R, K) and B (N, R) already padded with zeros past the
+        rank) or clear it (entry None: rank 0, zeros). Copies into the existing buffers."""
+        if entry is None:
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.ranks[slot].fill_(0)
+            self.scalings[slot].fill_(0.0)
+            self.filled.discard(slot)
+            return
+        self.lora_A[slot].copy_(entry.A, non_blocking=non_blocking)
+        self.lora_B[slot].copy_(entry.B, non_blocking=non_blocking)
+        self.ranks[slot].fill_(entry.rank)
+        self.scalings[slot].fill_(entry.scaling)
+        self.filled.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self._index(x)
+        if index is None:
+            return self.base_layer(x)
+        return multi_lora_linear(x, self.base_weight(), self.base_layer.bias, self.lora_A, self.lora_B,
+                                 self.scalings, self.ranks, index)
+
+
+class MultiIA3Linear(_ServingLayer):
+    """A linear layer with an IA3 bank. Both scalings are allocated (they are vectors); which one
+    the layer applies (``feedforward``: input scaling, else output scaling) follows the loaded
+    adapters that touch it (all must agree; None while none does). Slots of adapters that do not
+    touch the layer hold ones."""
+
+    def __init__(self, base_layer: nn.Module, batch: BatchIndex, slots: int):
+        super().__init__(base_layer, batch)
+        w = base_layer.weight
+        self.slots = int(slots)
+        d = w.device
+        self.register_buffer("ia3_out", torch.ones(slots, self.out_features, dtype=w.dtype, device=d), persistent=False)
+        self.register_buffer("ia3_in", torch.ones(slots, self.in_features, dtype=w.dtype, device=d), persistent=False)
+        self.feedforward: Optional[bool] = None
+
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_out": self.ia3_out, "ia3_in": self.ia3_in}
+
+    def write_slot(self, slot: int, entry, non_blocking: bool) -> None:
+        if entry is None:
+            self.ia3_out[slot].fill_(1.0)
+            self.ia3_in[slot].fill_(1.0)
+            self.filled.discard(slot)
+            return
+        dst, other = (self.ia3_in, self.ia3_out) if entry.feedforward else (self.ia3_out, self.ia3_in)
+        dst[slot].copy_(entry.scale, non_blocking=non_blocking)
+        other[slot].fill_(1.0)
+        self.filled.add(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feedforward is None:
+            if self._batch.stale is not None:
+                raise RuntimeError(self._batch.stale)
+            return self.base_layer(x)
+        index = self._index(x)
+        if index is None:
+            return self.base_layer(x)
+        scales = self.ia3_in if self.feedforward else self.ia3_out
+        return multi_ia3_linear(x, self.base_weight(), self.base_layer.bias, scales, index, self.feedforward)
