@@ -40,6 +40,7 @@ if [ "${SERVING:-0}" = "1" ]; then
   stage serving
   timeout "${SERVING_TIMEOUT:-300}" python3 -m benchmarks.serving ${SERVING_ARGS:-} --out "$OUT/serving.md" \
     --plot "$OUT/serving.png" 2>&1 | tee -a "$LOG" | tail -60
+  timeout "${SERVING_TIMEOUT:-300}" python3 -m benchmarks.serving --model-level 2>&1 | tee -a "$LOG" | tail -8
 fi
 if [ -n "${BASELINE:-}" ]; then
   stage baseline

@@ -4,6 +4,7 @@ LoRA adapter from a bank of slots (``fusedpeft.ops.multi_lora_linear``), forward
     python -m benchmarks.serving                                  # 4096 x 4096, r 16 and mixed 8-64
     python -m benchmarks.serving --rows 64,256,32x128 --adapters 1,8,32,128 --ranks 16,mixed --out s.md
     python -m benchmarks.serving --device cpu --hidden 64 --rows 8,2x8 --adapters 1,3   # smoke run
+    python -m benchmarks.serving --model-level                    # generate tokens/s, mixed batch vs merged
 
 Rows: decode batches of one row per sequence (64, 256), and prefill batches of sequences x tokens
 (32x128: 4096 rows, the sequence's adapter on each of its tokens). Adapters: how many distinct
@@ -19,6 +20,13 @@ Variants, on the same inputs in one run:
 - "peft": peft's own mixed-batch forward (a LoRA layer holding every adapter, ``adapter_names=``).
 
 Only the forward is timed (serving): the table's "train" columns repeat the forward.
+
+--model-level: generate throughput of a random 8-layer Llama-3.2-1B-shaped model (hidden 2048, vocab
+32000) for a batch of --sequences sequences, each with its own LoRA adapter (r 16 on every linear layer;
+--model-adapters of them, in as many slots) through ``fusedpeft.serving.MultiAdapterModel``, against
+the same batch on the same base with one adapter merged into its weights (the cost of one fine-tune
+served alone): tokens/s of each, greedy decoding of --new-tokens after a --prompt-len prompt, the
+median of --repeats timed calls after one warm-up call.
 """
 from __future__ import annotations
 
@@ -137,6 +145,68 @@ class _nothing:
         return False
 
 
+def model_level(args, device, dtype, log=print) -> list[dict]:
+    """[{variant, tokens_per_s, seconds}] of the mixed batch and of the merged single adapter."""
+    import copy
+    import statistics
+    import tempfile
+    import time
+
+    import fusedpeft
+    from fusedpeft.serving import MultiAdapterModel
+    from fusedpeft.serving.demo import tiny_llama, write_random_lora
+
+    tiny = device == "cpu"
+    shape = (dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2) if tiny else
+             dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096))
+    base = tiny_llama(0, device="cpu", dtype=torch.float32, **shape)
+    prompt = torch.randint(1, shape["vocab_size"], (args.sequences, args.prompt_len))
+    n = args.model_adapters
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        paths = []
+        for i in range(n):
+            path = f"{root}/a{i}"
+            write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules="all-linear")
+            paths.append(path)
+        served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules="all-linear",
+                                   max_adapters=n, max_rank=16, max_batch_size=args.sequences)
+        for i, path in enumerate(paths):
+            served.load_adapter(f"a{i}", path)
+        merged = copy.deepcopy(base)
+        fusedpeft.load_adapter(merged, paths[0])
+        fusedpeft.merge(merged)
+        fusedpeft.eject(merged, merge=False)
+        merged = merged.to(device=device, dtype=dtype)
+        names = [f"a{i % n}" for i in range(args.sequences)]
+        ids = prompt.to(device)
+        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        calls = {"fusedpeft mixed batch": lambda: served.generate(input_ids=ids, adapter_names=names, **gen),
+                 "one adapter merged": lambda: merged.generate(input_ids=ids, **gen)}
+        for variant, call in calls.items():
+            with torch.no_grad():
+                call()
+                times = []
+                for _ in range(args.repeats):
+                    harness.synchronize(device)
+                    t0 = time.perf_counter()
+                    call()
+                    harness.synchronize(device)
+                    times.append(time.perf_counter() - t0)
+            seconds = statistics.median(times)
+            rows.append({"variant": variant, "seconds": seconds,
+                         "tokens_per_s": args.sequences * args.new_tokens / seconds})
+    ref = rows[1]["tokens_per_s"]
+    lines = [f"{harness.environment(device)}, {args.dtype}; {args.sequences} sequences, {n} adapters, prompt "
+             f"{args.prompt_len}, {args.new_tokens} new tokens", "",
+             "| variant | tokens/s | / merged single adapter |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref:.3f} |" for r in rows]
+    log("\n".join(lines))
+    return rows
+
+
 def main(argv=None, log=print):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=4096, help="in_features = out_features of the layer")
@@ -148,9 +218,17 @@ def main(argv=None, log=print):
     parser.add_argument("--no-peft", action="store_true", help="leave peft's layer out")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    parser.add_argument("--model-level", action="store_true", help="generate tokens/s instead of the layer table")
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--model-adapters", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    if args.model_level:
+        return model_level(args, device, dtype, log)
     with_peft = not args.no_peft
     if with_peft:
         try:

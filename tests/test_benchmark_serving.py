@@ -17,3 +17,13 @@ def test_serving_benchmark_smoke_run_on_cpu(one_thread):
         assert variants["fusedpeft"].path == "torch"
     assert all(math.isfinite(r.fwd_ms) and r.fwd_ms > 0 for r in results)
     assert "| 2x4 rows, 3 adapters, r=mixed | fusedpeft |" in lines[-1]
+
+
+def test_serving_model_level_smoke_run_on_cpu(one_thread):
+    lines = []
+    rows = serving.main(["--model-level", "--device", "cpu", "--dtype", "float32", "--sequences", "3",
+                         "--model-adapters", "2", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"],
+                        log=lines.append)
+    assert [r["variant"] for r in rows] == ["fusedpeft mixed batch", "one adapter merged"]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
+    assert "| fusedpeft mixed batch |" in lines[-1]
