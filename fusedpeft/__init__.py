@@ -8,6 +8,7 @@ from . import ops, tuning
 # Backend modules, after the ops (each op registers its torch reference first) and in this order:
 # the registration indices that compiled graphs carry follow it (see fusedpeft/backends).
 from .backends import triton as _triton_backends  # noqa: F401,E402
+from .backends import cuda as _cuda_backends  # noqa: F401,E402
 from .backends import backend_counts, last_backend, use_backend
 from .config import IA3Config, LoraConfig, SSFConfig
 from .inject import (

@@ -38,6 +38,7 @@ _FIELDS = {
     "tile_config": ("FUSEDPEFT_TILE_CONFIG", "index", None),
     "weight_grad_tile": ("FUSEDPEFT_WEIGHT_GRAD_TILE", "tile", None),
     "weight_grad_programs_per_sm": ("FUSEDPEFT_WEIGHT_GRAD_PROGRAMS_PER_SM", "positive", None),
+    "skip_cuda_build": ("FUSEDPEFT_SKIP_CUDA_BUILD", "bool_off", None),
 }
 
 
@@ -59,6 +60,7 @@ class Values:
     tile_config: Optional[int] = None  # force this index of the candidate tile configs (diagnostics)
     weight_grad_tile: Optional[tuple] = None  # (BLOCK_M, BLOCK_C) of the weight-gradient reduction
     weight_grad_programs_per_sm: int = 2  # programs per SM the weight-gradient split aims at
+    skip_cuda_build: bool = False  # never build the CUDA extension of csrc/ at first use (setup.py reads it too)
 
 
 def _parse(name: str, raw: str):
@@ -66,6 +68,8 @@ def _parse(name: str, raw: str):
     text = raw.strip()
     if kind == "bool":
         return text != "0"
+    if kind == "bool_off":  # off unless set: "" and "0" leave it off
+        return text not in ("", "0")
     if kind == "path":
         return text
     if kind == "choice":
@@ -85,7 +89,7 @@ def _parse(name: str, raw: str):
 
 def _check(name: str, value):
     var, kind, choices = _FIELDS[name]
-    if kind == "bool" and not isinstance(value, bool):
+    if kind in ("bool", "bool_off") and not isinstance(value, bool):
         raise ValueError(f"settings.{name} is True or False, got {value!r}")
     if kind == "choice":
         if name == "backend":

@@ -9,8 +9,9 @@ Two kinds of choice are measured once per shape key and then reused:
 
 Winners persist in one JSON file, as Triton's own cache does, so a process that meets the same
 shapes again starts without tuning. The file lives in ``$FUSEDPEFT_CACHE_DIR`` (default
-``~/.cache/fusedpeft``) and keys every entry by the GPU's name and the torch and Triton versions,
-so one file can serve several machines. ``FUSEDPEFT_AUTOTUNE=0`` measures nothing: every op takes
+``~/.cache/fusedpeft``) and keys every entry by the GPU's name, the torch and Triton versions and a
+hash of fusedpeft's kernel sources, so one file can serve several machines and a kernel change
+measures afresh. ``FUSEDPEFT_AUTOTUNE=0`` measures nothing: every op takes
 its highest-priority candidate and every launch its first tile config that compiles.
 
 Nothing is measured while a CUDA graph is being captured: a shape key first met inside a capture
@@ -19,6 +20,8 @@ does, to capture the measured path).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -55,8 +58,27 @@ def cache_file() -> Optional[str]:
     return os.path.join(folder, _FILE_NAME)
 
 
+@functools.lru_cache(maxsize=None)
+def kernels_hash() -> str:
+    """A short hash of fusedpeft's kernel sources (triton_kernels/ and csrc/): a kernel change makes
+    the stored choices, measured on the old kernels, void."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha1()
+    # a source checkout has them beside the package; an install, inside it
+    for folder in ("../triton_kernels", "../csrc", "triton_kernels", "_csrc"):
+        path = os.path.normpath(os.path.join(package, folder))
+        if not os.path.isdir(path):
+            continue
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".py", ".cu", ".h", ".cpp")):
+                with open(os.path.join(path, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
 def _machine() -> str:
-    """Who measured: the GPU and the software that decide what is fast."""
+    """Who measured: the GPU and the software that decide what is fast, fusedpeft's kernels included."""
     try:
         import triton
 
@@ -64,7 +86,7 @@ def _machine() -> str:
     except ImportError:
         triton_version = "none"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return f"{gpu}|torch {torch.__version__}|triton {triton_version}"
+    return f"{gpu}|torch {torch.__version__}|triton {triton_version}|kernels {kernels_hash()}"
 
 
 def _load() -> dict:

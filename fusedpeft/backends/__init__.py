@@ -34,10 +34,11 @@ graphs carry that index (``forced_index``) and the backward finds the forward's 
   cached per device types and dtypes) and returns None when the backend can run them, else why not.
 - ``priority`` orders the automatic choice; ``tunable`` makes the backend a measured candidate.
 
-A CUDA extension built from ``csrc/`` fits the same way: ``backends/cuda.py`` would import the
-extension inside ``load`` (so that the package imports where it was not built), report in
-``supports`` why it cannot run (not built, no CUDA tensors, a dtype it lacks), and be imported by
-``fusedpeft/__init__.py`` after ``triton``, so that the indices already given do not move.
+The CUDA extension built from ``csrc/`` fits the same way: ``backends/cuda.py`` imports it inside
+``load`` (fusedpeft/_cuda_ext.py builds it at first use where it was not built at install, so the
+package imports where it never was), reports in ``supports`` why it cannot run (no CUDA tensors, a
+dtype it lacks), and is imported by ``fusedpeft/__init__.py`` after ``triton``, so that the indices
+already given do not move.
 """
 from __future__ import annotations
 

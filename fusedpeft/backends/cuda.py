@@ -1,0 +1,66 @@
+"""The ``cuda`` backend: the BGMV kernels of ``csrc/bgmv.cu`` (CUDA C++, bound with pybind11) for
+``multi_lora_linear``, the decode-time op of many adapters in one batch.
+
+``lora(...)`` runs the base GEMM with cuBLAS (``torch.addmm``) and then the extension's two
+launches, which add each row's rank-r term into that output in place: the shrink
+u[m, :r_i] = x[m] A[i, :r_i]^T and the expand y[m] += s_i u[m, :r_i] B[i, :, :r_i]^T (see
+csrc/bgmv.cu for the design and its cost). The extension is found or built on first use
+(``fusedpeft._cuda_ext``): nothing here imports it, torch's extension machinery or a compiler when
+fusedpeft is imported, and where it cannot load, the registry reports why to whoever names
+``cuda``. On CUDA tensors the backend is a tunable candidate: the op's shape key picks it or
+another (the torch reference's gathered GEMMs, a Triton kernel) by measurement.
+"""
+from __future__ import annotations
+
+import types
+
+from .. import ops  # noqa: F401  (each op registers its torch reference first: registration index 0)
+from . import register
+
+OP = "multi_lora_linear"
+
+
+def cuda_usable(x, weight=None, forced=False):
+    """None when the BGMV kernels can run these inputs (CUDA tensors of a dtype they take), else why
+    not. Whether the extension loads is the registry's question (load's error)."""
+    import torch
+
+    if x.device.type != "cuda":
+        return (f"tensors are on {x.device.type}; the cuda backend (the BGMV kernels of csrc/bgmv.cu) needs CUDA "
+                "tensors")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the BGMV kernels take float16, bfloat16 and float32, not {x.dtype}"
+    return None
+
+
+def _lora(ext, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """multi_lora_linear on 2-D x (the op has checked shapes, dtypes and devices)."""
+    import torch
+
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    if x.shape[0] == 0 or y.shape[1] == 0:
+        return y
+    if y.stride(-1) != 1:  # cuBLAS writes a fresh row-major y; a transposed result would be copied here
+        y = y.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # The bank's small vectors as the kernels read them (no-ops when the bank already keeps them so).
+    scalings = scalings.to(device=x.device, dtype=torch.float32).contiguous()
+    ranks = ranks.to(device=x.device, dtype=torch.int32).contiguous()
+    ext.lora_update_(y, x, lora_A.contiguous(), lora_B.contiguous(), scalings, ranks, adapter_index.contiguous())
+    return y
+
+
+def _load():
+    from .. import _cuda_ext
+
+    ext = _cuda_ext.load()
+    return types.SimpleNamespace(
+        lora=lambda *args: _lora(ext, *args),
+        extension=ext,
+    )
+
+
+# Below the Triton kernels' priority 10 (the first candidate where nothing is measured, as with
+# FUSEDPEFT_AUTOTUNE=0), above the torch reference's 0; tunable, so measured against both per shape.
+register(OP, "cuda", load=_load, supports=cuda_usable, priority=8, tunable=True)
