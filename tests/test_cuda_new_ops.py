@@ -111,7 +111,7 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():
-        for backend in [b for b in ("triton", "bgmv") if b in fusedpeft.backends.registered("multi_lora_linear")]:
+        for backend in [b for b in ("triton", "bgmv", "cuda") if b in fusedpeft.backends.registered("multi_lora_linear")]:
             with fusedpeft.use_backend(backend):
                 multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)  # warm: compile, plan
                 torch.cuda.synchronize()
