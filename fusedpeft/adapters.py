@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import distributed
 from .config import _pattern_value
 from .inject import CONFIG_ATTR, _active_names, _wrappers, adapter_layers, inject, set_adapter
 from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, planned_inject
@@ -49,12 +50,23 @@ _BASE_REWRITING_INITS = ("pissa", "olora")
 
 # ----------------------------------------------------------------------------- which model, which adapter
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module a torch.compile'd model (OptimizedModule) wraps; the model itself otherwise."""
-    if type(model).__name__ == "OptimizedModule":
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            return inner
-    return model
+    """The module a torch.compile'd model (OptimizedModule) or a DistributedDataParallel wrapper
+    holds (either around the other); the model itself otherwise."""
+    while True:
+        inner = distributed.unwrap(model)
+        if type(inner).__name__ == "OptimizedModule" and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        if inner is model:
+            return model
+        model = inner
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """Adding, deleting or rewriting adapter parameters outside forward is not done on a model
+    FSDP2 (fully_shard) sharded: its parameters are DTensor shards that FSDP2 keeps track of."""
+    if distributed.model_is_sharded(model):
+        raise NotImplementedError(f"{what} is not supported on a model sharded by FSDP2 (fully_shard): do it before "
+                                  "fully_shard, or on an unsharded model that loads the saved adapter")
 
 
 def _fused_configs(model: nn.Module) -> dict:
@@ -119,6 +131,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     On a peft model (after ``from_peft``) the checks run here and peft's own
     ``delete_adapter`` does the deleting."""
     model = _unwrap(model)
+    _refuse_sharded(model, "deleting an adapter")
     kind, configs = _owner(model, adapter_name)
     merged = _merged_where(model, adapter_name)
     if merged:
@@ -268,6 +281,7 @@ def add_weighted_adapter(
     On a peft model (after ``from_peft``) the checks run here and peft's own
     ``add_weighted_adapter`` computes the adapter."""
     model = _unwrap(model)
+    _refuse_sharded(model, "adding a weighted adapter")
     if isinstance(adapters, str) or not all(isinstance(a, str) for a in adapters):
         raise TypeError(f"adapters must be a list of adapter names, got {adapters!r}")
     adapters = list(adapters)
@@ -433,10 +447,14 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> d
     :func:`fusedpeft.save_adapter` writes, and what peft's ``get_peft_model_state_dict`` returns
     for the same model. As with ``state_dict()`` (and peft's function) the tensors are detached
     and share storage with the model's parameters: clone them to keep a snapshot.
-    On a peft model (after ``from_peft``) this is peft's ``get_peft_model_state_dict``."""
+    On a peft model (after ``from_peft``) this is peft's ``get_peft_model_state_dict``.
+
+    On a model sharded by FSDP2 (``fully_shard``) the sharded tensors are gathered: every rank
+    must call it, and every rank gets the full tensors (new ones, not the model's storage)."""
     model = _unwrap(model)
     _, keys, state = _adapter_keys(model, adapter_name)
-    return {fk: state[mk].detach() for fk, mk in keys.items()}
+    out = {fk: state[mk].detach() for fk, mk in keys.items()}
+    return distributed.full_tensors(out) if distributed.is_sharded(out.values()) else out
 
 
 def set_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -449,9 +467,30 @@ def set_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     Every key the adapter has must be there (biases that ``config.bias`` trains may be left out,
     as :func:`fusedpeft.load_adapter` reads files), no other key, every shape equal: otherwise a
     ValueError names the missing, unexpected and mismatched keys, and nothing is changed. A merged
-    adapter is refused (its unmerge would subtract the new weights; peft does not check this)."""
+    adapter is refused (its unmerge would subtract the new weights; peft does not check this).
+
+    On a model sharded by FSDP2 (``fully_shard``) every rank must call it with the full tensors:
+    the checks run on every rank (a refusal on one raises on all, nothing changed) and rank 0's
+    values are scattered into the shards."""
     model = _unwrap(model)
     _, keys, state = _adapter_keys(model, adapter_name)
+    if not distributed.is_sharded(state[mk] for mk in keys.values()):
+        given = _check_state_dict(model, state_dict, adapter_name, keys, state)
+    else:
+        # A refusal on any rank is raised on every rank, before the collectives that fill the shards.
+        error = given = None
+        try:
+            given = _check_state_dict(model, state_dict, adapter_name, keys, state)
+        except Exception as e:  # noqa: BLE001  (raised by agree, on every rank)
+            error = e
+        distributed.agree(error, f"loading a state dict into adapter {adapter_name!r}")
+    for fk in sorted(given):  # one order on every rank: a sharded target's copy is a collective
+        distributed.copy_into(state[keys[fk]], given[fk])
+    return model
+
+
+def _check_state_dict(model, state_dict, adapter_name, keys, state) -> dict[str, torch.Tensor]:
+    """set_adapter_state_dict's checks; the state dict as a dict."""
     given = _check_tensors(state_dict, "state_dict")
     merged = _merged_where(model, adapter_name)
     if merged:  # new weights under a merged adapter would make its unmerge corrupt the base weights
@@ -471,10 +510,7 @@ def set_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     if problems:
         raise ValueError(f"state dict does not fit adapter {adapter_name!r} ({'; '.join(problems)}); nothing was "
                          "changed")
-    with torch.no_grad():
-        for fk, t in given.items():
-            state[keys[fk]].copy_(t)
-    return model
+    return given
 
 
 # ----------------------------------------------------------------------------- hot-swapping
@@ -516,6 +552,7 @@ def hotswap_adapter(model: nn.Module, source: Union[str, os.PathLike, Mapping[st
     Everything is checked first: a refused swap raises (ValueError naming the module and the
     shapes) and leaves the model as it was. A merged adapter is refused (unmerge first)."""
     model = _unwrap(model)
+    _refuse_sharded(model, "hot-swapping")
     kind, configs = _owner(model, adapter_name)
     current = configs[adapter_name]
     if isinstance(source, (str, os.PathLike)):

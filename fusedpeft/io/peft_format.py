@@ -31,12 +31,12 @@ import json
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .. import methods
+from .. import distributed, methods
 from ..inject import CONFIG_ATTR, inject, mark_only_adapters_trainable, set_adapter
 from ..modules import AdapterLayer, ModulesToSaveWrapper
 
@@ -127,6 +127,7 @@ def _json_value(value):
 def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
     """The adapter's config as peft writes it in adapter_config.json."""
     config = getattr(model, CONFIG_ATTR, {})[adapter_name]
+    cls = distributed.original_class(model)
     out = {k: _json_value(v) for k, v in config.to_dict().items()}
     name_or_path = getattr(getattr(model, "config", None), "name_or_path", None)
     out.update(
@@ -134,8 +135,9 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
         base_model_name_or_path=name_or_path or None,
         revision=None,
         inference_mode=True,
-        # what peft writes when task_type is None (AutoPeftModel reads it to pick the base class)
-        auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+        # what peft writes when task_type is None (AutoPeftModel reads it to pick the base class);
+        # the user's class, not the FSDP<class> that fully_shard swaps in
+        auto_mapping={"base_model_class": cls.__name__, "parent_library": cls.__module__},
     )
     try:
         json.dumps(out)  # fail before anything is written
@@ -144,25 +146,84 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
     return out
 
 
-def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> None:
+def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default", *,
+                 is_main_process: Optional[bool] = None) -> None:
     """Write adapter ``adapter_name`` of a fusedpeft-patched ``model`` as peft does:
     ``save_directory/adapter_config.json`` and ``save_directory/adapter_model.safetensors``, so
     that ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads it (LoRA, IA3; an
     SSF adapter is written in the same layout, which only fusedpeft reads). Tensors are
-    written in the dtype they have (float32 master weights stay float32), on the CPU."""
+    written in the dtype they have (float32 master weights stay float32), on the CPU.
+    A peft model (after ``fusedpeft.from_peft``) is written by peft's own ``save_pretrained``
+    (the files peft writes; an adapter other than "default" in ``save_directory/<adapter_name>``,
+    as peft does), with the tensors gathered as below.
+
+    Under torch.distributed (see README, "Distributed training"): a DistributedDataParallel
+    wrapper is looked through, and only the main process writes (``is_main_process``, default:
+    rank 0 of the default group; every process without one). On a model sharded by FSDP2
+    (``fully_shard``) the adapter's shards are gathered into full tensors first, a collective:
+    every rank must call ``save_adapter``; when it returns, on every rank, the main process has
+    written the files (or every rank raises its error). The files are the ones a single process
+    writes from the same weights."""
     from safetensors.torch import save_file
 
+    model = distributed.unwrap(model)
+    main = distributed.is_main_process() if is_main_process is None else bool(is_main_process)
+    if adapter_name not in getattr(model, CONFIG_ATTR, {}) and adapter_name in _peft_adapters(model):
+        return _save_peft_model(model, save_directory, adapter_name, main)
     keys = checkpoint_keys(model, adapter_name)
     config = adapter_config_dict(model, adapter_name)
     state = model.state_dict(keep_vars=True)
-    # Own contiguous CPU copies: safetensors refuses tensors that share memory.
-    tensors = {fk: state[mk].detach().to("cpu", copy=True).contiguous() for fk, mk in keys.items()}
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
-    os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+    selected = {fk: state[mk] for fk, mk in keys.items()}
+    sharded = distributed.is_sharded(selected.values())
+    if sharded:
+        selected = distributed.full_tensors(selected)  # every rank takes part
+    error = None
+    if main:
+        try:
+            # Own contiguous CPU copies: safetensors refuses tensors that share memory.
+            tensors = {fk: t.detach().to("cpu", copy=True).contiguous() for fk, t in selected.items()}
+            if os.path.isfile(save_directory):
+                raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
+            os.makedirs(save_directory, exist_ok=True)
+            save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+            with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+                f.write(json.dumps(config, indent=2, sort_keys=True))
+        except Exception as e:  # noqa: BLE001  (raised below, on every rank of a sharded model)
+            error = e
+    if sharded:
+        distributed.agree(error, f"saving adapter {adapter_name!r} to {save_directory!r}")
+    elif error is not None:
+        raise error
+
+
+def _peft_adapters(model: nn.Module) -> dict:
+    try:
+        configs = getattr(model, "peft_config", None)
+    except Exception:  # noqa: BLE001  (a PeftModel without a tuner raises from its __getattr__)
+        return {}
+    return configs if isinstance(configs, dict) and callable(getattr(model, "save_pretrained", None)) else {}
+
+
+def _save_peft_model(model: nn.Module, save_directory: str, adapter_name: str, main: bool) -> None:
+    """save_adapter of a peft model: peft's save_pretrained, given the adapter's tensors (full
+    ones, gathered on every rank, where FSDP2 sharded them), on the main process only."""
+    from ..adapters import _adapter_keys
+
+    _, keys, state = _adapter_keys(model, adapter_name)
+    selected = {mk: state[mk] for mk in keys.values()}
+    sharded = distributed.is_sharded(selected.values())
+    if sharded:
+        selected = distributed.full_tensors(selected)
+    error = None
+    if main:
+        try:
+            model.save_pretrained(save_directory, selected_adapters=[adapter_name], state_dict=selected)
+        except Exception as e:  # noqa: BLE001  (raised below, on every rank of a sharded model)
+            error = e
+    if sharded:
+        distributed.agree(error, f"saving adapter {adapter_name!r} to {save_directory!r}")
+    elif error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------- load
@@ -300,7 +361,48 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
 
     Everything (config, key set, shapes, targets) is checked before the model is touched: a bad
     or mismatched file raises naming the problem and leaves the model exactly as it was.
+
+    Under torch.distributed a DistributedDataParallel wrapper is looked through (every rank
+    loads its own copy). Into a model sharded by FSDP2 (``fully_shard``) an adapter the model
+    already has is loaded: every rank must call ``load_adapter``, every rank reads and checks the
+    file (a failure on any rank raises on every rank, nothing changed), and rank 0's tensors are
+    scattered into the shards. A new adapter cannot be added to a sharded model (ValueError):
+    load it before ``fully_shard``.
     """
+    model = distributed.unwrap(model)
+    if not distributed.model_is_sharded(model):
+        config, weights, keys, exists = _plan_load(model, load_directory, adapter_name, sharded=False)
+    else:
+        # Every rank reads and checks the file; one that fails makes every rank raise, before the
+        # collectives that fill the shards (rank 0's tensors are scattered).
+        error = plan = None
+        try:
+            plan = _plan_load(model, load_directory, adapter_name, sharded=True)
+        except Exception as e:  # noqa: BLE001  (raised by agree, on every rank)
+            error = e
+        distributed.agree(error, f"loading the adapter in {load_directory!r}")
+        config, weights, keys, exists = plan
+
+    # All checks passed: change the model.
+    if not exists:
+        inject(model, config, adapter_name)
+    state = model.state_dict(keep_vars=True)
+    for fk in sorted(weights):  # one order on every rank: a sharded target's copy is a collective
+        distributed.copy_into(state[keys[fk]], weights[fk])
+    set_adapter(model, adapter_name)
+    mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
+    if not is_trainable:
+        # peft's inference mode: the adapter's own tensors (names carrying the adapter name) are
+        # frozen; biases that config.bias trains keep the flag mark_only_adapters_trainable gave.
+        for mk in set(keys.values()):
+            if f".{adapter_name}." in mk or mk.endswith(f".{adapter_name}"):
+                state[mk].requires_grad_(False)
+    return model
+
+
+def _plan_load(model: nn.Module, load_directory: str, adapter_name: str, sharded: bool):
+    """load_adapter's reading and checks, nothing changed: (config, weights, {file key: model
+    key}, whether the adapter exists already)."""
     if not os.path.isdir(load_directory):
         raise FileNotFoundError(f"adapter directory {load_directory!r} does not exist")
     config = _read_config(load_directory)
@@ -323,26 +425,14 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
                 f"{differ}; load it under another adapter_name"
             )
         planned = model
+    elif sharded:
+        raise ValueError(
+            f"cannot load {load_directory!r} as a new adapter {adapter_name!r} into a model sharded by FSDP2 "
+            "(fully_shard): new adapter parameters would not be sharded. Load (or inject) the adapter before "
+            "fully_shard, or load into an adapter of that name the model already has")
     else:
         planned = planned_inject(model, config, adapter_name,
                                  f"cannot load the adapter in {load_directory!r} into {type(model).__name__}")
     keys = checkpoint_keys(planned, adapter_name)
     _validate(weights, keys, planned.state_dict(keep_vars=True), load_directory, adapter_name)
-    del planned
-
-    # All checks passed: change the model.
-    if not exists:
-        inject(model, config, adapter_name)
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for fk, t in weights.items():
-            state[keys[fk]].copy_(t)
-    set_adapter(model, adapter_name)
-    mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
-    if not is_trainable:
-        # peft's inference mode: the adapter's own tensors (names carrying the adapter name) are
-        # frozen; biases that config.bias trains keep the flag mark_only_adapters_trainable gave.
-        for mk in set(keys.values()):
-            if f".{adapter_name}." in mk or mk.endswith(f".{adapter_name}"):
-                state[mk].requires_grad_(False)
-    return model
+    return config, weights, keys, exists

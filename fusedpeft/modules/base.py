@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .. import distributed
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 style): a linear layer whose weight is stored as (in, out)."""
@@ -140,6 +142,7 @@ class AdapterLayer(nn.Module):
         computed in float32 (float64 for a float64 base) and rounded once. With safe_merge the
         merged weight is checked for NaN/Inf before it is written."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._refuse_sharded("merging")
         for name in names:
             if name in self.adapter_names and name not in self.merged_adapters:
                 self.check_merge(name)
@@ -154,8 +157,16 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self):
         """Undo merge(), newest first. Restores the base weight up to one rounding of its dtype."""
+        if self.merged_adapters:
+            self._refuse_sharded("unmerging")
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
+
+    def _refuse_sharded(self, what: str):
+        """Merging writes the base weight in place: not on FSDP2's DTensor shards (outside forward)."""
+        if distributed.initialized() and distributed.is_sharded([self.base_layer.weight]):
+            raise NotImplementedError(f"{what} is not supported on a layer sharded by FSDP2 (fully_shard): merge an "
+                                      "unsharded model that loads the saved adapter")
 
     def _write_base(self, new_weight: torch.Tensor, new_bias: Optional[torch.Tensor], safe_merge: bool, name: str):
         """Copy the merged weight (and bias) into the base layer in place. A bias written into a

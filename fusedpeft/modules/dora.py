@@ -8,12 +8,14 @@ m starts as the row norms of W + s B A (the layer's output unchanged by the adap
 What the layer keeps, none of it in the state dict: ||W_row||^2 per base weight (fixed while W is:
 recomputed when W's storage or version changes), the norm ||W + s B A||_row per adapter while the
 layer is in eval mode (recomputed when W, A or B change), and, while merged, the norm the merge
-divided by (unmerge needs it back, as peft keeps it)."""
+divided by (unmerge needs it back, as peft keeps it). The first two are not kept while a
+torch.distributed process group is initialized (see ``_cache_ok``)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq_norm
 from .lora import LoraVariant
 
@@ -37,9 +39,18 @@ def _cache(module) -> dict:
     return cache
 
 
+def _cache_ok() -> bool:
+    """Whether a value may be kept by (storage, version) of the tensors it came from. Not under
+    torch.distributed: FSDP2 all-gathers a sharded parameter into the same storage at every
+    forward and keeps its version counter, so a changed adapter can look unchanged."""
+    return not distributed.initialized()
+
+
 def weight_sq_norm(module) -> torch.Tensor:
     """||W_row||^2 of the layer's base weight, kept while the weight is unchanged."""
     w = module.base_weight()
+    if not _cache_ok():
+        return weight_row_sq_norm(w.detach())
     key, value = _cache(module).get("wsq", (None, None))
     if key != _version(w):
         value = weight_row_sq_norm(w.detach())
@@ -56,12 +67,12 @@ def norm(module, adapter_name: str) -> torch.Tensor:
         return dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name])
     key = (_version(w), _version(A), _version(B))
     slot = f"norm-{adapter_name}"
-    if not module.training:
+    if not module.training and _cache_ok():
         hit = _cache(module).get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
     value = dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name], weight_sq_norm(module))
-    if module.training:
+    if module.training or not _cache_ok():
         _cache(module).pop(slot, None)
     else:
         _cache(module)[slot] = (key, value)

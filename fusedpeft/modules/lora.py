@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import distributed
 from ..ops.lora import lora_linear
 from ..config import is_lora_init
 from .base import AdapterLayer
@@ -255,7 +256,9 @@ class LoraLinear(AdapterLayer):
         key = (dtype, tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
                              self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr(), self.scaling[n])
                             for n in names))
-        cached = self.__dict__.get("_bank_cache")
+        # Not kept under torch.distributed: FSDP2 all-gathers the adapters into the same storage
+        # at every forward and keeps their version counters, so changed weights look unchanged.
+        cached = None if distributed.initialized() else self.__dict__.get("_bank_cache")
         if cached is None or cached[0] != key:
             R = max(self.r[n] for n in names)
             A = torch.zeros(len(names), R, self.in_features, dtype=dtype, device=x.device)
