@@ -177,21 +177,31 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
     sharded = distributed.is_sharded(selected.values())
     if sharded:
         selected = distributed.full_tensors(selected)  # every rank takes part
+
+    def write():
+        # Own contiguous CPU copies: safetensors refuses tensors that share memory.
+        tensors = {fk: t.detach().to("cpu", copy=True).contiguous() for fk, t in selected.items()}
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True))
+
+    _write_on_main(write, main, sharded, f"saving adapter {adapter_name!r} to {save_directory!r}")
+
+
+def _write_on_main(write, main: bool, sharded: bool, what: str) -> None:
+    """write() on the main process; on a sharded model every rank then raises its error, if any
+    (distributed.agree), so that no rank waits on one that failed."""
     error = None
     if main:
         try:
-            # Own contiguous CPU copies: safetensors refuses tensors that share memory.
-            tensors = {fk: t.detach().to("cpu", copy=True).contiguous() for fk, t in selected.items()}
-            if os.path.isfile(save_directory):
-                raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
-            os.makedirs(save_directory, exist_ok=True)
-            save_file(tensors, os.path.join(save_directory, SAFETENSORS_NAME), metadata={"format": "pt"})
-            with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-                f.write(json.dumps(config, indent=2, sort_keys=True))
+            write()
         except Exception as e:  # noqa: BLE001  (raised below, on every rank of a sharded model)
             error = e
     if sharded:
-        distributed.agree(error, f"saving adapter {adapter_name!r} to {save_directory!r}")
+        distributed.agree(error, what)
     elif error is not None:
         raise error
 
@@ -214,16 +224,8 @@ def _save_peft_model(model: nn.Module, save_directory: str, adapter_name: str, m
     sharded = distributed.is_sharded(selected.values())
     if sharded:
         selected = distributed.full_tensors(selected)
-    error = None
-    if main:
-        try:
-            model.save_pretrained(save_directory, selected_adapters=[adapter_name], state_dict=selected)
-        except Exception as e:  # noqa: BLE001  (raised below, on every rank of a sharded model)
-            error = e
-    if sharded:
-        distributed.agree(error, f"saving adapter {adapter_name!r} to {save_directory!r}")
-    elif error is not None:
-        raise error
+    _write_on_main(lambda: model.save_pretrained(save_directory, selected_adapters=[adapter_name], state_dict=selected),
+                   main, sharded, f"saving adapter {adapter_name!r} to {save_directory!r}")
 
 
 # ----------------------------------------------------------------------------- load
