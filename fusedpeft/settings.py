@@ -63,6 +63,9 @@ class Values:
     skip_cuda_build: bool = False  # never build the CUDA extension of csrc/ at first use (setup.py reads it too)
 
 
+_NAMES = tuple(field.name for field in dataclasses.fields(Values))
+
+
 def _parse(name: str, raw: str):
     var, kind, choices = _FIELDS[name]
     text = raw.strip()
@@ -125,8 +128,15 @@ class Settings:
 
     def __init__(self, values: Values):
         object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "_generations", {})
-        self._replace(values)
+        # An override is entered on every call of a use_backend block, so its cost is host time on
+        # every step: each distinct Values is kept once (interned), with its generation, and each
+        # (values, changes) pair is resolved once; after that an override is a dict look-up and
+        # the attribute copies.
+        object.__setattr__(self, "_interned", {})  # Values -> the one instance kept
+        object.__setattr__(self, "_generation_of", {})  # id(interned Values) -> generation
+        object.__setattr__(self, "_plan_generations", {})  # Values with backend "auto" -> generation
+        object.__setattr__(self, "_transitions", {})  # (id(interned before), changes key) -> interned after
+        self._replace(self._intern(values))
 
     def __setattr__(self, name, value):
         raise AttributeError("fusedpeft.settings is changed with settings.override(...), in a with block")
@@ -134,24 +144,44 @@ class Settings:
     def values(self) -> Values:
         return self._values
 
+    def _intern(self, values: Values) -> Values:
+        kept = self._interned.setdefault(values, values)
+        if kept is values and id(values) not in self._generation_of:
+            plan_values = dataclasses.replace(values, backend="auto")  # the backend changes no launch
+            generation = self._plan_generations.setdefault(plan_values, len(self._plan_generations))
+            self._generation_of[id(values)] = generation
+        return kept
+
     def _replace(self, values: Values):
         object.__setattr__(self, "_values", values)
-        for field in dataclasses.fields(values):
-            object.__setattr__(self, field.name, getattr(values, field.name))
-        plan_values = dataclasses.replace(values, backend="auto")  # the backend changes no launch
-        object.__setattr__(self, "generation", self._generations.setdefault(plan_values, len(self._generations)))
+        for name in _NAMES:
+            object.__setattr__(self, name, getattr(values, name))
+        object.__setattr__(self, "generation", self._generation_of[id(values)])
+
+    def _after(self, before: Values, changes: dict) -> Values:
+        # The key carries each value's type, so that 1 is not taken for an already-checked True.
+        try:
+            key = (id(before), tuple((name, type(value), value) for name, value in changes.items()))
+            after = self._transitions.get(key)
+        except TypeError:  # an unhashable value: checked below, and refused there
+            key, after = None, None
+        if after is None:
+            for name, value in changes.items():
+                if name not in _FIELDS:
+                    raise TypeError(f"settings.override() got an unknown setting {name!r}; the settings are "
+                                    f"{', '.join(_FIELDS)}")
+                _check(name, value)
+            after = self._intern(dataclasses.replace(before, **changes))
+            if key is not None:
+                self._transitions[key] = after
+        return after
 
     @contextlib.contextmanager
     def override(self, **changes):
         """Set the named settings inside the block; the previous values come back after it."""
-        for name, value in changes.items():
-            if name not in _FIELDS:
-                raise TypeError(f"settings.override() got an unknown setting {name!r}; the settings are "
-                                f"{', '.join(_FIELDS)}")
-            _check(name, value)
         with self._lock:
             before = self._values
-            self._replace(dataclasses.replace(before, **changes))
+            self._replace(self._after(before, changes))
         try:
             yield self
         finally:

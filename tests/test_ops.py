@@ -346,6 +346,21 @@ def test_settings_read_once_override_nests_and_checks():
         settings.autotune = False
     assert settings.values() == before
 
+    # Entering the same override again (resolved once, then looked up) gives the same values and
+    # generation, and a value equal to an accepted one but of the wrong type is still refused.
+    seen = []
+    for _ in range(2):
+        with settings.override(autotune=not before.autotune, backend="torch"):
+            seen.append((settings.values(), settings.generation, settings.autotune))
+    assert seen[0] == seen[1] and seen[0][2] is (not before.autotune)
+    with settings.override(backend="torch"):
+        assert settings.generation == generation  # the backend changes no launch plan
+    with pytest.raises(ValueError, match="True or False"):
+        settings.override(autotune=int(not before.autotune), backend="torch").__enter__()
+    with pytest.raises(ValueError, match="two powers of two"):
+        settings.override(weight_grad_tile=[128, 32]).__enter__()  # unhashable: checked, refused
+    assert settings.values() == before and settings.generation == generation
+
 
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
 def test_triton_rescale_split_reductions(grad_mode, monkeypatch, use_settings):
