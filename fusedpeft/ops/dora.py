@@ -36,7 +36,7 @@ from .. import backends, tuning
 from ..settings import settings
 from . import _autograd, _common
 from . import lora as lora_op
-from .lora import _masked, _torch_dropout_mask
+from .lora import _keep_mask, _masked, _torch_dropout_mask
 
 OP = "dora_linear"
 
@@ -79,7 +79,7 @@ def _parts(x, weight, lora_A, lora_B, scaling, dropout_p, seed):
     """(t, u_s) with t = drop(x) W^T and u_s = s drop(x) A^T (t is x W^T at p = 0)."""
     if dropout_p == 0.0:
         return x @ weight.T, torch.mm(x, lora_A.T) * scaling
-    x_d = _masked(x, dropout_p, seed)  # x * mask; the 1 / (1 - p) goes into the scalars
+    x_d = _masked(x, _keep_mask(seed, x.shape, dropout_p, x.device))  # x * mask; the 1 / (1 - p) goes into the scalars
     keep = 1.0 / (1.0 - dropout_p)
     return torch.mm(x_d, weight.T) * keep, torch.mm(x_d, lora_A.T) * (scaling * keep)
 
@@ -103,8 +103,9 @@ def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, s
     dtype = grad_y.dtype
     c = (magnitude / norm).to(dtype)
     g_c = grad_y * c
-    keep = 1.0 / (1.0 - dropout_p)
-    x_d = x if dropout_p == 0.0 else _masked(x, dropout_p, seed) * keep  # drop(x)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    mask = _keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
+    x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
     if save_z:
         z, u_s = saved, torch.mm(x_d, lora_A.T) * scaling
     else:
@@ -117,7 +118,7 @@ def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, s
         if dropout_p == 0.0:
             grad_x = torch.addmm(low, g_c, weight)
         else:
-            inner = _masked(torch.addmm(low, g_c - grad_y, weight), dropout_p, seed) * keep
+            inner = _masked(torch.addmm(low, g_c - grad_y, weight), mask) * keep_scale
             grad_x = torch.addmm(inner, grad_y, weight)
     if need_w:  # only when the user unfroze the base weight (the norm stays detached, as peft's)
         grad_w = grad_y.T @ x + ((g_c - grad_y).T @ x_d)
