@@ -358,7 +358,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     op = OPS[group.method]
     out = [harness.Case(label, BASE, base, flops=base_flops, path="cuBLAS"),
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
-    forced = ["triton", "torch"] if dora else ["triton", "cublas", "cublas_after"]
+    forced = ["triton", "cublas"] if dora else ["triton", "cublas", "cublas_after"]
     for name in _forced_variants(op, forced, device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
     if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters

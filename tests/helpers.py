@@ -31,7 +31,7 @@ def leaf(t: torch.Tensor, dtype=None, requires_grad=True) -> torch.Tensor:
 # backend that fails to load fails the tests instead of silently dropping out of them.
 BACKENDS = {
     "lora_linear": ["torch", "triton", "cublas", "cublas_after"],
-    "dora_linear": ["torch", "triton"],
+    "dora_linear": ["torch", "triton", "cublas"],
     "ia3_linear": ["torch", "triton"],
     "ssf_linear": ["torch", "triton"],
 }

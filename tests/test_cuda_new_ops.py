@@ -14,7 +14,7 @@ from helpers import GPU_TOL, leaf, lora_upstream_grad, rel_err
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", None])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cublas", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((16,), 4096, 4096),
                                       ((2048,), 4096, 1024)])

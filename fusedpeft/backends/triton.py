@@ -1,7 +1,7 @@
 """The backends that run on Triton: ``triton`` (the fused kernels of ``fusedpeft.triton_kernels``)
-for lora_linear, dora_linear, ia3_linear and ssf_linear, and, for lora_linear, ``cublas`` and ``cublas_after``
+for lora_linear, dora_linear, ia3_linear and ssf_linear; for lora_linear, ``cublas`` and ``cublas_after``
 (cuBLAS GEMMs with the dropout masks from small Triton kernels, the rank-r term written before the
-GEMM or added after it).
+GEMM or added after it); for dora_linear, ``cublas`` (its torch composition with those masks).
 
 Nothing here imports triton: each ``load`` reaches the kernels through ``fusedpeft._kernels`` on
 first use, and ``supports`` asks only whether triton is installed."""
@@ -63,6 +63,22 @@ register("lora_linear", "cublas", load=_kernel("lora_cublas", "low_rank_first"),
 register("lora_linear", "cublas_after", load=_kernel("lora_cublas", "low_rank_after"), supports=triton_usable,
          priority=4, tunable=True)
 register("dora_linear", "triton", load=_kernel("dora"), supports=triton_usable, priority=10, tunable=True)
+
+
+def _dora_cublas():
+    """DoRA's torch composition with the LoRA kernels' philox masks (drawn on the GPU)."""
+    from .._kernels import triton_kernels
+    from ..ops import dora
+
+    dropout_mask = triton_kernels.lora.dropout_mask
+
+    def keep_mask(seed, shape, p, device):
+        return None if p == 0.0 else dropout_mask(seed, shape, p, device) != 0
+
+    return dora.composition(keep_mask, dropout_mask)
+
+
+register("dora_linear", "cublas", load=_dora_cublas, supports=triton_usable, priority=5, tunable=True)
 # Per-row adapters (serving): the fused SGMV GEMM and, for decode-sized batches, base + BGMV.
 register("multi_lora_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
 register("multi_lora_linear", "bgmv", load=_kernel("multi_lora", "bgmv_backend"), supports=triton_usable, priority=9, tunable=True)

@@ -27,6 +27,7 @@ follows for the same reduction. Shapes: x (*, K), W (N, K), b (N,), A (r, K), B 
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Optional
 
@@ -75,18 +76,22 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, d
 
 
 # ----------------------------------------------------------------------------- torch backend
-def _parts(x, weight, lora_A, lora_B, scaling, dropout_p, seed):
+# The composition takes its keep-mask from keep_mask(seed, shape, p, device) -> bool tensor, or
+# None at p = 0: the torch generator's here (any device; a CUDA seed is read on the host), the
+# LoRA kernels' philox mask in the ``cublas`` backend (fusedpeft/backends/triton.py), which reads
+# the seed on the GPU: no host sync, and a captured CUDA graph draws new masks at each replay.
+def _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed):
     """(t, u_s) with t = drop(x) W^T and u_s = s drop(x) A^T (t is x W^T at p = 0)."""
     if dropout_p == 0.0:
         return x @ weight.T, torch.mm(x, lora_A.T) * scaling
-    x_d = _masked(x, _keep_mask(seed, x.shape, dropout_p, x.device))  # x * mask; the 1 / (1 - p) goes into the scalars
+    x_d = _masked(x, keep_mask(seed, x.shape, dropout_p, x.device))  # x * mask; the 1 / (1 - p) goes into the scalars
     keep = 1.0 / (1.0 - dropout_p)
     return torch.mm(x_d, weight.T) * keep, torch.mm(x_d, lora_A.T) * (scaling * keep)
 
 
-def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
     c = (magnitude / norm).to(x.dtype)
-    t, u_s = _parts(x, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    t, u_s = _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     z = torch.addmm(t, u_s, lora_B.T)  # drop(x) W^T + s drop(x) A^T B^T
     if dropout_p == 0.0:
         y = c * z
@@ -97,14 +102,14 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dr
     return y, (z if save_z else u_s)
 
 
-def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed,
-                    save_z, needs):
+def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
+                          dropout_p, seed, save_z, needs):
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype = grad_y.dtype
     c = (magnitude / norm).to(dtype)
     g_c = grad_y * c
     keep_scale = 1.0 / (1.0 - dropout_p)
-    mask = _keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
+    mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
     if save_z:
         z, u_s = saved, torch.mm(x_d, lora_A.T) * scaling
@@ -134,14 +139,19 @@ def _torch_backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, s
     return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m
 
 
-torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
-                                      dropout_mask=_torch_dropout_mask)
+def composition(keep_mask, dropout_mask) -> types.SimpleNamespace:
+    """DoRA as torch calls (peft's arithmetic without forming W + s B A; cuBLAS GEMMs on CUDA) with
+    the masks of ``keep_mask`` (see above); ``dropout_mask`` gives the same mask as 0/1 float32."""
+    return types.SimpleNamespace(forward=functools.partial(_composition_forward, keep_mask),
+                                 backward=functools.partial(_composition_backward, keep_mask),
+                                 dropout_mask=dropout_mask)
 
-# The op's reference: registered here, first (registration index 0). On CUDA it is tunable: a
-# composition of cuBLAS calls (peft's arithmetic, without forming W + s B A), which runs where it
-# beats the Triton backend at a shape.
-backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0,
-                  tunable=True)
+
+torch_backend = composition(_keep_mask, _torch_dropout_mask)
+
+# The op's reference: registered here, first (registration index 0). On CUDA the same composition
+# with the LoRA kernels' masks competes with the Triton backend (``cublas``, backends/triton.py).
+backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0)
 
 
 # ----------------------------------------------------------------------------- dispatch
