@@ -30,7 +30,7 @@ def _expected():
     for shape in SHAPES.split(","):
         for p in ("0", "0.05"):
             rows |= {(f"{labels[shape]} r=4 p={p}", v) for v in with_peft}
-            rows |= {(f"{labels[shape]} dora r=4 p={p}", v) for v in with_peft | {"fusedpeft [torch]"}}
+            rows |= {(f"{labels[shape]} dora r=4 p={p}", v) for v in with_peft}
         for method in ("ia3-out", "ia3-ff"):
             rows |= {(f"{labels[shape]} {method}", v) for v in with_peft | {"fusedpeft [torch]"}}
         rows |= {(f"{labels[shape]} ssf", v) for v in ("base (cuBLAS)", "fusedpeft", "fusedpeft [torch]", "torch composition")}
