@@ -83,22 +83,23 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, d
 def _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed):
     """(t, u_s) with t = drop(x) W^T and u_s = s drop(x) A^T (t is x W^T at p = 0)."""
     if dropout_p == 0.0:
-        return x @ weight.T, torch.mm(x, lora_A.T) * scaling
+        return torch.mm(x, weight.T), torch.mm(x, lora_A.T).mul_(scaling)
     x_d = _masked(x, keep_mask(seed, x.shape, dropout_p, x.device))  # x * mask; the 1 / (1 - p) goes into the scalars
     keep = 1.0 / (1.0 - dropout_p)
-    return torch.mm(x_d, weight.T) * keep, torch.mm(x_d, lora_A.T) * (scaling * keep)
+    return torch.mm(x_d, weight.T).mul_(keep), torch.mm(x_d, lora_A.T).mul_(scaling * keep)
 
 
 def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
     c = (magnitude / norm).to(x.dtype)
     t, u_s = _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed)
-    z = torch.addmm(t, u_s, lora_B.T)  # drop(x) W^T + s drop(x) A^T B^T
     if dropout_p == 0.0:
-        y = c * z
+        z = t.addmm_(u_s, lora_B.T)  # x W^T + s x A^T B^T, in t's buffer
+        y = torch.mul(z, c) if bias is None else torch.addcmul(bias, z, c)
     else:  # x W^T + (c - 1) t + c (z - t) = x W^T - t + c z
-        y = torch.mm(x, weight.T) - t + c * z
-    if bias is not None:
-        y = y + bias
+        z = torch.addmm(t, u_s, lora_B.T)  # drop(x) W^T + s drop(x) A^T B^T
+        y = torch.mm(x, weight.T).sub_(t).addcmul_(z, c)
+        if bias is not None:
+            y = y.add_(bias)
     return y, (z if save_z else u_s)
 
 
@@ -112,25 +113,24 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
     mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
     if save_z:
-        z, u_s = saved, torch.mm(x_d, lora_A.T) * scaling
+        z, u_s = saved, torch.mm(x_d, lora_A.T).mul_(scaling)
     else:
         u_s = saved
         z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T) if need_m else None
-    g_B = g_c @ lora_B  # (M, r)
+    g_B = torch.mm(g_c, lora_B).mul_(scaling)  # s (c grad_y) B, (M, r): the scaling on M x r values, not M x K
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
-    if need_x:
-        low = torch.mm(g_B, lora_A) * scaling
+    if need_x:  # each M x K product accumulated in place: one M x K buffer, not three
         if dropout_p == 0.0:
-            grad_x = torch.addmm(low, g_c, weight)
+            grad_x = torch.mm(g_c, weight).addmm_(g_B, lora_A)
         else:
-            inner = _masked(torch.addmm(low, g_c - grad_y, weight), mask) * keep_scale
-            grad_x = torch.addmm(inner, grad_y, weight)
+            inner = _masked(torch.mm(g_c - grad_y, weight).addmm_(g_B, lora_A), mask)
+            grad_x = torch.mm(grad_y, weight).add_(inner, alpha=keep_scale)
     if need_w:  # only when the user unfroze the base weight (the norm stays detached, as peft's)
         grad_w = grad_y.T @ x + ((g_c - grad_y).T @ x_d)
     if need_b:
         grad_b = _common.sum_rows(grad_y, dtype)
     if need_A:
-        grad_A = (g_B.T @ x_d) * scaling
+        grad_A = g_B.T @ x_d
     if need_B:
         grad_B = g_c.T @ u_s
     if need_m:
