@@ -14,7 +14,7 @@ from torch import nn
 import fusedpeft
 from fusedpeft.peft_compat import PeftIA3Linear, PeftLoraLinear
 
-from helpers import assert_close
+from helpers import TOL, assert_close, rel_err
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -137,18 +137,29 @@ CASES = (
 
 
 def _compare_step(kind, pm, fm, dtype, what):
+    """fusedpeft's and peft's float32 output and gradients against peft run in float64 on the same
+    weights and input. fusedpeft's relative error must be within TOL, or within twice peft's own where
+    float32 rounding alone takes peft past TOL (a bias gradient summed over every token of a model)."""
+    ref = copy.deepcopy(pm).double()
     x = make_input(kind)
-    y_p, y_f = run(pm, kind, x), run(fm, kind, x)
-    assert_close(y_f, y_p, dtype, f"{what} output")
-    g = torch.randn_like(y_p)
-    y_p.backward(g)
-    y_f.backward(g)
-    t_p, t_f = trainable(pm), trainable(fm)
-    assert set(t_p) == set(t_f), what
+    x_ref = x.double() if x.is_floating_point() else x
+    y_ref, y_p, y_f = run(ref, kind, x_ref), run(pm, kind, x), run(fm, kind, x)
+
+    def check(actual, peft_actual, reference, name):
+        bound = max(TOL[dtype], 2 * rel_err(peft_actual, reference))
+        err = rel_err(actual, reference)
+        assert err <= bound, f"{what} {name}: relative error {err:.3e} > {bound:.1e} ({dtype})"
+
+    check(y_f, y_p, y_ref, "output")
+    g = torch.randn_like(y_ref)
+    for y in (y_ref, y_p, y_f):
+        y.backward(g.to(y.dtype))
+    t_ref, t_p, t_f = trainable(ref), trainable(pm), trainable(fm)
+    assert set(t_p) == set(t_f) == set(t_ref), what
     assert any("lora_" in n or "ia3_l" in n for n in t_p)
-    for name, p in t_p.items():
-        assert p.grad is not None and t_f[name].grad is not None, f"{what}: no gradient for {name}"
-        assert_close(t_f[name].grad, p.grad, dtype, f"{what} grad {name}")
+    for name, p in t_ref.items():
+        assert t_p[name].grad is not None and t_f[name].grad is not None, f"{what}: no gradient for {name}"
+        check(t_f[name].grad, t_p[name].grad, p.grad, f"grad {name}")
 
 
 @pytest.mark.parametrize("kind,method,name,kw", CASES, ids=[f"{k}-{m}-{n}" for k, m, n, _ in CASES])
