@@ -169,7 +169,14 @@ def _all_candidates():
 @pytest.mark.parametrize("kind", ["ia3_ff", "ia3_out"])
 def test_triton_rescale_every_tile_config(M, index, kind, use_settings):
     use_settings(tile_config=index, output_scale_grad="recompute")
-    _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
+    try:
+        _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
+    except fusedpeft._kernels.triton_kernels.configs.NoConfigFits as exc:
+        # The recomputed scale gradient's GEMM also stages its second operand: a config the tuner
+        # skips for that launch is refused by name; the rest of the layer still runs under it.
+        assert "rescale_reduce_kernel" in str(exc) and "shared memory" in str(exc), exc
+        use_settings(tile_config=index, output_scale_grad="save")
+        _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
 
 
 def _check_rescale(kind, dtype, lead, K, N):

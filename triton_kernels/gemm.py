@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from triton.runtime.errors import OutOfResources
+
+from fusedpeft.settings import settings
 
 from . import buffers, configs, fast_launch, layout
 from .layout import cdiv, m_bucket
@@ -116,7 +119,13 @@ class PersistentGemm:
 
         key = (self.kernel.__name__, m_bucket(M), N, gemm.K, gemm.dtype, tuple(sorted(flags.items())))
         cfg = configs.tuned_config(key, M, N, gemm.element_size, launch_with)
-        launch_with(cfg)
+        try:
+            launch_with(cfg)
+        except OutOfResources as exc:  # the tuner skips such a config; only a forced one gets here
+            if settings.tile_config is None:
+                raise
+            raise configs.NoConfigFits(f"settings.tile_config={settings.tile_config} ({cfg}) does not fit "
+                                       f"{self.kernel.__name__}: {exc}") from exc
         if plan_key is not None and fast_launch.enabled() and last["entry"] is not None:
             plan = fast_launch.new_plan(self.plans, plan_key, _Plan)
             plan.entry, plan.grid3, plan.device = last["entry"], fast_launch.grid3(last["grid"]), tensors[0].get_device()
