@@ -17,6 +17,9 @@ export PYTHONUNBUFFERED=1 FUSEDPEFT_CACHE_DIR="$OUT/cache"
 [ -f .tuning/tuning.json ] && cp .tuning/tuning.json "$OUT/cache/tuning.json"
 LOG="$OUT/run.log"
 stage() { echo "=== $1 $(date +%T)" | tee -a "$LOG"; }
+# pytest-xdist's workers (execnet children) outlive a pytest stopped by timeout and go on holding the
+# GPU and the CPUs: every later timing would be of a shared machine.
+stop_workers() { pkill -9 -f 'exec\(eval\(sys.stdin' 2>/dev/null; pkill -9 -f 'pytest' 2>/dev/null; sleep 1; }
 stage env
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
@@ -26,6 +29,7 @@ if [ "${TESTS:-1}" = "1" ]; then
   # -v: each test's result on its own line as it ends, so a stage cut short still names its failures.
   FUSEDPEFT_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -v -rf -p no:cacheprovider -n "${WORKERS:-15}" \
     -m cuda ${TEST_FILES:-tests} ${TEST_K:+-k "$TEST_K"} 2>&1 | tee -a "$LOG" | tail -40
+  stop_workers
 fi
 if [ "${TRACE:-0}" = "1" ]; then
   stage trace
