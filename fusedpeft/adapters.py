@@ -27,7 +27,7 @@ from torch import nn
 from . import distributed
 from .config import _pattern_value
 from .inject import CONFIG_ATTR, _active_names, _wrappers, adapter_layers, inject, set_adapter
-from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, planned_inject
+from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, is_base_bias, planned_inject
 from .modules import AdapterLayer, LoraLinear
 
 __all__ = [
@@ -423,12 +423,6 @@ def _adapter_keys(model: nn.Module, adapter_name: str) -> tuple[str, dict[str, s
     return kind, keys, state
 
 
-def _is_base_bias(model_key: str) -> bool:
-    """A bias of the base model that config.bias trains (optional in a file, as load_adapter reads it)."""
-    return ".modules_to_save." not in model_key and (model_key == "bias" or model_key.endswith(".bias")) \
-        and ".lora_B." not in model_key
-
-
 def _check_tensors(state_dict: Mapping, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{what} must be a mapping of key -> tensor, got {type(state_dict).__name__}")
@@ -496,7 +490,7 @@ def _check_state_dict(model, state_dict, adapter_name, keys, state) -> dict[str,
     if merged:  # new weights under a merged adapter would make its unmerge corrupt the base weights
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {_describe(merged)}: "
                          "unmerge it before loading new weights into it; nothing was changed")
-    missing = [fk for fk, mk in keys.items() if fk not in given and not _is_base_bias(mk)]
+    missing = [fk for fk, mk in keys.items() if fk not in given and not is_base_bias(mk)]
     unexpected = [k for k in given if k not in keys]
     mismatched = [f"{fk}: {tuple(t.shape)} given, {tuple(state[keys[fk]].shape)} expected"
                   for fk, t in given.items() if fk in keys and tuple(t.shape) != tuple(state[keys[fk]].shape)]
@@ -618,7 +612,7 @@ def hotswap_adapter(model: nn.Module, source: Union[str, os.PathLike, Mapping[st
                     raise ValueError(f"{fk}: {what} has shape {tuple(t.shape)}, the model's tensor is "
                                      f"{tuple(param.shape)}; nothing was changed")
                 plan.append((param, t, 1.0))
-            elif not _is_base_bias(mk):
+            elif not is_base_bias(mk):
                 plain_missing.append(fk)
             continue
         lname, layer, part = hit

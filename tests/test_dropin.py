@@ -5,6 +5,7 @@ import json
 import warnings
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -198,6 +199,24 @@ def test_lora_bias_files_both_ways(tmp_path):
     with pytest.warns(UserWarning, match="cannot be merged"):
         ours = fusedpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
     assert_close(ours(x), pm(x), torch.float32, "we load peft's")
+
+
+def test_lora_bias_file_without_the_lora_B_bias_is_refused(tmp_path):
+    """lora_B's bias is the adapter's own tensor, not an optional base bias: a file without it would
+    leave the bias at its initial value, so load_adapter refuses it by name and changes nothing."""
+    base, _, fm = _lora_bias_twins()
+    fusedpeft.save_adapter(fm, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    weights = safetensors.torch.load_file(path)
+    dropped = [k for k in weights if k.endswith("lora_B.bias")]
+    assert dropped
+    safetensors.torch.save_file({k: v for k, v in weights.items() if k not in dropped}, path)
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing keys.*lora_B.bias"):
+        fusedpeft.load_adapter(model, tmp_path)
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_lora_bias_merge_unmerge_and_refusal():

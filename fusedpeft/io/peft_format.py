@@ -327,11 +327,16 @@ def _describe(keys, limit=5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def is_base_bias(model_key: str) -> bool:
+    """A bias of the base model that config.bias trains: optional in an adapter file (it belongs to the
+    base model), unlike the adapter's own tensors (lora_B's bias included) and modules_to_save copies."""
+    return ".modules_to_save." not in model_key and (model_key == "bias" or model_key.endswith(".bias")) \
+        and ".lora_B." not in model_key
+
+
 def _validate(weights, keys, state, directory, adapter_name):
     """Every check on the file against the (planned) model; raises before anything is changed."""
-    # Biases that config.bias trains are loaded when present (they belong to the base model);
-    # the adapter's own tensors and the modules_to_save copies must all be there.
-    required = {fk for fk, mk in keys.items() if ".modules_to_save." in mk or not (mk == "bias" or mk.endswith(".bias"))}
+    required = {fk for fk, mk in keys.items() if not is_base_bias(mk)}
     missing = required - set(weights)
     if missing:
         raise ValueError(f"adapter file in {directory!r} is missing keys for adapter {adapter_name!r}: {_describe(missing)}")
