@@ -201,6 +201,28 @@ def test_lora_bias_files_both_ways(tmp_path):
     assert_close(ours(x), pm(x), torch.float32, "we load peft's")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_bias_of_several_active_adapters_adds_up(backend):
+    """Two active adapters with lora_bias (the joined rank-(r1 + r2) call): the output is the base plus
+    each adapter's own update, its scaled b_B included; every gradient reaches both adapters."""
+    layer = fusedpeft.LoraLinear(nn.Linear(12, 20), r=3, lora_alpha=6, lora_bias=True, init_lora_weights=False)
+    layer.update_layer("b", 2, 5.0, lora_bias=True, init_lora_weights=False)
+    for name in ("default", "b"):
+        torch.nn.init.normal_(layer.lora_B[name].bias)
+    x = torch.randn(5, 12)
+    base = layer.base_layer(x)
+    parts = {}
+    for name in ("default", "b"):
+        layer.set_adapter(name)
+        parts[name] = layer(x) - base
+    layer.set_adapter(["default", "b"])
+    with fusedpeft.use_backend(backend):
+        y = layer(x)
+    assert_close(y, base + parts["default"] + parts["b"], torch.float32, "two adapters with lora_bias")
+    y.square().sum().backward()
+    assert all(layer.lora_B[n].bias.grad.abs().sum() > 0 for n in ("default", "b"))
+
+
 def test_lora_bias_file_without_the_lora_B_bias_is_refused(tmp_path):
     """lora_B's bias is the adapter's own tensor, not an optional base bias: a file without it would
     leave the bias at its initial value, so load_adapter refuses it by name and changes nothing."""

@@ -184,14 +184,15 @@ class LoraLinear(AdapterLayer):
         self.lora_B[adapter_name].weight.copy_(B)
         self._write_base((W - scaling * (B @ A)).to(w.dtype), None, False, adapter_name)
 
-    def layer_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """The bias the fused op adds for this adapter: the base bias, plus scaling * b_B with
-        lora_bias (a differentiable sum, so b_B's gradient is scaling * sum_rows(grad_y))."""
+    def layer_bias(self, *adapter_names: str) -> Optional[torch.Tensor]:
+        """The bias the fused op adds for these adapters: the base bias, plus scaling * b_B of each
+        with lora_bias (a differentiable sum, so b_B's gradient is scaling * sum_rows(grad_y))."""
         bias = self.base_layer.bias
-        if not self.lora_bias.get(adapter_name, False):
-            return bias
-        lora_b = self.lora_B[adapter_name].bias * self.scaling[adapter_name]
-        return lora_b if bias is None else bias + lora_b
+        for name in adapter_names:
+            if self.lora_bias.get(name, False):
+                lora_b = self.lora_B[name].bias * self.scaling[name]
+                bias = lora_b if bias is None else bias + lora_b
+        return bias
 
     def _dropout_p(self, name: str) -> float:
         module = self.lora_dropout[name]
@@ -213,7 +214,7 @@ class LoraLinear(AdapterLayer):
             dtype = self.lora_A[names[0]].weight.dtype
             A = torch.cat([self.lora_A[n].weight.to(dtype) for n in names], 0)
             B = torch.cat([self.lora_B[n].weight.to(dtype) * self.scaling[n] for n in names], 1)
-            return lora_linear(x, self.base_weight(), self.base_layer.bias, A, B, 1.0)
+            return lora_linear(x, self.base_weight(), self.layer_bias(*names), A, B, 1.0)
         # Otherwise each adapter needs its own mask (or its own variant): the first one runs with
         # the base (fused, for plain LoRA), the others add their part on top.
         y = self._variant(names[0]).forward(self, names[0], x)
