@@ -500,8 +500,10 @@ def test_lora_merge_of_one_named_adapter_then_forward_runs_base():
     assert layer.merged_adapters == ["b"]
     # Once anything is merged the layer runs its base weight only (peft's rule), so "a" is off.
     assert_close(layer(x), ref_b, torch.float32, "merged b")
-    with pytest.raises(KeyError, match="zzz"):
-        layer.merge(adapter_names=["zzz"])
+    weight = layer.base_layer.weight.clone()
+    with pytest.raises(KeyError, match="zzz"):  # refused before "a" is merged: nothing changes
+        layer.merge(adapter_names=["a", "zzz"])
+    assert layer.merged_adapters == ["b"] and torch.equal(layer.base_layer.weight, weight)
     with pytest.raises(RuntimeError, match="unmerge it"):
         layer.delete_adapter("b")
 

@@ -143,15 +143,15 @@ class AdapterLayer(nn.Module):
         merged weight is checked for NaN/Inf before it is written."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._refuse_sharded("merging")
-        for name in names:
-            if name in self.adapter_names and name not in self.merged_adapters:
+        for name in names:  # every refusal before the first weight is written
+            if name not in self.adapter_names:
+                raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
+            if name not in self.merged_adapters:
                 self.check_merge(name)
         for name in names:
             if name in self.merged_adapters:
                 warnings.warn(f"adapter {name!r} is already merged; skipping")
                 continue
-            if name not in self.adapter_names:
-                raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)
 
