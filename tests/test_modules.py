@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fusedpeft import IA3Linear, LoraLinear, SSFLinear, backends
 from fusedpeft.modules import LoraVariant
+from fusedpeft.modules.dora import DoraVariant
 from fusedpeft.ops import lora as lora_mod
 from fusedpeft.ops import ssf_linear_reference
 
@@ -734,3 +735,23 @@ def test_lora_variant_runs_the_forward_and_the_merges_of_its_adapter():
     assert rel_err(layer.base_layer.weight, before) <= _unmerge_tol(dtype)
     layer.delete_adapter("v")
     assert layer.lora_variant == {}
+
+
+@pytest.mark.parametrize("bad", [dict(init_lora_weights="bogus"), dict(init_lora_weights="pissa", r=40),
+                                 dict(init_lora_weights="olora", r=40), dict(lora_bias=True, variant=DoraVariant)],
+                         ids=["unknown-init", "pissa-r-too-large", "olora-r-too-large", "dora-lora_bias"])
+def test_lora_refused_adapter_leaves_the_layer_as_it_was(bad):
+    """A refused update_layer adds nothing (the name can be used again) and changes no weight."""
+    layer = _lora(_base("linear", True, torch.float32), adapter_name="a")
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    kw = dict(r=4, lora_alpha=8.0)
+    kw.update(bad)
+    r, alpha = kw.pop("r"), kw.pop("lora_alpha")
+    with pytest.raises(ValueError, match="init_lora_weights|needs r <=|lora_bias"):
+        layer.update_layer("b", r, alpha, **kw)
+    assert layer.adapter_names == ["a"] and layer.active_adapters == ["a"]
+    assert set(layer.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    assert all("b" not in getattr(layer, n) for n in layer.adapter_layer_names + layer.other_param_names)
+    layer.update_layer("b", 2, 4.0)  # the name is free again
+    assert layer.adapter_names == ["a", "b"]

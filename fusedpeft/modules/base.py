@@ -113,11 +113,15 @@ class AdapterLayer(nn.Module):
             raise KeyError(f"adapter {adapter_name!r} not found; this layer has {self.adapter_names}")
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weight: unmerge it before deleting it")
+        self._drop_entries(adapter_name)
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+
+    def _drop_entries(self, adapter_name: str):
+        """Remove whatever this adapter has in the per-adapter dicts (delete, or a failed add)."""
         for layer_name in self.adapter_layer_names + self.other_param_names:
             container = getattr(self, layer_name)
             if adapter_name in container:
                 del container[adapter_name]
-        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
 
     def _check_new_adapter(self, adapter_name: str):
         if adapter_name in self.adapter_names:

@@ -120,21 +120,27 @@ class LoraLinear(AdapterLayer):
                 f"LoRA rank r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}: "
                 "the update cannot have that rank and only costs memory and time"
             )
+        if lora_bias and variant is not None and variant is not LoraVariant:
+            raise ValueError(f"lora_bias=True is not supported with {variant.__name__} (as in peft)")
         device, dtype = self._adapter_param_device_dtype(autocast_adapter_dtype)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         if lora_bias and self.base_layer.bias is None:
             warnings.warn(f"lora_bias=True on a layer without a bias: adapter {adapter_name!r} cannot be merged")
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
-        self.lora_bias[adapter_name] = bool(lora_bias)
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
-        if variant is not None and variant is not LoraVariant:
-            self.lora_variant[adapter_name] = variant
-        self._variant(adapter_name).init(self, adapter_name)
+        try:
+            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
+            self.lora_bias[adapter_name] = bool(lora_bias)
+            self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+            self.r[adapter_name] = r
+            self.lora_alpha[adapter_name] = lora_alpha
+            self.use_rslora[adapter_name] = use_rslora
+            self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+            if variant is not None and variant is not LoraVariant:
+                self.lora_variant[adapter_name] = variant
+            self._variant(adapter_name).init(self, adapter_name)
+        except BaseException:  # a refused init (or a failed allocation) leaves the layer as it was
+            self._drop_entries(adapter_name)
+            raise
         self.set_adapter(self.active_adapters or adapter_name)
 
     @torch.no_grad()
