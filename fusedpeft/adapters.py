@@ -49,18 +49,6 @@ _BASE_REWRITING_INITS = ("pissa", "olora")
 
 
 # ----------------------------------------------------------------------------- which model, which adapter
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module a torch.compile'd model (OptimizedModule) or a DistributedDataParallel wrapper
-    holds (either around the other); the model itself otherwise."""
-    while True:
-        inner = distributed.unwrap(model)
-        if type(inner).__name__ == "OptimizedModule" and isinstance(getattr(inner, "_orig_mod", None), nn.Module):
-            inner = inner._orig_mod
-        if inner is model:
-            return model
-        model = inner
-
-
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     """Adding, deleting or rewriting adapter parameters outside forward is not done on a model
     FSDP2 (fully_shard) sharded: its parameters are DTensor shards that FSDP2 keeps track of."""
@@ -130,7 +118,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 
     On a peft model (after ``from_peft``) the checks run here and peft's own
     ``delete_adapter`` does the deleting."""
-    model = _unwrap(model)
+    model = distributed.unwrap(model)
     _refuse_sharded(model, "deleting an adapter")
     kind, configs = _owner(model, adapter_name)
     merged = _merged_where(model, adapter_name)
@@ -280,7 +268,7 @@ def add_weighted_adapter(
 
     On a peft model (after ``from_peft``) the checks run here and peft's own
     ``add_weighted_adapter`` computes the adapter."""
-    model = _unwrap(model)
+    model = distributed.unwrap(model)
     _refuse_sharded(model, "adding a weighted adapter")
     if isinstance(adapters, str) or not all(isinstance(a, str) for a in adapters):
         raise TypeError(f"adapters must be a list of adapter names, got {adapters!r}")
@@ -445,7 +433,7 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> d
 
     On a model sharded by FSDP2 (``fully_shard``) the sharded tensors are gathered: every rank
     must call it, and every rank gets the full tensors (new ones, not the model's storage)."""
-    model = _unwrap(model)
+    model = distributed.unwrap(model)
     _, keys, state = _adapter_keys(model, adapter_name)
     out = {fk: state[mk].detach() for fk, mk in keys.items()}
     return distributed.full_tensors(out) if distributed.is_sharded(out.values()) else out
@@ -466,7 +454,7 @@ def set_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     On a model sharded by FSDP2 (``fully_shard``) every rank must call it with the full tensors:
     the checks run on every rank (a refusal on one raises on all, nothing changed) and rank 0's
     values are scattered into the shards."""
-    model = _unwrap(model)
+    model = distributed.unwrap(model)
     _, keys, state = _adapter_keys(model, adapter_name)
     if not distributed.is_sharded(state[mk] for mk in keys.values()):
         given = _check_state_dict(model, state_dict, adapter_name, keys, state)
@@ -545,7 +533,7 @@ def hotswap_adapter(model: nn.Module, source: Union[str, os.PathLike, Mapping[st
 
     Everything is checked first: a refused swap raises (ValueError naming the module and the
     shapes) and leaves the model as it was. A merged adapter is refused (unmerge first)."""
-    model = _unwrap(model)
+    model = distributed.unwrap(model)
     _refuse_sharded(model, "hot-swapping")
     kind, configs = _owner(model, adapter_name)
     current = configs[adapter_name]

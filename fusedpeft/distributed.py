@@ -50,11 +50,16 @@ def barrier() -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a DistributedDataParallel wrapper holds (its state dict keys carry ``module.``);
-    the model itself otherwise. FSDP2 wraps nothing: the sharded model is the user's module."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """The module that DistributedDataParallel (state dict keys ``module.``) and torch.compile
+    (an OptimizedModule, keys ``_orig_mod.``) wrappers hold, either around the other; the model
+    itself otherwise. FSDP2 wraps nothing: the sharded model is the user's module."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _dtensor_type():

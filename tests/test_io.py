@@ -142,6 +142,21 @@ def test_load_adapter_replaces_weights_of_an_existing_adapter(tmp_path):
         fusedpeft.load_adapter(fm2, tmp_path)
 
 
+def test_save_and_load_through_a_compiled_model(tmp_path):
+    """save_adapter and load_adapter see through torch.compile's wrapper: the file has the model's
+    own keys (no ``_orig_mod.``), and loading into a compiled model fills the model underneath."""
+    kind, method, kw = CASES["mlp-lora"]
+    base = make_base(kind)
+    fm = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
+    _perturb(_trainable(fm))
+    fusedpeft.save_adapter(torch.compile(fm, backend="eager"), tmp_path / "saved")
+    keys = list(load_file(tmp_path / "saved" / "adapter_model.safetensors"))
+    assert keys and not any("_orig_mod" in k for k in keys), keys
+    target = fusedpeft.inject(copy.deepcopy(base), fused_config(method, **kw))
+    fusedpeft.load_adapter(torch.compile(target, backend="eager"), tmp_path / "saved", adapter_name="default")
+    _outputs_equal(target, fm, kind, "loaded through the compiled wrapper")
+
+
 def test_load_adapter_casts_to_each_parameter_dtype(tmp_path):
     kind, method, kw = CASES["mlp-lora-bias-mts"]
     base, pm = _peft_saved(kind, method, kw, tmp_path)
