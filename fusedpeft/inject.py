@@ -79,7 +79,8 @@ def find_targets(model: nn.Module, config: _AdapterConfig) -> list[str]:
     named = set(spec) if isinstance(spec, list) else set()
     targets = [n for n in targets if n in named or config.in_layers(n)]  # a full name given is kept (peft's rule)
     if not targets:
-        layers = "" if config.layers_to_transform is None else f" in layers {config.layers_to_transform}"
+        chosen = getattr(config, "layers_to_transform", None)  # LoRA's field; IA3 and SSF have none
+        layers = "" if chosen is None else f" in layers {chosen}"
         raise ValueError(f"target_modules {spec!r} match no module of {type(model).__name__}{layers}")
     modules = dict(modules)
     bad = [f"{n} ({type(modules[n]).__name__})" for n in targets

@@ -456,6 +456,7 @@ def _changed(config, **fields):
         (None, _ssf(target_modules=["q", "nope"]), "x", ValueError, r"target_modules \['nope'\] match no module of Toy"),
         (None, _ssf(target_modules=["q", "embed"]), "x", TypeError, r"embed \(Embedding\)"),
         (None, _ssf(target_modules=["q"], modules_to_save=["nohead"]), "x", ValueError, "nohead"),
+        (None, _ia3(target_modules=r".*\.nope"), "x", ValueError, r"target_modules '.*nope' match no module of Toy$"),
         # Fields set after the config was built are checked again by inject, before any change.
         (None, _changed(_lora(target_modules=["q", "v"]), r=0), "x", ValueError, "r must be an integer >= 1"),
         (None, _changed(_lora(target_modules=["q", "v"]), rank_pattern={"v": 0}), "x", ValueError, r"rank_pattern\['v'\]"),
@@ -465,7 +466,7 @@ def _changed(config, **fields):
     ],
     ids=[
         "unknown", "embedding", "unknown-save", "bad-name", "duplicate", "lora-on-ia3", "ia3-on-lora",
-        "lora-on-ssf", "ssf-on-lora", "ssf-unknown", "ssf-embedding", "ssf-unknown-save",
+        "lora-on-ssf", "ssf-on-lora", "ssf-unknown", "ssf-embedding", "ssf-unknown-save", "ia3-regex-matches-nothing",
         "r0-set-later", "rank-pattern0-set-later", "bias-set-later", "feedforward-set-later", "ssf-init-set-later",
     ],
 )
