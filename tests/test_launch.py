@@ -228,3 +228,28 @@ def test_forced_tile_config_must_exist(use_settings):
     use_settings(tile_config=n)
     with pytest.raises(ValueError, match="tile_config"):
         configs.tuned_config(("k",), 300, 1024, 2, lambda cfg: None)
+
+
+def test_untuned_and_forced_loop_picks_stay_with_their_settings(use_settings, monkeypatch):
+    """With autotune off the first config that runs is taken; that pick (and a 'nothing fits' under a
+    forced loop form) is kept for those settings alone: with autotune back on the key is timed."""
+    monkeypatch.setattr(configs, "TUNED", {})
+    monkeypatch.setattr(configs, "CONFIG_STORE", None)
+    cands = configs.candidates(300, 1024, 2)
+    timed = {str(c): 1.0 + i for i, c in enumerate(cands)}
+    timed[str(cands[-1])] = 0.5  # the fastest is the last: autotune must find it
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), timed[str(ran[-1])])[1])
+    ran = []
+    use_settings(autotune=False)
+    assert str(configs.tuned_config(("k",), 300, 1024, 2, ran.append)) == str(cands[0])
+    use_settings(autotune=True)
+    assert str(configs.tuned_config(("k",), 300, 1024, 2, ran.append)) == str(cands[-1])
+
+    def refuse(cfg):
+        raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+
+    use_settings(autotune=True, loop_form="per_tile")
+    with pytest.raises(configs.NoConfigFits):
+        configs.tuned_config(("k2",), 300, 1024, 2, refuse)
+    use_settings(autotune=True, loop_form="auto")
+    assert str(configs.tuned_config(("k2",), 300, 1024, 2, ran.append)) == str(cands[-1])

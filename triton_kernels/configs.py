@@ -95,19 +95,23 @@ def tuned_config(key, M, N, element_size, launch_with):
         if forced >= len(cands):
             raise ValueError(f"settings.tile_config={forced}, but this launch has {len(cands)} candidate configs")
         return cands[forced]
-    cfg = TUNED.get(key)
+    tune = settings.autotune
+    # A pick made with autotune off (the first config that runs) or under a forced loop form is
+    # kept for those settings alone, and only a tuned pick in the loop form of choice is stored.
+    memo = (key, tune, settings.loop_form)
+    persist = CONFIG_STORE is not None and tune and settings.loop_form == "auto"
+    cfg = TUNED.get(memo)
     if isinstance(cfg, str):  # known not to fit: fail fast, every call
         raise NoConfigFits(cfg)
     if cfg is not None:
         return cfg
-    tune = settings.autotune
-    if CONFIG_STORE is not None and tune:
+    if persist:
         stored = CONFIG_STORE.lookup("triton_config", repr(key))
         if stored is not None:
             try:
                 cfg = _config_from_json(stored)
                 launch_with(cfg)  # a stored config that no longer runs is tuned afresh
-                TUNED[key] = cfg
+                TUNED[memo] = cfg
                 return cfg
             except Exception:
                 pass
@@ -131,11 +135,11 @@ def tuned_config(key, M, N, element_size, launch_with):
         except Exception as exc:  # compile or resource failure: skip the candidate
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
     if not timings:
-        TUNED[key] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
-        raise NoConfigFits(TUNED[key])
+        TUNED[memo] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
+        raise NoConfigFits(TUNED[memo])
     ms, cfg = min(timings, key=lambda t: t[0])
-    TUNED[key] = cfg
-    if CONFIG_STORE is not None and tune:
+    TUNED[memo] = cfg
+    if persist:
         CONFIG_STORE.record("triton_config", repr(key), _config_to_json(cfg))
     TUNE_LOG.append({"key": key, "best": str(cfg), "ms": ms, "tuning_s": time.perf_counter() - t0,
                      "failed": errors, "all": [(round(t, 4), str(c)) for t, c in sorted(timings, key=lambda t: t[0])]})
