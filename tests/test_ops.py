@@ -37,7 +37,20 @@ def _check_grads(names, tensors, refs, dtype, what):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lora_linear_matches_reference(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch):
+    _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS["lora_linear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_with_a_frozen_input_matches_reference(backend, dropout, monkeypatch):
+    """x without a gradient (the first adapted layer over frozen embeddings): the adapter's
+    gradients come without grad_x's GEMM, and match the reference."""
+    _check_lora(backend, torch.float32, (37,), 40, 24, 8, True, dropout, monkeypatch, x_grad=False)
+
+
+def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_grad=True):
     x, W, b = _inputs(lead, K, N, dtype, bias)
+    x.requires_grad_(x_grad)
     A = leaf(torch.randn(r, K) / K**0.5, dtype)
     B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never B = 0: that would hide the low-rank path
     scaling = 1.7
@@ -61,7 +74,8 @@ def test_lora_linear_matches_reference(backend, dtype, lead, K, N, r, bias, drop
     what = f"lora[{backend}]"
     assert y.shape == (*lead, N) and y.dtype == dtype
     assert_close(y, y_ref, dtype, what)
-    _check_grads("xWbAB", (x, W, b, A, B), refs, dtype, what)
+    _check_grads("xWbAB", (x if x_grad else None, W, b, A, B), refs, dtype, what)
+    assert x_grad or x.grad is None
 
 
 @pytest.mark.parametrize("shape, p", [((64, 160), 0.25), ((37, 51), 0.05), ((37, 51), 0.9)])

@@ -316,14 +316,13 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_A:
         g_s = torch.empty(M, r, dtype=grad_y.dtype, device=x.device)  # s * grad_y B
-        grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        fused = schedule(M, r) == "fused"
+        fused = need_x and schedule(M, r) == "fused"
         if not fused:
             lowrank_product(grad_y, lora_B.T, g_s, s)
-        _launch_lora(_GRAD_X, grad_y, weight.T, grad_x, lora_B.T, lora_A.T, g_s, s, seed, dropout_p, bias=None,
-                     in_loop=fused, dropout_arg=True)
-        if not need_x:
-            grad_x = None
+        if need_x:  # without it (a frozen input: the first layer over frozen embeddings) g_s alone
+            grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
+            _launch_lora(_GRAD_X, grad_y, weight.T, grad_x, lora_B.T, lora_A.T, g_s, s, seed, dropout_p, bias=None,
+                         in_loop=fused, dropout_arg=True)
     if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
         grad_A = torch.empty(r, K, dtype=lora_A.dtype, device=x.device)
         weight_grad(x, g_s, grad_A, scale=1.0, transpose_out=True, seed=seed, dropout_p=dropout_p)
