@@ -248,13 +248,38 @@ def test_index_buffer_grows_for_a_larger_batch(base, lora_dirs):
 
 
 def test_unwrap_restores_the_original_modules(base, lora_dirs):
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).train()
     q = model.model.layers[0].self_attn.q_proj
     served = MultiAdapterModel(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
-    assert served.model.model.layers[0].self_attn.q_proj.base_layer is q
+    assert served.model.model.layers[0].self_attn.q_proj.base_layer is q and not model.training
     assert served.unwrap() is model and model.model.layers[0].self_attn.q_proj is q
+    assert model.training, "unwrap gives the model back in the mode it came in"
     with pytest.raises(RuntimeError, match="unwrapped"):
         served.load_adapter("a1", lora_dirs["a1"])
+
+
+def test_failed_wrap_leaves_the_model_as_it_was(base, monkeypatch):
+    """A bank allocation that fails part way (out of memory, say) swaps no layer in, so the model can
+    be wrapped again once memory is there."""
+    from fusedpeft.serving import layers as serving_layers
+
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    made = []
+    real_init = serving_layers.MultiLoraLinear.__init__
+
+    def init_then_fail(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+        if len(made) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(serving_layers.MultiLoraLinear, "__init__", init_then_fail)
+    with pytest.raises(torch.OutOfMemoryError):
+        MultiAdapterModel(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    assert dict(model.named_modules()) == modules
+    monkeypatch.undo()
+    MultiAdapterModel(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
 
 
 # ----------------------------------------------------------------------------- outputs

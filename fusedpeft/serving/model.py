@@ -113,13 +113,14 @@ class MultiAdapterModel(nn.Module):
 
         batch = BatchIndex(devices, max_batch_size, graph_safe=cuda_graphs)
         layers: "OrderedDict[str, _ServingLayer]" = OrderedDict()
-        for name in names:
+        for name in names:  # every bank buffer allocated (out of memory here changes nothing) ...
             base = model.get_submodule(name)
-            layer = (MultiLoraLinear(base, batch, max_adapters, max_rank) if method == "lora"
-                     else MultiIA3Linear(base, batch, max_adapters))
+            layers[name] = (MultiLoraLinear(base, batch, max_adapters, max_rank) if method == "lora"
+                            else MultiIA3Linear(base, batch, max_adapters))
+        for name, layer in layers.items():  # ... before the first layer is swapped in
             parent, child = _parent(model, name)
             setattr(parent, child, layer)
-            layers[name] = layer
+        object.__setattr__(self, "_was_training", model.training)
         model.eval()
         self.model = model
         self.method = method
@@ -268,6 +269,7 @@ class MultiAdapterModel(nn.Module):
         for name, layer in self.bank.layers.items():
             parent, child = _parent(self.model, name)
             setattr(parent, child, layer.base_layer)
+        self.model.train(self._was_training)
         object.__setattr__(self, "_closed", True)
         return self.model
 
