@@ -94,6 +94,12 @@ def test_multi_ops_refuse_bad_input_by_name():
         multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(5))
     with pytest.raises(ValueError, match="lora_B must be \\(slots, out_features, max_rank\\)"):
         multi_lora_linear(x, W, None, A, B[:, :5], s, r, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="ranks must be an integer tensor"):
+        multi_lora_linear(x, W, None, A, B, s, r.float(), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="scalings must be a floating-point tensor"):
+        multi_lora_linear(x, W, None, A, B, r, r, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="scalings must be a floating-point tensor on cpu"):
+        multi_lora_linear(x, W, None, A, B, s.to("meta"), r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="takes no gradient"):
         multi_lora_linear(x.requires_grad_(), W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="scales must be \\(slots, out_features=6\\)"):

@@ -40,8 +40,6 @@ def _lora(ext, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
     if x.shape[0] == 0 or y.shape[1] == 0:
         return y
-    if y.stride(-1) != 1:  # cuBLAS writes a fresh row-major y; a transposed result would be copied here
-        y = y.contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
     # The bank's small vectors as the kernels read them (no-ops when the bank already keeps them so).

@@ -151,6 +151,12 @@ def multi_lora_linear(
         if t.dtype != weight.dtype or t.device != weight.device:
             raise TypeError(f"{OP}: {name} must be {weight.dtype} on {weight.device} (the bank holds the compute "
                             f"dtype), got {t.dtype} on {t.device}")
+    for name, t, floating in (("scalings", scalings, True), ("ranks", ranks, False)):
+        ok = t.dtype.is_floating_point if floating else not (t.dtype.is_floating_point or t.dtype.is_complex)
+        if t.device != x.device or not ok or t.dtype == torch.bool:
+            kind = "a floating-point" if floating else "an integer"
+            raise TypeError(f"{OP}: {name} must be {kind} tensor on {x.device} (every kernel reads it there), "
+                            f"got {t.dtype} on {t.device}")
     _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
     x2 = _common.flatten_rows(x)
     _check_index(OP, adapter_index, x2.shape[0], S, x.device)
