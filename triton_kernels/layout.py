@@ -68,9 +68,6 @@ def split_rows(M: int, C: int, block_m: int, block_c: int, device, programs_per_
     return col_blocks, cdiv(M, rows_per_split), rows_per_split
 
 
-_COUNTERS: dict = {}
-
-
 def column_sums(partial: torch.Tensor, with_second: bool):
     """The column reductions' result from their float32 partials [1 or 2, parts, C]: the parts
     summed in a fixed order (deterministic), as (first [C], second [C] or None). One part needs

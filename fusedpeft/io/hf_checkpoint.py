@@ -560,7 +560,7 @@ def from_pretrained(model_class, directory: str, *model_args, is_trainable: bool
     frozen). With ``output_loading_info=True`` the adapter tensors that ``model.safetensors`` also
     holds are not listed as unexpected keys. ``directory`` must be a local directory."""
     from ..inject import set_adapter
-    from .peft_format import checkpoint_keys, load_adapter
+    from .peft_format import checkpoint_keys, freeze_adapter, load_adapter
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -581,9 +581,7 @@ def from_pretrained(model_class, directory: str, *model_args, is_trainable: bool
         if not is_trainable:
             state = model.state_dict(keep_vars=True)
             for name in adapters:
-                for model_key in set(checkpoint_keys(model, name).values()):
-                    if f".{name}." in model_key or model_key.endswith(f".{name}"):
-                        state[model_key].requires_grad_(False)
+                freeze_adapter(state, name, checkpoint_keys(model, name).values())
     install(model)
     if not want_info:
         return model

@@ -399,12 +399,16 @@ def load_adapter(model: nn.Module, load_directory: str, adapter_name: str = "def
     set_adapter(model, adapter_name)
     mark_only_adapters_trainable(model, bias=getattr(config, "bias", "none"))
     if not is_trainable:
-        # peft's inference mode: the adapter's own tensors (names carrying the adapter name) are
-        # frozen; biases that config.bias trains keep the flag mark_only_adapters_trainable gave.
-        for mk in set(keys.values()):
-            if f".{adapter_name}." in mk or mk.endswith(f".{adapter_name}"):
-                state[mk].requires_grad_(False)
+        freeze_adapter(state, adapter_name, keys.values())
     return model
+
+
+def freeze_adapter(state: dict, adapter_name: str, model_keys) -> None:
+    """peft's inference mode: the adapter's own tensors (names carrying the adapter name) among
+    ``model_keys`` are frozen; biases that config.bias trains keep the flag they had."""
+    for mk in set(model_keys):
+        if f".{adapter_name}." in mk or mk.endswith(f".{adapter_name}"):
+            state[mk].requires_grad_(False)
 
 
 def _plan_load(model: nn.Module, load_directory: str, adapter_name: str, sharded: bool):

@@ -65,17 +65,18 @@ def norm(module, adapter_name: str) -> torch.Tensor:
     A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
     if torch.compiler.is_compiling():  # no storage pointers or versions in a traced graph: computed in it
         return dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name])
-    key = (_version(w), _version(A), _version(B))
     slot = f"norm-{adapter_name}"
-    if not module.training and _cache_ok():
+    keep = not module.training and _cache_ok()
+    if keep:
+        key = (_version(w), _version(A), _version(B))
         hit = _cache(module).get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
     value = dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name], weight_sq_norm(module))
-    if module.training or not _cache_ok():
-        _cache(module).pop(slot, None)
-    else:
+    if keep:
         _cache(module)[slot] = (key, value)
+    else:
+        _cache(module).pop(slot, None)
     return value
 
 
