@@ -380,7 +380,12 @@ def bad_dirs(base, lora_dirs, ia3_dirs, tmp_path_factory):
         "bias": (_tamper(a0, str(root / "bias"), {"bias": "all"}), ValueError, "bias='all'"),
         "modules_to_save": (_tamper(a0, str(root / "mts"), {"modules_to_save": ["lm_head"]}), ValueError,
                             "modules_to_save"),
-        "pissa": (_tamper(a0, str(root / "pissa"), {"init_lora_weights": "pissa"}), ValueError, "pissa"),
+        "pissa": (_tamper(a0, str(root / "pissa"), {"init_lora_weights": "pissa"}), ValueError,
+                  "init_lora_weights='pissa' rewrote the base weights"),
+        "olora": (_tamper(a0, str(root / "olora"), {"init_lora_weights": "olora"}), ValueError,
+                  "init_lora_weights='olora' rewrote the base weights"),
+        "pissa_niter": (_tamper(a0, str(root / "pissa_niter"), {"init_lora_weights": "pissa_niter_4"}), ValueError,
+                        "init_lora_weights='pissa_niter_4' rewrote the base weights"),
         "an IA3 file": (ia3_dirs["i0"], ValueError, "IA3 adapter cannot join this bank, which serves LORA"),
         "no directory": (str(root / "missing"), FileNotFoundError, "does not exist"),
     }
@@ -395,7 +400,8 @@ def busy(base, lora_dirs):
 
 
 BAD_FILES = ["rank above max_rank", "shapes of another model", "rank not the config's", "lora_B missing",
-             "target not wrapped", "DoRA", "lora_bias", "bias", "modules_to_save", "pissa", "an IA3 file",
+             "target not wrapped", "DoRA", "lora_bias", "bias", "modules_to_save", "pissa", "olora", "pissa_niter",
+             "an IA3 file",
              "no directory"]
 
 

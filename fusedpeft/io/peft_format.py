@@ -229,7 +229,9 @@ def _save_peft_model(model: nn.Module, save_directory: str, adapter_name: str, m
 
 
 # ----------------------------------------------------------------------------- load
-def _read_config(directory: str):
+def _read_config(directory: str, residual_base_ok: bool = True):
+    """The adapter's config from its adapter_config.json. ``residual_base_ok`` False (a serving bank:
+    one base for every adapter) refuses an adapter made by an init that rewrote the base weights."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
@@ -251,6 +253,10 @@ def _read_config(directory: str):
             known_init = init in method.file_inits
         except TypeError:  # an unhashable value (a list, a dict) is no init fusedpeft knows
             known_init = False
+        if known_init and init in ("pissa", "olora") and not residual_base_ok:
+            raise ValueError(f"{directory}: init_lora_weights={data[method.init_key]!r} rewrote the base weights when "
+                             "the adapter was made, so it cannot share a base model with other adapters; convert it "
+                             "to plain LoRA first")
         if known_init and init in ("pissa", "olora"):
             # An init that rewrote the base weights: the file is loaded onto the base as it is, as
             # peft's instructions have the user save the residual base beside it.

@@ -24,7 +24,6 @@ brings the next batch's adapters in ahead of time, overlapping the current batch
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -83,17 +82,7 @@ def read_adapter(path: str):
     refuses the peft features fusedpeft does not implement, naming them)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapter directory {path!r} does not exist")
-    try:
-        with open(os.path.join(path, peft_format.CONFIG_NAME)) as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        raw = None  # _read_config says what is wrong with it
-    init = raw.get("init_lora_weights") if isinstance(raw, dict) else None
-    if isinstance(init, str) and init.startswith(("pissa", "olora")):
-        # Checked before _read_config, which accepts it (onto a residual base) with a warning.
-        raise ValueError(f"{path}: init_lora_weights={init!r} rewrote the base weights when the adapter was made, so "
-                         "it cannot share a base model with other adapters; convert it to plain LoRA first")
-    config = peft_format._read_config(path)
+    config = peft_format._read_config(path, residual_base_ok=False)
     weights = peft_format._read_weights(path)
     return config, weights
 
