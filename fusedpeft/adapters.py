@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import _pattern_value
+from .config import _pattern_value, lora_scaling
 from .inject import CONFIG_ATTR, _active_names, _wrappers, adapter_layers, inject, set_adapter
 from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, is_base_bias, planned_inject
 from .modules import AdapterLayer, LoraLinear
@@ -500,7 +500,7 @@ def _lora_scaling(config, module_path: str) -> float:
     """scaling of a LoRA config's adapter on one module (rank_pattern / alpha_pattern applied)."""
     r = _pattern_value(getattr(config, "rank_pattern", None) or {}, module_path, config.r)
     alpha = _pattern_value(getattr(config, "alpha_pattern", None) or {}, module_path, config.lora_alpha)
-    return alpha / math.sqrt(r) if getattr(config, "use_rslora", False) else alpha / r
+    return lora_scaling(r, alpha, getattr(config, "use_rslora", False))
 
 
 def _module_path(file_key: str, suffix: str) -> str:

@@ -4,6 +4,8 @@ built the same way. Each config class is one method's record in ``fusedpeft.meth
 reads adapter_config.json dicts back into configs (``config_from_dict``)."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import re
 import warnings
@@ -116,6 +118,11 @@ class _AdapterConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """LoRA's scaling of the update B A: alpha / r, or alpha / sqrt(r) with rsLoRA (peft's formula)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 @dataclass
 class LoraConfig(_AdapterConfig):
     """LoRA: y = x W^T + b + scaling * ((dropout(x) A^T) B^T + b_B) with A: (r, in), B: (out, r)
@@ -178,7 +185,7 @@ class LoraConfig(_AdapterConfig):
         return r, alpha
 
     def scaling(self, r: int, alpha: float) -> float:
-        return alpha / (r**0.5) if self.use_rslora else alpha / r
+        return lora_scaling(r, alpha, self.use_rslora)
 
 
 @dataclass

@@ -16,7 +16,6 @@ fusedpeft already made) are left as they are by :func:`from_peft`.
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from . import methods
-from .config import is_lora_init
+from .config import is_lora_init, lora_scaling
 from .modules import AdapterLayer, IA3Linear, LoraLinear, is_conv1d
 from .modules.dora import DoraVariant
 
@@ -213,7 +212,7 @@ class PeftLoraLinear(_PeftLayerProtocol, LoraLinear):
 
     def _initial_scaling(self, adapter: str) -> float:
         r, alpha = self.r[adapter], self.lora_alpha[adapter]
-        return alpha / math.sqrt(r) if self.use_rslora.get(adapter, False) else alpha / r
+        return lora_scaling(r, alpha, self.use_rslora.get(adapter, False))
 
     def set_scale(self, adapter: str, scale: float):
         if adapter in self.scaling:

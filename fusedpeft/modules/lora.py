@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import distributed
 from ..ops.lora import lora_linear
-from ..config import is_lora_init
+from ..config import is_lora_init, lora_scaling
 from .base import AdapterLayer
 
 
@@ -133,7 +133,7 @@ class LoraLinear(AdapterLayer):
             self.r[adapter_name] = r
             self.lora_alpha[adapter_name] = lora_alpha
             self.use_rslora[adapter_name] = use_rslora
-            self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+            self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
             self.reset_lora_parameters(adapter_name, init_lora_weights)
             if variant is not None and variant is not LoraVariant:
                 self.lora_variant[adapter_name] = variant

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import lora_scaling
 from .base import AdapterLayer
 
 
@@ -79,7 +80,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / r**0.5 if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         self.set_adapter(self.active_adapters or adapter_name)
 
     def _embed_scale(self) -> Optional[torch.Tensor]:
