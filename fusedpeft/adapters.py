@@ -27,7 +27,8 @@ from torch import nn
 from . import distributed
 from .config import _pattern_value, lora_scaling
 from .inject import CONFIG_ATTR, _active_names, _wrappers, adapter_layers, inject, set_adapter
-from .io.peft_format import PREFIX, _read_config, _read_weights, checkpoint_keys, is_base_bias, planned_inject
+from .io.peft_format import (PREFIX, _read_config, _read_weights, checkpoint_keys, describe, is_base_bias,
+                              planned_inject)
 from .modules import AdapterLayer, LoraLinear
 
 __all__ = [
@@ -90,12 +91,6 @@ def _peft_type(config) -> str:
     return str(getattr(value, "value", value))
 
 
-def _describe(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _merged_where(model: nn.Module, adapter_name: str) -> list[str]:
     """Names of the layers (fusedpeft's or peft's) where the adapter is merged into the base."""
     return [n for n, m in model.named_modules()
@@ -123,7 +118,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     kind, configs = _owner(model, adapter_name)
     merged = _merged_where(model, adapter_name)
     if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {_describe(merged)}: "
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {describe(merged)}: "
                          "unmerge it before deleting it; nothing was changed")
     if kind == "peft":
         model.delete_adapter(adapter_name)
@@ -332,7 +327,7 @@ def _add_weighted_fused(model, adapters, weights, adapter_name, combination_type
     shared = [n for n, w in _wrappers(model) if sum(a in w.modules_to_save for a in dict.fromkeys(adapters)) > 1]
     if shared:
         raise ValueError(f"cannot combine adapters that have modules_to_save copies of the same module: "
-                         f"{_describe(shared)} (as in peft)")
+                         f"{describe(shared)} (as in peft)")
     first = sources[0]
     changes = dict(r=new_rank, lora_alpha=new_rank, target_modules=_combined_targets(model, sources),
                    rank_pattern={}, alpha_pattern={}, use_rslora=False)
@@ -416,10 +411,10 @@ def _check_tensors(state_dict: Mapping, what: str) -> dict[str, torch.Tensor]:
         raise TypeError(f"{what} must be a mapping of key -> tensor, got {type(state_dict).__name__}")
     bad = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise TypeError(f"{what} has values that are not tensors: {_describe(bad)}")
+        raise TypeError(f"{what} has values that are not tensors: {describe(bad)}")
     not_float = [k for k, v in state_dict.items() if not v.dtype.is_floating_point]
     if not_float:
-        raise ValueError(f"{what} has tensors that are not floating point: {_describe(not_float)}")
+        raise ValueError(f"{what} has tensors that are not floating point: {describe(not_float)}")
     return dict(state_dict)
 
 
@@ -476,7 +471,7 @@ def _check_state_dict(model, state_dict, adapter_name, keys, state) -> dict[str,
     given = _check_tensors(state_dict, "state_dict")
     merged = _merged_where(model, adapter_name)
     if merged:  # new weights under a merged adapter would make its unmerge corrupt the base weights
-        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {_describe(merged)}: "
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {describe(merged)}: "
                          "unmerge it before loading new weights into it; nothing was changed")
     missing = [fk for fk, mk in keys.items() if fk not in given and not is_base_bias(mk)]
     unexpected = [k for k in given if k not in keys]
@@ -484,9 +479,9 @@ def _check_state_dict(model, state_dict, adapter_name, keys, state) -> dict[str,
                   for fk, t in given.items() if fk in keys and tuple(t.shape) != tuple(state[keys[fk]].shape)]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
+        problems.append(f"missing keys: {describe(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
+        problems.append(f"unexpected keys: {describe(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches: {'; '.join(sorted(mismatched))}")
     if problems:
@@ -564,13 +559,13 @@ def hotswap_adapter(model: nn.Module, source: Union[str, os.PathLike, Mapping[st
                          f"{current.lora_dropout}: hot-swapping keeps the adapter's dropout (as peft, it must match)")
     merged = _merged_where(model, adapter_name)
     if merged:
-        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {_describe(merged)}: "
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights of {describe(merged)}: "
                          "unmerge it before hot-swapping")
     _, keys, state = _adapter_keys(model, adapter_name)
     unexpected = [k for k in weights if k not in keys]
     if unexpected:
         raise ValueError(f"{what} has keys adapter {adapter_name!r} does not have (another module, or another "
-                         f"method): {_describe(unexpected)}; hot-swapping cannot add modules")
+                         f"method): {describe(unexpected)}; hot-swapping cannot add modules")
 
     # The LoRA layers holding the adapter, by their parameters.
     owner: dict[int, tuple[str, LoraLinear, str]] = {}
@@ -607,7 +602,7 @@ def hotswap_adapter(model: nn.Module, source: Union[str, os.PathLike, Mapping[st
         entry = lora_layers.setdefault(lname, {"layer": layer, "keys": {}})
         entry["keys"][part] = fk
     if plain_missing:
-        raise ValueError(f"{what} is missing keys of adapter {adapter_name!r}: {_describe(plain_missing)}; "
+        raise ValueError(f"{what} is missing keys of adapter {adapter_name!r}: {describe(plain_missing)}; "
                          "nothing was changed")
 
     for lname, entry in lora_layers.items():

@@ -327,10 +327,11 @@ def planned_inject(model: nn.Module, config, adapter_name: str, what: str) -> nn
     return planned
 
 
-def _describe(keys, limit=5) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+def describe(names, limit: int = 6) -> str:
+    """The first ``limit`` of ``names`` in sorted order, and how many more (for error messages)."""
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def is_base_bias(model_key: str) -> bool:
@@ -345,11 +346,11 @@ def _validate(weights, keys, state, directory, adapter_name):
     required = {fk for fk, mk in keys.items() if not is_base_bias(mk)}
     missing = required - set(weights)
     if missing:
-        raise ValueError(f"adapter file in {directory!r} is missing keys for adapter {adapter_name!r}: {_describe(missing)}")
+        raise ValueError(f"adapter file in {directory!r} is missing keys for adapter {adapter_name!r}: {describe(missing)}")
     unexpected = set(weights) - set(keys)
     if unexpected:
         raise ValueError(
-            f"adapter file in {directory!r} has unexpected keys (no such adapter tensor in the model): {_describe(unexpected)}"
+            f"adapter file in {directory!r} has unexpected keys (no such adapter tensor in the model): {describe(unexpected)}"
         )
     for fk, t in sorted(weights.items()):
         target = state[keys[fk]]

@@ -126,7 +126,7 @@ def parse_adapter(config, weights: dict, layers: dict, kind: str, max_rank: Opti
     not_wrapped = sorted(m for m in modules if m not in layers)
     if not_wrapped:
         raise ValueError(f"{source}: the adapter targets {not_wrapped}, which this MultiAdapterModel does not wrap "
-                         f"(it wraps {_describe(layers)}); wrap them with target_modules=")
+                         f"(it wraps {peft_format.describe(layers, limit=4)}); wrap them with target_modules=")
 
     entries = {}
     for module in sorted(modules):
@@ -192,12 +192,6 @@ def _ia3_entry(config: IA3Config, module, parts, K, N, dtype, pin, source, ia3_m
         raise ValueError(f"{source}: {module} is {'a feed-forward' if ff else 'an output-scaling'} module for this "
                          f"adapter but the adapters already loaded scale its {have}; one layer takes one IA3 mode")
     return IA3Entry(scale=_pinned(l.reshape(-1).to(dtype), pin), feedforward=ff)
-
-
-def _describe(names, limit: int = 4) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 # ----------------------------------------------------------------------------- slot table
