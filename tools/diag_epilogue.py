@@ -28,8 +28,6 @@ def main(argv=None):
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--orient", default="fwd,grad_x")
     args = parser.parse_args(argv)
-    from triton.runtime.errors import OutOfResources
-
     from fusedpeft._kernels import triton_kernels
     from fusedpeft.settings import settings
 
@@ -76,7 +74,7 @@ def main(argv=None):
                     name = "tma" if tma else "pointers"
                     try:
                         row.append(f"{name} {timed(lowrank_tma=tma):.4f}")
-                    except OutOfResources:  # this config cannot hold the epilogue: the layer's fallback
+                    except configs.ForcedConfigDoesNotFit:  # it cannot hold the epilogue: the layer's fallback
                         try:
                             row.append(f"{name} {timed(lowrank_tma=tma, separate_lowrank=True):.4f}(apart)")
                         except Exception as exc:  # noqa: BLE001 - report and go on

@@ -72,6 +72,11 @@ class NoConfigFits(RuntimeError):
     """No candidate tile config can run this launch (shared memory or registers run out)."""
 
 
+class ForcedConfigDoesNotFit(RuntimeError):
+    """settings.tile_config names a config this launch cannot run (the tuner would skip it). Not a
+    NoConfigFits: a launcher's fallback for launches no config fits must not hide it."""
+
+
 # Where tuned configs persist across processes: an object with lookup(kind, key) and
 # record(kind, key, value) (fusedpeft.tuning, set when the Triton backend loads); None keeps
 # them in this process only.

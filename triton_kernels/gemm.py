@@ -124,8 +124,8 @@ class PersistentGemm:
         except OutOfResources as exc:  # the tuner skips such a config; only a forced one gets here
             if settings.tile_config is None:
                 raise
-            raise configs.NoConfigFits(f"settings.tile_config={settings.tile_config} ({cfg}) does not fit "
-                                       f"{self.kernel.__name__}: {exc}") from exc
+            raise configs.ForcedConfigDoesNotFit(f"settings.tile_config={settings.tile_config} ({cfg}) does not "
+                                                 f"fit {self.kernel.__name__}: {exc}") from exc
         if plan_key is not None and fast_launch.enabled() and last["entry"] is not None:
             plan = fast_launch.new_plan(self.plans, plan_key, _Plan)
             plan.entry, plan.grid3, plan.device = last["entry"], fast_launch.grid3(last["grid"]), tensors[0].get_device()
