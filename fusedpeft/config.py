@@ -4,9 +4,8 @@ built the same way. Each config class is one method's record in ``fusedpeft.meth
 reads adapter_config.json dicts back into configs (``config_from_dict``)."""
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
