@@ -702,7 +702,13 @@ def test_readme_torchrun_example(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_fsdp.py"], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # torch's gloo backend on CPU can abort a worker as the process group is torn down, after the script
+    # has done its work ("terminate called without an active exception", SIGABRT). It happens as often
+    # without fusedpeft imported (torch 2.13, this example without the inject and save lines). That exit
+    # alone is excused; an exception in the script (a traceback through train_fsdp.py) is not.
+    teardown_abort = ("terminate called without an active exception" in done.stderr
+                      and 'train_fsdp.py", line' not in done.stderr and "exitcode  : -6" in done.stderr)
+    assert done.returncode == 0 or teardown_abort, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("last loss") == 1  # rank 0 only
     base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
