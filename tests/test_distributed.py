@@ -354,7 +354,10 @@ def _worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         results["caches"] = _cache_checks()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        try:  # every rank has saved before any tears the group down (a dead peer: the group's timeout)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -372,13 +375,23 @@ def runs(tmp_path_factory):
     t0 = time.perf_counter()
     ctx = mp.spawn(_worker, args=(_free_port(), out_dir, list(SCENARIOS)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
+    saved = [os.path.join(out_dir, f"rank{r}.pt") for r in range(WORLD)]
+    while True:
+        try:
+            if ctx.join(timeout=5):
+                break
+        except mp.ProcessExitedException as exc:
+            # torch's gloo teardown abort on CPU (see test_readme_torchrun_example), once every rank
+            # has saved its results, is excused; any other exit is not.
+            if exc.signal_name == "SIGABRT" and all(os.path.exists(f) for f in saved):
+                break
+            raise
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"the {WORLD} ranks did not finish in {DEADLINE_S} s")
-    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(f, weights_only=False) for f in saved]
     times = ", ".join(f"{n} {ranks[0][n]['seconds']:.2f} s" for n in SCENARIOS)
     print(f"spawned run: {time.perf_counter() - t0:.1f} s; scenarios on rank 0: {times}")
     return {name: [r.get(name, {"error": "no result"}) for r in ranks] for name in [*SCENARIOS, "caches"]}, out_dir
