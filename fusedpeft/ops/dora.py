@@ -159,11 +159,15 @@ def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, 
     M, K = x.shape
     key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
            save_z, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
-    bench = tuning.step_bench(
-        lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z),
-        lambda impl, grad, saved: impl.backward(grad, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
-                                                dropout_p, seed, save_z, needs),
-        (M, weight.shape[0]), x, any(needs))
+
+    def bench(impl):  # built into a step only when the key is measured, as lora's
+        return tuning.step_bench(
+            lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed,
+                                      save_z),
+            lambda impl, grad, saved: impl.backward(grad, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
+                                                    norm, dropout_p, seed, save_z, needs),
+            (M, weight.shape[0]), x, any(needs))(impl)
+
     return key, bench
 
 

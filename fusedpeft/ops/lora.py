@@ -120,11 +120,14 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
     M, K = x.shape
     key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
            tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
-    bench = tuning.step_bench(
-        lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed),
-        lambda impl, grad, saved: impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
-                                                saved),
-        (M, weight.shape[0]), x, any(needs))
+
+    def bench(impl):  # one closure per call; the step's pieces are built only when the key is measured
+        return tuning.step_bench(
+            lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed),
+            lambda impl, grad, saved: impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
+                                                    saved),
+            (M, weight.shape[0]), x, any(needs))(impl)
+
     return key, bench
 
 
