@@ -140,10 +140,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     # All checks passed: change the model.
     for layer in layers:
         layer.delete_adapter(adapter_name)
-        for attr in ("use_rslora",):  # per-adapter dicts a layer's delete_adapter may leave behind
-            d = layer.__dict__.get(attr)
-            if isinstance(d, dict):
-                d.pop(adapter_name, None)
     for wrapper in wrappers:
         del wrapper.modules_to_save[adapter_name]  # where it was active, set_adapter below picks anew
     object.__setattr__(model, CONFIG_ATTR, {k: v for k, v in configs.items() if k != adapter_name})

@@ -305,7 +305,8 @@ def test_lora_several_adapters(kind, bias, dtype):
     layer.delete_adapter("a")
     assert layer.adapter_names == ["b", "c"] and layer.active_adapters == ["c"]
     assert not any(".a." in k or k.endswith(".a") for k in layer.state_dict())
-    assert "a" not in layer.r and "a" not in layer.scaling and "a" not in layer.lora_dropout
+    assert all("a" not in getattr(layer, n) for n in layer.adapter_layer_names + layer.other_param_names)
+    assert "use_rslora" in layer.other_param_names and "a" not in layer.use_rslora
     assert_close(layer(x), _lora_ref(layer, x, ["c"]), dtype, "after delete")
     with pytest.raises(KeyError, match="not found"):
         layer.delete_adapter("a")
