@@ -44,11 +44,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if initialized():
-        torch.distributed.barrier()
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module that DistributedDataParallel (state dict keys ``module.``) and torch.compile
     (an OptimizedModule, keys ``_orig_mod.``) wrappers hold, either around the other; the model
@@ -77,7 +72,7 @@ def is_sharded(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def model_is_sharded(model: nn.Module) -> bool:
-    return initialized() and is_sharded(model.parameters())
+    return is_sharded(model.parameters())
 
 
 def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
