@@ -83,11 +83,31 @@ def lora_upstream_grad(y: torch.Tensor, lora_B: torch.Tensor, max_cond: float = 
 GPU_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
+def pin_dropout_seed(monkeypatch) -> int:
+    """A random seed, made the one the LoRA and DoRA ops draw their dropout masks from (their seed
+    source pinned for the test), so that a test can draw the same mask again."""
+    from fusedpeft.ops import lora as lora_ops
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    monkeypatch.setattr(lora_ops, "_new_seed", lambda device: torch.tensor([seed], device=device))
+    return seed
+
+
+def backend_mask(op, backend, seed, x, p):
+    """The keep-mask (float64, x's shape) that ``backend`` of ``op`` draws over x for seed and p;
+    None at p = 0."""
+    if not p:
+        return None
+    import fusedpeft
+
+    impl = fusedpeft.backends._REGISTRY[op][backend].impl()
+    return impl.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p, x.device).reshape(x.shape).double()
+
+
 def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend, device="cuda"):
     """lora_linear through ``backend`` (forced) against the float64 reference with the backend's own
     dropout mask: the output and every gradient, by relative norm error within GPU_TOL."""
     import fusedpeft
-    from fusedpeft.ops import lora as lora_ops
     from fusedpeft.ops import lora_linear, lora_linear_reference
 
     x = leaf(torch.randn(*lead, K, device=device), dtype)
@@ -95,17 +115,13 @@ def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch,
     b = leaf(torch.randn(N, device=device), dtype) if bias else None
     A = leaf(torch.randn(r, K, device=device) / K**0.5, dtype)
     B = leaf(torch.randn(N, r, device=device) / r**0.5, dtype)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_ops, "_new_seed", lambda dev: torch.tensor([seed], device=dev))
+    seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("lora_linear") == backend
     g = lora_upstream_grad(y, B)
     y.backward(g)
-    mask = None
-    if dropout:
-        impl = fusedpeft.backends._REGISTRY["lora_linear"][backend].impl()
-        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    mask = backend_mask("lora_linear", backend, seed, x, dropout)
     refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
     y_ref = lora_linear_reference(*refs, 0.75, dropout_mask=mask, dropout_p=dropout)
     y_ref.backward(g.double())

@@ -7,9 +7,8 @@ import torch
 import fusedpeft
 from fusedpeft.ops import (dora_linear, dora_linear_reference, multi_ia3_linear, multi_ia3_linear_reference,
                            multi_lora_linear, multi_lora_linear_reference)
-from fusedpeft.ops import lora as lora_ops
 
-from helpers import GPU_TOL, leaf, lora_upstream_grad, rel_err
+from helpers import GPU_TOL, backend_mask, leaf, lora_upstream_grad, pin_dropout_seed, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -30,18 +29,14 @@ def test_dora_matches_float64(backend, dtype, lead, K, N, r, dropout, grad_mode,
     A = leaf(torch.randn(r, K, device=d) / K**0.5, dtype)
     B = leaf(torch.randn(N, r, device=d) / r**0.5, dtype)
     m = leaf(torch.rand(N, device=d) + 0.5, dtype)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_ops, "_new_seed", lambda dev: torch.tensor([seed], device=dev))
+    seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend or "auto"):
         y = dora_linear(x, W, b, A, B, 0.75, m, dropout_p=dropout, training=True)
     used = fusedpeft.last_backend("dora_linear")
     assert backend is None or used == backend
     g = lora_upstream_grad(y, B)
     y.backward(g)
-    mask = None
-    if dropout:
-        impl = fusedpeft.backends._REGISTRY["dora_linear"][used].impl()
-        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    mask = backend_mask("dora_linear", used, seed, x, dropout)
     refs = [leaf(t, torch.float64, requires_grad=t.requires_grad) for t in (x, W, b, A, B, m)]
     y_ref = dora_linear_reference(*refs[:5], 0.75, refs[5], dropout_mask=mask, dropout_p=dropout)
     y_ref.backward(g.double())

@@ -10,9 +10,9 @@ from torch import nn
 import fusedpeft
 from fusedpeft.ops import dora_linear, dora_linear_reference
 from fusedpeft.ops import dora as dora_mod
-from fusedpeft.ops import lora as lora_mod
 
-from helpers import BACKENDS, assert_close, assert_step_matches_peft, leaf, lora_upstream_grad, peft_twins
+from helpers import (BACKENDS, assert_close, assert_step_matches_peft, backend_mask, leaf, lora_upstream_grad, peft_twins,
+                     pin_dropout_seed)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -35,17 +35,13 @@ def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout
     A = leaf(torch.randn(r, K) / K**0.5, dtype)
     B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never zero: that would hide the low-rank path
     m = leaf(torch.rand(N) + 0.5, dtype)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
+    seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend):
         y = dora_linear(x, W, b, A, B, 1.3, m, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("dora_linear") == backend
     g = lora_upstream_grad(y, B)
     y.backward(g)
-    mask = None
-    if dropout:
-        impl = fusedpeft.backends._REGISTRY["dora_linear"][backend].impl()
-        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    mask = backend_mask("dora_linear", backend, seed, x, dropout)
     refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B, m)]
     y_ref = dora_linear_reference(*refs[:5], 1.3, refs[5], dropout_mask=mask, dropout_p=dropout)
     y_ref.backward(g.double())

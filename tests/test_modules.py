@@ -10,10 +10,9 @@ from transformers.pytorch_utils import Conv1D
 from fusedpeft import IA3Linear, LoraLinear, SSFLinear, backends
 from fusedpeft.modules import LoraVariant
 from fusedpeft.modules.dora import DoraVariant
-from fusedpeft.ops import lora as lora_mod
 from fusedpeft.ops import ssf_linear_reference
 
-from helpers import assert_close, leaf, rel_err
+from helpers import assert_close, leaf, pin_dropout_seed, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -320,8 +319,7 @@ def test_lora_two_active_adapters_with_dropout_use_independent_masks(monkeypatch
     layer.update_layer("b", 2, 5.0, lora_dropout=p, init_lora_weights=False)
     layer.set_adapter(["a", "b"])
     layer.train()
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
+    seed = pin_dropout_seed(monkeypatch)
     x = _x(dtype)
     torch_seed = int(torch.randint(0, 2**31 - 1, ()))
     torch.manual_seed(torch_seed)

@@ -7,9 +7,8 @@ import fusedpeft
 from fusedpeft.ops import (
     ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference, ssf_linear, ssf_linear_reference,
 )
-from fusedpeft.ops import lora as lora_mod
 
-from helpers import BACKENDS, assert_close, leaf, lora_upstream_grad
+from helpers import BACKENDS, assert_close, backend_mask, leaf, lora_upstream_grad, pin_dropout_seed
 
 # (leading shape of x, K, N): sizes off any block multiple, 3-D input, M=1 and M=0.
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40), ((19,), 72, 8)]
@@ -54,20 +53,14 @@ def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_gra
     A = leaf(torch.randn(r, K) / K**0.5, dtype)
     B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never B = 0: that would hide the low-rank path
     scaling = 1.7
-    seed = int(torch.randint(0, 2**31 - 1, ()))
-    monkeypatch.setattr(lora_mod, "_new_seed", lambda device: torch.tensor([seed], device=device))
+    seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, scaling, dropout_p=dropout, training=True)
     assert fusedpeft.last_backend("lora_linear") == backend
     g = lora_upstream_grad(y, B)
     y.backward(g)
 
-    mask = None
-    if dropout:
-        from fusedpeft import backends
-
-        impl = backends._REGISTRY["lora_linear"][backend].impl()
-        mask = impl.dropout_mask(seed, (x.shape[:-1].numel(), K), dropout, x.device).reshape(x.shape).double()
+    mask = backend_mask("lora_linear", backend, seed, x, dropout)
     refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
     y_ref = lora_linear_reference(*refs, scaling, dropout_mask=mask, dropout_p=dropout)
     y_ref.backward(g.double())
