@@ -643,3 +643,20 @@ def test_graph_safe_decode_step_eager(tmp_path, method):
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_cuda_graph_decode_step(tmp_path, method):
     _decode_step_check(tmp_path, method, "cuda", capture=True)
+
+
+@pytest.mark.parametrize("rows_per_sequence", [0, 1, 3])
+def test_batch_index_rows_follow_each_new_batch(rows_per_sequence):
+    """The per-row index (expanded once per batch and shape for a prefill) is the sequences' slots
+    repeated over their rows, and a new batch of the same size gets its own slots, not the last's."""
+    from fusedpeft.serving.layers import BatchIndex
+
+    batch = BatchIndex([torch.device("cpu")], capacity=2, graph_safe=False)
+    for slots in ([2, -1, 0], [1, 1, 3], [0, 2, -1]):
+        batch.set(slots)
+        x = torch.randn(len(slots), rows_per_sequence, 5)
+        expected = torch.tensor(slots, dtype=torch.int32).repeat_interleave(rows_per_sequence)
+        for _ in range(2):  # the second call reads the kept expansion
+            assert torch.equal(batch.rows(x, torch.device("cpu")), expected)
+    with pytest.raises(ValueError, match="rows must be the sequences' rows"):
+        batch.rows(torch.randn(4, 5), torch.device("cpu"))

@@ -56,6 +56,9 @@ class BatchIndex:
         self.slots: frozenset = frozenset()
         self.graph_safe = bool(graph_safe)
         self.stale: Optional[str] = None
+        # {(device, M): index (M,)}: a prefill's rows index is expanded once per batch and shape,
+        # not once per layer (each expansion is a copy kernel).
+        self._expanded: dict = {}
 
     def set(self, slots: list[int]) -> None:
         """Write one slot per sequence (-1: base) into the fixed buffers, without a host sync."""
@@ -72,12 +75,14 @@ class BatchIndex:
         self.n = n
         self.slots = frozenset(s for s in slots if s >= 0)
         self.stale = None
+        self._expanded.clear()
 
     def clear(self) -> None:
         """No batch: every layer runs its base layer (the buffers keep their contents)."""
         self.n = 0
         self.slots = frozenset()
         self.stale = None
+        self._expanded.clear()
 
     def rows(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """One slot per row of x flattened to (M, K), from the per-sequence buffer."""
@@ -93,8 +98,15 @@ class BatchIndex:
                                f"{device}: wrap the model on the device(s) it runs on (moving it afterwards does not "
                                "move the serving bank's index)")
         index = buffer[:n]
-        k = M // n
-        return index if k == 1 else index.unsqueeze(1).expand(n, k).reshape(M)
+        if M == n:
+            return index
+        if index.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A graph must read the buffer on each replay, never a copy made before it.
+            return index.unsqueeze(1).expand(n, M // n).reshape(M)
+        rows = self._expanded.get((device, M))
+        if rows is None:
+            rows = self._expanded[(device, M)] = index.unsqueeze(1).expand(n, M // n).reshape(M)
+        return rows
 
 
 class _ServingLayer(nn.Module):
