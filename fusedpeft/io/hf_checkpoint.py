@@ -387,8 +387,8 @@ def adapter_subfolders(model: nn.Module) -> dict[str, str]:
 
 
 def _bias_overrides(model: nn.Module, adapter_name: str, unmerged: _Unmerged) -> dict:
-    """{file key: unmerged tensor or _DROP} for the base tensors (trained biases) that adapter
-    ``adapter_name``'s file would otherwise hold merged."""
+    """{file key: unmerged tensor, or None to leave it out} for the base tensors (trained biases)
+    that adapter ``adapter_name``'s file would otherwise hold merged."""
     from .peft_format import checkpoint_keys
 
     names = _SavedNames(model)
@@ -400,14 +400,12 @@ def _bias_overrides(model: nn.Module, adapter_name: str, unmerged: _Unmerged) ->
         _, layer, rest = found
         if layer is not None and layer.merged:
             base = unmerged.get(layer)
-            out[file_key] = base[rest].detach().to("cpu", copy=True).contiguous() if rest in base else _DROP
+            out[file_key] = base[rest].detach().to("cpu", copy=True).contiguous() if rest in base else None
     return out
 
 
 def _write_adapters(model: nn.Module, directory: str, folders: dict[str, str], unmerged: _Unmerged) -> None:
-    from safetensors.torch import load_file, save_file
-
-    from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, save_adapter
+    from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, write_adapter_files
 
     if "" not in folders.values():
         for stale in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
@@ -416,17 +414,7 @@ def _write_adapters(model: nn.Module, directory: str, folders: dict[str, str], u
                 os.remove(path)
     for name, sub in folders.items():
         target = os.path.join(directory, sub) if sub else directory
-        save_adapter(model, target, name)
-        overrides = _bias_overrides(model, name, unmerged)
-        if overrides:
-            path = os.path.join(target, SAFETENSORS_NAME)
-            tensors = load_file(path)
-            for key, value in overrides.items():
-                if value is _DROP:
-                    tensors.pop(key, None)
-                else:
-                    tensors[key] = value
-            save_file(tensors, path, metadata={"format": "pt"})
+        write_adapter_files(model, target, name, main=True, replace=_bias_overrides(model, name, unmerged))
     record = {"adapters": {n: (s or ".") for n, s in folders.items()}, "active": _active_adapters(model)}
     with open(os.path.join(directory, RECORD_NAME), "w") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True))

@@ -164,12 +164,20 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
     every rank must call ``save_adapter``; when it returns, on every rank, the main process has
     written the files (or every rank raises its error). The files are the ones a single process
     writes from the same weights."""
-    from safetensors.torch import save_file
-
     model = distributed.unwrap(model)
     main = distributed.is_main_process() if is_main_process is None else bool(is_main_process)
     if adapter_name not in getattr(model, CONFIG_ATTR, {}) and adapter_name in _peft_adapters(model):
         return _save_peft_model(model, save_directory, adapter_name, main)
+    write_adapter_files(model, save_directory, adapter_name, main)
+
+
+def write_adapter_files(model: nn.Module, save_directory: str, adapter_name: str, main: bool,
+                        replace: Optional[dict] = None) -> None:
+    """save_adapter's files for a fusedpeft adapter of ``model`` (unwrapped). ``replace``: {file
+    key: CPU tensor to write instead, or None to leave the key out} (hf_checkpoint's unmerged
+    biases), applied before the one write."""
+    from safetensors.torch import save_file
+
     keys = checkpoint_keys(model, adapter_name)
     config = adapter_config_dict(model, adapter_name)
     state = model.state_dict(keep_vars=True)
@@ -181,6 +189,11 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
     def write():
         # Own contiguous CPU copies: safetensors refuses tensors that share memory.
         tensors = {fk: t.detach().to("cpu", copy=True).contiguous() for fk, t in selected.items()}
+        for fk, t in (replace or {}).items():
+            if t is None:
+                tensors.pop(fk, None)
+            else:
+                tensors[fk] = t
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, not a directory")
         os.makedirs(save_directory, exist_ok=True)
