@@ -171,7 +171,9 @@ def _build():
     from .settings import settings
 
     if settings.skip_cuda_build:
-        raise RuntimeError(f"{SKIP_ENV} is set, and {PREBUILT} was not built at install: nothing to load")
+        from .backends import LoadRefused
+
+        raise LoadRefused(f"{SKIP_ENV} is set, and {PREBUILT} was not built at install: nothing to load")
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -204,7 +206,8 @@ def _build():
 
 def load():
     """The extension module (prebuilt, else built now); RuntimeError saying why when neither.
-    The outcome is kept for the process: a failure is not retried."""
+    The outcome is kept for the process: a failure is not retried, but for the refusal that the
+    skip_cuda_build setting decides (backends.LoadRefused), asked again at each call."""
     global _loaded, _failed
     with _lock:
         if _loaded is not None:
@@ -221,7 +224,12 @@ def load():
             try:
                 module = _build()
             except Exception as exc:
-                _failed = "; ".join([*notes, str(exc)])
+                from .backends import LoadRefused  # here: setup.py loads this file by path
+
+                reason = "; ".join([*notes, str(exc)])
+                if isinstance(exc, LoadRefused):
+                    raise LoadRefused(reason) from exc
+                _failed = reason
                 raise RuntimeError(_failed) from exc
         _loaded = module
         return module

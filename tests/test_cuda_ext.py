@@ -241,6 +241,10 @@ def test_loader_reasons(fresh_loader, monkeypatch, use_settings):
     with fusedpeft.settings.override(skip_cuda_build=True):
         with pytest.raises(RuntimeError, match=_cuda_ext.SKIP_ENV):
             _cuda_ext.load()
+    # The setting's refusal is not kept: without it, load() builds (here: fails at the next reason).
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with pytest.raises(RuntimeError, match="nvcc was not found"):
+        _cuda_ext.load()
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     _cuda_ext.reset()
     with pytest.raises(RuntimeError, match="nvcc was not found"):

@@ -83,6 +83,34 @@ def test_select_resolves_tunable_candidates_by_measurement(tuning_dir):
         assert backends.select(op, x, tune=((7,), lambda impl: 0.0))[0] == "high"
 
 
+def test_a_refusal_by_setting_is_asked_again_a_load_failure_is_kept():
+    op = "test_refusing_op"
+    refuse, calls = [True], {"refusing": 0, "broken": 0}
+
+    def load_refusing():
+        calls["refusing"] += 1
+        if refuse[0]:
+            raise backends.LoadRefused("a setting forbids it")
+        return "impl"
+
+    def load_broken():
+        calls["broken"] += 1
+        raise RuntimeError("cannot load")
+
+    for name, load in (("refusing", load_refusing), ("broken", load_broken)):
+        backends.register(op, name, load=load, supports=lambda *t, forced=False: None, priority=1)
+    x = torch.zeros(2)
+    for name in ("refusing", "broken"):
+        with fusedpeft.use_backend(name), pytest.raises(RuntimeError, match="setting forbids|cannot load"):
+            backends.select(op, x)
+    refuse[0] = False
+    with fusedpeft.use_backend("refusing"):
+        assert backends.select(op, x) == ("refusing", "impl")
+    with fusedpeft.use_backend("broken"), pytest.raises(RuntimeError, match="cannot load"):
+        backends.select(op, x)
+    assert calls == {"refusing": 2, "broken": 1}
+
+
 def _lowrank_reference(out, l, q, scale, mask):
     low = l.double() @ q.double().T
     return out.double() + scale * (low if mask is None else low * mask.double())

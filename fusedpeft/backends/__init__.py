@@ -50,6 +50,11 @@ from ..settings import settings
 ENV_VAR = "FUSEDPEFT_BACKEND"
 
 
+class LoadRefused(RuntimeError):
+    """A loader's refusal that a setting decides (e.g. skip_cuda_build): reported, but not kept,
+    so the backend is tried again once the setting changes."""
+
+
 @dataclass
 class Backend:
     name: str
@@ -77,6 +82,8 @@ class Backend:
         if self._load_error is None:
             try:
                 self.impl()
+            except LoadRefused as exc:
+                return f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # the reason is reported to whoever asks for this backend
                 self._load_error = f"{type(exc).__name__}: {exc}"
         return self._load_error
