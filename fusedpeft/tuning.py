@@ -195,10 +195,10 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
 ROWS_CLASS_MAX = 16384
 
 
-def rows_class(M: int) -> int:
-    """The shape keys' class for M rows: the next power of two, up to ROWS_CLASS_MAX (the fastest
-    path depends on M's size class, not its exact value)."""
-    return min(1 << max(M - 1, 0).bit_length(), ROWS_CLASS_MAX)
+def rows_class(M: int, largest: int = ROWS_CLASS_MAX) -> int:
+    """The shape keys' class for M rows: the next power of two, up to ``largest`` (the fastest
+    path, and a kernel's best tile, depend on M's size class, not its exact value)."""
+    return min(1 << max(M - 1, 0).bit_length(), largest)
 
 
 def step_bench(forward, backward, out_shape, like: torch.Tensor, trains: bool):

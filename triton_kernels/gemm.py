@@ -18,11 +18,14 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from fusedpeft.settings import settings
+from fusedpeft.tuning import rows_class
 
 from . import buffers, configs, fast_launch, layout
-from .layout import cdiv, m_bucket
+from .layout import cdiv
 
 NOT_PLANNED = object()
+# Tile configs are tuned per power-of-two class of M up to this (larger M tile alike).
+TILE_ROWS_CLASS_MAX = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,8 @@ class PersistentGemm:
                                                       cfg.num_stages)
             last["grid"], last["constexprs"], last["shape"] = grid, constexprs, partial_shape(kw)
 
-        key = (self.kernel.__name__, m_bucket(M), N, gemm.K, gemm.dtype, tuple(sorted(flags.items())))
+        key = (self.kernel.__name__, rows_class(M, TILE_ROWS_CLASS_MAX), N, gemm.K, gemm.dtype,
+               tuple(sorted(flags.items())))
         cfg = configs.tuned_config(key, M, N, gemm.element_size, launch_with)
         try:
             launch_with(cfg)

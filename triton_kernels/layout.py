@@ -86,7 +86,3 @@ def block_r(r: int) -> int:
     return max(16, next_power_of_2(r))
 
 
-def m_bucket(M: int) -> int:
-    """Autotuning key for M: the tile choice depends on its size class, not its exact value."""
-    return min(next_power_of_2(max(M, 1)), 8192)
-
