@@ -16,7 +16,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "bgmv.h"
 
@@ -36,8 +38,19 @@ void check_device(const Tensor& t, const char* name, const Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), kWho, name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-void check_shape(const Tensor& t, const char* name, at::IntArrayRef shape, const char* meaning) {
-  TORCH_CHECK(t.sizes() == shape, kWho, name, " must have shape ", shape, " ", meaning, ", got ", t.sizes());
+std::string shape_text(at::IntArrayRef shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+// The expected shape is copied into a vector the check owns, and the message is plain strings.
+void check_shape(const Tensor& t, const char* name, std::initializer_list<int64_t> expected, const char* meaning) {
+  const std::vector<int64_t> shape(expected);
+  if (t.sizes() == at::IntArrayRef(shape)) return;
+  const std::string message = std::string(kWho) + name + " must have shape " + shape_text(shape) + " " + meaning +
+                              ", got " + shape_text(t.sizes());
+  TORCH_CHECK(false, message);
 }
 
 bgmv::DType dtype_of(const Tensor& x) {
