@@ -51,6 +51,7 @@ import sys
 import time
 import traceback
 import warnings
+from typing import Optional
 
 import torch
 
@@ -419,48 +420,60 @@ def parse_args(argv=None):
 def main(argv=None, log=print) -> dict:
     """Run the benchmark; returns the report (what --json writes) with "status": 1 when a variant
     raised, or with --check when a loss curve is off peft's; else 0."""
-    import fusedpeft
-    from fusedpeft import tuning
-
     args = parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
     log(env)
     rows, curves, errors = [], [], []
+    cases = [(m, a) for m in args.model_names for a in args.adapter_names]
     with warnings.catch_warnings():
         # peft calls transformers 5's deprecated is_gradient_checkpointing once per model: noise here
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        for model_name in args.model_names:
-            for adapter in args.adapter_names:
-                r, c, e = run_case(model_name, adapter, args, device, log)
-                rows += r
-                curves += c
-                errors += e
+        for done, (model_name, adapter) in enumerate(cases, 1):
+            r, c, e = run_case(model_name, adapter, args, device, log)
+            rows += r
+            curves += c
+            errors += e
+            if done < len(cases):  # a run stopped by a time limit keeps the cases it finished
+                write_report(args, env, rows, curves, errors, f"{done} of {len(cases)} (model, adapter) cases")
+    return write_report(args, env, rows, curves, errors, None, log=log)
+
+
+def write_report(args, env: str, rows: list, curves: list, errors: list, partial: Optional[str], log=None) -> dict:
+    """The report of the rows so far, to --out and --json (and, when complete, --plot and the log);
+    ``partial``: how much of the run it holds, or None for the whole run."""
+    import fusedpeft
+    from fusedpeft import tuning
+
     add_ratios(rows)
     layers = f"{args.layers} layers" + (", tiny" if args.tiny else "")
-    md = f"{env}, bf16, {layers}, {args.timed_steps} timed steps after {args.warmup_steps} warm-up\n\n{table(rows)}\n"
+    md = f"{env}, bf16, {layers}, {args.timed_steps} timed steps after {args.warmup_steps} warm-up\n\n"
+    if partial:
+        md += f"**Partial: {partial} so far.**\n\n"
+    md += f"{table(rows)}\n"
     if curves:
         md += f"\nLoss curves from the same initial weights ({args.curve_steps} steps, {CURVE_BATCHES} batches cycled):\n\n{curve_table(curves)}\n"
     if errors:
         md += "\nVariants that raised (traceback above in the log):\n\n" + "\n".join(
             f"- {e['model']} / {e['adapter']} / {e['variant']}: {e['error']}" for e in errors) + "\n"
-    log(md)
     failed = [c for c in curves if not c["ok"]]
-    if failed:
-        log(f"loss-curve check FAILED for {len(failed)} of {len(curves)}: " + ", ".join(f"{c['model']}/{c['adapter']}/{c['variant']}" for c in failed))
+    if log is not None:
+        log(md)
+        if failed:
+            log(f"loss-curve check FAILED for {len(failed)} of {len(curves)}: " + ", ".join(f"{c['model']}/{c['adapter']}/{c['variant']}" for c in failed))
     report = dict(environment=env, args={k: v for k, v in vars(args).items()}, rows=rows, curves=curves, errors=errors,
                   backend_counts_total={f"{op}/{b}": n for (op, b), n in fusedpeft.backend_counts().items()},
-                  tuning_entries=tuning.entries(), status=1 if errors or (args.check and failed) else 0)
+                  tuning_entries=tuning.entries(), partial=partial,
+                  status=1 if errors or (args.check and failed) else 0)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)
-    if args.plot:
+    if args.plot and not partial:
         plot(rows, args.plot, f"training step, tokens/s relative to peft; {env}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
     return report
-
 
 if __name__ == "__main__":
     sys.exit(main()["status"])

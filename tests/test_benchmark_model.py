@@ -1,6 +1,7 @@
 """The model-level training benchmark (benchmarks/model.py) end to end on CPU with tiny configs:
 every family, adapter and variant yields a timed row, and the loss-curve check yields numbers and
 can fail."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -76,3 +77,30 @@ def test_a_variant_that_raises_is_reported(one_thread, monkeypatch):
     assert {r["variant"] for r in report["rows"]} == {"peft", "fusedpeft (from_peft)", "floor"}
     assert [c["variant"] for c in report["curves"]] == ["fusedpeft (from_peft)"]
     assert report["status"] == 1
+
+
+def test_a_run_cut_short_keeps_the_cases_it_finished(one_thread, monkeypatch, tmp_path):
+    """A run stopped by a time limit (here: the second case never returns) leaves the first case's
+    rows in --out and --json, marked partial; a whole run's report is not marked."""
+    run_case = bench.run_case
+
+    class Stopped(Exception):
+        pass
+
+    def second_never_returns(model_name, adapter, *a, **k):
+        if adapter == "ia3":
+            raise Stopped
+        return run_case(model_name, adapter, *a, **k)
+
+    monkeypatch.setattr(bench, "run_case", second_never_returns)
+    out, js = tmp_path / "t.md", tmp_path / "t.json"
+    argv = ["--device", "cpu", "--tiny", "--models", "qwen2.5-0.5b", "--batches", "2x16", "--timed-steps", "1",
+            "--warmup-steps", "1", "--curve-steps", "2", "--out", str(out), "--json", str(js)]
+    with pytest.raises(Stopped):
+        bench.main([*argv, "--adapters", "lora,ia3"], log=lambda *a: None)
+    saved = json.loads(js.read_text())
+    assert saved["partial"] == "1 of 2 (model, adapter) cases"
+    assert {r["adapter"] for r in saved["rows"]} == {"lora"} and len(saved["rows"]) == len(bench.VARIANTS)
+    assert "Partial: 1 of 2" in out.read_text() and "| qwen2.5-0.5b | 2x16 | lora | peft |" in out.read_text()
+    report = bench.main([*argv, "--adapters", "lora"], log=lambda *a: None)
+    assert report["partial"] is None and "Partial" not in out.read_text()
