@@ -105,9 +105,11 @@ def _path_of(case: Case) -> str:
     return case.path
 
 
-def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_ms: float = 150) -> list[Result]:
+def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_ms: float = 150,
+        on_result: Optional[Callable[[list[Result]], None]] = None) -> list[Result]:
     """Time each case (forward, training step, peak memory of a step) on ``device``. Cases run one
-    after another: each builds its inputs, is measured, and is freed before the next."""
+    after another: each builds its inputs, is measured, and is freed before the next.
+    ``on_result(results so far)`` is called after each (a report that a time limit may cut short)."""
     results = []
     for case in cases:
         t0 = time.perf_counter()
@@ -125,6 +127,8 @@ def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_
         log(f"{r.group:38s} {r.variant:18s} fwd {r.fwd_ms:8.4f} ms  train {r.train_ms:8.4f} ms  mem {mem}"
             + (f"  [{r.path}]" if r.path else "") + f"  (first {first_s:.1f} s, case {time.perf_counter() - t0:.1f} s)")
         results.append(r)
+        if on_result is not None:
+            on_result(results)
     return results
 
 

@@ -619,36 +619,54 @@ def main(argv=None) -> list[harness.Result]:
     groups = groups_of(args)
     cases = cases_of(groups, device, dtype, with_peft, args)
     print(f"{len(groups)} groups, {len(cases)} cases on {args.device}", file=sys.stderr)
+    env = harness.environment(args.device)
+    compare = [c for c in COMPARE if with_peft or c != PEFT]
+
+    def write(results, partial=None):
+        head = (f"{env}, {args.dtype}; warm-up {args.warmup_ms:g} ms, timed {args.rep_ms:g} ms per measurement. "
+                f"train = forward + backward (grad_x and adapter grads, base frozen); fwd = forward with autograd on.")
+        if partial:
+            head += f"\n\n**Partial: {partial} so far.**"
+        done = {r.group for r in results}
+        md = head + "\n\n" + harness.table(results, BASE, compare) + "\n\n" \
+            + summary(results, [g for g in groups if g.label in done] if partial else groups)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md + "\n")
+        if args.json:
+            write_json(args, env, groups, results, partial)
+        return md
+
+    def on_result(results):
+        # After each whole group, so a run stopped by a time limit keeps the groups it finished.
+        if len(results) < len(cases) and cases[len(results)].group != results[-1].group:
+            write(results, f"{len({r.group for r in results})} of {len(groups)} groups")
+
     t0 = time.perf_counter()
     results = harness.run(cases, log=lambda line: print(line, file=sys.stderr), device=args.device,
-                          warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+                          warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                          on_result=on_result if (args.out or args.json) else None)
     print(f"measured {len(cases)} cases in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    env = harness.environment(args.device)
-    head = (f"{env}, {args.dtype}; warm-up {args.warmup_ms:g} ms, timed {args.rep_ms:g} ms per measurement. "
-            f"train = forward + backward (grad_x and adapter grads, base frozen); fwd = forward with autograd on.")
-    md = head + "\n\n" + harness.table(results, BASE, [c for c in COMPARE if with_peft or c != PEFT]) \
-        + "\n\n" + summary(results, groups)
-    print(md)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
+    print(write(results))
     if args.plot:
         harness.plot(results, BASE, args.plot, f"Layers, {env}, {args.dtype}", variants=[OURS] + COMPARE)
-    if args.json:
-        meta = {g.label: g for g in groups}
-        rows = []
-        for r in results:
-            g = meta[r.group]
-            row = dataclasses.asdict(r)
-            row["train_mem_mib"] = None if math.isnan(r.train_mem_mib) else r.train_mem_mib
-            row.update(family=g.shape.family, layers=g.shape.layers, K=g.shape.K, N=g.shape.N, bias=g.shape.bias,
-                       count_per_block=g.shape.count, M=g.M, method=g.method, r=g.r, dropout=g.p)
-            rows.append(row)
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "dtype": args.dtype, "device": args.device, "warmup_ms": args.warmup_ms,
-                       "rep_ms": args.rep_ms, "rows": rows}, f, indent=1)
     return results
 
+
+def write_json(args, env: str, groups, results, partial) -> None:
+    """Every row with its group's shape and config (--json); ``partial``: how much of the run it holds."""
+    meta = {g.label: g for g in groups}
+    rows = []
+    for r in results:
+        g = meta[r.group]
+        row = dataclasses.asdict(r)
+        row["train_mem_mib"] = None if math.isnan(r.train_mem_mib) else r.train_mem_mib
+        row.update(family=g.shape.family, layers=g.shape.layers, K=g.shape.K, N=g.shape.N, bias=g.shape.bias,
+                   count_per_block=g.shape.count, M=g.M, method=g.method, r=g.r, dropout=g.p)
+        rows.append(row)
+    with open(args.json, "w") as f:
+        json.dump({"environment": env, "dtype": args.dtype, "device": args.device, "warmup_ms": args.warmup_ms,
+                   "rep_ms": args.rep_ms, "partial": partial, "rows": rows}, f, indent=1)
 
 if __name__ == "__main__":
     main()

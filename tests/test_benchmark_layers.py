@@ -91,3 +91,39 @@ def test_block_weights_and_targets():
     target = [ln for ln in lines if ln.startswith("| 0 | 4 |")][0]
     assert "| 3 / 4 | 4 / 4 | 3 / 4 |" in target  # train (q/o misses), fwd, memory (down misses)
     assert "llama3-8b q/o 4096->4096: train 1.20" in target and "llama3-8b down 14336->4096: mem 1.10" in target
+
+
+def test_a_run_cut_short_keeps_the_groups_it_finished(one_thread, monkeypatch, tmp_path):
+    """A run stopped by a time limit (here: a case of the second group never returns) leaves the
+    first group's rows in --out and --json, marked partial; the whole run's files are not marked."""
+    run = harness.run
+
+    class Stopped(Exception):
+        pass
+
+    def stop_in_second_group(cases, **kwargs):
+        first = cases[0].group
+        on_result = kwargs["on_result"]
+
+        def record(results):
+            if results[-1].group != first:
+                raise Stopped
+            on_result(results)
+
+        return run(cases, **{**kwargs, "on_result": record})
+
+    out, js = tmp_path / "t.md", tmp_path / "t.json"
+    argv = ["--device", "cpu", "--shapes", SHAPES, "--ranks", "4", "--dropouts", "0", "--warmup-ms", "0", "--rep-ms", "1",
+            "--out", str(out), "--json", str(js)]
+    monkeypatch.setattr(harness, "run", stop_in_second_group)
+    with pytest.raises(Stopped):
+        layers.main(argv)
+    saved = json.loads(js.read_text())
+    assert saved["partial"] == "1 of 2 groups"
+    assert {r["group"] for r in saved["rows"]} == {"custom linear 32->24 M=16 r=4 p=0"}
+    assert "Partial: 1 of 2 groups" in out.read_text() and "custom linear 24->40" not in out.read_text()
+    monkeypatch.setattr(harness, "run", run)
+    layers.main(argv)
+    saved = json.loads(js.read_text())
+    assert saved["partial"] is None and len({r["group"] for r in saved["rows"]}) == 2
+    assert "Partial" not in out.read_text()
