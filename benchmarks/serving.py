@@ -216,6 +216,8 @@ def main(argv=None, log=print):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke run)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft's layer out")
+    parser.add_argument("--warmup-ms", type=float, default=None, help="warm-up per timing (default 25; cpu 1)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="timed span per timing (default 150; cpu 5)")
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
     parser.add_argument("--model-level", action="store_true", help="generate tokens/s instead of the layer table")
@@ -241,17 +243,28 @@ def main(argv=None, log=print):
             for ranks_mode in args.ranks.split(","):
                 all_cases += cases(rows, n, ranks_mode.strip(), args.hidden, dtype, device, with_peft)
     warm, rep = (1, 5) if device == "cpu" else (25, 150)
-    results = harness.run(all_cases, log=log, device=device, warmup_ms=warm, rep_ms=rep)
-    md = (f"{harness.environment(device)}, {args.dtype}, hidden {args.hidden}; forward only\n\n"
-          + harness.table(results, "base (cuBLAS)", ["fusedpeft [bgmv]"] if device != "cpu" else None))
-    log(md)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
+    warm = warm if args.warmup_ms is None else args.warmup_ms
+    rep = rep if args.rep_ms is None else args.rep_ms
+
+    def write(results, partial=None):
+        md = (f"{harness.environment(device)}, {args.dtype}, hidden {args.hidden}; forward only\n\n"
+              + (f"**Partial: {partial} so far.**\n\n" if partial else "")
+              + harness.table(results, "base (cuBLAS)", ["fusedpeft [bgmv]"] if device != "cpu" else None))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md + "\n")
+        return md
+
+    def on_result(results):  # after each whole group: a run stopped by a time limit keeps them
+        if len(results) < len(all_cases) and all_cases[len(results)].group != results[-1].group:
+            write(results, f"{len(results)} of {len(all_cases)} cases")
+
+    results = harness.run(all_cases, log=log, device=device, warmup_ms=warm, rep_ms=rep,
+                          on_result=on_result if args.out else None)
+    log(write(results))
     if args.plot:
         harness.plot(results, "base (cuBLAS)", args.plot, f"many adapters, {harness.environment(device)}")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks import harness, layers
 
+from helpers import StoppedByTimeLimit, cut_after_first_group
+
 SHAPES = "16x32x24,16x24x40+b"
 
 
@@ -96,27 +98,11 @@ def test_block_weights_and_targets():
 def test_a_run_cut_short_keeps_the_groups_it_finished(one_thread, monkeypatch, tmp_path):
     """A run stopped by a time limit (here: a case of the second group never returns) leaves the
     first group's rows in --out and --json, marked partial; the whole run's files are not marked."""
-    run = harness.run
-
-    class Stopped(Exception):
-        pass
-
-    def stop_in_second_group(cases, **kwargs):
-        first = cases[0].group
-        on_result = kwargs["on_result"]
-
-        def record(results):
-            if results[-1].group != first:
-                raise Stopped
-            on_result(results)
-
-        return run(cases, **{**kwargs, "on_result": record})
-
     out, js = tmp_path / "t.md", tmp_path / "t.json"
     argv = ["--device", "cpu", "--shapes", SHAPES, "--ranks", "4", "--dropouts", "0", "--warmup-ms", "0", "--rep-ms", "1",
             "--out", str(out), "--json", str(js)]
-    monkeypatch.setattr(harness, "run", stop_in_second_group)
-    with pytest.raises(Stopped):
+    run = cut_after_first_group(monkeypatch, harness)
+    with pytest.raises(StoppedByTimeLimit):
         layers.main(argv)
     saved = json.loads(js.read_text())
     assert saved["partial"] == "1 of 2 groups"

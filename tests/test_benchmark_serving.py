@@ -2,7 +2,10 @@
 (the GPU run times the Triton and CUDA backends too)."""
 import math
 
-from benchmarks import serving
+import pytest
+from helpers import StoppedByTimeLimit, cut_after_first_group
+
+from benchmarks import harness, serving
 
 
 def test_serving_benchmark_smoke_run_on_cpu(one_thread):
@@ -27,3 +30,17 @@ def test_serving_model_level_smoke_run_on_cpu(one_thread):
     assert [r["variant"] for r in rows] == ["fusedpeft mixed batch", "one adapter merged"]
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
     assert "| fusedpeft mixed batch |" in lines[-1]
+
+
+def test_a_serving_run_cut_short_keeps_the_groups_it_finished(one_thread, monkeypatch, tmp_path):
+    out = tmp_path / "t.md"
+    argv = ["--device", "cpu", "--hidden", "32", "--rows", "4", "--adapters", "1,3", "--ranks", "4", "--out", str(out)]
+    run = cut_after_first_group(monkeypatch, harness)
+    with pytest.raises(StoppedByTimeLimit):
+        serving.main(argv, log=lambda *a: None)
+    text = out.read_text()
+    assert "**Partial:" in text and "| 4 rows, 1 adapters, r=4 | fusedpeft |" in text and "3 adapters" not in text
+    monkeypatch.setattr(harness, "run", run)
+    serving.main(argv, log=lambda *a: None)
+    text = out.read_text()
+    assert "Partial" not in text and "| 4 rows, 3 adapters, r=4 | fusedpeft |" in text
