@@ -132,6 +132,18 @@ def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_
     return results
 
 
+def after_each_group(cases: list[Case], callback: Callable[[list[Result]], None]):
+    """An ``on_result`` for run(): callback(results so far) each time a group's last case is
+    measured, but the run's last (the caller writes the whole report then). Benchmarks write
+    their partial reports with it, so a run stopped by a time limit keeps the groups it finished."""
+
+    def on_result(results: list[Result]) -> None:
+        if len(results) < len(cases) and cases[len(results)].group != results[-1].group:
+            callback(results)
+
+    return on_result
+
+
 def environment(device="cuda") -> str:
     if _is_cuda(device):
         parts = [f"GPU: {torch.cuda.get_device_name()}"]

@@ -637,15 +637,11 @@ def main(argv=None) -> list[harness.Result]:
             write_json(args, env, groups, results, partial)
         return md
 
-    def on_result(results):
-        # After each whole group, so a run stopped by a time limit keeps the groups it finished.
-        if len(results) < len(cases) and cases[len(results)].group != results[-1].group:
-            write(results, f"{len({r.group for r in results})} of {len(groups)} groups")
-
     t0 = time.perf_counter()
     results = harness.run(cases, log=lambda line: print(line, file=sys.stderr), device=args.device,
                           warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                          on_result=on_result if (args.out or args.json) else None)
+                          on_result=harness.after_each_group(
+                              cases, lambda done: write(done, f"{len({r.group for r in done})} of {len(groups)} groups")))
     print(f"measured {len(cases)} cases in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(write(results))
     if args.plot:

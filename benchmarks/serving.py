@@ -255,12 +255,9 @@ def main(argv=None, log=print):
                 f.write(md + "\n")
         return md
 
-    def on_result(results):  # after each whole group: a run stopped by a time limit keeps them
-        if len(results) < len(all_cases) and all_cases[len(results)].group != results[-1].group:
-            write(results, f"{len(results)} of {len(all_cases)} cases")
-
     results = harness.run(all_cases, log=log, device=device, warmup_ms=warm, rep_ms=rep,
-                          on_result=on_result if args.out else None)
+                          on_result=harness.after_each_group(
+                              all_cases, lambda done: write(done, f"{len(done)} of {len(all_cases)} cases")))
     log(write(results))
     if args.plot:
         harness.plot(results, "base (cuBLAS)", args.plot, f"many adapters, {harness.environment(device)}")
