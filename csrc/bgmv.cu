@@ -348,6 +348,22 @@ bool valid(const LoraArgs& a) {
          a.M >= 0 && a.K >= 0 && a.N >= 0 && a.S >= 0 && a.R >= 0 && a.R <= kMaxRank;
 }
 
+template <typename T>
+struct ElementType {
+  using type = T;
+};
+
+// launch(ElementType<T>{}) for the element type T of `dtype`; cudaErrorInvalidValue for an unknown one.
+template <typename Launch>
+cudaError_t with_element_type(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat16: return launch(ElementType<__half>{});
+    case DType::kBFloat16: return launch(ElementType<__nv_bfloat16>{});
+    case DType::kFloat32: return launch(ElementType<float>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 bool shrink_vectorized(const LoraArgs& a) {
@@ -379,12 +395,9 @@ cudaError_t shrink(const LoraArgs& a, cudaStream_t stream) {
   if (rc == 0) rc = pick_shrink_ranks_per_cta(a.M, a.R, num_sms());
   if (rc != 1 && rc != 4) return cudaErrorInvalidValue;
   const bool vec = shrink_vectorized(a);
-  switch (a.dtype) {
-    case DType::kFloat16: return launch_shrink<__half>(a, stream, vec, rc);
-    case DType::kBFloat16: return launch_shrink<__nv_bfloat16>(a, stream, vec, rc);
-    case DType::kFloat32: return launch_shrink<float>(a, stream, vec, rc);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(a.dtype, [&](auto element) {
+    return launch_shrink<typename decltype(element)::type>(a, stream, vec, rc);
+  });
 }
 
 cudaError_t expand(const LoraArgs& a, cudaStream_t stream) {
@@ -394,12 +407,9 @@ cudaError_t expand(const LoraArgs& a, cudaStream_t stream) {
   if (rows == 0) rows = pick_expand_rows_per_cta(a.M, a.N, num_sms());
   if (rows < 32 || rows > 4096 || (rows & (rows - 1)) != 0) return cudaErrorInvalidValue;
   const bool vec = expand_vectorized(a);
-  switch (a.dtype) {
-    case DType::kFloat16: return launch_expand<__half>(a, stream, vec, rows);
-    case DType::kBFloat16: return launch_expand<__nv_bfloat16>(a, stream, vec, rows);
-    case DType::kFloat32: return launch_expand<float>(a, stream, vec, rows);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(a.dtype, [&](auto element) {
+    return launch_expand<typename decltype(element)::type>(a, stream, vec, rows);
+  });
 }
 
 cudaError_t lora_update(const LoraArgs& a, cudaStream_t stream) {
