@@ -641,7 +641,8 @@ def main(argv=None) -> list[harness.Result]:
     results = harness.run(cases, log=lambda line: print(line, file=sys.stderr), device=args.device,
                           warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                           on_result=harness.after_each_group(
-                              cases, lambda done: write(done, f"{len({r.group for r in done})} of {len(groups)} groups")))
+                              cases, lambda done: write(done, f"{len({r.group for r in done})} of {len(groups)} groups"))
+                          if args.out or args.json else None)
     print(f"measured {len(cases)} cases in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(write(results))
     if args.plot:
@@ -663,6 +664,7 @@ def write_json(args, env: str, groups, results, partial) -> None:
     with open(args.json, "w") as f:
         json.dump({"environment": env, "dtype": args.dtype, "device": args.device, "warmup_ms": args.warmup_ms,
                    "rep_ms": args.rep_ms, "partial": partial, "rows": rows}, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

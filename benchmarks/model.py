@@ -475,5 +475,6 @@ def write_report(args, env: str, rows: list, curves: list, errors: list, partial
             json.dump(report, f, indent=1, default=str)
     return report
 
+
 if __name__ == "__main__":
     sys.exit(main()["status"])

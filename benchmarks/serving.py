@@ -257,11 +257,13 @@ def main(argv=None, log=print):
 
     results = harness.run(all_cases, log=log, device=device, warmup_ms=warm, rep_ms=rep,
                           on_result=harness.after_each_group(
-                              all_cases, lambda done: write(done, f"{len(done)} of {len(all_cases)} cases")))
+                              all_cases, lambda done: write(done, f"{len(done)} of {len(all_cases)} cases"))
+                          if args.out else None)
     log(write(results))
     if args.plot:
         harness.plot(results, "base (cuBLAS)", args.plot, f"many adapters, {harness.environment(device)}")
     return results
+
 
 if __name__ == "__main__":
     main()

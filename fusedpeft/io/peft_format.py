@@ -266,13 +266,13 @@ def _read_config(directory: str, residual_base_ok: bool = True):
             known_init = init in method.file_inits
         except TypeError:  # an unhashable value (a list, a dict) is no init fusedpeft knows
             known_init = False
-        if known_init and init in ("pissa", "olora") and not residual_base_ok:
-            raise ValueError(f"{directory}: init_lora_weights={data[method.init_key]!r} rewrote the base weights when "
-                             "the adapter was made, so it cannot share a base model with other adapters; convert it "
-                             "to plain LoRA first")
         if known_init and init in ("pissa", "olora"):
             # An init that rewrote the base weights: the file is loaded onto the base as it is, as
             # peft's instructions have the user save the residual base beside it.
+            if not residual_base_ok:
+                raise ValueError(f"{directory}: init_lora_weights={data[method.init_key]!r} rewrote the base weights "
+                                 "when the adapter was made, so it cannot share a base model with other adapters; "
+                                 "convert it to plain LoRA first")
             warnings.warn(f"{path}: the adapter was initialised with {init!r}, which rewrote the base weights at "
                           "injection; it is loaded onto the model's base weights as they are, which must be the "
                           "residual base saved after that injection")
