@@ -1,0 +1,76 @@
+"""Where one layer's training step goes, for every variant of benchmarks.layers at a shape: the
+CUDA-event time the layer table reports, the GPU time of its kernels (torch.profiler) and the
+host time of issuing it (the device kept busy by a sleep kernel, so no launch waits for it). A
+variant whose event time follows its host time, not its kernels, is host-bound.
+
+    python -m tools.layer_split 8192x4096x1024 8192x3072x3072 [--r 16] [--p 0,0.05] [--top 12]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from benchmarks import harness, layers
+from tools.profile_kernels import profile_step
+
+
+def host_us(step, calls: int = 30) -> float:
+    """Host time of one step in us: calls issued behind a long sleep kernel, so the host never
+    waits for the device (a host sync inside the step would show as the sleep's length)."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e8))  # ~0.1 s of device time ahead of the loop
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        step()
+    t = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def top_of_profile(step, calls: int = 20, top: int = 12) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return "\n".join(ln for ln in text.getvalue().splitlines()[-top - 3:] if ln.strip())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shapes", nargs="*", default=["8192x4096x1024", "8192x3072x3072", "2048x2048x512"])
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--p", default="0,0.05")
+    parser.add_argument("--top", type=int, default=12, help="cProfile rows of fusedpeft's automatic step (0: none)")
+    args = parser.parse_args(argv)
+    opts = layers.parse_args(["--device", "cuda"])
+    for text in args.shapes:
+        M, K, N = (int(v) for v in text.split("x"))
+        for p in (float(v) for v in args.p.split(",")):
+            group = layers.Group(layers.Shape("shape", "-", K, N), M, "lora", args.r, p)
+            print(f"\n{group.label}")
+            print(f"  {'variant':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches")
+            for case in layers.lora_cases(group, torch.device("cuda"), torch.bfloat16, True, opts):
+                _, step = case.make()
+                event = harness.median_ms(step, 10, 50)
+                kernels = profile_step(step)
+                gpu = sum(us for _, us in kernels.values()) / 1e3
+                host = host_us(step) / 1e3
+                print(f"  {case.variant:34s} {event:9.3f} {gpu:10.3f} {host:8.3f} {len(kernels):4d}")
+                if args.top and case.variant == layers.OURS:
+                    print(top_of_profile(step, top=args.top))
+                del step
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
