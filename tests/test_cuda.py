@@ -172,27 +172,31 @@ def test_triton_rescale_every_tile_config(M, index, kind, use_settings):
     try:
         _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
     except fusedpeft._kernels.triton_kernels.configs.ForcedConfigDoesNotFit as exc:
-        # The recomputed scale gradient's GEMM also stages its second operand: a config the tuner
-        # skips for that launch is refused by name; the rest of the layer still runs under it.
+        # A scale gradient computed as a GEMM reduced against a saved operand stages both operands:
+        # a config the tuner skips for that launch is refused by name. The output scale's gradient
+        # can read the saved z instead (the rest of the layer then runs under the config); the
+        # input scale's always takes that GEMM, so there the config can run the forward only.
         assert "rescale_reduce_kernel" in str(exc) and "shared memory" in str(exc), exc
-        use_settings(tile_config=index, output_scale_grad="save")
-        _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024)
+        if kind == "ia3_out":
+            use_settings(tile_config=index, output_scale_grad="save")
+        _check_rescale(kind, torch.bfloat16, (M,), 1024, 1024, backward=kind == "ia3_out")
 
 
-def _check_rescale(kind, dtype, lead, K, N):
+def _check_rescale(kind, dtype, lead, K, N, backward=True):
     tensors, fn = _rescale_case(kind, lead, K, N, dtype)
     op = "ssf_linear" if kind == "ssf" else "ia3_linear"
     with fusedpeft.use_backend("triton"):
         y = fn(*tensors)
     assert fusedpeft.last_backend(op) == "triton"
     g = torch.randn_like(y)
-    y.backward(g)
     refs = [leaf(t, torch.float64) for t in tensors]
     y_ref = fn(*refs)  # the torch backend in float64 is the reference formula
-    y_ref.backward(g.double())
+    if backward:
+        y.backward(g)
+        y_ref.backward(g.double())
     errs = {"y": rel_err(y, y_ref)}
     for i, (t, ref) in enumerate(zip(tensors, refs)):
-        if t.requires_grad:
+        if backward and t.requires_grad:
             errs[f"grad_{i}"] = rel_err(t.grad, ref.grad)
     bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
     assert not bad, f"{kind} {dtype} errors over {GPU_TOL[dtype]}: {bad}"
