@@ -47,11 +47,43 @@ def test_lora_linear_with_a_frozen_input_matches_reference(backend, dropout, mon
     _check_lora(backend, torch.float32, (37,), 40, 24, 8, True, dropout, monkeypatch, x_grad=False)
 
 
-def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_grad=True):
+@pytest.mark.parametrize("backend", BACKENDS["lora_linear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_float32_adapters_beside_a_bf16_base(backend, dropout, monkeypatch):
+    """peft's default: float32 A and B beside a bf16 layer. Their gradients come back in float32
+    (written so by the reductions that can, cast by the Function otherwise) and match."""
+    _check_lora(backend, torch.bfloat16, (2, 19), 40, 24, 8, True, dropout, monkeypatch, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS["lora_linear"] if b != "torch"])
+def test_lora_reductions_write_adapter_grads_in_the_dtype_asked(backend):
+    """The Triton reductions store grad_A (and grad_B where they compute it) in the dtype the
+    Function would cast them to: the same values as in the compute dtype, no cast launched."""
+    from fusedpeft import backends
+
+    x, W, _ = _inputs((33,), 40, 24, torch.bfloat16, False)
+    with fusedpeft.use_backend(backend):
+        name, impl = backends.select("lora_linear", x, W, record=False)
+    assert name == backend
+    A, B = torch.randn(8, 40).bfloat16(), torch.randn(24, 8).bfloat16()
+    seed = torch.tensor([1234])
+    _, saved = impl.forward(x, W, None, A, B, 1.5, 0.3, seed)
+    g = torch.randn(33, 24).bfloat16()
+    needs = (True, False, False, True, True)
+    plain = impl.backward(g, x, W, A, B, 1.5, 0.3, seed, needs, saved)
+    wide = impl.backward(g, x, W, A, B, 1.5, 0.3, seed, needs, saved, (torch.float32, torch.float32))
+    assert wide[3].dtype == torch.float32  # grad_A: a Triton reduction in every backend with dropout
+    assert_close(wide[3], plain[3].double(), torch.bfloat16, f"{backend} grad_A")
+    assert_close(wide[4].float(), plain[4].double(), torch.bfloat16, f"{backend} grad_B")
+    if backend == "triton":
+        assert wide[4].dtype == torch.float32
+
+
+def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_grad=True, adapter_dtype=None):
     x, W, b = _inputs(lead, K, N, dtype, bias)
     x.requires_grad_(x_grad)
-    A = leaf(torch.randn(r, K) / K**0.5, dtype)
-    B = leaf(torch.randn(N, r) / r**0.5, dtype)  # never B = 0: that would hide the low-rank path
+    A = leaf(torch.randn(r, K) / K**0.5, adapter_dtype or dtype)
+    B = leaf(torch.randn(N, r) / r**0.5, adapter_dtype or dtype)  # never B = 0: that would hide the low-rank path
     scaling = 1.7
     seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend):
@@ -69,6 +101,7 @@ def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_gra
     assert_close(y, y_ref, dtype, what)
     _check_grads("xWbAB", (x if x_grad else None, W, b, A, B), refs, dtype, what)
     assert x_grad or x.grad is None
+    assert A.grad.dtype == A.dtype and B.grad.dtype == B.dtype, (A.grad.dtype, B.grad.dtype)
 
 
 # The distinct dropout masks: cublas and cublas_after draw the triton backend's (test_tuning.py,

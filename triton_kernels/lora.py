@@ -307,7 +307,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, (u_s,)
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved, grad_dtypes=(None, None)):
     need_x, need_w, need_b, need_A, need_B = needs
     (u_s,) = saved  # s * drop(x) A^T
     M, K = x.shape
@@ -324,10 +324,11 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
             _launch_lora(_GRAD_X, grad_y, weight.T, grad_x, lora_B.T, lora_A.T, g_s, s, seed, dropout_p, bias=None,
                          in_loop=fused, dropout_arg=True)
     if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
-        grad_A = torch.empty(r, K, dtype=lora_A.dtype, device=x.device)
+        # In the caller's dtype for it (float32 masters): the reduction stores in out's dtype.
+        grad_A = torch.empty(r, K, dtype=grad_dtypes[0] or lora_A.dtype, device=x.device)
         weight_grad(x, g_s, grad_A, scale=1.0, transpose_out=True, seed=seed, dropout_p=dropout_p)
     if need_B or need_b:  # grad_B = s grad_y^T u = grad_y^T u_s
-        grad_B = torch.empty(N, r, dtype=lora_B.dtype, device=x.device)
+        grad_B = torch.empty(N, r, dtype=grad_dtypes[1] or lora_B.dtype, device=x.device)
         grad_b = torch.empty(N, dtype=grad_y.dtype, device=x.device) if need_b else None
         weight_grad(grad_y, u_s, grad_B, scale=1.0, transpose_out=False, colsum=grad_b)
         if not need_B:

@@ -67,7 +67,8 @@ def _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed):
     return grad_x.addmm_(g, lora_A, alpha=s)
 
 
-def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
+def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved,
+              grad_dtypes=(None, None)):
     need_x, need_w, need_b, need_A, need_B = needs
     (u_s,) = saved
     s = scaling / (1.0 - dropout_p)
@@ -77,7 +78,7 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
         grad_x = _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed)
     if need_A:
         if dropout_p > 0:
-            grad_A = torch.empty_like(lora_A)
+            grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)  # the reduction stores in it
             weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p)
         else:  # beta = 0: lora_A only gives the shape, its values are never read
             grad_A = torch.addmm(lora_A, g.T, x, beta=0, alpha=s)

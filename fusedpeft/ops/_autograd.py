@@ -72,6 +72,7 @@ def autograd_op(
     backward: Callable,
     select: Callable,
     saved_shape: Callable[..., tuple],
+    grads_in_adapter_dtypes: bool = False,
 ) -> AutogradOp:
     """Build the eager autograd Function and the custom-op pair of one op.
 
@@ -83,6 +84,9 @@ def autograd_op(
     forward, backward, select: the op's implementation, as the module docstring writes them.
     saved_shape(x, weight, bias, *adapters, *params): the shape of the forward's saved tensor
         (``(0,)`` where it saves none), for the fake implementation.
+    grads_in_adapter_dtypes: the eager backward passes ``grad_dtypes`` (the adapter tensors' own
+        dtypes, from before their cast to x's) to ``backward``, which may write the adapter
+        gradients in them directly; the cast back after it is then a no-op, one launch less each.
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
@@ -111,7 +115,11 @@ def autograd_op(
         @staticmethod
         def backward(ctx, grad_y):
             *inputs, saved = ctx.saved_tensors
-            grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n])
+            if grads_in_adapter_dtypes:
+                grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n],
+                                 grad_dtypes=ctx.adapter_dtypes)
+            else:
+                grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n])
             return (*grads[:3], *map(_common.cast, grads[3:], ctx.adapter_dtypes), *no_grads)
 
     Function.__name__ = Function.__qualname__ = "".join(w.title() for w in name.split("_")) + "Function"

@@ -82,7 +82,11 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y.addmm_(u, lora_B.T, alpha=scaling / (1.0 - dropout_p)), (u,)
 
 
-def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved):
+def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved,
+                    grad_dtypes=(None, None)):
+    # grad_dtypes: the dtypes the caller casts grad_A and grad_B to afterwards (None: lora_A's).
+    # A backend that can write them in those directly does (the Triton reductions do); the
+    # products here come out in the compute dtype and are cast after.
     need_x, need_w, need_b, need_A, need_B = needs
     (u,) = saved
     s = scaling / (1.0 - dropout_p)
@@ -144,11 +148,12 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, nee
     return y, (u if u.dtype == x.dtype else u.to(x.dtype)), index
 
 
-def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scaling, dropout_p, seed, needs):
+def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scaling, dropout_p, seed, needs,
+                   grad_dtypes=(None, None)):
     impl = backends.impl_at(OP, index)
     # u stays in its saved dtype: backends read it as they need.
     return impl.backward(grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                         tuple(needs), (u,))
+                         tuple(needs), (u,), grad_dtypes)
 
 
 # The eager autograd Function and the custom ops for torch.compile (ops/_autograd.py). They save
@@ -156,7 +161,7 @@ def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scali
 _OP = _autograd.autograd_op(
     "lora_linear", adapters="Tensor lora_A, Tensor lora_B", params="float scaling, float dropout_p, Tensor? seed",
     forward=_forward_impl, backward=_backward_impl, select=_select,
-    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]))
+    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), grads_in_adapter_dtypes=True)
 _lora_fwd = _OP.forward_op
 
 
