@@ -17,7 +17,7 @@ from helpers import (BACKENDS, assert_close, assert_step_matches_peft, backend_m
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40)]
+SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40), ((3, 23), 20, 36)]  # the last: M > K
 
 
 @pytest.mark.parametrize("backend", BACKENDS["dora_linear"])

@@ -4,10 +4,11 @@ computes the row norms n and owns autograd). With c = m / n (float32, N):
 Without dropout (p = 0), y = c * z + b, z = x W^T + s (x A^T) B^T:
 - forward: lora_forward_kernel with its DoRA epilogue (c applied before the bias, z written in
   "save" mode): one launch, the LoRA forward's (after the skinny u_s = s x A^T at large M).
-- backward: the LoRA backward on g_c = c * grad_y (one elementwise pass, 4MN bytes in bf16): grad_x,
-  grad_A, grad_B; then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y) in one
-  column_dot pass over grad_y and z (z read back, or recomputed by the forward kernel without the
-  scale in "recompute" mode: one more 2MNK GEMM instead of M x N saved).
+- backward: the LoRA backward on g_c = c * grad_y: grad_x, grad_A, grad_B. Where K < M the scale
+  goes on W and B instead (c * W: 4NK bytes in bf16 and N x K held, against 4MN and M x N for g_c).
+  Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y) in one column_dot pass over
+  grad_y and z (z read back, or recomputed by the forward kernel without the scale in "recompute"
+  mode: one more 2MNK GEMM instead of M x N saved).
 
 With dropout (p > 0), peft's y = x W^T + b + (c - 1) * t + c * s u B^T, t = drop(x) W^T, needs a
 GEMM with W on drop(x) besides x W^T, in the forward and in grad_x. drop(x) is formed once per
@@ -62,10 +63,29 @@ def _recomputed_z(x, weight, lora_A, lora_B, u_s, scaling, dropout_p, seed):
     return torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)
 
 
+def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, needs):
+    """The LoRA backward on g_c = c * grad_y (c scales output columns), p = 0. Where K < M the scale
+    goes on the operands instead of grad_y: g_c W = grad_y (c * W), g_c B = grad_y (c * B) and
+    g_c^T u_s = c * (grad_y^T u_s), so the temporary is c * W (N x K) rather than g_c (M x N)."""
+    need_x, need_A, need_B = needs
+    M, K = x.shape
+    c_ = c.to(grad_y.dtype)[:, None]
+    if K >= M:
+        return lora.backward(grad_y * c_.T, x, weight, lora_A, lora_B, scaling, 0.0, None,
+                             (need_x, False, False, need_A, need_B), (u_s,))
+    weight_c = weight * c_ if need_x else weight
+    grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight_c, lora_A, lora_B * c_, scaling, 0.0, None,
+                                                 (need_x, False, False, need_A, need_B), (u_s,))
+    if grad_B is not None:
+        grad_B = grad_B * c_
+    return grad_x, None, None, grad_A, grad_B
+
+
 def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed, save_z, needs):
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     c = magnitude.float() / norm.float()
-    g_c = grad_y * c.to(grad_y.dtype)
+    # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's and grad_w's)
+    g_c = grad_y * c.to(grad_y.dtype) if (dropout_p > 0.0 or need_w) else None
     M, r = x.shape[0], lora_A.shape[0]
     keep = 1.0 / (1.0 - dropout_p)
     if save_z:
@@ -77,8 +97,8 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         z = _recomputed_z(x, weight, lora_A, lora_B, u_s, scaling, dropout_p, seed) if need_m else None
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
-        grad_x, _, _, grad_A, grad_B = lora.backward(g_c, x, weight, lora_A, lora_B, scaling, 0.0, None,
-                                                     (need_x, False, False, need_A, need_B), (u_s,))
+        grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s,
+                                                             (need_x, need_A, need_B))
     else:
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)
