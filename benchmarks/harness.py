@@ -321,26 +321,30 @@ def host_ms(fn: Callable, calls: int, warmup: int = 1, device="cuda") -> float:
 def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:
     """Host time of fn per call (host_ms, on CUDA), then the top of cProfile over a few more
     calls. Returns ms/call."""
-    import cProfile
-    import io
-    import pstats
-
     host = host_ms(fn, calls)
     print(f"{label} host {host:.3f} ms/call (no sync inside)")
     if not top:
         return host
+    for ln in profile_rows(fn, profiled_calls, top):
+        print("     ", ln[:150])
+    return host
+
+
+def profile_rows(fn: Callable, calls: int, top: int) -> list[str]:
+    """The top rows of cProfile (by own time) over ``calls`` calls of fn, device synchronised after."""
+    import cProfile
+    import io
+    import pstats
+
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(profiled_calls):
+    for _ in range(calls):
         fn()
     prof.disable()
     torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    rows = [ln for ln in text.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:top]
-    for ln in rows:
-        print("     ", ln[:150])
-    return host
+    return [ln for ln in text.getvalue().splitlines() if ln.strip() and ln.strip()[0].isdigit()][:top]
 
 
 def step_times_ms(step: Callable[[int], None], steps: int, cuda: bool = True) -> list[float]:

@@ -8,9 +8,6 @@ variant whose event time follows its host time, not its kernels, is host-bound.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import time
 
 import torch
@@ -31,18 +28,6 @@ def host_us(step, calls: int = 30) -> float:
     t = (time.perf_counter() - t0) / calls * 1e6
     torch.cuda.synchronize()
     return t
-
-
-def top_of_profile(step, calls: int = 20, top: int = 12) -> str:
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    return "\n".join(ln for ln in text.getvalue().splitlines()[-top - 3:] if ln.strip())
 
 
 def main(argv=None):
@@ -67,7 +52,7 @@ def main(argv=None):
                 host = host_us(step) / 1e3
                 print(f"  {case.variant:34s} {event:9.3f} {gpu:10.3f} {host:8.3f} {len(kernels):4d}")
                 if args.top and case.variant == layers.OURS:
-                    print(top_of_profile(step, top=args.top))
+                    print("\n".join("     " + row[:150] for row in harness.profile_rows(step, 20, args.top)))
                 del step
                 torch.cuda.empty_cache()
 
