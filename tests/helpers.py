@@ -104,20 +104,23 @@ def backend_mask(op, backend, seed, x, p):
     return impl.dropout_mask(seed, (x.shape[:-1].numel(), x.shape[-1]), p, x.device).reshape(x.shape).double()
 
 
-def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend, device="cuda"):
+def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch, backend, device="cuda",
+                               adapter_dtype=None):
     """lora_linear through ``backend`` (forced) against the float64 reference with the backend's own
-    dropout mask: the output and every gradient, by relative norm error within GPU_TOL."""
+    dropout mask: the output and every gradient, by relative norm error within GPU_TOL. A and B in
+    ``adapter_dtype`` when given (float32 masters beside a bf16 layer): their gradients in it too."""
     import fusedpeft
     from fusedpeft.ops import lora_linear, lora_linear_reference
 
     x = leaf(torch.randn(*lead, K, device=device), dtype)
     W = leaf(torch.randn(N, K, device=device) / K**0.5, dtype, requires_grad=False)
     b = leaf(torch.randn(N, device=device), dtype) if bias else None
-    A = leaf(torch.randn(r, K, device=device) / K**0.5, dtype)
-    B = leaf(torch.randn(N, r, device=device) / r**0.5, dtype)
+    A = leaf(torch.randn(r, K, device=device) / K**0.5, adapter_dtype or dtype)
+    B = leaf(torch.randn(N, r, device=device) / r**0.5, adapter_dtype or dtype)
     seed = pin_dropout_seed(monkeypatch)
     with fusedpeft.use_backend(backend):
         y = lora_linear(x, W, b, A, B, 0.75, dropout_p=dropout, training=True)
+    assert y.dtype == dtype
     assert fusedpeft.last_backend("lora_linear") == backend
     g = lora_upstream_grad(y, B)
     y.backward(g)
@@ -131,6 +134,7 @@ def check_lora_against_float64(lead, K, N, r, dtype, dropout, bias, monkeypatch,
             errs["grad_" + name] = rel_err(t.grad, ref.grad)
     bad = {k: v for k, v in errs.items() if not v <= GPU_TOL[dtype]}
     assert not bad, f"{backend} {tuple(lead)}x{K}x{N} r={r} {dtype} p={dropout}: errors over {GPU_TOL[dtype]}: {bad}"
+    assert A.grad.dtype == A.dtype and B.grad.dtype == B.dtype
 
 
 def peft_twins(base, prepare=None, **config):

@@ -23,6 +23,16 @@ def test_triton_lora_matches_float64(lead, K, N, r, dtype, dropout, monkeypatch)
     _run(lead, K, N, r, dtype, dropout, bias=True, monkeypatch=monkeypatch)
 
 
+# peft's default adapters: float32 A and B beside a bf16 layer, through every LoRA backend (the Triton
+# reductions write their gradients in float32), at M below and above K.
+@pytest.mark.parametrize("backend", ["triton", "cublas", "cublas_after"])
+@pytest.mark.parametrize("lead,K,N", [((3, 111), 1000, 1496), ((2048,), 1024, 512)])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_float32_adapters_beside_bf16(backend, lead, K, N, dropout, monkeypatch):
+    check_lora_against_float64(lead, K, N, 16, torch.bfloat16, dropout, True, monkeypatch, backend,
+                               adapter_dtype=torch.float32)
+
+
 # Ranks up to 256 (r = 100: BLOCK_R padding), at decode size (the split schedule above r = 64)
 # and at large M, where the rank-r epilogue tiles compete with the main loop for shared memory.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.cuda
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cublas", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+# The last shape has M > K: the backward scales W and B, not grad_y, by the magnitude over the norm.
 @pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((16,), 4096, 4096),
-                                      ((2048,), 4096, 1024)])
+                                      ((2048,), 4096, 1024), ((1536,), 1024, 768)])
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 @pytest.mark.parametrize("grad_mode", ["save", "recompute"])
