@@ -3,6 +3,7 @@
 # files come back: run.log, layers.{md,png,json}, model.{md,png,json}, cache/tuning.json).
 #   TESTS=1     every cuda-marked test under tests/ (TEST_FILES narrows it), WORKERS processes
 #   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
+#   SPLIT=1     tools.layer_split $SPLIT_SHAPES (event, kernel and host time of each layer-table variant)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
 #   SERVING=1   python -m benchmarks.serving $SERVING_ARGS (many adapters in one batch, layer level)
@@ -34,6 +35,11 @@ fi
 if [ "${TRACE:-0}" = "1" ]; then
   stage trace
   timeout "${TRACE_TIMEOUT:-240}" python3 -m tools.trace_launches --shape 8192x5120x5120 --dtype float32 2>&1 | tail -30 | tee -a "$LOG"
+fi
+if [ "${SPLIT:-0}" = "1" ]; then
+  stage split
+  timeout "${SPLIT_TIMEOUT:-170}" python3 -m tools.layer_split ${SPLIT_SHAPES:-8192x4096x1024 2048x2048x512} --top 0 \
+    2>&1 | grep -v Warning | tee -a "$LOG" | tail -40
 fi
 if [ "${LAYERS:-1}" = "1" ]; then
   stage layers
