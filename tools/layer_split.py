@@ -4,6 +4,7 @@ host time of issuing it (the device kept busy by a sleep kernel, so no launch wa
 variant whose event time follows its host time, not its kernels, is host-bound.
 
     python -m tools.layer_split 8192x4096x1024 8192x3072x3072 [--r 16] [--p 0,0.05] [--top 12]
+        [--backward-on-caller]
 """
 from __future__ import annotations
 
@@ -36,7 +37,13 @@ def main(argv=None):
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--p", default="0,0.05")
     parser.add_argument("--top", type=int, default=12, help="cProfile rows of fusedpeft's automatic step (0: none)")
+    parser.add_argument("--backward-on-caller", action="store_true",
+                        help="torch.autograd.set_multithreading_enabled(False): the backward runs on the calling "
+                             "thread, not autograd's device thread (shows the cost of that hand-off and of taking the "
+                             "GIL there for a Python backward)")
     args = parser.parse_args(argv)
+    if args.backward_on_caller:
+        torch.autograd.set_multithreading_enabled(False)
     opts = layers.parse_args(["--device", "cuda"])
     for text in args.shapes:
         M, K, N = (int(v) for v in text.split("x"))
