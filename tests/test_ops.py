@@ -188,6 +188,41 @@ def test_ssf_linear_matches_reference(backend, dtype, lead, K, N, bias, grad_mod
     _check_grads(("x", "W", "b", "scale", "shift"), (x, W, b, scale, shift), refs, dtype, what)
 
 
+@pytest.mark.parametrize("backend", BACKENDS["ssf_linear"])
+@pytest.mark.parametrize("kind", ["ia3-out", "ia3-ff", "ssf"])
+def test_rescale_grads_in_the_float32_of_the_scale(backend, kind, use_settings):
+    """A float32 scale (and shift) beside a bf16 layer: its gradient is a float32 column sum, rounded
+    once to float32 by the backend (not to bf16 and back), and matches float64."""
+    use_settings(output_scale_grad="recompute")
+    x, W, b = _inputs((2, 19), 40, 24, torch.bfloat16, True)
+    W.requires_grad_(False)
+    ff = kind == "ia3-ff"
+    scale = leaf(1.0 + 0.5 * torch.randn(40 if ff else 24))
+    shift = leaf(torch.randn(24)) if kind == "ssf" else None
+    call = (lambda *t: ssf_linear(*t)) if kind == "ssf" else (lambda *t: ia3_linear(*t, ff))
+    args = (x, W, b, scale) + ((shift,) if shift is not None else ())
+    with fusedpeft.use_backend(backend):
+        y = call(*args)
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) for t in args]
+    call(*refs).backward(g.double())
+    for name, t, ref in zip(("x", "W", "b", "scale", "shift"), args, refs):
+        if t.requires_grad:
+            assert t.grad.dtype == t.dtype, (name, t.grad.dtype)
+            assert_close(t.grad, ref.grad, torch.bfloat16, f"{kind}[{backend}] grad_{name}")
+    # The backend itself writes them in float32 when asked (no cast after it).
+    from fusedpeft import backends
+
+    with fusedpeft.use_backend(backend):
+        _, impl = backends.select("ssf_linear" if kind == "ssf" else "ia3_linear", x, W, record=False)
+    x2 = x.detach().reshape(-1, 40)
+    grads = impl.backward(g.reshape(-1, 24), x2, W, b.detach(), scale.detach().bfloat16(),
+                          None if shift is None else shift.detach().bfloat16(), ff, None,
+                          (False, False, False, True, shift is not None), (torch.float32, torch.float32))
+    assert grads[3].dtype == torch.float32 and (shift is None or grads[4].dtype == torch.float32)
+
+
 def _saved(y):
     node = y.grad_fn
     while not hasattr(node, "saved_tensors"):  # past the reshape back to x's leading shape

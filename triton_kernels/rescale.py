@@ -236,16 +236,19 @@ def forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
     return _rescaled(x, weight, y, bias, scale, input_scale=False, shift=shift, z=z), z
 
 
-def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
+def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs, grad_dtypes=(None, None)):
     need_x, need_w, need_b, need_scale, need_shift = needs
     grad_x = grad_w = grad_b = grad_scale = grad_shift = None
     M, K = x.shape
     dtype = grad_y.dtype
+    # The scale's and shift's gradients are float32 column sums: rounded once, to the dtype the
+    # caller keeps them in (float32 masters: not at all).
+    scale_dtype, shift_dtype = (d or dtype for d in grad_dtypes)
     if input_scale:
         if need_x or need_scale:
             grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device) if need_x else None
             if need_scale:  # h = g W: grad_x = h * l and grad_l = sum_rows(h * x) in one launch
-                grad_scale = _reduce_against(grad_y, weight.T, x, out=grad_x, scale=scale)[0].to(dtype)
+                grad_scale = _reduce_against(grad_y, weight.T, x, out=grad_x, scale=scale)[0].to(scale_dtype)
             elif M and K:
                 _rescaled(grad_y, weight.T, grad_x, None, scale, input_scale=False)
         if need_b:
@@ -265,11 +268,11 @@ def backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
             dot, col_g = _column_dot(grad_y, z, want_sum)
         else:
             dot, col_g = _reduce_against(x, weight, grad_y, bias=bias, sum_other=want_sum)
-        grad_scale = dot.to(dtype)
+        grad_scale = dot.to(scale_dtype)
     elif want_sum:
         col_g = grad_y.sum(0, dtype=torch.float32)
     if need_shift:
-        grad_shift = col_g.to(dtype)
+        grad_shift = col_g.to(shift_dtype)
     if need_b:  # sum_rows(g * l) = l * sum_rows(g)
         grad_b = (col_g * scale.float()).to(dtype)
     if need_w:

@@ -18,7 +18,8 @@ The method files (ia3.py, ssf.py) hold their references and public functions; th
 torch backend, the dispatch and the op (autograd Function and custom ops from
 ``_autograd.autograd_op``) they share. Backends implement
 ``forward(x, weight, bias, scale, shift, input_scale, save_unscaled) -> (y, z or None)`` and
-``backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs) -> 5 grads`` on 2-D x, and
+``backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs, grad_dtypes) -> 5 grads`` on 2-D
+x (grad_scale and grad_shift in grad_dtypes where given: the scale's own dtype), and
 register from ``fusedpeft/backends/``.
 """
 from __future__ import annotations
@@ -51,16 +52,19 @@ def _torch_forward(x, weight, bias, scale, shift, input_scale, save_unscaled):
     return y, (z if save_unscaled else None)
 
 
-def _torch_backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs):
+def _torch_backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs, grad_dtypes=(None, None)):
+    # grad_dtypes: the dtypes the caller casts grad_scale and grad_shift to afterwards (float32
+    # masters beside a bf16 layer): the float32 column sums are rounded to those directly.
     need_x, need_w, need_b, need_scale, need_shift = needs
     grad_x = grad_w = grad_b = grad_scale = grad_shift = None
     dtype = grad_y.dtype
+    scale_dtype, shift_dtype = (d or dtype for d in grad_dtypes)
     if input_scale:
         h = grad_y @ weight  # gradient w.r.t. the scaled input x * scale
         if need_x:
             grad_x = h * scale
         if need_scale:
-            grad_scale = _common.sum_rows(h * x, dtype)
+            grad_scale = _common.sum_rows(h * x, scale_dtype)
         if need_w:
             grad_w = grad_y.T @ (x * scale)
         if need_b:
@@ -72,9 +76,9 @@ def _torch_backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs
     if need_scale:
         if z is None:
             z = _linear(x, weight, bias)
-        grad_scale = _common.sum_rows(grad_y * z, dtype)
+        grad_scale = _common.sum_rows(grad_y * z, scale_dtype)
     if need_shift:
-        grad_shift = _common.sum_rows(grad_y, dtype)
+        grad_shift = _common.sum_rows(grad_y, shift_dtype)
     if need_w:
         grad_w = g_scaled.T @ x
     if need_b:
@@ -125,9 +129,11 @@ def _forward_impl(x, weight, bias, scale, shift, input_scale, save_unscaled, op,
     return y, z, index
 
 
-def _backward_impl(grad_y, x, weight, bias, scale, shift, z, index, input_scale, save_unscaled, op, needs):
+def _backward_impl(grad_y, x, weight, bias, scale, shift, z, index, input_scale, save_unscaled, op, needs,
+                   grad_dtypes=(None, None)):
     impl = backends.impl_at(op, index)
-    return impl.backward(grad_y.contiguous(), x, weight, bias, scale, shift, input_scale, z, tuple(needs))
+    return impl.backward(grad_y.contiguous(), x, weight, bias, scale, shift, input_scale, z, tuple(needs),
+                         grad_dtypes)
 
 
 def _saved_shape(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
@@ -138,7 +144,8 @@ def _saved_shape(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
 # the frozen weight, bias, scale, shift (in x's dtype), and z in "save" mode.
 _OP = _autograd.autograd_op(
     "rescaled_linear", adapters="Tensor scale, Tensor? shift", params="bool input_scale, bool save_unscaled, str op",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape,
+    grads_in_adapter_dtypes=True)
 _rescaled_fwd = _OP.forward_op
 
 
