@@ -54,6 +54,33 @@ def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout
             assert_close(t.grad, ref.grad, dtype, f"{what} grad_{name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("lead", [(2, 5), (3, 23)], ids=["M<K", "M>K"])
+def test_dora_float32_adapters_beside_a_bf16_base(backend, dropout, lead, monkeypatch):
+    """peft's default: float32 A, B and magnitude beside a bf16 layer. Their gradients come back in
+    float32 (the backends write them so where they can) and match float64."""
+    x = leaf(torch.randn(*lead, 20), torch.bfloat16)
+    W = leaf(torch.randn(36, 20) / 20**0.5, torch.bfloat16, requires_grad=False)
+    A, B = leaf(torch.randn(4, 20) / 20**0.5), leaf(torch.randn(36, 4) / 2)
+    m = leaf(torch.rand(36) + 0.5)
+    seed = pin_dropout_seed(monkeypatch)
+    with fusedpeft.use_backend(backend):
+        y = dora_linear(x, W, None, A, B, 1.3, m, dropout_p=dropout, training=True)
+    assert y.dtype == torch.bfloat16
+    g = lora_upstream_grad(y, B)
+    y.backward(g)
+    mask = backend_mask("dora_linear", backend, seed, x, dropout)
+    refs = [leaf(t, torch.float64, requires_grad=t.requires_grad) for t in (x, W, A, B, m)]
+    y_ref = dora_linear_reference(refs[0], refs[1], None, refs[2], refs[3], 1.3, refs[4], dropout_mask=mask,
+                                  dropout_p=dropout)
+    y_ref.backward(g.double())
+    assert_close(y, y_ref, torch.bfloat16, f"dora[{backend}] y")
+    for name, t, ref in zip(["x", "A", "B", "m"], (x, A, B, m), (refs[0], *refs[2:])):
+        assert t.grad.dtype == t.dtype, (name, t.grad.dtype)
+        assert_close(t.grad, ref.grad, torch.bfloat16, f"dora[{backend}] p={dropout} grad_{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_dora_norm_without_forming_the_merged_weight(dtype):
     N, K, r = 30, 50, 6

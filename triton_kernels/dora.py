@@ -63,7 +63,7 @@ def _recomputed_z(x, weight, lora_A, lora_B, u_s, scaling, dropout_p, seed):
     return torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)
 
 
-def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, needs):
+def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, needs, grad_dtypes):
     """The LoRA backward on g_c = c * grad_y (c scales output columns), p = 0. Where K < M the scale
     goes on the operands instead of grad_y: g_c W = grad_y (c * W), g_c B = grad_y (c * B) and
     g_c^T u_s = c * (grad_y^T u_s), so the temporary is c * W (N x K) rather than g_c (M x N)."""
@@ -72,17 +72,21 @@ def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, ne
     c_ = c.to(grad_y.dtype)[:, None]
     if K >= M:
         return lora.backward(grad_y * c_.T, x, weight, lora_A, lora_B, scaling, 0.0, None,
-                             (need_x, False, False, need_A, need_B), (u_s,))
+                             (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
     weight_c = weight * c_ if need_x else weight
     grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight_c, lora_A, lora_B * c_, scaling, 0.0, None,
-                                                 (need_x, False, False, need_A, need_B), (u_s,))
+                                                 (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
     if grad_B is not None:
-        grad_B = grad_B * c_
+        grad_B = grad_B.mul_(c_)
     return grad_x, None, None, grad_A, grad_B
 
 
-def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed, save_z, needs):
+def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed, save_z, needs,
+             grad_dtypes=(None, None, None)):
+    """grad_dtypes: the dtypes grad_A, grad_B and grad_m are kept in (float32 masters): the
+    reductions write them in those directly."""
     need_x, need_w, need_b, need_A, need_B, need_m = needs
+    dtype_A, dtype_B, dtype_m = (d or t.dtype for d, t in zip(grad_dtypes, (lora_A, lora_B, magnitude)))
     c = magnitude.float() / norm.float()
     # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's and grad_w's)
     g_c = grad_y * c.to(grad_y.dtype) if (dropout_p > 0.0 or need_w) else None
@@ -98,22 +102,22 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
         grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s,
-                                                             (need_x, need_A, need_B))
+                                                             (need_x, need_A, need_B), (dtype_A, dtype_B))
     else:
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)
             inner = torch.addmm(torch.mm(g_B, lora_A), g_c - grad_y, weight, alpha=1.0, beta=scaling)
             grad_x = torch.addmm(_dropped(inner, dropout_p, seed), grad_y, weight)
         if need_A:  # s g_B^T drop(x): the masked reduction reads x once
-            grad_A = torch.empty_like(lora_A)
+            grad_A = torch.empty_like(lora_A, dtype=dtype_A)
             weight_grad(x, g_B, grad_A, scale=scaling * keep, transpose_out=True, seed=seed, dropout_p=dropout_p)
         if need_B:
-            grad_B = torch.empty_like(lora_B)
+            grad_B = torch.empty_like(lora_B, dtype=dtype_B)
             weight_grad(g_c, u_s, grad_B, scale=1.0, transpose_out=False)
     if need_m or need_b:
         if need_m:
             dot, col_g = _column_dot(grad_y, z, need_b)
-            grad_m = (dot / norm.float()).to(magnitude.dtype)
+            grad_m = (dot / norm.float()).to(dtype_m)
         else:
             col_g = grad_y.sum(0, dtype=torch.float32)
         if need_b:

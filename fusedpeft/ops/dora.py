@@ -104,7 +104,9 @@ def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, 
 
 
 def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
-                          dropout_p, seed, save_z, needs):
+                          dropout_p, seed, save_z, needs, grad_dtypes=(None, None, None)):
+    # grad_dtypes: the dtypes the caller casts grad_A, grad_B and grad_m to afterwards; grad_m, a
+    # float32 column sum, is rounded to its own once (the products come out in the compute dtype).
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype = grad_y.dtype
     c = (magnitude / norm).to(dtype)
@@ -135,7 +137,7 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
         grad_B = g_c.T @ u_s
     if need_m:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        grad_m = ((grad_y.to(acc) * z.to(acc)).sum(0) / norm.to(acc)).to(dtype)
+        grad_m = ((grad_y.to(acc) * z.to(acc)).sum(0) / norm.to(acc)).to(grad_dtypes[2] or dtype)
     return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m
 
 
@@ -187,10 +189,10 @@ def _forward_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dro
 
 
 def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, index, scaling, norm, dropout_p, seed,
-                   save_z, needs):
+                   save_z, needs, grad_dtypes=(None, None, None)):
     impl = backends.impl_at(OP, index)
     return impl.backward(grad_y.contiguous(), x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
-                         dropout_p, seed, save_z, tuple(needs))
+                         dropout_p, seed, save_z, tuple(needs), grad_dtypes)
 
 
 def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
@@ -202,7 +204,8 @@ def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, drop
 _OP = _autograd.autograd_op(
     "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
     params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape,
+    grads_in_adapter_dtypes=True)
 
 
 def dora_linear(
