@@ -282,6 +282,39 @@ def test_failed_wrap_leaves_the_model_as_it_was(base, monkeypatch):
     MultiAdapterModel(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
 
 
+def test_served_layers_skip_the_op_checks_only_for_inputs_they_can_take(base, lora_dirs, ia3_dirs, monkeypatch):
+    """Under no_grad a served layer calls the op past its checks (its bank and index are its own):
+    the same rows as the checked call with autograd on, and an input the layer cannot take still
+    gets the checked op's error, naming it."""
+    from fusedpeft.serving import layers as serving_layers
+
+    unchecked_calls = []
+    for name in ("run_multi_lora", "run_multi_ia3"):
+        real = getattr(serving_layers, name)
+        monkeypatch.setattr(serving_layers, name, lambda *a, _real=real: unchecked_calls.append(1) or _real(*a))
+
+    for dirs, names, method in ((lora_dirs, ["a0", None, "a1", "a2"], "lora"),
+                                (ia3_dirs, ["i0", "i1", None, "i2"], "ia3")):
+        served = served_lora(base, dirs, sorted(n for n in names if n), method=method)
+        ids = torch.randint(1, 96, (4, 5))
+        with torch.no_grad():
+            unchecked = served(input_ids=ids, adapter_names=names).logits
+            assert unchecked_calls, method
+            unchecked_calls.clear()
+            with monkeypatch.context() as patch:  # every layer through the checked op
+                patch.setattr(serving_layers._ServingLayer, "_takes_unchecked", lambda self, x: False)
+                checked = served(input_ids=ids, adapter_names=names).logits
+            assert not unchecked_calls
+        torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
+        layer = next(m for m in served.model.modules()
+                     if isinstance(m, (serving_layers.MultiLoraLinear, serving_layers.MultiIA3Linear))
+                     and m.filled)
+        served.activate(names)
+        with torch.no_grad(), pytest.raises(ValueError, match="in_features"):
+            layer(torch.randn(4, 5, layer.in_features + 1))
+        served.deactivate()
+
+
 # ----------------------------------------------------------------------------- outputs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mixed_batch_matches_each_adapter_merged(base, lora_dirs, dtype):

@@ -158,12 +158,19 @@ def multi_lora_linear(
             raise TypeError(f"{OP}: {name} must be {kind} tensor on {x.device} (every kernel reads it there), "
                             f"got {t.dtype} on {t.device}")
     _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
+    _check_index(OP, adapter_index, _common.flatten_rows(x).shape[0], S, x.device)
+    return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+
+
+def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index) -> torch.Tensor:
+    """multi_lora_linear past its checks, for a caller that owns a bank it validated when it made
+    it and the index it builds (fusedpeft.serving's layers, checking x itself): a decode step runs
+    one such call per adapted layer, and its host time is the step's."""
     x2 = _common.flatten_rows(x)
-    _check_index(OP, adapter_index, x2.shape[0], S, x.device)
     args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
-    impl = _select(OP, x2, weight, (R, bias is not None), lambda impl: impl.lora(*args))
+    impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None), lambda impl: impl.lora(*args))
     y = impl.lora(*args)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def multi_ia3_linear(
@@ -182,9 +189,14 @@ def multi_ia3_linear(
         raise ValueError(f"{IA3_OP}: scales must be (slots, {'in' if feedforward else 'out'}_features="
                          f"{K if feedforward else N}), got {tuple(scales.shape)}")
     _refuse_grad(IA3_OP, x, weight, bias, scales)
+    _check_index(IA3_OP, adapter_index, _common.flatten_rows(x).shape[0], scales.shape[0], x.device)
+    return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
+
+
+def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> torch.Tensor:
+    """multi_ia3_linear past its checks (see run_multi_lora)."""
     x2 = _common.flatten_rows(x)
-    _check_index(IA3_OP, adapter_index, x2.shape[0], scales.shape[0], x.device)
     args = (x2, weight, bias, scales, adapter_index, bool(feedforward))
     impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args))
     y = impl.ia3(*args)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

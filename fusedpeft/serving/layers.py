@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..modules.base import is_conv1d, linear_shape
-from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear
+from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear, run_multi_ia3, run_multi_lora
 
 
 class BatchIndex:
@@ -136,6 +136,14 @@ class _ServingLayer(nn.Module):
             return None
         return batch.rows(x, self.base_layer.weight.device)
 
+    def _takes_unchecked(self, x: torch.Tensor) -> bool:
+        """Whether x may skip the op's checks: the bank was checked when it was made, the index is
+        the batch's own, so x is all that is left (no autograd, the layer's width, dtype and
+        device). Anything else goes through the checked op, which names what is wrong."""
+        w = self.base_layer.weight
+        return (not torch.is_grad_enabled() and x.shape[-1] == self.in_features and x.dtype == w.dtype
+                and x.device == w.device)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.slots}"
 
@@ -178,8 +186,9 @@ class MultiLoraLinear(_ServingLayer):
         index = self._index(x)
         if index is None:
             return self.base_layer(x)
-        return multi_lora_linear(x, self.base_weight(), self.base_layer.bias, self.lora_A, self.lora_B,
-                                 self.scalings, self.ranks, index)
+        run = run_multi_lora if self._takes_unchecked(x) else multi_lora_linear
+        return run(x, self.base_weight(), self.base_layer.bias, self.lora_A, self.lora_B, self.scalings, self.ranks,
+                   index)
 
 
 class MultiIA3Linear(_ServingLayer):
@@ -220,4 +229,5 @@ class MultiIA3Linear(_ServingLayer):
         if index is None:
             return self.base_layer(x)
         scales = self.ia3_in if self.feedforward else self.ia3_out
-        return multi_ia3_linear(x, self.base_weight(), self.base_layer.bias, scales, index, self.feedforward)
+        run = run_multi_ia3 if self._takes_unchecked(x) else multi_ia3_linear
+        return run(x, self.base_weight(), self.base_layer.bias, scales, index, self.feedforward)
