@@ -410,8 +410,10 @@ _REFERENCES: dict = {}
 def _reference(name: str, tmp_path_factory, parts: int = 1, as_param_dtype: bool = False) -> dict:
     """One process, the whole batch (in ``parts`` accumulated parts), the same model: the adapter
     before and after training, the eval logits, the files it saves. ``as_param_dtype``: DoRA's
-    weight norm reads A and B rounded to bf16, as they reach the layer under FSDP2's
-    MixedPrecisionPolicy(param_dtype=bf16) (the ops cast them to bf16 themselves, the norm does not)."""
+    adapter tensors reach its norm and its op in bf16, as FSDP2's MixedPrecisionPolicy(param_dtype=
+    bf16) hands them to the layer: the norm then reads the rounded A and B, and the op returns
+    their gradients in bf16 (for float32 masters it writes them in float32, a rounding FSDP's
+    bf16 parameters never get)."""
     import fusedpeft.modules.dora as dora_module
 
     key = (name, parts, as_param_dtype)
@@ -422,16 +424,18 @@ def _reference(name: str, tmp_path_factory, parts: int = 1, as_param_dtype: bool
         save(model, os.path.join(d, "init"))
         initial = _snapshot(model)
         opt = _optimizer(name, model)
-        norm = dora_module.dora_weight_norm
+        norm, op = dora_module.dora_weight_norm, dora_module.dora_linear
         if as_param_dtype:
-            dora_module.dora_weight_norm = lambda w, A, B, *rest: norm(w, A.to(torch.bfloat16), B.to(torch.bfloat16),
-                                                                       *rest)
+            bf16 = torch.bfloat16
+            dora_module.dora_weight_norm = lambda w, A, B, *rest: norm(w, A.to(bf16), B.to(bf16), *rest)
+            dora_module.dora_linear = lambda x, w, b, A, B, s, m, *rest, **kw: op(x, w, b, A.to(bf16), B.to(bf16), s,
+                                                                               m.to(bf16), *rest, **kw)
         try:
             eval_before = _eval_logits(model) if SCENARIOS[name][2] == "dora" else None
             losses = _train(model, opt, slice(0, WORLD * ROWS), parts=parts)
             eval_after = _eval_logits(model)
         finally:
-            dora_module.dora_weight_norm = norm
+            dora_module.dora_weight_norm, dora_module.dora_linear = norm, op
         _REFERENCES[key] = {"initial": initial, "final": _snapshot(model), "losses": losses, "dir": d,
                             "eval_before": eval_before, "eval_after": eval_after}
         save(model, os.path.join(d, "trained"))
