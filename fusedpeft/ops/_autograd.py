@@ -5,7 +5,7 @@ adapter tensors, under parameters that take no gradient (scalars, flags, a seed)
 the factory three functions on 2-D x:
 
     forward(x, weight, bias, *adapters, *params, needs, index=-1) -> (y, saved, index)
-    backward(grad_y, x, weight, bias, *adapters, saved, index, *params, needs) -> a grad per tensor
+    backward(grad_y, x, weight, bias, *adapters, saved, index, *params, needs, grad_dtypes) -> a grad per tensor
     select(x, weight, bias, *adapters, *params, needs, index=-1, record=True) -> (index, impl)
 
 ``forward`` picks the backend (``select``) and runs it. ``index`` is that backend's registration
@@ -72,7 +72,6 @@ def autograd_op(
     backward: Callable,
     select: Callable,
     saved_shape: Callable[..., tuple],
-    grads_in_adapter_dtypes: bool = False,
 ) -> AutogradOp:
     """Build the eager autograd Function and the custom-op pair of one op.
 
@@ -84,9 +83,9 @@ def autograd_op(
     forward, backward, select: the op's implementation, as the module docstring writes them.
     saved_shape(x, weight, bias, *adapters, *params): the shape of the forward's saved tensor
         (``(0,)`` where it saves none), for the fake implementation.
-    grads_in_adapter_dtypes: the eager backward passes ``grad_dtypes`` (the adapter tensors' own
-        dtypes, from before their cast to x's) to ``backward``, which may write the adapter
-        gradients in them directly; the cast back after it is then a no-op, one launch less each.
+    The eager backward passes ``grad_dtypes`` (the adapter tensors' own dtypes, from before their
+    cast to x's) to ``backward``, which may write the adapter gradients in them directly (float32
+    masters beside a bf16 layer): the cast back after it is then a no-op, one launch less each.
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
@@ -115,11 +114,8 @@ def autograd_op(
         @staticmethod
         def backward(ctx, grad_y):
             *inputs, saved = ctx.saved_tensors
-            if grads_in_adapter_dtypes:
-                grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n],
-                                 grad_dtypes=ctx.adapter_dtypes)
-            else:
-                grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n])
+            grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n],
+                             grad_dtypes=ctx.adapter_dtypes)
             return (*grads[:3], *map(_common.cast, grads[3:], ctx.adapter_dtypes), *no_grads)
 
     Function.__name__ = Function.__qualname__ = "".join(w.title() for w in name.split("_")) + "Function"

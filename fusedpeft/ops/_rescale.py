@@ -144,8 +144,7 @@ def _saved_shape(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
 # the frozen weight, bias, scale, shift (in x's dtype), and z in "save" mode.
 _OP = _autograd.autograd_op(
     "rescaled_linear", adapters="Tensor scale, Tensor? shift", params="bool input_scale, bool save_unscaled, str op",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape,
-    grads_in_adapter_dtypes=True)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
 _rescaled_fwd = _OP.forward_op
 
 

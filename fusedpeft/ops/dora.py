@@ -204,8 +204,7 @@ def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, drop
 _OP = _autograd.autograd_op(
     "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
     params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape,
-    grads_in_adapter_dtypes=True)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
 
 
 def dora_linear(

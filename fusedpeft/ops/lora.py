@@ -161,7 +161,7 @@ def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scali
 _OP = _autograd.autograd_op(
     "lora_linear", adapters="Tensor lora_A, Tensor lora_B", params="float scaling, float dropout_p, Tensor? seed",
     forward=_forward_impl, backward=_backward_impl, select=_select,
-    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), grads_in_adapter_dtypes=True)
+    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]))
 _lora_fwd = _OP.forward_op
 
 
