@@ -158,7 +158,7 @@ def multi_lora_linear(
             raise TypeError(f"{OP}: {name} must be {kind} tensor on {x.device} (every kernel reads it there), "
                             f"got {t.dtype} on {t.device}")
     _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
-    _check_index(OP, adapter_index, _common.flatten_rows(x).shape[0], S, x.device)
+    _check_index(OP, adapter_index, x.shape[:-1].numel(), S, x.device)
     return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
 
 
@@ -189,7 +189,7 @@ def multi_ia3_linear(
         raise ValueError(f"{IA3_OP}: scales must be (slots, {'in' if feedforward else 'out'}_features="
                          f"{K if feedforward else N}), got {tuple(scales.shape)}")
     _refuse_grad(IA3_OP, x, weight, bias, scales)
-    _check_index(IA3_OP, adapter_index, _common.flatten_rows(x).shape[0], scales.shape[0], x.device)
+    _check_index(IA3_OP, adapter_index, x.shape[:-1].numel(), scales.shape[0], x.device)
     return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
 
 
