@@ -93,10 +93,10 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def forward(module, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, lora_A, lora_B, dropout_p = module.adapter_operands(adapter_name)
         return dora_linear(
-            x, module.base_weight(), module.base_layer.bias, module.lora_A[adapter_name].weight,
-            module.lora_B[adapter_name].weight, module.scaling[adapter_name],
-            module.lora_magnitude_vector[adapter_name].weight, module._dropout_p(adapter_name), module.training,
+            x, weight, bias, lora_A, lora_B, module.scaling[adapter_name],
+            module.lora_magnitude_vector[adapter_name].weight, dropout_p, module.training,
             weight_norm=norm(module, adapter_name),
         )
 

@@ -42,11 +42,8 @@ class LoraVariant:
 
     @staticmethod
     def forward(module: "LoraLinear", adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        return lora_linear(
-            x, module.base_weight(), module.layer_bias(adapter_name), module.lora_A[adapter_name].weight,
-            module.lora_B[adapter_name].weight, module.scaling[adapter_name], module._dropout_p(adapter_name),
-            module.training,
-        )
+        weight, bias, lora_A, lora_B, dropout_p = module.adapter_operands(adapter_name)
+        return lora_linear(x, weight, bias, lora_A, lora_B, module.scaling[adapter_name], dropout_p, module.training)
 
     @staticmethod
     def update(module: "LoraLinear", adapter_name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -199,6 +196,19 @@ class LoraLinear(AdapterLayer):
                 lora_b = self.lora_B[name].bias * self.scaling[name]
                 bias = lora_b if bias is None else bias + lora_b
         return bias
+
+    def adapter_operands(self, name: str):
+        """(base weight as (out, in), the bias the op adds, lora_A, lora_B, dropout p) of one adapter:
+        what its fused call takes. Read through the containers' dicts: each nn.Module attribute
+        look-up costs about a microsecond of host time, and a small layer's step is bound by host
+        time (this is every forward's path)."""
+        modules = self._modules
+        base = modules["base_layer"]
+        weight = base.weight
+        bias = self.layer_bias(name) if self.lora_bias.get(name, False) else base.bias
+        dropout = modules["lora_dropout"][name]
+        return (weight.T if self.fan_in_fan_out else weight, bias, modules["lora_A"][name].weight,
+                modules["lora_B"][name].weight, dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
 
     def _dropout_p(self, name: str) -> float:
         module = self.lora_dropout[name]

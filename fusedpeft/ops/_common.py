@@ -17,7 +17,20 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _linear_inputs_ok(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    # Every check of check_linear_inputs as one expression: the common, valid call pays for this
+    # alone (a small layer's step is bound by host time); the checks below only name the problem.
+    device = weight.device
+    return (weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.device == device
+            and x.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.device == device
+                                  and bias.dtype in FLOAT_DTYPES))
+            and (x.dtype == weight.dtype or torch.is_autocast_enabled(device.type)))
+
+
 def check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    if _linear_inputs_ok(x, weight, bias):
+        return
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:
@@ -54,6 +67,11 @@ def check_adapter_tensor(op: str, name: str, t: torch.Tensor, shape: tuple, weig
 def check_lora_inputs(op: str, x, weight, bias, lora_A, lora_B, dropout_p: float):
     """The checks of a LoRA-shaped op (lora_linear, dora_linear): the linear inputs, A (r, K) with
     r >= 1, B (N, r), dropout_p in [0, 1)."""
+    if (_linear_inputs_ok(x, weight, bias) and lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[0] >= 1
+            and lora_A.shape[1] == weight.shape[1] and lora_B.shape[0] == weight.shape[0]
+            and lora_B.shape[1] == lora_A.shape[0] and lora_A.dtype in FLOAT_DTYPES and lora_B.dtype in FLOAT_DTYPES
+            and lora_A.device == weight.device and lora_B.device == weight.device and 0.0 <= dropout_p < 1.0):
+        return  # the valid call (see _linear_inputs_ok); the checks below name what is wrong
     check_linear_inputs(op, x, weight, bias)
     if lora_A.dim() != 2:
         raise ValueError(f"{op}: lora_A must be 2-D (r, in_features), got shape {tuple(lora_A.shape)}")
@@ -71,6 +89,12 @@ def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
     # to the compute dtype here, outside the autograd Function, so their gradients come back in
     # their own dtype through autograd's cast.
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def compute_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(x as (M, K), weight, bias), each in the compute dtype (``compute_dtype``)."""
+    dtype = compute_dtype(x, weight)
+    return flatten_rows(cast(x, dtype)), cast(weight, dtype), cast(bias, dtype)
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:

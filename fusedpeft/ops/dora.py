@@ -228,14 +228,12 @@ def dora_linear(
     _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
     n = weight.shape[0]
     _common.check_adapter_tensor(OP, "magnitude", magnitude, (n,), weight)
-    dtype = _common.compute_dtype(x, weight)
-    x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
+    x2, weight_c, bias_c = _common.compute_inputs(x, weight, bias)
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight_c, lora_A, lora_B, scaling, weight_sq_norm)
     elif tuple(weight_norm.shape) != (n,):
         raise ValueError(f"{OP}: weight_norm must have shape ({n},), got {tuple(weight_norm.shape)}")
     p = float(dropout_p) if training else 0.0
-    x2 = _common.flatten_rows(x_c)
     seed = lora_op._new_seed(x2.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
     save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
     y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, magnitude,

@@ -189,11 +189,9 @@ def lora_linear(
     master weights beside a bf16 base) are cast to the compute dtype.
     """
     _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
-    dtype = _common.compute_dtype(x, weight)
     # The adapter weights keep their dtype here: the autograd Function casts them.
-    x_c, weight_c, bias_c = (_common.cast(t, dtype) for t in (x, weight, bias))
+    x2, weight_c, bias_c = _common.compute_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    x2 = _common.flatten_rows(x_c)
     seed = _new_seed(x2.device) if p > 0.0 else None
     y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, float(scaling),
                                  p, seed)
