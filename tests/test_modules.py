@@ -157,6 +157,38 @@ def test_lora_forward_and_grads(kind, bias, dtype):
     assert [n for n, p in layer.named_parameters() if p.grad is not None] == _trainable(layer)
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_reads_a_parametrized_base_weight_and_bias(bias):
+    """The layer reads its operands from the modules' parameter dicts where they are registered there;
+    a parametrised weight (or bias) lives elsewhere and must still be the one the layer computes with."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    base = nn.Linear(K, N, bias=bias)
+    parametrize.register_parametrization(base, "weight", _Doubled())
+    if bias:
+        parametrize.register_parametrization(base, "bias", _Doubled())
+    layer = _lora(base)
+    x = _x(torch.float32, requires_grad=True)
+    y = layer(x)
+    xd = leaf(x, torch.float64)
+    A, B = leaf(layer.lora_A["default"].weight, torch.float64), leaf(layer.lora_B["default"].weight, torch.float64)
+    y_ref = xd @ _d(base.weight).T + layer.scaling["default"] * ((xd @ A.T) @ B.T)
+    if bias:
+        y_ref = y_ref + _d(base.bias)
+    assert_close(y, y_ref, torch.float32, "lora over a parametrised base")
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert_close(layer.lora_A["default"].weight.grad, A.grad, torch.float32, "grad A")
+    assert_close(x.grad, xd.grad, torch.float32, "grad x")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,bias", KINDS)
 @pytest.mark.parametrize("feedforward", [False, True])

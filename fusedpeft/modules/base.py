@@ -19,6 +19,14 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def param_of(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, read from the module's parameter dict where it is
+    registered there (about 0.1 us instead of nn.Module.__getattr__'s 0.8 us: the forward of a small
+    layer is bound by host time); a parametrised weight or a property falls back to getattr."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or Conv1D."""
     if isinstance(module, nn.Linear):

@@ -17,7 +17,7 @@ from torch import nn
 from .. import distributed
 from ..ops.lora import lora_linear
 from ..config import is_lora_init, lora_scaling
-from .base import AdapterLayer
+from .base import AdapterLayer, param_of
 
 
 class LoraVariant:
@@ -204,11 +204,12 @@ class LoraLinear(AdapterLayer):
         time (this is every forward's path)."""
         modules = self._modules
         base = modules["base_layer"]
-        weight = base.weight
-        bias = self.layer_bias(name) if self.lora_bias.get(name, False) else base.bias
-        dropout = modules["lora_dropout"][name]
-        return (weight.T if self.fan_in_fan_out else weight, bias, modules["lora_A"][name].weight,
-                modules["lora_B"][name].weight, dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        weight = param_of(base, "weight")
+        bias = self.layer_bias(name) if self.lora_bias.get(name, False) else param_of(base, "bias")
+        dropout = modules["lora_dropout"]._modules[name]
+        return (weight.T if self.fan_in_fan_out else weight, bias,
+                param_of(modules["lora_A"]._modules[name], "weight"), param_of(modules["lora_B"]._modules[name], "weight"),
+                dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
 
     def _dropout_p(self, name: str) -> float:
         module = self.lora_dropout[name]
