@@ -106,10 +106,26 @@ def _path_of(case: Case) -> str:
 
 
 def run(cases: list[Case], log=print, device="cuda", warmup_ms: float = 25, rep_ms: float = 150,
-        on_result: Optional[Callable[[list[Result]], None]] = None) -> list[Result]:
+        on_result: Optional[Callable[[list[Result]], None]] = None, backward_thread: str = "caller") -> list[Result]:
     """Time each case (forward, training step, peak memory of a step) on ``device``. Cases run one
     after another: each builds its inputs, is measured, and is freed before the next.
-    ``on_result(results so far)`` is called after each (a report that a time limit may cut short)."""
+    ``on_result(results so far)`` is called after each (a report that a time limit may cut short).
+
+    ``backward_thread``: "caller" runs each step's backward on the calling thread
+    (torch.autograd.set_multithreading_enabled(False)), "engine" on autograd's device thread, as a
+    lone ``.backward()`` does. A model's step hands its one backward to that thread once; a layer
+    step timed alone would pay the hand-off (about 0.4 ms on the H200's host: tools/layer_split
+    --backward-on-caller) at every layer, so "caller" is the default."""
+    if backward_thread not in BACKWARD_THREADS:
+        raise ValueError(f"backward_thread must be one of {BACKWARD_THREADS}, got {backward_thread!r}")
+    with torch.autograd.set_multithreading_enabled(backward_thread == "engine"):
+        return _run(cases, log, device, warmup_ms, rep_ms, on_result)
+
+
+BACKWARD_THREADS = ("caller", "engine")
+
+
+def _run(cases, log, device, warmup_ms, rep_ms, on_result) -> list[Result]:
     results = []
     for case in cases:
         t0 = time.perf_counter()

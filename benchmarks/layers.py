@@ -41,7 +41,10 @@ use_backend("triton") / ("torch"); peft.tuners.ia3.Linear (no SSF in peft); the 
 F.linear(x, W, b) * l, F.linear(x * l, W, b), F.linear(x, W, b) * scale + shift.
 
 "train" is one training step: forward + backward with grad_x (x requires grad) and the adapter
-gradients, the base frozen (harness.step_fn). "fwd" is the forward alone as in training, with
+gradients, the base frozen (harness.step_fn), the backward on the calling thread as it runs inside a
+model's one backward (--backward-thread engine: on autograd's device thread, which adds the hand-off
+to that thread to every step; tables before 2026-12-05's fifth sitting were timed so). "fwd" is the
+forward alone as in training, with
 autograd on (what it saves is saved), without the backward, as benchmarks/lora.py times it. Memory
 is the peak one training step allocates above what was live before it. The summary at the end
 counts, per (M, config), the groups where fusedpeft's step is slower than peft's or than the torch
@@ -582,6 +585,10 @@ def parse_args(argv=None):
     parser.add_argument("--forced-on-cpu", action="store_true",
                         help="on cpu, also time the forced triton / cublas backends (Triton's interpreter: slow)")
     parser.add_argument("--no-peft", action="store_true", help="leave peft's layers out")
+    parser.add_argument("--backward-thread", default="caller", choices=harness.BACKWARD_THREADS,
+                        help="where each step's backward runs: the calling thread (default; a model pays "
+                             "autograd's hand-off to its device thread once per step, not per layer) or "
+                             "that device thread, as a lone .backward() does")
     parser.add_argument("--auto-again", action="store_true",
                         help="time the automatic choice a second time at the end of each group")
     parser.add_argument("--out", default=None, help="write the Markdown table and summary here")
@@ -624,7 +631,9 @@ def main(argv=None) -> list[harness.Result]:
 
     def write(results, partial=None):
         head = (f"{env}, {args.dtype}; warm-up {args.warmup_ms:g} ms, timed {args.rep_ms:g} ms per measurement. "
-                f"train = forward + backward (grad_x and adapter grads, base frozen); fwd = forward with autograd on.")
+                f"train = forward + backward (grad_x and adapter grads, base frozen; backward on the "
+                f"{'calling thread' if args.backward_thread == 'caller' else 'autograd device thread'}); "
+                f"fwd = forward with autograd on.")
         if partial:
             head += f"\n\n**Partial: {partial} so far.**"
         done = {r.group for r in results}
@@ -639,7 +648,7 @@ def main(argv=None) -> list[harness.Result]:
 
     t0 = time.perf_counter()
     results = harness.run(cases, log=lambda line: print(line, file=sys.stderr), device=args.device,
-                          warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                          warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, backward_thread=args.backward_thread,
                           on_result=harness.after_each_group(
                               cases, lambda done: write(done, f"{len({r.group for r in done})} of {len(groups)} groups"))
                           if args.out or args.json else None)

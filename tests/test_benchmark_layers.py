@@ -113,3 +113,30 @@ def test_a_run_cut_short_keeps_the_groups_it_finished(one_thread, monkeypatch, t
     saved = json.loads(js.read_text())
     assert saved["partial"] is None and len({r["group"] for r in saved["rows"]}) == 2
     assert "Partial" not in out.read_text()
+
+
+@pytest.mark.parametrize("thread,multithreaded", [("caller", False), ("engine", True)])
+def test_harness_runs_the_backward_on_the_thread_asked_for(thread, multithreaded):
+    """The layer table's steps run their backward on the calling thread by default (a model pays
+    autograd's hand-off to its device thread once per step, not per layer); the setting is restored
+    after the run, and a thread the harness does not know is refused."""
+    import torch
+
+    seen = []
+
+    def make():
+        x = torch.randn(4, 3, requires_grad=True)
+
+        def fwd():
+            seen.append(torch.autograd.is_multithreading_enabled())
+            return x * 2.0
+
+        return fwd, harness.step_fn(fwd, torch.ones(4, 3), [x])
+
+    before = torch.autograd.is_multithreading_enabled()
+    harness.run([harness.Case("g", "v", make)], log=lambda line: None, device="cpu", warmup_ms=0, rep_ms=1,
+                backward_thread=thread)
+    assert seen and set(seen) == {multithreaded}
+    assert torch.autograd.is_multithreading_enabled() == before
+    with pytest.raises(ValueError, match="backward_thread"):
+        harness.run([], device="cpu", backward_thread="device")
