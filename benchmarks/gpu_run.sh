@@ -4,6 +4,7 @@
 #   TESTS=1     every cuda-marked test under tests/ (TEST_FILES narrows it), WORKERS processes
 #   TRACE=1     tools.trace_launches at an fp32 shape (each launch synchronised: a faulting one prints last)
 #   SPLIT=1     tools.layer_split $SPLIT_SHAPES (event, kernel and host time of each layer-table variant)
+#   MSPLIT=1    tools.model_split $MSPLIT_ARGS (step time, kernel time and the GPU's busy share per model variant)
 #   LAYERS=1    python -m benchmarks.layers $LAYERS_ARGS
 #   MODEL=1     python -m benchmarks.model $MODEL_ARGS
 #   SERVING=1   python -m benchmarks.serving $SERVING_ARGS (many adapters in one batch, layer level)
@@ -40,6 +41,11 @@ if [ "${SPLIT:-0}" = "1" ]; then
   stage split
   timeout "${SPLIT_TIMEOUT:-170}" python3 -m tools.layer_split ${SPLIT_SHAPES:-8192x4096x1024 2048x2048x512} --top 0 \
     2>&1 | grep -v Warning | tee -a "$LOG" | tail -40
+fi
+if [ "${MSPLIT:-0}" = "1" ]; then
+  stage model_split
+  timeout "${MSPLIT_TIMEOUT:-200}" python3 -m tools.model_split ${MSPLIT_ARGS:---models qwen2.5-0.5b --batches 4x2048 --adapters lora} \
+    2>&1 | grep -v Warning | tee -a "$LOG" | tail -30
 fi
 if [ "${LAYERS:-1}" = "1" ]; then
   stage layers
