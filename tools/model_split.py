@@ -29,9 +29,14 @@ def split_row(step, steps: int, warmup: int, cuda: bool) -> dict:
         step(i)
     event = statistics.median(harness.step_times_ms(step, steps, cuda=cuda))
     if not cuda:
-        return dict(event_ms=event, kernels_ms=None, launches=None)
+        return {"event_ms": event, "kernels_ms": None, "launches": None}
     kernels = profile_step(lambda: step(0), steps=2)
-    return dict(event_ms=event, kernels_ms=sum(us for _, us in kernels.values()) / 1e3, launches=len(kernels))
+    return {"event_ms": event, "kernels_ms": sum(us for _, us in kernels.values()) / 1e3, "launches": len(kernels)}
+
+
+def train_steps(model, opt, batches):
+    """step(i): one training step of benchmarks.model on batches[i], cycled."""
+    return lambda i: bench_model.train_step(model, opt, batches[i % len(batches)])
 
 
 def main(argv=None, log=print) -> list[dict]:
@@ -53,8 +58,7 @@ def main(argv=None, log=print) -> list[dict]:
                     for shape in args.batch_shapes:
                         steps = args.warmup_steps + args.timed_steps
                         batches = bench_model.random_batches(shape, steps, vocab, args.seed, device)
-                        row = split_row(lambda i: bench_model.train_step(model, opt, batches[i % steps]),
-                                        args.timed_steps, args.warmup_steps, cuda)
+                        row = split_row(train_steps(model, opt, batches), args.timed_steps, args.warmup_steps, cuda)
                         row.update(model=model_name, batch=f"{shape[0]}x{shape[1]}", adapter=adapter,
                                    variant=bench_model.VARIANTS[variant])
                         rows.append(row)
