@@ -163,7 +163,7 @@ def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -
     """Pick the backend for ``op`` on these inputs; returns (name, implementation).
 
     ``supports`` may look only at the tensors' device types and dtypes, so a choice is cached per
-    (op, forced name, device types, dtypes): the per-call cost is one dict lookup. Where several
+    (op, forced name, devices, dtypes): the per-call cost is one dict lookup. Where several
     tunable backends qualify, ``tune = (shape_key, bench)`` picks among them: ``bench(impl)``
     times one candidate on these inputs (ms), and runs only the first time a shape key is seen
     (fusedpeft.tuning keeps the winner, on disk too). Without ``tune`` the highest priority wins."""
@@ -171,7 +171,10 @@ def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -
         hit = _BY_INDEX[(op, index)]
     else:
         forced = _forced()
-        key = (op, forced, *((t.device.type, t.dtype) for t in tensors))
+        if len(tensors) == 2:  # (x, weight), every op's call: no generator on the per-call path
+            key = (op, forced, tensors[0].device, tensors[0].dtype, tensors[1].device, tensors[1].dtype)
+        else:
+            key = (op, forced, *((t.device, t.dtype) for t in tensors))
         hit = _CHOICE.get(key)
         if hit is None:
             hit = _CHOICE[key] = _choose(op, forced, tensors)
