@@ -171,10 +171,8 @@ def select(op: str, *tensors, tune=None, index: int = -1, record: bool = True) -
         hit = _BY_INDEX[(op, index)]
     else:
         forced = _forced()
-        if len(tensors) == 2:  # (x, weight), every op's call: no generator on the per-call path
-            key = (op, forced, tensors[0].device, tensors[0].dtype, tensors[1].device, tensors[1].dtype)
-        else:
-            key = (op, forced, *((t.device, t.dtype) for t in tensors))
+        # The device itself, not device.type: building the type string is most of the key's cost.
+        key = (op, forced, *[(t.device, t.dtype) for t in tensors])
         hit = _CHOICE.get(key)
         if hit is None:
             hit = _CHOICE[key] = _choose(op, forced, tensors)

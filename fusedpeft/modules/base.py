@@ -77,7 +77,7 @@ class AdapterLayer(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view (no copy) for Conv1D."""
-        w = self.base_layer.weight
+        w = param_of(self._modules["base_layer"], "weight")
         return w.T if self.fan_in_fan_out else w
 
     @property

@@ -203,16 +203,12 @@ class LoraLinear(AdapterLayer):
         look-up costs about a microsecond of host time, and a small layer's step is bound by host
         time (this is every forward's path)."""
         modules = self._modules
-        base = modules["base_layer"]
-        weight = param_of(base, "weight")
-        bias = self.layer_bias(name) if self.lora_bias.get(name, False) else param_of(base, "bias")
-        dropout = modules["lora_dropout"]._modules[name]
-        return (weight.T if self.fan_in_fan_out else weight, bias,
-                param_of(modules["lora_A"]._modules[name], "weight"), param_of(modules["lora_B"]._modules[name], "weight"),
-                dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
+        bias = self.layer_bias(name) if self.lora_bias.get(name, False) else param_of(modules["base_layer"], "bias")
+        return (self.base_weight(), bias, param_of(modules["lora_A"]._modules[name], "weight"),
+                param_of(modules["lora_B"]._modules[name], "weight"), self._dropout_p(name))
 
     def _dropout_p(self, name: str) -> float:
-        module = self.lora_dropout[name]
+        module = self._modules["lora_dropout"]._modules[name]
         return module.p if isinstance(module, nn.Dropout) else 0.0
 
     def _variant(self, name: str) -> type[LoraVariant]:
