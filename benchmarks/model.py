@@ -17,11 +17,17 @@ A training step is forward (labels = input_ids), backward, AdamW step, zero_grad
 On the same random token batches per shape it reports:
 
 - tokens/s from the median of CUDA-event timed steps after warm-up steps (--device cpu:
-  perf_counter; no host sync inside the timed loop, Python's gc paused during it, as timeit does);
+  perf_counter; no host sync inside the timed loop, Python's gc paused during it, as timeit does).
+  With --rounds R (default 3) every variant of a case stays built after its own pass, and the
+  figure is the median of R x --timed-steps further steps taken in turn, one step of each variant
+  per turn, the order rotated each turn: a drift of the machine (a host-bound step's time moved by
+  half between two variants timed seconds apart, on the lent H100 host) then falls on every
+  variant alike. The pass of a variant alone stays in --json as "step_ms_alone";
 - "first step s": the first warm-up step's wall time. It holds fusedpeft's first-run autotuning,
   so it shows on the first fused variant to meet a shape; later ones reuse the tuned configs (and
   later processes too, from fusedpeft's tuning file, where that exists);
-- peak memory (torch.cuda.max_memory_allocated over the timed steps, whole model included);
+- peak memory (torch.cuda.max_memory_allocated over the variant's own timed steps, whole model
+  included, less what was allocated before the variant was built: the other variants, the batches);
 - ratios to peft: tokens/s, memory, and (time - floor's time) / (peft's time - floor's time),
   the adapter's own cost relative to peft's (left out where peft's step is < 5% above the floor's).
 
@@ -171,9 +177,10 @@ def random_batches(shape, count: int, vocab: int, seed: int, device) -> list[tor
     return [torch.randint(vocab, shape, generator=gen).to(device) for _ in range(count)]
 
 
-def time_batch(model, opt, batches, warmup: int, device) -> dict:
+def time_batch(model, opt, batches, warmup: int, device, resident: int = 0) -> dict:
     """First-step wall time, median step time and peak memory of training on ``batches``
-    (warm-up steps first, the rest timed)."""
+    (warm-up steps first, the rest timed); ``resident``: bytes allocated before the model was
+    built, left out of its peak."""
     harness.synchronize(device)
     t0 = time.perf_counter()
     train_step(model, opt, batches[0])
@@ -195,7 +202,30 @@ def time_batch(model, opt, batches, warmup: int, device) -> dict:
     step_ms = statistics.median(times)
     tokens = batches[0].numel()
     return dict(step_ms=step_ms, tokens_per_s=tokens / (step_ms * 1e-3), first_step_s=first_s,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+                peak_gib=(torch.cuda.max_memory_allocated() - resident) / 2**30 if cuda else None)
+
+
+def time_interleaved(runs: dict, batches, rounds: int, device) -> dict:
+    """Median step ms of each variant in ``runs`` ({variant: (model, opt)}) over ``rounds`` turns on
+    ``batches`` (each turn one step of every variant, the order rotated by one each turn, gc paused;
+    on CUDA each step between events, one synchronize per turn)."""
+    cuda = device.type == "cuda"
+    order, times = list(runs), {v: [] for v in runs}
+    gc.collect()
+    gc.disable()
+    try:
+        for turn in range(rounds):
+            batch = batches[turn % len(batches)]
+            turn_order = order[turn % len(order):] + order[:turn % len(order)]
+            taken = {}
+            for v in turn_order:
+                model, opt = runs[v]
+                taken[v] = harness.step_times_ms(lambda i: train_step(model, opt, batch), 1, cuda=cuda)[0]
+            for v, ms in taken.items():
+                times[v].append(ms)
+    finally:
+        gc.enable()
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def loss_curve(model, init: dict[str, torch.Tensor], batches, steps: int, lr: float, seed: int) -> list[float]:
@@ -224,6 +254,7 @@ def run_variant(variant: str, model_name: str, adapter: str, args, device, data:
     """Build one variant's model, time it on every batch shape, then run its loss curve from peft's
     initial adapter tensors (``data["init"]``, taken here when the variant is peft)."""
     label = VARIANTS[variant]
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     t_build = time.perf_counter()
     model = build_variant(variant, model_name, adapter, args, device)
     build_s = time.perf_counter() - t_build
@@ -233,18 +264,19 @@ def run_variant(variant: str, model_name: str, adapter: str, args, device, data:
     rows = []
     opt = make_optimizer(model, TIMING_LR)
     for shape in args.batch_shapes:
-        r = time_batch(model, opt, data["timing"][shape], args.warmup_steps, device)
+        r = time_batch(model, opt, data["timing"][shape], args.warmup_steps, device, resident)
         batch = f"{shape[0]}x{shape[1]}"
         rows.append(dict(model=model_name, batch=batch, adapter=adapter, variant=label, trainable=trainable, build_s=build_s, **r))
         mem = f"{r['peak_gib']:7.2f} GiB" if r["peak_gib"] is not None else "-"
         log(f"{model_name:13s} {batch:7s} {adapter:12s} {label:22s} {r['tokens_per_s']:10.0f} tok/s  "
             f"step {r['step_ms']:8.2f} ms  first {r['first_step_s']:6.2f} s  {mem}")
-    del opt
     if args.curve_steps and variant in CURVE_VARIANTS and "init" in data:
         try:
             data["curves"][variant] = loss_curve(model, data["init"], data["curve"], args.curve_steps, CURVE_LR[adapter], args.seed)
         except Exception as exc:  # a failed check, not a crash of the whole run
             data["curves"][variant] = f"{type(exc).__name__}: {exc}"
+    if args.rounds:
+        data["runs"][variant] = (model, opt)  # kept for the interleaved turns (the curve left other weights: timing only)
     return rows
 
 
@@ -259,6 +291,7 @@ def run_case(model_name: str, adapter: str, args, device, log) -> tuple[list[dic
         timing={shape: random_batches(shape, steps, vocab, args.seed + i, device) for i, shape in enumerate(args.batch_shapes)},
         curve=random_batches(args.curve_shape, CURVE_BATCHES, vocab, args.seed + 100, device),
         curves={},
+        runs={},
     )
     rows, errors = [], []
     for variant in args.variant_keys:
@@ -273,6 +306,21 @@ def run_case(model_name: str, adapter: str, args, device, log) -> tuple[list[dic
         for row in new:
             row["backend_counts"] = delta
         rows += new
+        if not args.rounds:
+            harness.release(device)
+    if args.rounds and len(data["runs"]) > 0:
+        for shape in args.batch_shapes:
+            batch = f"{shape[0]}x{shape[1]}"
+            medians = time_interleaved(data["runs"], data["timing"][shape], args.rounds * args.timed_steps, device)
+            for row in rows:
+                variant = next(v for v, label in VARIANTS.items() if label == row["variant"])
+                if row["batch"] == batch and variant in medians:
+                    row["step_ms_alone"] = row["step_ms"]
+                    row["step_ms"] = medians[variant]
+                    row["tokens_per_s"] = shape[0] * shape[1] / (medians[variant] * 1e-3)
+            log(f"{model_name:13s} {batch:7s} {adapter:12s} interleaved ms: "
+                + ", ".join(f"{VARIANTS[v]} {ms:.2f}" for v, ms in medians.items()))
+        data["runs"].clear()
         harness.release(device)
     return rows, compare_curves(model_name, adapter, data["curves"], args), errors
 
@@ -380,6 +428,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--timed-steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=3, help="at least 1; the first one is 'first step s'")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved turns per timed step after the variants' own "
+                        "passes, whose median is the step time (0: each variant's own pass, one model built at a time)")
     parser.add_argument("--curve-steps", type=int, default=20, help="loss-curve check steps (0: skip)")
     parser.add_argument("--curve-batch", default=None, help="batch x seq of the loss-curve run (default: the smallest of --batches)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8, 2 with --tiny)")
@@ -414,6 +464,8 @@ def parse_args(argv=None):
         args.layers = 2 if args.tiny else 8
     if args.warmup_steps < 1 or args.timed_steps < 1:
         parser.error("--warmup-steps and --timed-steps must be at least 1")
+    if args.rounds < 0:
+        parser.error("--rounds must be at least 0")
     return args
 
 
@@ -447,7 +499,9 @@ def write_report(args, env: str, rows: list, curves: list, errors: list, partial
 
     add_ratios(rows)
     layers = f"{args.layers} layers" + (", tiny" if args.tiny else "")
-    md = f"{env}, bf16, {layers}, {args.timed_steps} timed steps after {args.warmup_steps} warm-up\n\n"
+    timing = (f"median of {args.rounds * args.timed_steps} interleaved steps per variant" if args.rounds
+              else f"{args.timed_steps} timed steps after {args.warmup_steps} warm-up")
+    md = f"{env}, bf16, {layers}, {timing}\n\n"
     if partial:
         md += f"**Partial: {partial} so far.**\n\n"
     md += f"{table(rows)}\n"

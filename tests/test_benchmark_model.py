@@ -104,3 +104,43 @@ def test_a_run_cut_short_keeps_the_cases_it_finished(one_thread, monkeypatch, tm
     assert "Partial: 1 of 2" in out.read_text() and "| qwen2.5-0.5b | 2x16 | lora | peft |" in out.read_text()
     report = bench.main([*argv, "--adapters", "lora"], log=lambda *a: None)
     assert report["partial"] is None and "Partial" not in out.read_text()
+
+
+def test_interleaved_turns_rotate_the_variants(monkeypatch):
+    """--rounds: each turn takes one step of every variant, the first variant of a turn moving by one
+    each turn, and each variant's figure is the median of its own steps."""
+    import torch
+
+    calls = []
+    step_ms = {"peft": [5.0, 1.0, 9.0, 7.0], "inject": [2.0, 2.0, 2.0, 8.0], "floor": [1.0, 1.0, 1.0, 1.0]}
+
+    def fake_step(model, opt, batch):
+        calls.append((model, batch))
+
+    def fake_times(step, steps, cuda):
+        before = len(calls)
+        step(0)
+        model = calls[before][0]
+        return [step_ms[model][sum(1 for m, _ in calls if m == model) - 1]]
+
+    monkeypatch.setattr(bench, "train_step", fake_step)
+    monkeypatch.setattr(bench.harness, "step_times_ms", fake_times)
+    runs = {v: (v, None) for v in step_ms}
+    medians = bench.time_interleaved(runs, ["b0", "b1"], 4, torch.device("cpu"))
+    assert [m for m, _ in calls] == ["peft", "inject", "floor", "inject", "floor", "peft", "floor", "peft", "inject",
+                                     "peft", "inject", "floor"]
+    assert [b for _, b in calls] == ["b0"] * 3 + ["b1"] * 3 + ["b0"] * 3 + ["b1"] * 3
+    assert medians == {"peft": 6.0, "inject": 2.0, "floor": 1.0}
+
+
+def test_rounds_replace_the_step_time_and_keep_the_lone_pass(one_thread):
+    argv = ["--device", "cpu", "--tiny", "--models", "qwen2.5-0.5b", "--adapters", "lora", "--batches", "2x16",
+            "--timed-steps", "1", "--warmup-steps", "1", "--curve-steps", "0"]
+    interleaved = bench.main([*argv, "--rounds", "2"], log=lambda *a: None)
+    for r in interleaved["rows"]:
+        assert r["step_ms_alone"] > 0 and r["step_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(32 / (r["step_ms"] * 1e-3))
+    alone = bench.main([*argv, "--rounds", "0"], log=lambda *a: None)
+    assert all("step_ms_alone" not in r for r in alone["rows"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "-1"])
