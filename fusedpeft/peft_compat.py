@@ -69,8 +69,15 @@ class _PeftLayerProtocol:
 
     @property
     def active_adapters(self) -> list[str]:
+        # peft's semantics: the active names this layer holds. Every forward asks, so the common
+        # case (each active name in the first adapter container) is answered from that
+        # container's dict without building the set of all names.
+        active = self._active_adapter
+        first = self._modules[self.adapter_layer_names[0]]
+        if all(n in first for n in active):
+            return list(active)
         present = self._get_available_adapters()
-        return [n for n in self._active_adapter if n in present]
+        return [n for n in active if n in present]
 
     def _get_available_adapters(self) -> set[str]:
         names: set[str] = set()
