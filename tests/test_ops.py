@@ -473,3 +473,77 @@ def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch, use_setting
     test_lora_linear_matches_reference("triton", torch.float32, (45,), 40, 47, 8, True, 0.0, monkeypatch)
     test_ssf_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, True, "save", monkeypatch, use_settings)
     test_ia3_linear_matches_reference("triton", torch.float32, (2, 5), 24, 40, False, True, "recompute", monkeypatch, use_settings)
+
+
+# ----------------------------------------------------------------------------- the composed path
+@pytest.fixture
+def composed_on_cpu(monkeypatch):
+    """The composable ops' autograd composition reached on CPU (it runs on CUDA by default); the
+    Function made to fail if entered, so a test passing through it cannot pass."""
+    from fusedpeft.ops import _autograd, _rescale
+
+    monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
+
+    def entered(ctx, *args):
+        raise AssertionError("the autograd Function ran: the composed path was expected")
+
+    monkeypatch.setattr(_rescale._OP.function, "forward", staticmethod(entered))
+
+
+def _rescale_call(kind, x, W, b, dtype, scale_dtype):
+    """(call, tensors) of one rescaling kind: random scale (and shift) in ``scale_dtype``."""
+    ff = kind == "ia3-ff"
+    K, N = W.shape[1], W.shape[0]
+    scale = leaf(1.0 + 0.5 * torch.randn(K if ff else N), scale_dtype)
+    if kind == "ssf":
+        return (lambda *t: ssf_linear(*t)), (x, W, b, scale, leaf(torch.randn(N), scale_dtype))
+    return (lambda *t: ia3_linear(*t, ff)), (x, W, b, scale)
+
+
+@pytest.mark.parametrize("kind", ["ia3-out", "ia3-ff", "ssf"])
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_rescale_composed_path_matches_reference(kind, dtype, scale_dtype, lead, K, N, bias, composed_on_cpu,
+                                                 use_settings):
+    """The torch backend as plain differentiable ops (autograd runs its backward): output and every
+    gradient against float64, the scale's and shift's gradients in their own dtype, one backend
+    count per call."""
+    use_settings(output_scale_grad="save")
+    x, W, b = _inputs(lead, K, N, dtype, bias)
+    call, tensors = _rescale_call(kind, x, W, b, dtype, scale_dtype)
+    op = "ssf_linear" if kind == "ssf" else "ia3_linear"
+    before = fusedpeft.backend_counts().get((op, "torch"), 0)
+    y = call(*tensors)
+    assert fusedpeft.backend_counts()[(op, "torch")] == before + 1 and fusedpeft.last_backend(op) == "torch"
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) if t is not None else None for t in tensors]
+    call(*refs).backward(g.double())
+    assert_close(y, call(*refs), dtype, f"{kind} composed")
+    for name, t, ref in zip(("x", "W", "b", "scale", "shift"), tensors, refs):
+        if t is not None:
+            assert t.grad is not None and t.grad.dtype == t.dtype, (name, t.grad)
+            assert_close(t.grad, ref.grad, dtype, f"{kind} composed grad_{name}")
+
+
+@pytest.mark.parametrize("op", ["ia3", "ssf"])
+def test_rescale_composed_path_declines_where_it_would_keep_more(op, monkeypatch, use_settings):
+    """In 'recompute' mode (the unscaled output is not to be kept) the composition, which would keep
+    it for autograd, declines and the Function runs."""
+    from fusedpeft.ops import _autograd, _rescale
+
+    monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
+    use_settings(output_scale_grad="recompute")
+    x, W, b = _inputs((9,), 16, 12, torch.float32, True)
+    call, tensors = _rescale_call("ssf" if op == "ssf" else "ia3-out", x, W, b, torch.float32, torch.float32)
+    entered = []
+    forward = _rescale._OP.function.forward
+    monkeypatch.setattr(_rescale._OP.function, "forward",
+                        staticmethod(lambda ctx, *a: entered.append(1) or forward(ctx, *a)))
+    y = call(*tensors)
+    assert entered == [1]
+    y.sum().backward()
+    assert all(t.grad is not None for t in tensors if t is not None)

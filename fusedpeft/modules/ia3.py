@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.ia3 import ia3_linear
-from .base import AdapterLayer
+from .base import AdapterLayer, param_of
 
 
 class IA3Linear(AdapterLayer):
@@ -39,15 +39,19 @@ class IA3Linear(AdapterLayer):
         self.set_adapter(self.active_adapters or adapter_name)
 
     def combined_scale(self, names=None) -> torch.Tensor:
-        """Product of the active adapters' scales, flattened (peft composes IA3 adapters this way)."""
+        """Product of the active adapters' scales (peft composes IA3 adapters this way), in peft's
+        (out, 1) / (1, in) shape, which ia3_linear takes: one adapter's is its parameter itself,
+        with no view for autograd to record and run back."""
         names = self.active_adapters if names is None else names
-        scale = self.ia3_l[names[0]].flatten()
+        scales = self._modules["ia3_l"]
+        scale = param_of(scales, names[0])
         for n in names[1:]:
-            scale = scale * self.ia3_l[n].flatten()
+            scale = scale * param_of(scales, n)
         return scale
 
     def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ia3_linear(x, self.base_weight(), self.base_layer.bias, self.combined_scale(), self.is_feedforward)
+        return ia3_linear(x, self.base_weight(), param_of(self._modules["base_layer"], "bias"), self.combined_scale(),
+                          self.is_feedforward)
 
     def _scaled_base(self, name: str, invert: bool):
         if not self.is_feedforward:  # output scaling: rows of W and the bias scaled

@@ -29,6 +29,15 @@ From these the factory builds (``AutogradOp``):
 - ``apply(backend_op, x, weight, bias, *adapters, *params)``: the entry point. Under
   torch.compile it calls the custom ops; without autograd (grad mode off, or nothing requires
   grad: serving, evaluation) the forward alone, with no node and nothing saved; else the Function.
+
+An op built with ``composable=True`` chooses its backend before the Function (and hands it the
+index): where the chosen implementation has ``autograd_forward(x, weight, bias, *adapters,
+*params)``, a composition of differentiable torch ops, and x is on a device in
+``COMPOSED_DEVICES``, that runs instead and autograd's C++ engine runs its backward. At the
+small, host-bound shapes where the tuner picks such a composition the Function's Python costs
+more than the arithmetic: an IA3 layer's training step took 86 us through the Function and 48 us
+as the same torch ops (CPU machine, 16 x 64). ``autograd_forward`` returns NotImplemented where
+it would keep more for the backward than the Function does (the Function then runs).
 """
 from __future__ import annotations
 
@@ -41,6 +50,9 @@ from .. import backends
 from . import _common
 
 _BASE_SCHEMA = "Tensor x, Tensor weight, Tensor? bias"
+# Where a composable op runs a backend's autograd_forward. Not on CPU: there the torch backend is
+# the reference the Function's own tests examine (tests widen this to reach the path on CPU).
+COMPOSED_DEVICES = {"cuda"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +84,7 @@ def autograd_op(
     backward: Callable,
     select: Callable,
     saved_shape: Callable[..., tuple],
+    composable: bool = False,
 ) -> AutogradOp:
     """Build the eager autograd Function and the custom-op pair of one op.
 
@@ -86,11 +99,13 @@ def autograd_op(
     The eager backward passes ``grad_dtypes`` (the adapter tensors' own dtypes, from before their
     cast to x's) to ``backward``, which may write the adapter gradients in them directly (float32
     masters beside a bf16 layer): the cast back after it is then a no-op, one launch less each.
+    composable: choose the backend before the Function, and run its ``autograd_forward`` where it
+        has one (see the module docstring).
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
     tensor_params = tuple(i for i, kind in enumerate(param_types) if kind.startswith("Tensor"))
-    no_grads = (None,) * len(param_types)
+    no_grads = (None,) * (len(param_types) + 1)  # the params and the backend index
     inputs_schema = f"{_BASE_SCHEMA}, {adapters}"
 
     def cast_adapters(args):
@@ -104,9 +119,10 @@ def autograd_op(
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
+            *args, index = args  # the backend's index, or -1: chosen here by the shape key
             ctx.adapter_dtypes = [None if a is None else a.dtype for a in args[3:n]]
             args = cast_adapters(args)
-            y, saved, ctx.index = forward(*args, needs=ctx.needs_input_grad[:n])
+            y, saved, ctx.index = forward(*args, needs=ctx.needs_input_grad[:n], index=index)
             ctx.save_for_backward(*args[:n], saved)
             ctx.params = args[n:]
             return y
@@ -180,7 +196,19 @@ def autograd_op(
         if torch.is_grad_enabled():
             for t in args[:n]:
                 if t is not None and t.requires_grad:
-                    return function_apply(*args)
+                    if composable and args[0].device.type in COMPOSED_DEVICES:
+                        return composed_or_function(args)
+                    return function_apply(*args, -1)
         return forward(*cast_adapters(args))[0]
+
+    def composed_or_function(args):
+        needs = tuple(t is not None and t.requires_grad for t in args[:n])
+        index, impl = select(*args, needs=needs, record=False)
+        composed = getattr(impl, "autograd_forward", None)
+        y = NotImplemented if composed is None else composed(*args)
+        if y is NotImplemented:
+            return function_apply(*args, index)  # its forward records the choice
+        select(*args, needs=needs, index=index)  # records it (the index: no shape key, no tuning)
+        return y
 
     return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply)

@@ -86,7 +86,24 @@ def _torch_backward(grad_y, x, weight, bias, scale, shift, input_scale, z, needs
     return grad_x, grad_w, grad_b, grad_scale, grad_shift
 
 
-torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward)
+def _torch_autograd_forward(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
+    """The torch backend as differentiable torch ops, for autograd to differentiate (the op's
+    ``composable`` path): peft's arithmetic, the rescaling in the dtype that x and the scale
+    promote to (float32 for float32 masters beside a bf16 layer), the result rounded once to x's
+    dtype, so the scale's and shift's gradients are float32 sums as the Function's are. It keeps
+    what the Function keeps: the unscaled output z for grad_scale ("save" mode), x for input
+    scaling. In "recompute" mode (z not to be kept) it declines."""
+    if not input_scale and not save_unscaled and scale.requires_grad:
+        return NotImplemented
+    if input_scale:
+        return _linear((x * scale).to(x.dtype), weight, bias)
+    z = _linear(x, weight, bias)
+    y = z * scale if shift is None else torch.addcmul(shift, z, scale)
+    return y.to(x.dtype)
+
+
+torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
+                                      autograd_forward=_torch_autograd_forward)
 
 
 def register_reference(op: str):
@@ -144,7 +161,7 @@ def _saved_shape(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
 # the frozen weight, bias, scale, shift (in x's dtype), and z in "save" mode.
 _OP = _autograd.autograd_op(
     "rescaled_linear", adapters="Tensor scale, Tensor? shift", params="bool input_scale, bool save_unscaled, str op",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True)
 _rescaled_fwd = _OP.forward_op
 
 
