@@ -195,6 +195,12 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
 ROWS_CLASS_MAX = 16384
 
 
+def measures(x) -> bool:
+    """Whether a call on ``x`` chooses among tunable candidates by measurement (CUDA tensors: the
+    timings are CUDA events)."""
+    return x.is_cuda
+
+
 def rows_class(M: int, largest: int = ROWS_CLASS_MAX) -> int:
     """The shape keys' class for M rows: the next power of two, up to ``largest`` (the fastest
     path, and a kernel's best tile, depend on M's size class, not its exact value)."""

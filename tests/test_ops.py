@@ -547,3 +547,82 @@ def test_rescale_composed_path_declines_where_it_would_keep_more(op, monkeypatch
     assert entered == [1]
     y.sum().backward()
     assert all(t.grad is not None for t in tensors if t is not None)
+
+
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_rescale_tuner_times_candidates_through_the_entry(grad_mode, monkeypatch, use_settings):
+    """The composable op's tuner measures a candidate as the entry runs it: the composition where
+    it runs (save mode), the Function where it declines (recompute), with autograd's backward, on
+    leaves of its own (the caller's tensors get no gradient) and without counting the calls."""
+    from fusedpeft import backends, tuning
+    from fusedpeft.ops import _rescale
+
+    use_settings(output_scale_grad=grad_mode)
+    x, W, b = _inputs((13,), 24, 20, torch.float32, True)
+    scale = leaf(1.0 + 0.5 * torch.randn(20))
+    args = (x.reshape(13, 24), W, b, scale, None, False, grad_mode == "save", "ia3_linear")
+    needs = tuple(t is not None and t.requires_grad for t in args[:5])
+    entered, steps = [], []
+    forward = _rescale._OP.function.forward
+    monkeypatch.setattr(_rescale._OP.function, "forward",
+                        staticmethod(lambda ctx, *a: entered.append(a[-1]) or forward(ctx, *a)))
+    grads = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(real_grad(*a, **k)) or grads[-1])
+    monkeypatch.setattr(tuning, "time_ms", lambda step: (step(), steps.append(1), 0.5)[-1])
+    upstream = torch.randn(13, 20)
+    monkeypatch.setattr(tuning, "random_like_output", lambda shape, dtype, device: upstream.to(dtype))
+    built = []
+
+    def through():
+        built.append(1)
+        return _rescale._OP.entry_step("ia3_linear", args, needs)
+
+    _, bench = _rescale._tune(*args[:7], needs, through)
+    _, impl = backends.select("ia3_linear", x, W, record=False)
+    counts = backends.backend_counts()
+    assert bench(impl) == 0.5 and built == [1] and steps == [1]
+    torch_index = backends.index_of("ia3_linear", impl)
+    assert entered == ([] if grad_mode == "save" else [torch_index])
+    assert backends.backend_counts() == counts
+    assert all(t.grad is None for t in (x, W, b, scale))
+    # the step's gradients are the layer's, for every tensor that wants one
+    refs = [leaf(t, torch.float64) for t in (x, W, b, scale)]
+    ia3_linear_reference(refs[0], refs[1], refs[2], refs[3], False).backward(upstream.double())
+    assert len(grads) == 1 and len(grads[0]) == 4
+    for name, got, ref in zip(("x", "W", "b", "scale"), grads[0], refs):
+        assert_close(got, ref.grad, torch.float32, f"tuner step grad_{name}")
+
+
+def test_rescale_entry_hands_the_tuner_its_own_step(monkeypatch, composed_on_cpu, use_settings):
+    """Wiring: a composable op's call hands select a shape key whose bench times the candidate
+    through the entry (here the composition: the Function, made to raise, is never entered), and
+    runs the choice; one count per call."""
+    from fusedpeft import backends, tuning
+
+    use_settings(output_scale_grad="save")
+    monkeypatch.setattr(tuning, "measures", lambda x: True)
+    monkeypatch.setattr(tuning, "time_ms", lambda step: (step(), 0.25)[-1])
+    benched = []
+    select_index = backends.select_index
+
+    def measuring(op, x, weight, tune=None, index=-1, record=True):
+        assert tune is not None and index < 0
+        index, impl = select_index(op, x, weight, index=index, record=False)
+        benched.append(tune[1](impl))
+        return (index, impl) if not record else select_index(op, x, weight, index=index, record=True)
+
+    monkeypatch.setattr(backends, "select_index", measuring)
+    autograd_steps = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: autograd_steps.append(1) or real_grad(*a, **k))
+    x, W, b = _inputs((3, 5), 24, 20, torch.float32, True)
+    scale = leaf(1.0 + 0.5 * torch.randn(20))
+    before = fusedpeft.backend_counts().get(("ia3_linear", "torch"), 0)
+    y = ia3_linear(x, W, b, scale, False)
+    assert benched == [0.25] and autograd_steps == [1]  # the entry's step (autograd's backward) was timed
+    assert fusedpeft.backend_counts()[("ia3_linear", "torch")] == before + 1
+    y.backward(torch.ones_like(y))
+    refs = [leaf(t, torch.float64) for t in (x, W, b, scale)]
+    ia3_linear_reference(*refs, False).backward(torch.ones(3, 5, 20, dtype=torch.float64))
+    _check_grads(("x", "W", "b", "l"), (x, W, b, scale), refs, torch.float32, "ia3 through the tuned entry")

@@ -42,6 +42,7 @@ already given do not move.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -225,6 +226,34 @@ def select_index(op: str, *tensors, tune=None, index: int = -1, record: bool = T
 def impl_at(op: str, index: int):
     """The implementation registered index-th for ``op`` (the backward runs the forward's backend)."""
     return _BY_INDEX[(op, index)].impl()
+
+
+def record_index(op: str, index: int):
+    """Count a call of the backend registered index-th for ``op`` (a choice made by select_index
+    with record=False, then run)."""
+    _record(op, _BY_INDEX[(op, index)])
+
+
+def index_of(op: str, impl) -> int:
+    """The registration index of the loaded implementation ``impl`` of ``op``."""
+    for (name_op, index), backend in _BY_INDEX.items():
+        if name_op == op and backend._impl is impl:
+            return index
+    raise KeyError(f"{op}: {impl!r} is not a loaded backend of this op")
+
+
+@contextlib.contextmanager
+def uncounted():
+    """Calls made inside (a tuner's measurements) leave backend_counts() and last_backend() as
+    they were."""
+    counts, last = dict(_COUNTS), dict(_LAST)
+    try:
+        yield
+    finally:
+        _COUNTS.clear()
+        _COUNTS.update(counts)
+        _LAST.clear()
+        _LAST.update(last)
 
 
 def _record(op: str, backend: Backend):

@@ -37,16 +37,19 @@ index): where the chosen implementation has ``autograd_forward(x, weight, bias, 
 small, host-bound shapes where the tuner picks such a composition the Function's Python costs
 more than the arithmetic: an IA3 layer's training step took 86 us through the Function and 48 us
 as the same torch ops (CPU machine, 16 x 64). ``autograd_forward`` returns NotImplemented where
-it would keep more for the backward than the Function does (the Function then runs).
+it would keep more for the backward than the Function does (the Function then runs). Such an op's
+tuner times each candidate as this entry runs it (``entry_step``: the composition or the Function,
+and autograd's backward), not its bare forward and backward: at host-bound shapes the candidates'
+GPU times are within noise of each other and what differs is the host work around them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from .. import backends
+from .. import backends, tuning
 from . import _common
 
 _BASE_SCHEMA = "Tensor x, Tensor weight, Tensor? bias"
@@ -64,6 +67,9 @@ class AutogradOp:
     forward_op: Any
     backward_op: Any
     apply: Callable[..., torch.Tensor]
+    # composable ops: entry_step(backend_op, args, needs) -> through(impl) -> step (the tuner's
+    # measure of a candidate as the entry runs it); None otherwise
+    entry_step: Optional[Callable] = None
 
 
 def _fields(schema: str) -> list[str]:
@@ -197,18 +203,45 @@ def autograd_op(
             for t in args[:n]:
                 if t is not None and t.requires_grad:
                     if composable and args[0].device.type in COMPOSED_DEVICES:
-                        return composed_or_function(args)
+                        return composed_or_function(backend_op, args)
                     return function_apply(*args, -1)
         return forward(*cast_adapters(args))[0]
 
-    def composed_or_function(args):
-        needs = tuple(t is not None and t.requires_grad for t in args[:n])
-        index, impl = select(*args, needs=needs, record=False)
+    def run_entry(impl, index, args):
+        """(y, whether the Function ran) of one call through this entry with the backend ``impl``
+        (registration ``index``)."""
         composed = getattr(impl, "autograd_forward", None)
         y = NotImplemented if composed is None else composed(*args)
-        if y is NotImplemented:
-            return function_apply(*args, index)  # its forward records the choice
-        select(*args, needs=needs, index=index)  # records it (the index: no shape key, no tuning)
+        return (function_apply(*args, index), True) if y is NotImplemented else (y, False)
+
+    def entry_step(backend_op, args, needs):
+        """through(impl) -> step: one training step of a candidate as composed_or_function runs it,
+        on fresh leaves of the call's tensors (the gradients returned, never accumulated), with a
+        random upstream gradient; the Function's own count of the call left out. Built only when a
+        shape key is measured."""
+        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(args[:n], needs)]
+        call_args = (*leaves, *args[n:])
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grad = tuning.random_like_output((args[0].shape[0], args[1].shape[0]), args[0].dtype, args[0].device)
+
+        def through(impl):
+            index = backends.index_of(backend_op, impl)
+
+            def step():
+                with torch.enable_grad(), backends.uncounted():
+                    torch.autograd.grad(run_entry(impl, index, call_args)[0], wanted, grad)
+
+            return step
+
+        return through
+
+    def composed_or_function(backend_op, args):
+        needs = tuple(t is not None and t.requires_grad for t in args[:n])
+        index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
+        y, counted = run_entry(impl, index, args)
+        if not counted:  # the Function's forward counts its own calls
+            backends.record_index(backend_op, index)
         return y
 
-    return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply)
+    return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply,
+                      entry_step=entry_step if composable else None)

@@ -118,14 +118,18 @@ def register_reference(op: str):
 # ----------------------------------------------------------------------------- dispatch
 # IA3 and SSF share one implementation and one custom-op pair; ``op`` (the method's op name, a
 # parameter of the pair) says whose backends and shape keys a call uses.
-def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs):
-    """(shape key, bench) for backends.select, as lora's: one candidate's step on these inputs."""
+def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, through=None):
+    """(shape key, bench) for backends.select, as lora's: one candidate's step on these inputs.
+    ``through()``, where given (the autograd entry's own call), returns through(impl) -> step:
+    the candidate's step as that entry runs it, which the bench then times instead."""
     M, K = x.shape
     N = weight.shape[0]
     key = (tuning.rows_class(M), K, N, x.dtype, bias is not None, shift is not None, input_scale, save_unscaled,
            tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
 
     def bench(impl):  # built into a step only when the key is measured, as lora's
+        if through is not None:
+            return tuning.time_ms(through()(impl))
         return tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled),
             lambda impl, grad, z: impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs)),
@@ -134,9 +138,9 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs):
     return key, bench
 
 
-def _select(x, weight, bias, scale, shift, input_scale, save_unscaled, op, needs, index=-1, record=True):
-    tune = (_tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs) if x.is_cuda and index < 0
-            else None)
+def _select(x, weight, bias, scale, shift, input_scale, save_unscaled, op, needs, index=-1, record=True, through=None):
+    tune = (_tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, through)
+            if tuning.measures(x) and index < 0 else None)
     return backends.select_index(op, x, weight, tune=tune, index=index, record=record)
 
 

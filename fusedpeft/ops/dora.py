@@ -176,7 +176,7 @@ def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, 
 def _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, index=-1,
             record=True):
     tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs)
-            if x.is_cuda and index < 0 else None)
+            if tuning.measures(x) and index < 0 else None)
     return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
 
 

@@ -136,7 +136,8 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
 
 
 def _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, index=-1, record=True):
-    tune = _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs) if x.is_cuda and index < 0 else None
+    tune = (_tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs)
+            if tuning.measures(x) and index < 0 else None)
     return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
 
 
