@@ -124,8 +124,10 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, thro
     the candidate's step as that entry runs it, which the bench then times instead."""
     M, K = x.shape
     N = weight.shape[0]
+    # The last field: measured through the eager entry (composition or Function) or bare (the custom
+    # ops of torch.compile, which run no composition): each keeps its own winner.
     key = (tuning.rows_class(M), K, N, x.dtype, bias is not None, shift is not None, input_scale, save_unscaled,
-           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
     def bench(impl):  # built into a step only when the key is measured, as lora's
         if through is not None:
