@@ -1,5 +1,7 @@
 """Every op against its float64 reference: output and every gradient, over ragged shapes, 3-D input,
 M=0 and M=1, fp32 and bf16, each backend the op has."""
+import re
+
 import pytest
 import torch
 
@@ -626,3 +628,24 @@ def test_rescale_entry_hands_the_tuner_its_own_step(monkeypatch, composed_on_cpu
     refs = [leaf(t, torch.float64) for t in (x, W, b, scale)]
     ia3_linear_reference(*refs, False).backward(torch.ones(3, 5, 20, dtype=torch.float64))
     _check_grads(("x", "W", "b", "l"), (x, W, b, scale), refs, torch.float32, "ia3 through the tuned entry")
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_linear_takes_peft_shapes_and_names_a_bad_scale(feedforward):
+    """The scale as (size,), (1, size) or (size, 1) gives one result; any other shape, a non-float
+    dtype or another device is refused with the problem named."""
+    x, W, b = _inputs((5,), 12, 8, torch.float32, True)
+    size = 12 if feedforward else 8
+    scale = torch.randn(size)
+    y = ia3_linear(x, W, b, scale, feedforward)
+    ref = ia3_linear_reference(*(t.double() for t in (x, W, b, scale)), feedforward)
+    assert_close(y, ref, torch.float32, "ia3 (size,)")
+    for shaped in (scale.reshape(1, size), scale.reshape(size, 1)):
+        assert torch.equal(ia3_linear(x, W, b, shaped, feedforward), y)
+    for bad in (torch.randn(size + 1), scale.reshape(2, size // 2), scale.reshape(1, 1, size)):
+        with pytest.raises(ValueError, match=f"ia3_scale must have {size} entries.*got shape {re.escape(str(tuple(bad.shape)))}"):
+            ia3_linear(x, W, b, bad, feedforward)
+    with pytest.raises(TypeError, match="ia3_scale must be a floating-point tensor, got torch.int64"):
+        ia3_linear(x, W, b, torch.ones(size, dtype=torch.int64), feedforward)
+    with pytest.raises(ValueError, match="ia3_scale is on meta but weight is on cpu"):
+        ia3_linear(x, W, b, torch.empty(size, device="meta"), feedforward)

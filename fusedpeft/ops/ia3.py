@@ -39,11 +39,15 @@ def ia3_linear(
     (input scaling) and out_features otherwise (output scaling, bias included); peft's (N, 1) and
     (1, K) parameter shapes are accepted as they are."""
     _common.check_linear_inputs(OP, x, weight, bias)
-    n, k = weight.shape
-    size = k if feedforward else n
-    if ia3_scale.numel() != size or ia3_scale.dim() > 2 or max(ia3_scale.shape, default=1) != size:
-        kind = "in_features (feedforward: input scaling)" if feedforward else "out_features (output scaling)"
-        raise ValueError(f"{OP}: ia3_scale must have {size} entries, one per {kind}; got shape {tuple(ia3_scale.shape)}")
-    scale = ia3_scale.reshape(size)
-    _common.check_adapter_tensor(OP, "ia3_scale", scale, (size,), weight)
+    size = weight.shape[1] if feedforward else weight.shape[0]
+    shape = ia3_scale.shape
+    # The valid call's checks as one expression (a small layer's step is bound by host time): size
+    # entries as (size,), (1, size) or (size, 1), a float dtype, the weight's device.
+    if not (ia3_scale.numel() == size and (len(shape) == 1 or (len(shape) == 2 and 1 in shape))
+            and ia3_scale.dtype in _common.FLOAT_DTYPES and ia3_scale.device == weight.device):
+        if ia3_scale.numel() != size or ia3_scale.dim() > 2 or max(shape, default=1) != size:
+            kind = "in_features (feedforward: input scaling)" if feedforward else "out_features (output scaling)"
+            raise ValueError(f"{OP}: ia3_scale must have {size} entries, one per {kind}; got shape {tuple(shape)}")
+        _common.check_adapter_tensor(OP, "ia3_scale", ia3_scale.reshape(size), (size,), weight)
+    scale = ia3_scale if len(shape) == 1 else ia3_scale.reshape(size)
     return _rescale.rescaled_linear(OP, x, weight, bias, scale, None, bool(feedforward))
