@@ -144,3 +144,14 @@ def test_rounds_replace_the_step_time_and_keep_the_lone_pass(one_thread):
     assert all("step_ms_alone" not in r for r in alone["rows"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--rounds", "-1"])
+
+
+def test_model_split_runs_on_cpu(one_thread):
+    """tools.model_split: a row per variant with its interleaved step time; no kernel columns on CPU."""
+    from tools import model_split
+
+    rows = model_split.main(["--device", "cpu", "--tiny", "--models", "qwen2.5-0.5b", "--batches", "1x16", "--adapters",
+                             "lora", "--timed-steps", "2", "--warmup-steps", "1", "--rounds", "1"], log=lambda *a: None)
+    assert [r["variant"] for r in rows] == list(bench.VARIANTS.values())
+    for r in rows:
+        assert r["event_ms"] > 0 and r["kernels_ms"] is None and r["batch"] == "1x16"

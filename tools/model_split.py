@@ -8,11 +8,12 @@ kernels do not make it faster, fewer host microseconds per layer do.
     python -m tools.model_split --device cpu --tiny --models qwen2.5-0.5b --batches 1x16 --adapters lora
 
 Options are benchmarks.model's (--models, --batches, --adapters, --variants, --layers, --tiny,
---device, --seed, --warmup-steps, --timed-steps). On a CPU device the kernel columns are left out.
+--device, --seed, --warmup-steps, --timed-steps, --rounds). The step times are taken in turns with
+the other variants (a host-bound step drifts by tens of percent over seconds on the lent machines).
+On a CPU device the kernel columns are left out.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import warnings
 
@@ -23,15 +24,12 @@ from benchmarks import model as bench_model
 from tools.profile_kernels import profile_step
 
 
-def split_row(step, steps: int, warmup: int, cuda: bool) -> dict:
-    """event ms (median of ``steps`` timed calls after ``warmup``), kernels ms and launches per step."""
-    for i in range(warmup):
-        step(i)
-    event = statistics.median(harness.step_times_ms(step, steps, cuda=cuda))
+def kernels_row(step, cuda: bool) -> dict:
+    """kernels ms and launches per step (torch.profiler; None off CUDA)."""
     if not cuda:
-        return {"event_ms": event, "kernels_ms": None, "launches": None}
+        return {"kernels_ms": None, "launches": None}
     kernels = profile_step(lambda: step(0), steps=2)
-    return {"event_ms": event, "kernels_ms": sum(us for _, us in kernels.values()) / 1e3, "launches": len(kernels)}
+    return {"kernels_ms": sum(us for _, us in kernels.values()) / 1e3, "launches": len(kernels)}
 
 
 def train_steps(model, opt, batches):
@@ -40,6 +38,9 @@ def train_steps(model, opt, batches):
 
 
 def main(argv=None, log=print) -> list[dict]:
+    """The rows: the variants of one (model, adapter) are built together, warmed up, and timed in
+    interleaved turns as benchmarks.model times them (max(--rounds, 1) x --timed-steps steps each),
+    then each is profiled on its own."""
     args = bench_model.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -52,22 +53,28 @@ def main(argv=None, log=print) -> list[dict]:
         for model_name in args.model_names:
             vocab = bench_model.family_config(model_name, 1, args.tiny, 1).vocab_size
             for adapter in args.adapter_names:
+                runs = {}
                 for variant in args.variant_keys:
                     model = bench_model.build_variant(variant, model_name, adapter, args, device)
-                    opt = bench_model.make_optimizer(model, bench_model.TIMING_LR)
-                    for shape in args.batch_shapes:
-                        steps = args.warmup_steps + args.timed_steps
-                        batches = bench_model.random_batches(shape, steps, vocab, args.seed, device)
-                        row = split_row(train_steps(model, opt, batches), args.timed_steps, args.warmup_steps, cuda)
-                        row.update(model=model_name, batch=f"{shape[0]}x{shape[1]}", adapter=adapter,
-                                   variant=bench_model.VARIANTS[variant])
+                    runs[variant] = (model, bench_model.make_optimizer(model, bench_model.TIMING_LR))
+                for shape in args.batch_shapes:
+                    batches = bench_model.random_batches(shape, args.warmup_steps + args.timed_steps, vocab, args.seed,
+                                                         device)
+                    for model, opt in runs.values():
+                        for i in range(args.warmup_steps):
+                            bench_model.train_step(model, opt, batches[i])
+                    events = bench_model.time_interleaved(runs, batches, max(args.rounds, 1) * args.timed_steps, device)
+                    for variant, (model, opt) in runs.items():
+                        row = dict(model=model_name, batch=f"{shape[0]}x{shape[1]}", adapter=adapter,
+                                   variant=bench_model.VARIANTS[variant], event_ms=events[variant],
+                                   **kernels_row(train_steps(model, opt, batches), cuda))
                         rows.append(row)
                         busy = "-" if row["kernels_ms"] is None else f"{row['kernels_ms'] / row['event_ms']:8.0%}"
                         kernels = "-" if row["kernels_ms"] is None else f"{row['kernels_ms']:10.2f}"
                         log(f"{model_name:13s} {row['batch']:7s} {adapter:12s} {row['variant']:22s} "
                             f"{row['event_ms']:9.2f} {kernels:>10s} {busy:>8s} {row['launches'] or '-':>8}")
-                    del model, opt
-                    harness.release(device)
+                del runs
+                harness.release(device)
     return rows
 
 
