@@ -208,7 +208,8 @@ def time_batch(model, opt, batches, warmup: int, device, resident: int = 0) -> d
 def time_interleaved(runs: dict, batches, rounds: int, device) -> dict:
     """Median step ms of each variant in ``runs`` ({variant: (model, opt)}) over ``rounds`` turns on
     ``batches`` (each turn one step of every variant, the order rotated by one each turn, gc paused;
-    on CUDA each step between events, one synchronize per turn)."""
+    each step timed on its own by harness.step_times_ms: between CUDA events and synchronized, so
+    no variant's queued work runs into the next one's time)."""
     cuda = device.type == "cuda"
     order, times = list(runs), {v: [] for v in runs}
     gc.collect()
@@ -312,12 +313,12 @@ def run_case(model_name: str, adapter: str, args, device, log) -> tuple[list[dic
         for shape in args.batch_shapes:
             batch = f"{shape[0]}x{shape[1]}"
             medians = time_interleaved(data["runs"], data["timing"][shape], args.rounds * args.timed_steps, device)
+            by_label = {VARIANTS[v]: ms for v, ms in medians.items()}
             for row in rows:
-                variant = next(v for v, label in VARIANTS.items() if label == row["variant"])
-                if row["batch"] == batch and variant in medians:
+                if row["batch"] == batch and row["variant"] in by_label:
                     row["step_ms_alone"] = row["step_ms"]
-                    row["step_ms"] = medians[variant]
-                    row["tokens_per_s"] = shape[0] * shape[1] / (medians[variant] * 1e-3)
+                    row["step_ms"] = by_label[row["variant"]]
+                    row["tokens_per_s"] = shape[0] * shape[1] / (row["step_ms"] * 1e-3)
             log(f"{model_name:13s} {batch:7s} {adapter:12s} interleaved ms: "
                 + ", ".join(f"{VARIANTS[v]} {ms:.2f}" for v, ms in medians.items()))
         data["runs"].clear()

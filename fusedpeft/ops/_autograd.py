@@ -106,7 +106,8 @@ def autograd_op(
     cast to x's) to ``backward``, which may write the adapter gradients in them directly (float32
     masters beside a bf16 layer): the cast back after it is then a no-op, one launch less each.
     composable: choose the backend before the Function, and run its ``autograd_forward`` where it
-        has one (see the module docstring).
+        has one (see the module docstring); ``select`` then also takes ``through``, a zero-argument
+        callable returning entry_step's through(impl) -> step, for its shape key's bench.
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
