@@ -64,12 +64,12 @@ def _us_per_call(fn, n):
     return harness.host_ms(fn, n, warmup=max(n // 10, 20), device="cpu") * 1e3
 
 
-def main(M=16, K=256, N=256, r=16):
+def main(M=16, K=256, N=256, r=16, dt=torch.bfloat16):
     import fusedpeft
     from fusedpeft._kernels import triton_kernels
     from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
 
-    dt = torch.bfloat16
+
     x = torch.randn(M, K, dtype=dt, requires_grad=True)
     W = torch.randn(N, K, dtype=dt)
     y = torch.empty(M, N, dtype=dt)
@@ -89,25 +89,35 @@ def main(M=16, K=256, N=256, r=16):
         ("ia3 input", "triton", lambda: ia3_linear(x, W, None, l_in, True)),
         ("ssf", "triton", lambda: ssf_linear(x, W, None, l_out, shift)),
     ]
-    # The cuBLAS compositions ("cublas", and "cublas_after" where it exists), where registered.
+    # The cuBLAS compositions ("cublas", "cublas_after", "cublas_autograd" where they exist), where
+    # registered; with dropout (masks from the stubbed Triton kernels) each but the autograd one.
     cublas = [n for n in fusedpeft.backends.registered("lora_linear") if n.startswith("cublas")]
     for i, name in enumerate(cublas):
         calls.insert(1 + i, (f"lora [{name}]", name, lambda: lora_linear(x, W, None, A, B, 2.0)))
+    for name in ["triton"] + [n for n in cublas if n != "cublas_autograd"]:
+        calls.insert(1 + len(cublas), (f"lora p=0.1 [{name}]", name,
+                                       lambda: lora_linear(x, W, None, A, B, 2.0, dropout_p=0.1, training=True)))
     # The plain torch LoRA a user would write, on the same tensors.
     calls.append(("torch composition", None, lambda: F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)))
+    from fusedpeft.ops import _autograd
+
+    composed_devices = set(_autograd.COMPOSED_DEVICES)
+    _autograd.COMPOSED_DEVICES.add("cpu")  # the composable ops' compositions run here as on CUDA
     with _stubbed_gpu(triton_kernels):
         print(f"one launch (rescale_kernel) {_us_per_call(one_launch, 3000):7.1f} us")
         for name, backend, call in calls:
             def fwd():
-                with torch.no_grad(), _backend(backend):
+                with torch.no_grad():
                     call()
 
             def train():
-                with _backend(backend):
-                    call().backward(g)
+                call().backward(g)
 
-            print(f"{name:20s} forward {_us_per_call(fwd, 1000):7.1f} us   "
-                  f"forward + backward {_us_per_call(train, 300):7.1f} us")
+            with _backend(backend):  # entered once: a use_backend block costs ~15 us a call here
+                print(f"{name:24s} forward {_us_per_call(fwd, 1000):7.1f} us   "
+                      f"forward + backward {_us_per_call(train, 300):7.1f} us")
+    _autograd.COMPOSED_DEVICES.clear()
+    _autograd.COMPOSED_DEVICES.update(composed_devices)
     print("(lora [cublas*] and torch composition run their small products on this CPU for real: their figures are an\n"
           " upper bound on host cost, the stubbed triton lines host work alone)")
 

@@ -26,8 +26,8 @@ never zero):
 - "fusedpeft": fusedpeft.LoraLinear(nn.Linear, r, lora_alpha=2r, lora_dropout=p) in train mode,
   the module as users get it: float32 adapters beside the base (autocast_adapter_dtype=True),
   the backend chosen automatically. The "path" column is fusedpeft.last_backend() after a call;
-- "fusedpeft [triton]", "fusedpeft [cublas]", "fusedpeft [cublas_after]": the same module under
-  use_backend(...). A backend
+- "fusedpeft [triton]", "fusedpeft [cublas]", "fusedpeft [cublas_after]", "fusedpeft
+  [cublas_autograd]" (at dropout 0): the same module under use_backend(...). A backend
   that is not registered, or cannot take the inputs, is skipped with a note when the cases are made;
 - "peft": peft.tuners.lora.Linear on the same nn.Linear, train mode, its default float32 adapters
   (cast as peft.get_peft_model casts them);
@@ -361,7 +361,8 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     op = OPS[group.method]
     out = [harness.Case(label, BASE, base, flops=base_flops, path="cuBLAS"),
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
-    forced = ["triton", "cublas"] if dora else ["triton", "cublas", "cublas_after"]
+    # cublas_autograd only without dropout: with it, it runs cublas_after's Function.
+    forced = ["triton", "cublas"] if dora else ["triton", "cublas", "cublas_after"] + (["cublas_autograd"] if p == 0 else [])
     for name in _forced_variants(op, forced, device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
     if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters

@@ -165,7 +165,8 @@ def capturing() -> bool:
 
 def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], float]) -> str:
     """The fastest of ``names`` (backend names, highest priority first) at ``shape_key``:
-    from this process's memory, else the disk, else measured now with ``bench(name) -> ms``."""
+    from this process's memory, else the disk, else measured now with ``bench(name) -> ms``
+    (None where that name is no candidate at this key)."""
     hit = _PATHS.get((op, shape_key))
     if hit is not None:
         return hit
@@ -179,9 +180,12 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
     timings, errors = {}, {}
     for name in names:
         try:
-            timings[name] = bench(name)
+            ms = bench(name)
         except Exception as exc:  # a candidate that cannot run these inputs loses; the others decide
             errors[name] = f"{type(exc).__name__}: {str(exc)[-500:]}"
+            continue
+        if ms is not None:  # None: no candidate at this key (it would only repeat another)
+            timings[name] = ms
     if not timings:
         raise RuntimeError(f"{op}: no candidate could run at {shape_key}: {errors}")
     winner = min(timings, key=timings.get)
@@ -223,6 +227,11 @@ def step_bench(forward, backward, out_shape, like: torch.Tensor, trains: bool):
         return time_ms(step)
 
     return bench
+
+
+def time_step(step: Optional[Callable[[], None]]) -> Optional[float]:
+    """time_ms(step), or None for no step (no candidate)."""
+    return None if step is None else time_ms(step)
 
 
 def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0) -> float:

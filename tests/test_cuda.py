@@ -25,7 +25,7 @@ def test_triton_lora_matches_float64(lead, K, N, r, dtype, dropout, monkeypatch)
 
 # peft's default adapters: float32 A and B beside a bf16 layer, through every LoRA backend (the Triton
 # reductions write their gradients in float32), at M below and above K.
-@pytest.mark.parametrize("backend", ["triton", "cublas", "cublas_after"])
+@pytest.mark.parametrize("backend", ["triton", "cublas", "cublas_after", "cublas_autograd"])
 @pytest.mark.parametrize("lead,K,N", [((3, 111), 1000, 1496), ((2048,), 1024, 512)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lora_float32_adapters_beside_bf16(backend, lead, K, N, dropout, monkeypatch):

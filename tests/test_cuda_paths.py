@@ -18,7 +18,7 @@ from helpers import RescaledMLP, check_lora_against_float64, rel_err
 
 pytestmark = pytest.mark.cuda
 
-PATHS = ["triton", "cublas", "cublas_after"]  # the tunable backends of lora_linear on CUDA
+PATHS = ["triton", "cublas", "cublas_after", "cublas_autograd"]  # the tunable backends of lora_linear on CUDA
 
 
 def _sweep_shapes(count=56, seed=1234, max_work=2**36):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedpeft
+from fusedpeft import tuning
 from fusedpeft.ops import (
     ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference, ssf_linear, ssf_linear_reference,
 )
@@ -480,16 +481,84 @@ def test_triton_epilogue_whole_tile_and_halves(subtile, monkeypatch, use_setting
 # ----------------------------------------------------------------------------- the composed path
 @pytest.fixture
 def composed_on_cpu(monkeypatch):
-    """The composable ops' autograd composition reached on CPU (it runs on CUDA by default); the
-    Function made to fail if entered, so a test passing through it cannot pass."""
-    from fusedpeft.ops import _autograd, _rescale
+    """The composable ops' autograd composition reached on CPU (it runs on CUDA by default); their
+    Functions made to fail if entered, so a test passing through one cannot pass."""
+    from fusedpeft.ops import _autograd, _rescale, lora as lora_ops
 
     monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
 
     def entered(ctx, *args):
         raise AssertionError("the autograd Function ran: the composed path was expected")
 
-    monkeypatch.setattr(_rescale._OP.function, "forward", staticmethod(entered))
+    for op in (_rescale._OP, lora_ops._OP):
+        monkeypatch.setattr(op.function, "forward", staticmethod(entered))
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_lora_composed_path_matches_reference(dtype, adapter_dtype, lead, K, N, bias, x_grad, composed_on_cpu):
+    """cublas_autograd without dropout: cuBLAS calls as torch ops that autograd differentiates (the
+    Function, made to raise, never runs). Output and every gradient against float64, the
+    adapters' gradients in their own dtype (float32 masters), one backend count per call."""
+    x, W, b = _inputs(lead, K, N, dtype, bias)
+    x.requires_grad_(x_grad)
+    A = leaf(torch.randn(8, K) / K**0.5, adapter_dtype)
+    B = leaf(torch.randn(N, 8) / 8**0.5, adapter_dtype)
+    before = fusedpeft.backend_counts().get(("lora_linear", "cublas_autograd"), 0)
+    with fusedpeft.use_backend("cublas_autograd"):
+        y = lora_linear(x, W, b, A, B, 1.7, dropout_p=0.3, training=False)  # eval: no dropout
+    assert fusedpeft.backend_counts()[("lora_linear", "cublas_autograd")] == before + 1
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    g = lora_upstream_grad(y, B)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) if t is not None else None for t in (x, W, b, A, B)]
+    y_ref = lora_linear_reference(*refs, 1.7)
+    y_ref.backward(g.double())
+    assert_close(y, y_ref, dtype, "lora composed")
+    _check_grads("xWbAB", (x if x_grad else None, W, b, A, B), refs, dtype, "lora composed")
+    assert x_grad or x.grad is None
+    assert A.grad.dtype == adapter_dtype and B.grad.dtype == adapter_dtype
+
+
+def test_lora_composed_backend_declines_dropout_and_is_no_candidate_there(monkeypatch):
+    """With dropout the composition (which would keep the mask) declines: a forced cublas_autograd
+    runs the Function with cublas_after's kernels. Its tuner bench is None there, and for the
+    bare keys of the custom ops, where it would only repeat cublas_after."""
+    from fusedpeft import backends
+    from fusedpeft.ops import _autograd, lora as lora_ops
+
+    monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
+    x, W, b = _inputs((9,), 16, 12, torch.float32, True)
+    A, B = leaf(torch.randn(4, 16)), leaf(torch.randn(12, 4))
+    entered = []
+    forward = lora_ops._OP.function.forward
+    monkeypatch.setattr(lora_ops._OP.function, "forward",
+                        staticmethod(lambda ctx, *a: entered.append(a[-1]) or forward(ctx, *a)))
+    with fusedpeft.use_backend("cublas_autograd"):
+        name, impl = backends.select("lora_linear", x, W, record=False)
+        lora_linear(x, W, b, A, B, 2.0, dropout_p=0.3, training=True).sum().backward()
+    assert entered == [backends.index_of("lora_linear", impl)] and A.grad is not None
+    seed = torch.tensor([7])
+    args = (x.detach(), W, b, A, B, 2.0, 0.3, seed)
+    needs = (False, False, True, True, True)
+    monkeypatch.setattr(tuning, "time_ms", lambda step: pytest.fail("a step was timed"))
+    _, entry_bench = lora_ops._tune(*args, needs, lambda: lora_ops._OP.entry_step("lora_linear", args, needs))
+    _, bare_bench = lora_ops._tune(*args[:5], 2.0, 0.0, None, needs)
+    assert entry_bench(impl) is None and bare_bench(impl) is None
+
+
+def test_tuner_skips_a_candidate_whose_bench_is_none(monkeypatch, tmp_path):
+    """tuning.choose: a bench of None leaves that name out of the race (not an error, not a time)."""
+    monkeypatch.setattr(tuning, "enabled", lambda: True)
+    monkeypatch.setattr(tuning, "capturing", lambda: False)
+    monkeypatch.setattr(tuning, "record", lambda *a: None)
+    key = ("test-key", float(torch.rand(())))  # a fresh key: nothing remembered
+    times = {"fast": None, "slow": 2.0, "mid": 1.0}
+    assert tuning.choose("an_op", key, list(times), times.get) == "mid"
+    assert tuning.LOG[-1]["ms"] == {"slow": 2.0, "mid": 1.0} and not tuning.LOG[-1]["errors"]
 
 
 def _rescale_call(kind, x, W, b, dtype, scale_dtype):

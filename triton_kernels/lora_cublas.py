@@ -24,6 +24,14 @@ Two orders for the rank-r terms of y and grad_x, each a backend:
   pass of its own (cuBLAS addmm_, or the Triton kernel accumulating): one read and one write
   (4MN, 4MK bytes), never hidden behind the GEMM.
 No temporary of size M x K or M x N either way, and nothing but u_s saved.
+
+A third backend, ``cublas_autograd``, is the same cuBLAS calls without dropout as differentiable
+torch ops (the rank-r term after), for autograd's C++ engine to differentiate: the op's composable
+entry runs it instead of the autograd Function (ops/_autograd.py). Its backward has three launches
+more than the Function's (two alpha scalings of rank-r products and the sum of grad_x's two
+terms, an M x K pass), and none of the Function's Python: where a layer's step is bound by host
+time it is the cheapest, elsewhere it loses the measurement. With dropout it declines (it would
+keep the mask) and is no candidate.
 """
 from __future__ import annotations
 
@@ -99,5 +107,22 @@ def _composition(low_rank_first: bool):
     )
 
 
+def _autograd_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    # The adapters cast to x's dtype as autograd nodes (float32 masters get float32 gradients);
+    # u = x A^T (M x r) and B are what autograd keeps for the rank-r term, as the Function keeps u_s.
+    u = x @ lora_A.to(x.dtype).T
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    return y.addmm_(u, lora_B.to(x.dtype).T, alpha=scaling)
+
+
+def _composes(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> bool:
+    return dropout_p == 0.0
+
+
 low_rank_first = _composition(True)
 low_rank_after = _composition(False)
+# Its forward and backward are low_rank_after's (what a forced choice or torch.compile's custom ops
+# run); composed_only: a tuning candidate only where it composes.
+autograd_after = types.SimpleNamespace(forward=low_rank_after.forward, backward=low_rank_after.backward,
+                                       dropout_mask=dropout_mask, autograd_forward=_autograd_forward,
+                                       composes=_composes, composed_only=True)

@@ -1,7 +1,8 @@
 """The backends that run on Triton: ``triton`` (the fused kernels of ``fusedpeft.triton_kernels``)
 for lora_linear, dora_linear, ia3_linear and ssf_linear; for lora_linear, ``cublas`` and ``cublas_after``
 (cuBLAS GEMMs with the dropout masks from small Triton kernels, the rank-r term written before the
-GEMM or added after it); for dora_linear, ``cublas`` (its torch composition with those masks).
+GEMM or added after it) and ``cublas_autograd`` (without dropout, cublas_after's calls as torch ops
+that autograd differentiates); for dora_linear, ``cublas`` (its torch composition with those masks).
 
 Nothing here imports triton: each ``load`` reaches the kernels through ``fusedpeft._kernels`` on
 first use, and ``supports`` asks only whether triton is installed."""
@@ -62,6 +63,9 @@ register("lora_linear", "cublas", load=_kernel("lora_cublas", "low_rank_first"),
          priority=5, tunable=True)
 register("lora_linear", "cublas_after", load=_kernel("lora_cublas", "low_rank_after"), supports=triton_usable,
          priority=4, tunable=True)
+# cublas_after's calls as differentiable torch ops (no dropout), run without the autograd Function.
+register("lora_linear", "cublas_autograd", load=_kernel("lora_cublas", "autograd_after"), supports=triton_usable,
+         priority=3, tunable=True)
 register("dora_linear", "triton", load=_kernel("dora"), supports=triton_usable, priority=10, tunable=True)
 
 

@@ -32,15 +32,19 @@ From these the factory builds (``AutogradOp``):
 
 An op built with ``composable=True`` chooses its backend before the Function (and hands it the
 index): where the chosen implementation has ``autograd_forward(x, weight, bias, *adapters,
-*params)``, a composition of differentiable torch ops, and x is on a device in
-``COMPOSED_DEVICES``, that runs instead and autograd's C++ engine runs its backward. At the
-small, host-bound shapes where the tuner picks such a composition the Function's Python costs
-more than the arithmetic: an IA3 layer's training step took 86 us through the Function and 48 us
-as the same torch ops (CPU machine, 16 x 64). ``autograd_forward`` returns NotImplemented where
-it would keep more for the backward than the Function does (the Function then runs). Such an op's
-tuner times each candidate as this entry runs it (``entry_step``: the composition or the Function,
-and autograd's backward), not its bare forward and backward: at host-bound shapes the candidates'
-GPU times are within noise of each other and what differs is the host work around them.
+*params)``, a composition of differentiable torch ops, its ``composes(*the same args)`` accepts
+the call, and x is on a device in ``COMPOSED_DEVICES``, the composition runs instead and
+autograd's C++ engine runs its backward. At the small, host-bound shapes where the tuner picks
+such a composition the Function's Python costs more than the arithmetic: an IA3 layer's training
+step took 86 us through the Function and 48 us as the same torch ops (CPU machine, 16 x 64).
+``composes`` declines where the composition would keep more for the backward than the Function
+does, or cannot run the call (the Function then runs). An implementation marked
+``composed_only`` exists for its composition alone (its forward and backward repeat another
+backend's): it is a tuning candidate only where it composes, and never for the custom ops. Such
+an op's tuner times each candidate as this entry runs it (``entry_step``: the composition or the
+Function, and autograd's backward), not its bare forward and backward: at host-bound shapes the
+candidates' GPU times are within noise of each other and what differs is the host work around
+them.
 """
 from __future__ import annotations
 
@@ -81,6 +85,11 @@ def _saved_or_none(saved: torch.Tensor):
     return None if saved.dim() == 1 and saved.numel() == 0 else saved
 
 
+def composes(impl, args) -> bool:
+    """Whether ``impl`` runs this call (the op's arguments) as its autograd composition."""
+    return getattr(impl, "autograd_forward", None) is not None and impl.composes(*args)
+
+
 def autograd_op(
     name: str,
     *,
@@ -106,8 +115,9 @@ def autograd_op(
     cast to x's) to ``backward``, which may write the adapter gradients in them directly (float32
     masters beside a bf16 layer): the cast back after it is then a no-op, one launch less each.
     composable: choose the backend before the Function, and run its ``autograd_forward`` where it
-        has one (see the module docstring); ``select`` then also takes ``through``, a zero-argument
-        callable returning entry_step's through(impl) -> step, for its shape key's bench.
+        has one that ``composes`` the call (see the module docstring); ``select`` then also takes
+        ``through``, a zero-argument callable returning entry_step's through(impl) -> step (None:
+        no candidate here), for its shape key's bench.
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
@@ -211,9 +221,9 @@ def autograd_op(
     def run_entry(impl, index, args):
         """(y, whether the Function ran) of one call through this entry with the backend ``impl``
         (registration ``index``)."""
-        composed = getattr(impl, "autograd_forward", None)
-        y = NotImplemented if composed is None else composed(*args)
-        return (function_apply(*args, index), True) if y is NotImplemented else (y, False)
+        if composes(impl, args):
+            return impl.autograd_forward(*args), False
+        return function_apply(*args, index), True
 
     def entry_step(backend_op, args, needs):
         """through(impl) -> step: one training step of a candidate as composed_or_function runs it,
@@ -226,6 +236,9 @@ def autograd_op(
         grad = tuning.random_like_output((args[0].shape[0], args[1].shape[0]), args[0].dtype, args[0].device)
 
         def through(impl):
+            """The candidate's step, or None where it is no candidate (composed_only and declining)."""
+            if getattr(impl, "composed_only", False) and not composes(impl, call_args):
+                return None
             index = backends.index_of(backend_op, impl)
 
             def step():

@@ -92,9 +92,7 @@ def _torch_autograd_forward(x, weight, bias, scale, shift, input_scale, save_uns
     promote to (float32 for float32 masters beside a bf16 layer), the result rounded once to x's
     dtype, so the scale's and shift's gradients are float32 sums as the Function's are. It keeps
     what the Function keeps: the unscaled output z for grad_scale ("save" mode), x for input
-    scaling. In "recompute" mode (z not to be kept) it declines."""
-    if not input_scale and not save_unscaled and scale.requires_grad:
-        return NotImplemented
+    scaling (``_torch_composes``)."""
     if input_scale:
         return _linear((x * scale).to(x.dtype), weight, bias)
     z = _linear(x, weight, bias)
@@ -102,8 +100,13 @@ def _torch_autograd_forward(x, weight, bias, scale, shift, input_scale, save_uns
     return y.to(x.dtype)
 
 
+def _torch_composes(x, weight, bias, scale, shift, input_scale, save_unscaled, op) -> bool:
+    """In "recompute" mode (z not to be kept) the composition, which would keep z, declines."""
+    return input_scale or save_unscaled or not scale.requires_grad
+
+
 torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
-                                      autograd_forward=_torch_autograd_forward)
+                                      autograd_forward=_torch_autograd_forward, composes=_torch_composes)
 
 
 def register_reference(op: str):
@@ -131,7 +134,7 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, thro
 
     def bench(impl):  # built into a step only when the key is measured, as lora's
         if through is not None:
-            return tuning.time_ms(through()(impl))
+            return tuning.time_step(through()(impl))
         return tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled),
             lambda impl, grad, z: impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs)),

@@ -14,10 +14,12 @@ CUDA): ``torch.manual_seed`` reproduces a run, and a captured CUDA graph draws a
 new masks, at every replay. The low-rank activation u = dropout(x) A^T (M x r) is saved: M*r
 values, against the M*K*r FLOPs and the pass over x it would cost to recompute.
 
-On CUDA three backends (``fusedpeft/backends/triton.py``) compete per shape (fusedpeft/tuning.py):
-``triton`` (the fused GEMM core), and ``cublas`` and ``cublas_after`` (cuBLAS GEMMs with the masks
-from small Triton kernels, the rank-r term written before or added after the GEMM). The first
-call at a shape key times a step of each on its own inputs; the fastest runs from then on.
+On CUDA four backends (``fusedpeft/backends/triton.py``) compete per shape (fusedpeft/tuning.py):
+``triton`` (the fused GEMM core), ``cublas`` and ``cublas_after`` (cuBLAS GEMMs with the masks
+from small Triton kernels, the rank-r term written before or added after the GEMM), and, without
+dropout, ``cublas_autograd`` (cublas_after's calls as torch ops, differentiated by autograd with
+no Function: the op is composable, ops/_autograd.py). The first call at a shape key times a
+training step of each, as the entry runs it, on its own inputs; the fastest runs from then on.
 """
 from __future__ import annotations
 
@@ -118,14 +120,22 @@ backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, we
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
+def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, through=None):
     """(shape key, bench) for backends.select: the key holds what decides the fastest path; the
-    bench times one candidate's training step (forward only without gradients) on these inputs."""
+    bench times one candidate's training step (forward only without gradients) on these inputs.
+    ``through()``, where given (the autograd entry's own call), returns through(impl) -> step: the
+    candidate's step as that entry runs it (the composition or the Function, autograd's backward),
+    which the bench times instead; the key's last field keeps those picks apart from the bare ones
+    of torch.compile's custom ops."""
     M, K = x.shape
     key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
-           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+           tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
     def bench(impl):  # one closure per call; the step's pieces are built only when the key is measured
+        if through is not None:
+            return tuning.time_step(through()(impl))
+        if getattr(impl, "composed_only", False):
+            return None  # its bare forward and backward are another candidate's
         return tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed),
             lambda impl, grad, saved: impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
@@ -135,8 +145,8 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs):
     return key, bench
 
 
-def _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, index=-1, record=True):
-    tune = (_tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs)
+def _select(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, index=-1, record=True, through=None):
+    tune = (_tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, through)
             if tuning.measures(x) and index < 0 else None)
     return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
 
@@ -162,7 +172,7 @@ def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scali
 _OP = _autograd.autograd_op(
     "lora_linear", adapters="Tensor lora_A, Tensor lora_B", params="float scaling, float dropout_p, Tensor? seed",
     forward=_forward_impl, backward=_backward_impl, select=_select,
-    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]))
+    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), composable=True)
 _lora_fwd = _OP.forward_op
 
 
