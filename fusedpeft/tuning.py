@@ -40,6 +40,7 @@ _FORMAT = 1
 
 _lock = threading.Lock()
 _PATHS: dict = {}  # (op, shape key) -> winning backend name, this process
+generation = 0  # bumped by clear(): caches of choices made from _PATHS start afresh
 _disk: Optional[dict] = None  # the file's entries, loaded on first use
 LOG: list = []  # every measurement this process made: op, key, timings, winner, seconds
 
@@ -142,9 +143,10 @@ def record(kind: str, key: str, value):
 
 def clear(disk: bool = False):
     """Forget this process's choices (and, with ``disk``, the file's)."""
-    global _disk
+    global _disk, generation
     with _lock:
         _PATHS.clear()
+        generation += 1
         _disk = None
         if disk:
             path = cache_file()

@@ -550,6 +550,46 @@ def test_lora_composed_backend_declines_dropout_and_is_no_candidate_there(monkey
     assert entry_bench(impl) is None and bare_bench(impl) is None
 
 
+def test_composable_entry_remembers_its_choice_per_call_signature(monkeypatch, composed_on_cpu):
+    """A repeated call of a composable op skips select; a new shape, a use_backend block, a new
+    registration or tuning.clear() chooses again, and a choice made inside a CUDA-graph capture
+    is not kept."""
+    from fusedpeft import backends
+
+    chosen = []
+    select_index = backends.select_index
+
+    def counting(op, *tensors, **kw):
+        chosen.append(op)
+        return select_index(op, *tensors, **kw)
+
+    monkeypatch.setattr(backends, "select_index", counting)
+    x, W, b = _inputs((6,), 16, 12, torch.float32, True)
+    scale = leaf(1.0 + torch.randn(12))
+
+    def call(rows=6):
+        ia3_linear(x[:rows], W, b, scale, False).sum().backward()
+
+    call(), call()
+    assert chosen == ["ia3_linear"]
+    call(rows=4)
+    assert len(chosen) == 2  # another shape: chosen again
+    with fusedpeft.use_backend("torch"):
+        call()
+    assert len(chosen) == 3  # other settings in force
+    tuning.clear()
+    call()
+    assert len(chosen) == 4
+    backends.register("ia3_linear", "torch", load=backends._REGISTRY["ia3_linear"]["torch"].load,
+                      supports=backends._REGISTRY["ia3_linear"]["torch"].supports, priority=0, tunable=True)
+    call()
+    assert len(chosen) == 5
+    monkeypatch.setattr(tuning, "capturing", lambda: True)
+    tuning.clear()
+    call(), call()
+    assert len(chosen) == 7  # nothing kept while capturing
+
+
 def test_tuner_skips_a_candidate_whose_bench_is_none(monkeypatch, tmp_path):
     """tuning.choose: a bench of None leaves that name out of the race (not an error, not a time)."""
     monkeypatch.setattr(tuning, "enabled", lambda: True)

@@ -92,6 +92,9 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 _CHOICE: dict[tuple, Backend] = {}  # select()'s cache; cleared when a backend is registered
+# Bumped by every registration: caches of choices made through select (the composable ops' entry
+# memo) compare it and start afresh.
+generation = 0
 _INDEX: dict[tuple[str, str], int] = {}  # (op, name) -> registration index, and back
 _BY_INDEX: dict[tuple[str, int], Backend] = {}
 _LAST: dict[str, str] = {}
@@ -103,6 +106,8 @@ def register(op: str, name: str, load: Callable[[], Any], supports: Callable[...
     _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load,
                                                  tunable=tunable)
     _CHOICE.clear()
+    global generation
+    generation += 1
     for i, (n, b) in enumerate(_REGISTRY[op].items()):
         _INDEX[(op, n)] = i
         _BY_INDEX[(op, i)] = b

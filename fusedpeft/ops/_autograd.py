@@ -54,6 +54,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import backends, tuning
+from ..settings import settings
 from . import _common
 
 _BASE_SCHEMA = "Tensor x, Tensor weight, Tensor? bias"
@@ -211,11 +212,11 @@ def autograd_op(
             args = cast_adapters(args)
             return forward_op(*args, backends.forced_index(backend_op, args[0], args[1]))[0]
         if torch.is_grad_enabled():
-            for t in args[:n]:
-                if t is not None and t.requires_grad:
-                    if composable and args[0].device.type in COMPOSED_DEVICES:
-                        return composed_or_function(backend_op, args)
-                    return function_apply(*args, -1)
+            needs = tuple([t is not None and t.requires_grad for t in args[:n]])
+            if True in needs:
+                if composable and args[0].device.type in COMPOSED_DEVICES:
+                    return composed_or_function(backend_op, args, needs)
+                return function_apply(*args, -1)
         return forward(*cast_adapters(args))[0]
 
     def run_entry(impl, index, args):
@@ -249,13 +250,39 @@ def autograd_op(
 
         return through
 
-    def composed_or_function(backend_op, args):
-        needs = tuple(t is not None and t.requires_grad for t in args[:n])
-        index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
-        y, counted = run_entry(impl, index, args)
-        if not counted:  # the Function's forward counts its own calls
-            backends.record_index(backend_op, index)
-        return y
+    # The entry's choice per call signature (entry_key): the backend's index and implementation and
+    # whether it composes the call, so that a repeated call skips select, its shape key and the
+    # tuner's look-up (~5 us a call on the CPU machine). Started afresh when a backend registers or
+    # the tuner forgets its choices; never written inside a CUDA-graph capture, where the tuner
+    # answers without remembering.
+    memo: dict = {}
+    memo_state = [None]
+
+    def entry_key(backend_op, args, needs):
+        """Everything select and composes read of a call: the settings in force (interned, so their
+        id), devices, dtypes, shapes and strides, which inputs want gradients, the parameters."""
+        x, weight = args[0], args[1]
+        return (backend_op, id(settings.values()), x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape,
+                weight.stride(), needs, *[None if t is None else (t.dtype, t.shape) for t in args[2:n]],
+                *[args[n + i] is None if i in tensor_params else args[n + i] for i in range(len(param_types))])
+
+    def composed_or_function(backend_op, args, needs):
+        state = (backends.generation, tuning.generation)
+        if memo_state[0] != state or len(memo) > 4096:
+            memo.clear()
+            memo_state[0] = state
+        key = entry_key(backend_op, args, needs)
+        hit = memo.get(key)
+        if hit is None:
+            index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
+            hit = (index, impl, composes(impl, args))
+            if not tuning.capturing():
+                memo[key] = hit
+        index, impl, composed = hit
+        if composed:
+            backends.record_index(backend_op, index)  # (the Function's forward counts its own calls)
+            return impl.autograd_forward(*args)
+        return function_apply(*args, index)
 
     return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply,
                       entry_step=entry_step if composable else None)

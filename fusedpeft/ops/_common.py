@@ -108,6 +108,20 @@ def sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.sum(0, dtype=acc).to(dtype)
 
 
+def apply_linear(fn, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *rest) -> torch.Tensor:
+    """fn(x as (M, K), weight, bias, *rest) -> (M, N), returned in x's leading shape: the inputs in
+    the compute dtype (``compute_dtype``) and autocast off inside fn. Without autocast (the
+    common call, whose inputs share a dtype: the checks saw to it) nothing is cast or entered."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            y = fn(flatten_rows(cast(x, dtype)), cast(weight, dtype), cast(bias, dtype), *rest)
+    else:
+        y = fn(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, *rest)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def outside_autocast(device_type: str, fn, *args):
     """fn(*args) with autocast off. The inputs were cast to the autocast dtype already; entering the
     context costs microseconds per call, so it is entered only when autocast is on."""

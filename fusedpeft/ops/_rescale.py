@@ -177,9 +177,10 @@ _rescaled_fwd = _OP.forward_op
 def rescaled_linear(op: str, x, weight, bias, scale, shift, input_scale: bool) -> torch.Tensor:
     """The checked entry point of ia3_linear / ssf_linear: ``scale`` already (K,) or (N,)."""
     # The scale and shift keep their dtype here: the autograd Function casts them.
-    x2, weight, bias = _common.compute_inputs(x, weight, bias)
     # z is needed only when grad_scale will be asked for.
     save = not input_scale and scale.requires_grad and torch.is_grad_enabled() and output_grad_mode() == "save"
-    y = _common.outside_autocast(x.device.type, _OP.apply, op, x2, weight, bias, scale, shift, bool(input_scale),
-                                 save, op)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    return _common.apply_linear(_apply, x, weight, bias, op, scale, shift, bool(input_scale), save)
+
+
+def _apply(x, weight, bias, op, scale, shift, input_scale, save):
+    return _OP.apply(op, x, weight, bias, scale, shift, input_scale, save, op)

@@ -23,6 +23,7 @@ training step of each, as the entry runs it, on its own inputs; the fastest runs
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 from typing import Optional
@@ -174,6 +175,7 @@ _OP = _autograd.autograd_op(
     forward=_forward_impl, backward=_backward_impl, select=_select,
     saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), composable=True)
 _lora_fwd = _OP.forward_op
+_apply = functools.partial(_OP.apply, OP)
 
 
 def _new_seed(device) -> torch.Tensor:
@@ -201,9 +203,6 @@ def lora_linear(
     """
     _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
     # The adapter weights keep their dtype here: the autograd Function casts them.
-    x2, weight_c, bias_c = _common.compute_inputs(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    seed = _new_seed(x2.device) if p > 0.0 else None
-    y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, float(scaling),
-                                 p, seed)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    seed = _new_seed(x.device) if p > 0.0 else None
+    return _common.apply_linear(_apply, x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
