@@ -362,7 +362,7 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     out = [harness.Case(label, BASE, base, flops=base_flops, path="cuBLAS"),
            harness.Case(label, OURS, ours(None), flops=flops, path=_path(op))]
     # cublas_autograd only without dropout: with it, it runs cublas_after's Function.
-    forced = ["triton", "cublas"] if dora else ["triton", "cublas", "cublas_after"] + (["cublas_autograd"] if p == 0 else [])
+    forced = (["triton", "cublas"] if dora else ["triton", "cublas", "cublas_after"]) + (["cublas_autograd"] if p == 0 else [])
     for name in _forced_variants(op, forced, device, dtype, args):
         out.append(harness.Case(label, f"{OURS} [{name}]", ours(name), flops=flops, path=_path(op)))
     if args.auto_again:  # the automatic choice once more, last: shows whether its place in the run matters

@@ -48,6 +48,16 @@ def test_dora_matches_float64(backend, dtype, lead, K, N, r, dropout, grad_mode,
     assert not bad, f"dora[{used}] {lead}x{K}x{N} r={r} {dtype} p={dropout} {grad_mode}: {bad}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("lead,K,N", [((512,), 1024, 768), ((3, 111), 1000, 1496), ((16,), 4096, 4096),
+                                      ((2048,), 4096, 1024), ((1536,), 1024, 768)])
+@pytest.mark.parametrize("r", [16, 64])
+def test_dora_composed_matches_float64(dtype, lead, K, N, r, monkeypatch, use_settings):
+    """cublas_autograd (the composition autograd differentiates), where it runs: no dropout, grad_m
+    from the saved z."""
+    test_dora_matches_float64("cublas_autograd", dtype, lead, K, N, r, 0.0, "save", monkeypatch, use_settings)
+
+
 def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     A = torch.randn(S, R, K, device=device) / K**0.5
     B = torch.randn(S, N, R, device=device) / R**0.5

@@ -64,6 +64,55 @@ def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout
             assert_close(t.grad, ref.grad, dtype, f"{what} grad_{name}")
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m_grad", [True, False])
+def test_dora_composed_path_matches_reference(dtype, adapter_dtype, lead, K, N, bias, m_grad, monkeypatch, use_settings):
+    """cublas_autograd without dropout: DoRA's composition as torch ops that autograd differentiates
+    (the Function, made to raise, never runs). Output and every gradient against float64, the
+    adapters' and magnitude's gradients in their own dtype, one backend count per call; with dropout,
+    or where grad_m would be recomputed, the Function runs instead."""
+    from fusedpeft.ops import _autograd
+
+    use_settings(output_scale_grad="save")
+    monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
+    forward = dora_mod._OP.function.forward
+    entered = []
+    monkeypatch.setattr(dora_mod._OP.function, "forward",
+                        staticmethod(lambda ctx, *a: entered.append(1) or forward(ctx, *a)))
+    x = leaf(torch.randn(*lead, K), dtype)
+    W = leaf(torch.randn(N, K) / K**0.5, dtype)
+    b = leaf(torch.randn(N), dtype) if bias else None
+    A = leaf(torch.randn(4, K) / K**0.5, adapter_dtype)
+    B = leaf(torch.randn(N, 4) / 2, adapter_dtype)
+    m = leaf(torch.rand(N) + 0.5, adapter_dtype, requires_grad=m_grad)
+    before = fusedpeft.backend_counts().get(("dora_linear", "cublas_autograd"), 0)
+    with fusedpeft.use_backend("cublas_autograd"):
+        y = dora_linear(x, W, b, A, B, 1.3, m)
+    assert entered == [] and fusedpeft.backend_counts()[("dora_linear", "cublas_autograd")] == before + 1
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    g = lora_upstream_grad(y, _dora_rank_weights(W, A, B, 1.3, m), max_cond=4.0)
+    y.backward(g)
+    refs = [leaf(t, torch.float64, requires_grad=t.requires_grad) if t is not None else None for t in (x, W, b, A, B, m)]
+    y_ref = dora_linear_reference(*refs[:5], 1.3, refs[5])
+    y_ref.backward(g.double())
+    assert_close(y, y_ref, dtype, "dora composed")
+    for name, t, ref in zip(["x", "W", "b", "A", "B", "m"], (x, W, b, A, B, m), refs):
+        if t is not None and t.requires_grad:
+            assert t.grad is not None and t.grad.dtype == t.dtype, (name, t.grad)
+            assert_close(t.grad, ref.grad, dtype, f"dora composed grad_{name}")
+    # with dropout, or grad_m by recomputation, the Function runs
+    pin_dropout_seed(monkeypatch)
+    with fusedpeft.use_backend("cublas_autograd"):
+        dora_linear(x, W, b, A, B, 1.3, m, dropout_p=0.3, training=True)
+        assert entered == [1]
+        use_settings(output_scale_grad="recompute")
+        dora_linear(x, W, b, A, B, 1.3, m)
+    assert entered == ([1, 1] if m_grad else [1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("lead", [(2, 5), (3, 23)], ids=["M<K", "M>K"])

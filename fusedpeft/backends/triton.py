@@ -2,7 +2,8 @@
 for lora_linear, dora_linear, ia3_linear and ssf_linear; for lora_linear, ``cublas`` and ``cublas_after``
 (cuBLAS GEMMs with the dropout masks from small Triton kernels, the rank-r term written before the
 GEMM or added after it) and ``cublas_autograd`` (without dropout, cublas_after's calls as torch ops
-that autograd differentiates); for dora_linear, ``cublas`` (its torch composition with those masks).
+that autograd differentiates); for dora_linear, ``cublas`` (its torch composition with those masks)
+and its ``cublas_autograd``.
 
 Nothing here imports triton: each ``load`` reaches the kernels through ``fusedpeft._kernels`` on
 first use, and ``supports`` asks only whether triton is installed."""
@@ -83,6 +84,16 @@ def _dora_cublas():
 
 
 register("dora_linear", "cublas", load=_dora_cublas, supports=triton_usable, priority=5, tunable=True)
+
+
+def _dora_composed():
+    """Without dropout, the same calls as differentiable torch ops, run without the autograd Function."""
+    from ..ops import dora
+
+    return dora.composed(_dora_cublas())
+
+
+register("dora_linear", "cublas_autograd", load=_dora_composed, supports=triton_usable, priority=3, tunable=True)
 # Per-row adapters (serving): the fused SGMV GEMM and, for decode-sized batches, base + BGMV.
 register("multi_lora_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
 register("multi_lora_linear", "bgmv", load=_kernel("multi_lora", "bgmv_backend"), supports=triton_usable, priority=9, tunable=True)

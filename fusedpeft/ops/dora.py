@@ -151,18 +151,47 @@ def composition(keep_mask, dropout_mask) -> types.SimpleNamespace:
 
 torch_backend = composition(_keep_mask, _torch_dropout_mask)
 
+
+def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+    """The composition at p = 0 as differentiable torch ops, for autograd to differentiate (the
+    op's composable entry; ``cublas_autograd`` on CUDA): the adapters and c = m / n cast to x's
+    dtype as autograd nodes (float32 masters get float32 gradients). Autograd keeps z for grad_m,
+    as the Function's "save" mode does (``_composes``)."""
+    dtype = x.dtype
+    u = x @ lora_A.to(dtype).T
+    z = (x @ weight.T).addmm_(u, lora_B.to(dtype).T, alpha=scaling)  # x W^T + s x A^T B^T
+    c = (magnitude / norm).to(dtype)
+    return z * c if bias is None else torch.addcmul(bias, z, c)
+
+
+def _composes(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z) -> bool:
+    """Without dropout (with it, autograd would keep the mask), and where keeping z is what the
+    Function would do (or m takes no gradient: then nothing of size M x N is kept)."""
+    return dropout_p == 0.0 and (save_z or not magnitude.requires_grad)
+
+
+def composed(impl) -> types.SimpleNamespace:
+    """``impl`` (a composition's forward and backward: what a forced choice and the custom ops run)
+    with the autograd composition beside it, a tuning candidate only where it composes."""
+    return types.SimpleNamespace(forward=impl.forward, backward=impl.backward, dropout_mask=impl.dropout_mask,
+                                 autograd_forward=_autograd_forward, composes=_composes, composed_only=True)
+
 # The op's reference: registered here, first (registration index 0). On CUDA the same composition
 # with the LoRA kernels' masks competes with the Triton backend (``cublas``, backends/triton.py).
 backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, weight, forced=False: None, priority=0)
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs):
+def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, through=None):
     M, K = x.shape
     key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
-           save_z, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1)
+           save_z, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
-    def bench(impl):  # built into a step only when the key is measured, as lora's
+    def bench(impl):  # built into a step only when the key is measured, as lora's (through: see there)
+        if through is not None:
+            return tuning.time_step(through()(impl))
+        if getattr(impl, "composed_only", False):
+            return None
         return tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed,
                                       save_z),
@@ -174,8 +203,8 @@ def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, 
 
 
 def _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, index=-1,
-            record=True):
-    tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs)
+            record=True, through=None):
+    tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, through)
             if tuning.measures(x) and index < 0 else None)
     return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
 
@@ -204,7 +233,7 @@ def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, drop
 _OP = _autograd.autograd_op(
     "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
     params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True)
 
 
 def dora_linear(
@@ -228,14 +257,16 @@ def dora_linear(
     _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
     n = weight.shape[0]
     _common.check_adapter_tensor(OP, "magnitude", magnitude, (n,), weight)
-    x2, weight_c, bias_c = _common.compute_inputs(x, weight, bias)
     if weight_norm is None:
-        weight_norm = dora_weight_norm(weight_c, lora_A, lora_B, scaling, weight_sq_norm)
+        weight_norm = dora_weight_norm(_common.cast(weight, _common.compute_dtype(x, weight)), lora_A, lora_B,
+                                       scaling, weight_sq_norm)
     elif tuple(weight_norm.shape) != (n,):
         raise ValueError(f"{OP}: weight_norm must have shape ({n},), got {tuple(weight_norm.shape)}")
     p = float(dropout_p) if training else 0.0
-    seed = lora_op._new_seed(x2.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
+    seed = lora_op._new_seed(x.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
     save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
-    y = _common.outside_autocast(x.device.type, _OP.apply, OP, x2, weight_c, bias_c, lora_A, lora_B, magnitude,
-                                 float(scaling), weight_norm.detach(), p, seed, bool(save_z))
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+    return _common.apply_linear(_apply, x, weight, bias, lora_A, lora_B, magnitude, float(scaling),
+                                weight_norm.detach(), p, seed, bool(save_z))
+
+
+_apply = functools.partial(_OP.apply, OP)
