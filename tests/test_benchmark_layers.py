@@ -140,3 +140,18 @@ def test_harness_runs_the_backward_on_the_thread_asked_for(thread, multithreaded
     assert torch.autograd.is_multithreading_enabled() == before
     with pytest.raises(ValueError, match="backward_thread"):
         harness.run([], device="cpu", backward_thread="device")
+
+
+def test_host_dispatch_tool_runs_the_composed_paths():
+    """tools.host_dispatch (its own process: it rewires the registry and the tuner): a row per op,
+    and the backends it names as the tuner's picks are the ones that ran, the compositions."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tools.host_dispatch", "--calls", "20"], capture_output=True,
+                         text=True, timeout=300, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("ia3_linear") and "fwd + bwd" in line for line in lines), out.stdout
+    assert any(line.startswith("lora_linear") and "fwd + bwd" in line for line in lines), out.stdout
+    assert "backends that ran: lora_linear cublas_autograd, ia3_linear torch" in out.stdout
