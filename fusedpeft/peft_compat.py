@@ -74,7 +74,7 @@ class _PeftLayerProtocol:
         # container's dict without building the set of all names.
         active = self._active_adapter
         first = self._modules[self.adapter_layer_names[0]]
-        if all(n in first for n in active):
+        if len(active) == 1 and active[0] in first or all(n in first for n in active):
             return list(active)
         present = self._get_available_adapters()
         return [n for n in active if n in present]
@@ -164,9 +164,13 @@ class _PeftLayerProtocol:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # peft's forward hooks pass adapter_names (its mixed batch) to every LoRA layer; the fused
         # layers run it with peft's semantics (AdapterLayer.forward).
+        if not (args or kwargs) and not self._disable_adapters and not self.merged_adapters:
+            # The common call, answered here (AdapterLayer.forward's checks are for the others).
+            names = self.active_adapters
+            return self._adapted_forward(x, names) if names else self.base_layer(x)  # none of them lives here
         kwargs.pop("alora_offsets", None)  # only set by peft for aLoRA, which from_peft never swaps in
         if not (args or kwargs) and not self._disable_adapters and not self.merged and not self.active_adapters:
-            return self.base_layer(x)  # none of the active adapters lives here
+            return self.base_layer(x)
         return super().forward(x, *args, **kwargs)
 
 

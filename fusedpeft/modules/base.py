@@ -38,8 +38,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 class AdapterLayer(nn.Module):
     """Base of LoraLinear / IA3Linear / SSFLinear. Subclasses name their per-adapter containers in
-    ``adapter_layer_names`` and implement ``update_layer``, ``_adapted_forward``, ``_merge_one``,
-    ``_unmerge_one``."""
+    ``adapter_layer_names`` and implement ``update_layer``, ``_adapted_forward(x, names=None)`` (names:
+    the active adapters, where the caller has them already), ``_merge_one``, ``_unmerge_one``."""
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()

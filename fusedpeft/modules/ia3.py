@@ -49,9 +49,9 @@ class IA3Linear(AdapterLayer):
             scale = scale * param_of(scales, n)
         return scale
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ia3_linear(x, self.base_weight(), param_of(self._modules["base_layer"], "bias"), self.combined_scale(),
-                          self.is_feedforward)
+    def _adapted_forward(self, x: torch.Tensor, names=None) -> torch.Tensor:
+        return ia3_linear(x, self.base_weight(), param_of(self._modules["base_layer"], "bias"),
+                          self.combined_scale(names), self.is_feedforward)
 
     def _scaled_base(self, name: str, invert: bool):
         if not self.is_feedforward:  # output scaling: rows of W and the bias scaled

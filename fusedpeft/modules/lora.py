@@ -214,8 +214,8 @@ class LoraLinear(AdapterLayer):
     def _variant(self, name: str) -> type[LoraVariant]:
         return self.lora_variant.get(name, LoraVariant)
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = self.active_adapters
+    def _adapted_forward(self, x: torch.Tensor, names=None) -> torch.Tensor:
+        names = self.active_adapters if names is None else names
         variants = self.lora_variant
         if len(names) == 1:
             name = names[0]

@@ -98,10 +98,10 @@ class LoraEmbedding(AdapterLayer):
         scale = self._embed_scale()
         return part if scale is None else part * scale.to(part.dtype)
 
-    def _adapted_forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _adapted_forward(self, ids: torch.Tensor, names=None) -> torch.Tensor:
         result = self.base_layer(ids)
         out = result
-        for name in self.active_adapters:
+        for name in self.active_adapters if names is None else names:
             out = out + self._adapter_part(name, ids)
         return out.to(result.dtype)
 

@@ -64,8 +64,8 @@ class SSFLinear(AdapterLayer):
             scale, shift = scale * s, torch.addcmul(self.ssf_shift[n], shift, s)
         return scale, shift
 
-    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.combined_scale_shift()
+    def _adapted_forward(self, x: torch.Tensor, names=None) -> torch.Tensor:
+        scale, shift = self.combined_scale_shift(names)
         return ssf_linear(x, self.base_weight(), self.base_layer.bias, scale, shift)
 
     # ------------------------------------------------------------------ merge
