@@ -113,6 +113,35 @@ def test_dora_composed_path_matches_reference(dtype, adapter_dtype, lead, K, N, 
     assert entered == ([1, 1] if m_grad else [1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N,r", [(37, 40, 24, 4), (1, 33, 47, 8), (0, 40, 24, 4), (19, 72, 8, 3)])
+@pytest.mark.parametrize("want_sum", [True, False])
+@pytest.mark.parametrize("fits", [True, False])
+def test_dora_magnitude_sums_without_z(dtype, M, K, N, r, want_sum, fits, monkeypatch):
+    """The recompute mode's kernel (Triton interpreter): sum_rows(g * z) and sum_rows(g) with
+    z = x W^T + u_s B^T never stored, against float64; and its cuBLAS fallback where no tile config
+    holds the epilogue (fits=False)."""
+    from fusedpeft._kernels import triton_kernels
+
+    dora_k = triton_kernels.dora
+    if not fits:
+        def no_config(*args, **kwargs):
+            raise triton_kernels.configs.NoConfigFits("forced by the test")
+
+        monkeypatch.setattr(dora_k._MAGNITUDE_GRAD, "launch", no_config)
+    x, W = torch.randn(M, K).to(dtype), (torch.randn(N, K) / K**0.5).to(dtype)
+    u_s, B = torch.randn(M, r).to(dtype), (torch.randn(N, r) / r**0.5).to(dtype)
+    g = torch.randn(M, N).to(dtype)
+    dot, col = dora_k.magnitude_grad_sums(x, W, B, u_s, g, want_sum)
+    z = x.double() @ W.double().T + u_s.double() @ B.double().T
+    assert dot.dtype == torch.float32 and dot.shape == (N,)
+    assert_close(dot, (g.double() * z).sum(0), dtype, "sum_rows(g * z)")
+    if want_sum:
+        assert_close(col, g.double().sum(0), dtype, "sum_rows(g)")
+    else:
+        assert col is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("lead", [(2, 5), (3, 23)], ids=["M<K", "M>K"])

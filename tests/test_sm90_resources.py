@@ -160,3 +160,31 @@ def test_register_scaled_loops_compile_without_hazards(method, launch, shape, dt
             assert c["hazards"] == [], (row["dtype"], c)
             if row["dtype"] == "bf16" and c["config"]["BLOCK_M"] >= 128:
                 assert not any("serialized" in a for a in c["advisories"]), c
+
+
+def test_dora_magnitude_gradient_launches():
+    """DoRA at p = 0: in save mode the magnitude's sums come from column_dot over the saved z; in
+    recompute mode from dora_magnitude_grad_kernel, a tuned GEMM whose epilogue reads u_s and B by
+    descriptor and grad_y as the reduction's other operand, and no column_dot (z never formed)."""
+    rows = _tool("--flags-only", "--shape", "512x256x384", "--method", "dora", "--rank", "16")
+    saved = [row["kernel"] for row in rows]
+    assert "column_dot_kernel" in saved and "dora_magnitude_grad_kernel" not in saved
+    rows = _tool("--flags-only", "--recompute", "--shape", "512x256x384", "--method", "dora", "--rank", "16")
+    kernels = [row["kernel"] for row in rows]
+    assert "column_dot_kernel" not in kernels and kernels.count("dora_magnitude_grad_kernel") == 1
+    (grad_m,) = [row for row in rows if row["kernel"] == "dora_magnitude_grad_kernel"]
+    flags = _flags(grad_m)
+    assert grad_m["tuned"] and flags["SUM_G"] and flags["LR_DESC"] and flags["USE_DESC"] and flags["G_DESC"]
+    assert grad_m["tensors"]["partial_ptr"] == "fp32" and grad_m["tensors"]["g_ptr"] == "bf16"
+
+
+def test_dora_magnitude_gradient_compiles_for_sm90_within_shared_memory():
+    """The recompute kernel under the tuner's Hopper tiles at r = 64 (the largest epilogue the
+    model rows use): within the H100's shared memory, no spill, no wgmma hazard."""
+    rows = _tool("--recompute", "--shape", "8192x4096x4096", "--method", "dora", "--rank", "64", "--launches",
+                 "dora_magnitude_grad_kernel", "--block-n", "256", "--stages", "2")
+    (row,) = rows
+    assert row["configs"], row
+    for cfg in row["configs"]:
+        assert "error" not in cfg, cfg
+        assert not cfg["over_shared_limit"] and cfg["stack"] == 0 and not cfg["hazards"], cfg

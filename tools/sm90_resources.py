@@ -12,7 +12,7 @@ results: register_operand_hazards). It prices a kernel change on Hopper before a
 spent (benchmarks/RESULTS.md quotes it); the figures are the installed Triton's, which may differ
 from the device image's (3.6).
 
-    python -m tools.sm90_resources [--shape 4096x4096x4096] [--method lora|ia3-ff|ia3-out|ssf]
+    python -m tools.sm90_resources [--shape 4096x4096x4096] [--method lora|dora|ia3-ff|ia3-out|ssf]
                                    [--recompute] [--rank 16] [--dtype bf16|fp16|fp32] [--dropout 0.1]
                                    [--launches forward,grad_x]
                                    [--block-n 256] [--stages 3] [--json] [--dump DIR]
@@ -267,6 +267,25 @@ def record_rescale_launches(M, K, N, kind, dtype=torch.bfloat16, save_unscaled=T
     return [launch for launch in record_launches(step) if launch[5] is not None]  # the tuned GEMMs
 
 
+def record_dora_launches(M, K, N, r, dtype=torch.bfloat16, save_z=True):
+    """The launches of one DoRA training step at p = 0, named by kernel: the forward with its DoRA
+    epilogue, the LoRA backward on the scaled operands, and the magnitude's gradient (column_dot
+    over the saved z, or dora_magnitude_grad_kernel recomputing z in recompute mode)."""
+    from fusedpeft._kernels import triton_kernels
+
+    dora = triton_kernels.dora
+
+    def step():
+        x, W, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+        A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+        m, norm = torch.rand(N) + 0.5, torch.rand(N) + 0.5
+        _, saved = dora.forward(x, W, b, A, B, m, 2.0, norm, 0.0, None, save_z)
+        dora.backward(torch.randn(M, N, dtype=dtype), x, W, b, A, B, m, saved, 2.0, norm, 0.0, None, save_z,
+                      (True, False, True, True, True, True))
+
+    return record_launches(step)
+
+
 LAUNCH_NAMES = ["u", "forward", "g", "grad_x", "grad_A", "grad_B"]  # the split schedule (large M)
 FUSED_LAUNCH_NAMES = ["forward", "grad_x", "grad_A", "grad_B"]  # the fused schedule (decode sizes)
 RESCALE_NAMES = ["forward", "grad_x", "recomputed_z"]
@@ -295,8 +314,11 @@ def report(M, K, N, r, launches=None, block_n=None, stages=None, dump=None, meth
         names = FUSED_LAUNCH_NAMES if len(recorded) == len(FUSED_LAUNCH_NAMES) else LAUNCH_NAMES
     elif method in RESCALE_KINDS:
         recorded, names = record_rescale_launches(M, K, N, method, dtype, not recompute), RESCALE_NAMES
+    elif method == "dora":
+        recorded = record_dora_launches(M, K, N, r, dtype, not recompute)
+        names = [getattr(launch[0], "__name__", None) or launch[0].fn.__name__ for launch in recorded]
     else:
-        raise ValueError(f"method must be 'lora' or one of {RESCALE_KINDS}, got {method!r}")
+        raise ValueError(f"method must be 'lora', 'dora' or one of {RESCALE_KINDS}, got {method!r}")
     rows = []
     for i, (kernel, call_args, constexprs, warps, num_stages, candidates) in enumerate(recorded):
         name = names[i] if i < len(names) else f"launch {i}"
@@ -357,8 +379,10 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="4096x4096x4096", help="M x K x N, or several, comma-separated")
-    parser.add_argument("--method", default="lora", help=f"lora or one of {', '.join(RESCALE_KINDS)}, or several, comma-separated")
-    parser.add_argument("--recompute", action="store_true", help="output scaling's recompute mode (no saved z)")
+    parser.add_argument("--method", default="lora",
+                        help=f"lora, dora or one of {', '.join(RESCALE_KINDS)}, or several, comma-separated")
+    parser.add_argument("--recompute", action="store_true",
+                        help="output scaling's (and DoRA's) recompute mode (no saved z)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA's dropout probability")
     parser.add_argument("--rank", default="16", help="LoRA's rank, or several, comma-separated")
     parser.add_argument("--dtype", default="bf16", help=f"one of {', '.join(DTYPES)}, or several, comma-separated")
@@ -386,7 +410,7 @@ def main(argv=None):
                 print(f"  {line}")
         return
     methods = args.method.split(",")
-    unknown = [m for m in methods if m not in ("lora", *RESCALE_KINDS)] + [d for d in args.dtype.split(",") if d not in DTYPES]
+    unknown = [m for m in methods if m not in ("lora", "dora", *RESCALE_KINDS)] + [d for d in args.dtype.split(",") if d not in DTYPES]
     if unknown:
         parser.error(f"unknown --method or --dtype: {unknown}")
     if _interpreting() and not args.flags_only:
@@ -397,7 +421,7 @@ def main(argv=None):
     rows = []
     for shape, method, dtype in itertools.product(args.shape.split(","), methods, args.dtype.split(",")):
         M, K, N = (int(v) for v in shape.split("x"))
-        for r in [int(v) for v in args.rank.split(",")] if method == "lora" else [None]:
+        for r in [int(v) for v in args.rank.split(",")] if method in ("lora", "dora") else [None]:
             part = report(M, K, N, r, args.launches.split(",") if args.launches else None, args.block_n,
                           args.stages, args.dump, method, args.recompute, DTYPES[dtype], compile=not args.flags_only,
                           dropout_p=args.dropout)

@@ -6,9 +6,10 @@ Without dropout (p = 0), y = c * z + b, z = x W^T + s (x A^T) B^T:
   "save" mode): one launch, the LoRA forward's (after the skinny u_s = s x A^T at large M).
 - backward: the LoRA backward on g_c = c * grad_y: grad_x, grad_A, grad_B. Where K < M the scale
   goes on W and B instead (c * W: 4NK bytes in bf16 and N x K held, against 4MN and M x N for g_c).
-  Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y) in one column_dot pass over
-  grad_y and z (z read back, or recomputed by the forward kernel without the scale in "recompute"
-  mode: one more 2MNK GEMM instead of M x N saved).
+  Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y): in "save" mode one
+  column_dot pass over grad_y and the saved z; in "recompute" mode dora_magnitude_grad_kernel, the
+  GEMM z = x W^T + u_s B^T again with the two column sums reduced in its epilogue, z never stored
+  (one more 2MNK GEMM; the layer holds nothing of size M x N beyond what LoRA holds).
 
 With dropout (p > 0), peft's y = x W^T + b + (c - 1) * t + c * s u B^T, t = drop(x) W^T, needs a
 GEMM with W on drop(x) besides x W^T, in the forward and in grad_x. drop(x) is formed once per
@@ -18,11 +19,105 @@ cuBLAS's: about 1.5x a LoRA step's GEMM work, inherent to the formula.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from . import lora
+from fusedpeft.settings import settings
+
+from . import configs, fast_launch, lora
+from .core import k_loop, load_q, load_tile, lowrank_term, make_desc, operand_descs, oriented_desc, reduce_columns
+from .core import split_halves, tile_start
+from .gemm import NOT_PLANNED, Gemm, PersistentGemm
+from .layout import block_r, column_sums, descriptor_ok, weight_operand, zero_column_sums
 from .lora import dropout_mask
 from .lowrank import lowrank_product, weight_grad
 from .rescale import _column_dot
+
+
+@triton.jit
+def dora_magnitude_grad_kernel(
+    x_ptr, w_ptr, u_ptr, lora_B_ptr, g_ptr, partial_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_bn, stride_br, stride_gm, stride_gn,
+    SUM_G: tl.constexpr, W_KMAJOR: tl.constexpr, EVEN_R: tl.constexpr, USE_DESC: tl.constexpr,
+    LR_DESC: tl.constexpr, B_RMAJOR: tl.constexpr, G_DESC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPI_SUBTILE: tl.constexpr,
+):
+    """DoRA's magnitude gradient without z: per output tile z = x W^T + u_s B^T (the forward's
+    GEMM without the scale or the bias; u_s [M, R] saved by the forward), then
+    partial[0, pid_m, n] = sum over the tile's rows of z * g and, with SUM_G, partial[1, pid_m, n]
+    = the sum of g (g = grad_y [M, N]): grad_m = sum_rows(g * z) / n and grad_b = sum_rows(g)
+    once the host sums the row blocks.
+
+    Cost: the forward's FLOPs (2MNK + 2MNr) and bytes (x, W, u_s, B) with g read in place of y
+    written: as compute-bound as the base GEMM, and nothing of size M x N stored."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    x_desc, w_desc = operand_descs(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   W_KMAJOR, USE_DESC)
+    EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
+    g_desc = make_desc(g_ptr, M, N, stride_gm, BLOCK_M, EPI_N, G_DESC)
+    u_desc = make_desc(u_ptr, M, R, stride_um, BLOCK_M, BLOCK_R, LR_DESC)
+    b_desc = oriented_desc(lora_B_ptr, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, B_RMAJOR, LR_DESC)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
+                            warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n, off_m, off_n = tile_start(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = k_loop(acc, x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn,
+                     stride_wk, x_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+        u_s = load_tile(u_ptr, u_desc, off_m, 0, M, R, stride_um, 1, BLOCK_M, BLOCK_R, LR_DESC, EVEN_R)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+        for piece in tl.static_range(2 if EPI_SUBTILE else 1):
+            off_p = off_n + piece * EPI_N
+            cols = off_p + tl.arange(0, EPI_N)
+            b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
+            z = lowrank_term(acc0 if piece == 0 else acc1, u_s.to(b.dtype), b, rows, cols, 0, 0.0, K, False, BLOCK_M,
+                             EPI_N)
+            reduce_columns(z, g_ptr, g_desc, partial_ptr, off_m, off_p, pid_m, num_pid_m, M, N, stride_gm, stride_gn,
+                           BLOCK_M, EPI_N, G_DESC, SUM_G)
+
+
+_MAGNITUDE_GRAD = PersistentGemm(dora_magnitude_grad_kernel)
+
+
+def magnitude_grad_sums(x, weight, lora_B, u_s, grad_y, want_sum: bool):
+    """(sum_rows(grad_y * z), sum_rows(grad_y) if want_sum else None), float32, with z = x W^T +
+    u_s B^T recomputed tile by tile and never stored (dora_magnitude_grad_kernel). x: [M, K];
+    weight: [N, K]; lora_B: [N, R]; u_s: [M, R], the forward's s x A^T; grad_y: [M, N]. Where no
+    tile config can hold the rank-r epilogue, z is formed by cuBLAS and reduced apart."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    if M == 0 or N == 0:
+        return zero_column_sums(N, want_sum, x.device)
+    w, w_kmajor, stride_wn, stride_wk = weight_operand(weight)
+    tensors = (x, w, u_s, lora_B, grad_y)
+    plan_key = None
+    if fast_launch.enabled():
+        meta = fast_launch.meta
+        plan_key = (x.get_device(), meta(x), meta(w), meta(u_s), meta(lora_B), meta(grad_y), want_sum,
+                    settings.generation)
+        partial = _MAGNITUDE_GRAD.replay(plan_key, tensors, ())
+        if partial is not NOT_PLANNED:
+            return column_sums(partial, want_sum)
+    b_stored, b_rmajor = lora._rmajor(lora_B)
+    lr_desc = bool(settings.lowrank_tma and b_stored is not None and descriptor_ok(u_s, b_stored))
+    use_desc = descriptor_ok(x, w)
+    g_desc = bool(settings.rescale_tma and use_desc and descriptor_ok(grad_y))
+    ints = (M, N, K, R, x.stride(0), x.stride(1), stride_wn, stride_wk, u_s.stride(0), lora_B.stride(0),
+            lora_B.stride(1), grad_y.stride(0), grad_y.stride(1))
+    flags = dict(SUM_G=bool(want_sum), W_KMAJOR=w_kmajor, EVEN_R=R == block_r(R), USE_DESC=use_desc, LR_DESC=lr_desc,
+                 B_RMAJOR=b_rmajor, G_DESC=g_desc, BLOCK_R=block_r(R))
+    try:
+        partial = _MAGNITUDE_GRAD.launch(plan_key, tensors, ints, (), flags,
+                                         Gemm(M, N, K, x.dtype, x.element_size(), descriptors=use_desc or lr_desc or g_desc,
+                                              partial_planes=2 if want_sum else 1))
+    except configs.NoConfigFits:
+        z = torch.addmm(torch.mm(x, weight.T), u_s, lora_B.T)
+        return _column_dot(grad_y, z, want_sum)
+    return column_sums(partial, want_sum)
 
 
 def _dropped(x, dropout_p, seed):
@@ -53,13 +148,9 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p
     return y, (z if save_z else u_s)
 
 
-def _recomputed_z(x, weight, lora_A, lora_B, u_s, scaling, dropout_p, seed):
-    """z = drop(x) W^T + u_s B^T again (the "recompute" mode's grad of the magnitude)."""
-    M, N = x.shape[0], weight.shape[0]
-    if dropout_p == 0.0:
-        z = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        return lora._launch_lora(lora._FORWARD, x, weight, z, lora_A, lora_B, u_s, scaling, None, 0.0, bias=None,
-                                 in_loop=False, dropout_arg=False)
+def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
+    """z = drop(x) W^T + u_s B^T again: the "recompute" mode's grad of the magnitude with dropout
+    (without it, magnitude_grad_sums never forms z)."""
     return torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)
 
 
@@ -98,7 +189,8 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         lowrank_product(x, lora_A, u_s, scaling * keep, seed, dropout_p)
     else:
         u_s = saved
-        z = _recomputed_z(x, weight, lora_A, lora_B, u_s, scaling, dropout_p, seed) if need_m else None
+        # without dropout the magnitude's sums come from the GEMM's epilogue (z never formed)
+        z = _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed) if need_m and dropout_p > 0.0 else None
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
         grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s,
@@ -115,7 +207,10 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
             grad_B = torch.empty_like(lora_B, dtype=dtype_B)
             weight_grad(g_c, u_s, grad_B, scale=1.0, transpose_out=False)
     if need_m or need_b:
-        if need_m:
+        if need_m and z is None:
+            dot, col_g = magnitude_grad_sums(x, weight, lora_B, u_s, grad_y, need_b)
+            grad_m = (dot / norm.float()).to(dtype_m)
+        elif need_m:
             dot, col_g = _column_dot(grad_y, z, need_b)
             grad_m = (dot / norm.float()).to(dtype_m)
         else:
