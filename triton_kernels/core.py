@@ -108,12 +108,13 @@ def oriented_desc(ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.conste
 
 
 @triton.jit
-def operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
-    """The main loop's descriptors: a ([M, K], unit column stride) and w (logical [N, K])."""
+def gemm_setup(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr):
+    """What every persistent entry kernel starts with: (num_pid_m, num_pid_n), its grid of output
+    tiles, and the main loop's descriptors a ([M, K], unit column stride) and w (logical [N, K])."""
     a_desc = make_desc(a_ptr, M, K, stride_am, BLOCK_M, BLOCK_K, USE_DESC)
     w_desc = oriented_desc(w_ptr, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
-    return a_desc, w_desc
+    return tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), a_desc, w_desc
 
 
 @triton.jit
@@ -165,6 +166,16 @@ def k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, 
         acc = mma_weight(acc, a, w_ptr, w_desc, off_n, off_k, N, K, stride_wn, stride_wk,
                          BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC, IEEE)
     return acc
+
+
+@triton.jit
+def gemm_tile(a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KMAJOR: tl.constexpr,
+              USE_DESC: tl.constexpr):
+    """The float32 output tile a[off_m:, :] @ w[off_n:, :]^T, no prologue: k_loop from zero."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
+                  a_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
 
 
 @triton.jit

@@ -25,11 +25,10 @@ import triton.language as tl
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch, lora
-from .core import k_loop, load_q, load_tile, lowrank_term, make_desc, operand_descs, oriented_desc, reduce_columns
-from .core import split_halves, tile_start
+from .core import gemm_setup, gemm_tile, load_tile, make_desc, oriented_desc, reduce_columns, split_halves, tile_start
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, column_sums, descriptor_ok, weight_operand, zero_column_sums
-from .lora import dropout_mask
+from .lora import dropout_mask, lora_term_piece
 from .lowrank import lowrank_product, weight_grad
 from .rescale import _column_dot
 
@@ -53,10 +52,8 @@ def dora_magnitude_grad_kernel(
 
     Cost: the forward's FLOPs (2MNK + 2MNr) and bytes (x, W, u_s, B) with g read in place of y
     written: as compute-bound as the base GEMM, and nothing of size M x N stored."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    x_desc, w_desc = operand_descs(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, x_desc, w_desc = gemm_setup(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     g_desc = make_desc(g_ptr, M, N, stride_gm, BLOCK_M, EPI_N, G_DESC)
     u_desc = make_desc(u_ptr, M, R, stride_um, BLOCK_M, BLOCK_R, LR_DESC)
@@ -64,18 +61,15 @@ def dora_magnitude_grad_kernel(
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
                             warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n, off_m, off_n = tile_start(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = k_loop(acc, x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn,
-                     stride_wk, x_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+        acc = gemm_tile(x_ptr, x_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn,
+                        stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
         u_s = load_tile(u_ptr, u_desc, off_m, 0, M, R, stride_um, 1, BLOCK_M, BLOCK_R, LR_DESC, EVEN_R)
         rows = off_m + tl.arange(0, BLOCK_M)
         acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
         for piece in tl.static_range(2 if EPI_SUBTILE else 1):
             off_p = off_n + piece * EPI_N
-            cols = off_p + tl.arange(0, EPI_N)
-            b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
-            z = lowrank_term(acc0 if piece == 0 else acc1, u_s.to(b.dtype), b, rows, cols, 0, 0.0, K, False, BLOCK_M,
-                             EPI_N)
+            z, _ = lora_term_piece(acc0 if piece == 0 else acc1, u_s, lora_B_ptr, b_desc, rows, off_p, N, K, R,
+                                   stride_bn, stride_br, EPI_N, BLOCK_M, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
             reduce_columns(z, g_ptr, g_desc, partial_ptr, off_m, off_p, pid_m, num_pid_m, M, N, stride_gm, stride_gn,
                            BLOCK_M, EPI_N, G_DESC, SUM_G)
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch
-from .core import (column_vector, k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc, operand_descs,
+from .core import (column_vector, gemm_setup, k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc,
                    oriented_desc, save_lr, split_halves, store_tile, tile_start)
 from .dropout import dropout_mask_kernel, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
@@ -74,6 +74,17 @@ def _tile_with_lowrank(acc, lr, a_ptr, a_desc, w_ptr, w_desc, p_ptr, lr_ptr, lr_
 
 
 @triton.jit
+def lora_term_piece(acc, u_s, lora_B_ptr, b_desc, rows, off_p, N, K, R, stride_bn, stride_br,
+                    EPI_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_R: tl.constexpr,
+                    LR_DESC: tl.constexpr, B_RMAJOR: tl.constexpr):
+    """(acc + u_s B^T, cols) over the epilogue piece of EPI_N columns at off_p: z, the forward's
+    output before any scale or bias (u_s [BLOCK_M, BLOCK_R] scaled; B stored [N, R] or [R, N])."""
+    cols = off_p + tl.arange(0, EPI_N)
+    b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
+    return lowrank_term(acc, u_s.to(b.dtype), b, rows, cols, 0, 0.0, K, False, BLOCK_M, EPI_N), cols
+
+
+@triton.jit
 def lora_forward_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, lora_A_ptr, lora_B_ptr, u_ptr, scale_ptr, z_ptr, seed_ptr,
     M, N, K, R,
@@ -95,10 +106,8 @@ def lora_forward_kernel(
     DoRA's epilogue: with OUT_SCALE, y = scale[n] * z + b, where z = x W^T + u_s B^T (the bias
     after the scale); SAVE_Z also writes z (its backward's grad of the magnitude reads it)."""
     seed = load_seed(seed_ptr, DROPOUT)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    x_desc, w_desc = operand_descs(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, x_desc, w_desc = gemm_setup(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     y_desc = make_desc(y_ptr, M, N, stride_ym, BLOCK_M, EPI_N, USE_DESC)
     z_desc = make_desc(z_ptr, M, N, stride_zm, BLOCK_M, EPI_N, USE_DESC and SAVE_Z)
@@ -123,10 +132,8 @@ def lora_forward_kernel(
         acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
         for piece in tl.static_range(2 if EPI_SUBTILE else 1):
             off_p = off_n + piece * EPI_N
-            cols = off_p + tl.arange(0, EPI_N)
-            b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
-            out = lowrank_term(acc0 if piece == 0 else acc1, u_s.to(b.dtype), b, rows, cols, seed, dropout_p, K,
-                               False, BLOCK_M, EPI_N)
+            out, cols = lora_term_piece(acc0 if piece == 0 else acc1, u_s, lora_B_ptr, b_desc, rows, off_p, N, K, R,
+                                        stride_bn, stride_br, EPI_N, BLOCK_M, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
             if SAVE_Z:
                 store_tile(z_ptr, z_desc, out, off_m, off_p, M, N, stride_zm, 1, BLOCK_M, EPI_N, USE_DESC)
             if OUT_SCALE:
@@ -156,10 +163,8 @@ def lora_grad_x_kernel(
     forward's keep-mask at [m, n] of x (row length N), on the rank-r term only.
     G_IN_LOOP ('fused'): g_s computed beside the main loop and written to g_ptr; otherwise read."""
     seed = load_seed(seed_ptr, DROPOUT)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    gy_desc, w_desc = operand_descs(grad_y_ptr, w_ptr, M, N, K, stride_gym, stride_wn, stride_wk, BLOCK_M, BLOCK_N,
-                                    BLOCK_K, W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, gy_desc, w_desc = gemm_setup(grad_y_ptr, w_ptr, M, N, K, stride_gym, stride_wn, stride_wk,
+                                                       BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     gx_desc = make_desc(grad_x_ptr, M, N, stride_gxm, BLOCK_M, EPI_N, USE_DESC)
     g_desc = make_desc(g_ptr, M, R, stride_gm, BLOCK_M, BLOCK_R, LR_DESC)

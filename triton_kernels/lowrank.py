@@ -20,7 +20,7 @@ from fusedpeft.settings import settings
 
 from . import fast_launch, layout
 from .buffers import ticket_counters
-from .core import k_loop, make_desc, mma, operand_descs, split_halves, store_tile, tile_start
+from .core import gemm_setup, k_loop, make_desc, mma, split_halves, store_tile, tile_start
 from .dropout import dropout_keep, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, cdiv, descriptor_ok, split_rows, weight_operand
@@ -45,10 +45,8 @@ def lowrank_product_kernel(
     so the tiles are short and one column tile wide (configs' skinny candidates), and each SM
     streams its share of the rows. fp32 inputs multiply in full fp32 (core.mma's IEEE)."""
     seed = load_seed(seed_ptr, DROPOUT)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    a_desc, w_desc = operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, a_desc, w_desc = gemm_setup(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     out_desc = make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,

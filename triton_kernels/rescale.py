@@ -28,7 +28,8 @@ import triton.language as tl
 from fusedpeft.settings import settings
 
 from . import fast_launch, layout
-from .core import column_vector, k_loop, make_desc, operand_descs, reduce_columns, split_halves, store_tile, tile_start
+from .core import (column_vector, gemm_setup, gemm_tile, k_loop, make_desc, reduce_columns, split_halves, store_tile,
+                   tile_start)
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import column_sums, descriptor_ok, split_rows, weight_operand, zero_column_sums
 
@@ -48,10 +49,8 @@ def rescale_kernel(
     only where Triton keeps it race-free).
     Otherwise: z = a @ w^T (+ bias), out = z * scale[n] (+ shift[n]); with SAVE_Z, z written too
     (Z_DESC: by descriptor, an asynchronous store with no per-element addresses in registers)."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    a_desc, w_desc = operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, a_desc, w_desc = gemm_setup(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     out_desc = make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC)
     z_desc = make_desc(z_ptr, M, N, stride_zm, BLOCK_M, EPI_N, Z_DESC)
@@ -91,19 +90,16 @@ def rescale_reduce_kernel(
     """h = a @ w^T (+ bias); partial[0, pid_m, n] = sum over the tile's rows of h * other (other
     [M, N], strides stride_xm / stride_xn) and with SUM_OTHER partial[1, pid_m, n] = sum of other;
     with STORE_OUT out = h * scale[n]."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    a_desc, w_desc = operand_descs(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K,
-                                   W_KMAJOR, USE_DESC)
+    num_pid_m, num_pid_n, a_desc, w_desc = gemm_setup(a_ptr, w_ptr, M, N, K, stride_am, stride_wn, stride_wk, BLOCK_M,
+                                                      BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
     EPI_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     out_desc = make_desc(out_ptr, M, N, stride_om, BLOCK_M, EPI_N, USE_DESC and STORE_OUT)
     other_desc = make_desc(other_ptr, M, N, stride_xm, BLOCK_M, EPI_N, OTHER_DESC)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
                             warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n, off_m, off_n = tile_start(tile_id, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn,
-                     stride_wk, a_ptr, 0, 0.0, 1, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+        acc = gemm_tile(a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn,
+                        stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
         acc0, acc1 = split_halves(acc, BLOCK_M, BLOCK_N, EPI_SUBTILE)
         for piece in tl.static_range(2 if EPI_SUBTILE else 1):
             off_p = off_n + piece * EPI_N
