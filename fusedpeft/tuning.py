@@ -231,6 +231,12 @@ def step_bench(forward, backward, out_shape, like: torch.Tensor, trains: bool):
     return bench
 
 
+# A candidate's time where it would break the memory promise of the "recompute" setting (it forms
+# the whole M x N output again in its backward) while another candidate keeps it: it runs only if
+# every other candidate fails at the key.
+LAST_RESORT = math.inf
+
+
 def time_step(step: Optional[Callable[[], None]]) -> Optional[float]:
     """time_ms(step), or None for no step (no candidate)."""
     return None if step is None else time_ms(step)

@@ -142,6 +142,24 @@ def test_dora_magnitude_sums_without_z(dtype, M, K, N, r, want_sum, fits, monkey
         assert col is None
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("save_z", [True, False])
+def test_dora_recompute_keeps_the_composition_as_a_last_resort(dropout, save_z, monkeypatch):
+    """Where "recompute" asks for z to stay out of memory and the Triton kernel can keep it out (p = 0),
+    the compositions, whose backward forms z whole, answer tuning.LAST_RESORT unmeasured; with dropout
+    (every backend forms z then) or in save mode they are timed like the others."""
+    from fusedpeft import backends, tuning
+
+    monkeypatch.setattr(tuning, "time_ms", lambda step: 0.5)
+    x, W = torch.randn(9, 16), torch.randn(12, 16)
+    A, B, m = torch.randn(4, 16), torch.randn(12, 4), torch.rand(12) + 0.5
+    norm = dora_mod.dora_weight_norm(W, A, B, 1.3)
+    needs = (True, False, False, True, True, True)
+    _, bench = dora_mod._tune(x, W, None, A, B, m, 1.3, norm, dropout, torch.tensor([3]), save_z, needs)
+    last = not save_z and dropout == 0.0
+    assert bench(backends._REGISTRY["dora_linear"]["torch"].impl()) == (tuning.LAST_RESORT if last else 0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("lead", [(2, 5), (3, 23)], ids=["M<K", "M>K"])

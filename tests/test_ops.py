@@ -590,6 +590,39 @@ def test_composable_entry_remembers_its_choice_per_call_signature(monkeypatch, c
     assert len(chosen) == 7  # nothing kept while capturing
 
 
+@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+def test_recompute_keeps_z_whole_candidates_as_a_last_resort(grad_mode, monkeypatch, use_settings):
+    """In "recompute" mode (z to stay out of memory) the torch composition, whose backward forms z
+    whole, is no contender: its bench answers tuning.LAST_RESORT unmeasured, so it runs only where
+    every other candidate fails; in "save" mode it is timed like the others."""
+    from fusedpeft import backends
+    from fusedpeft.ops import _rescale
+
+    use_settings(output_scale_grad=grad_mode)
+    monkeypatch.setattr(tuning, "time_ms", lambda step: 0.5)
+    x, W, b = _inputs((13,), 24, 20, torch.float32, True)
+    scale = leaf(1.0 + torch.randn(20))
+    needs = (True, False, True, True, False)
+    _, bench = _rescale._tune(x.detach(), W, b, scale, None, False, grad_mode == "save", needs)
+    torch_impl = backends._REGISTRY["ia3_linear"]["torch"].impl()
+    expected = tuning.LAST_RESORT if grad_mode == "recompute" else 0.5
+    assert bench(torch_impl) == expected
+    # input scaling keeps no z: timed in either mode
+    _, bench_ff = _rescale._tune(x.detach(), W, b, leaf(torch.randn(24)), None, True, False, needs)
+    assert bench_ff(torch_impl) == 0.5
+    monkeypatch.setattr(tuning, "enabled", lambda: True)
+    monkeypatch.setattr(tuning, "record", lambda *a: None)
+    key = ("last-resort", float(torch.rand(())))
+    assert tuning.choose("an_op", key, ["triton", "torch"], {"triton": 0.9, "torch": tuning.LAST_RESORT}.get) == "triton"
+
+    def failing(name):
+        if name == "triton":
+            raise RuntimeError("cannot run here")
+        return tuning.LAST_RESORT
+
+    assert tuning.choose("an_op", key + ("again",), ["triton", "torch"], failing) == "torch"
+
+
 def test_tuner_skips_a_candidate_whose_bench_is_none(monkeypatch, tmp_path):
     """tuning.choose: a bench of None leaves that name out of the race (not an error, not a time)."""
     monkeypatch.setattr(tuning, "enabled", lambda: True)

@@ -105,8 +105,11 @@ def _torch_composes(x, weight, bias, scale, shift, input_scale, save_unscaled, o
     return input_scale or save_unscaled or not scale.requires_grad
 
 
+# recomputes_z_whole: in "recompute" mode its backward forms z (M x N) whole, where the Triton
+# backend reduces it tile by tile: the tuner then keeps it as a last resort (tuning.LAST_RESORT).
 torch_backend = types.SimpleNamespace(forward=_torch_forward, backward=_torch_backward,
-                                      autograd_forward=_torch_autograd_forward, composes=_torch_composes)
+                                      autograd_forward=_torch_autograd_forward, composes=_torch_composes,
+                                      recomputes_z_whole=True)
 
 
 def register_reference(op: str):
@@ -133,6 +136,8 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, thro
            tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
     def bench(impl):  # built into a step only when the key is measured, as lora's
+        if not save_unscaled and not input_scale and needs[3] and getattr(impl, "recomputes_z_whole", False):
+            return tuning.LAST_RESORT  # "recompute" was asked for to keep z out of memory
         if through is not None:
             return tuning.time_step(through()(impl))
         return tuning.step_bench(
