@@ -53,14 +53,18 @@ def weight_row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Optional[torch.Tensor] = None):
     """||W + s B A||_row (N,) without forming W + s B A, in float32 (float64 for float64), detached.
-    W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32."""
+    W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32.
+
+    n^2 = ||W||^2 + rowsum(B * P) with P = 2 s (W A^T) + s^2 B (A A^T): the cross term and the last
+    one share their row sum, and P comes from one addmm, so the whole norm is about eight launches
+    (a small layer's training step pays them on every forward)."""
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight)
     A, B = lora_A.to(dt), lora_B.to(dt)
-    cross = ((weight @ lora_A.to(weight.dtype).T).to(dt) * B).sum(1)  # rowsum((W A^T) * B)
-    last = ((B @ (A @ A.T)) * B).sum(1)  # rowsum(B (A A^T) * B) = ||(B A)_row||^2
-    return (weight_sq_norm.to(dt) + 2.0 * scaling * cross + scaling * scaling * last).clamp_min(0).sqrt()
+    cross = (weight @ lora_A.to(weight.dtype).T).to(dt)  # W A^T (N x r)
+    P = torch.addmm(cross, B, A @ A.T, beta=2.0 * scaling, alpha=scaling * scaling)
+    return (B * P).sum(1).add_(weight_sq_norm.to(dt)).clamp_min_(0).sqrt_()
 
 
 # ----------------------------------------------------------------------------- reference
