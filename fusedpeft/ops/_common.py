@@ -91,12 +91,6 @@ def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def compute_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """(x as (M, K), weight, bias), each in the compute dtype (``compute_dtype``)."""
-    dtype = compute_dtype(x, weight)
-    return flatten_rows(cast(x, dtype)), cast(weight, dtype), cast(bias, dtype)
-
-
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     """(*, K) -> (M, K) without a copy when the layout allows it."""
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -120,15 +114,6 @@ def apply_linear(fn, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     else:
         y = fn(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, *rest)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def outside_autocast(device_type: str, fn, *args):
-    """fn(*args) with autocast off. The inputs were cast to the autocast dtype already; entering the
-    context costs microseconds per call, so it is entered only when autocast is on."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args)
-    return fn(*args)
 
 
 # Custom ops return tensors, never None: the backward ops of every method stand for a gradient
