@@ -623,6 +623,51 @@ def test_recompute_keeps_z_whole_candidates_as_a_last_resort(grad_mode, monkeypa
     assert tuning.choose("an_op", key + ("again",), ["triton", "torch"], failing) == "torch"
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3-out", "ia3-ff", "ssf"])
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+def test_ops_under_autocast_compute_in_its_dtype(kind, lead):
+    """float32 inputs under CPU autocast (bf16): the op computes in bf16 (x, the weight and the
+    bias cast to it, autocast off inside) and returns bf16 in x's leading shape; every gradient
+    comes back in its leaf's float32, within bf16's tolerance of the float64 reference."""
+    from fusedpeft.ops import dora_linear, dora_linear_reference
+
+    K, N, r = 24, 20, 4
+    x, W, b = _inputs(lead, K, N, torch.float32, True)
+    A, B = leaf(torch.randn(r, K) / K**0.5), leaf(torch.randn(N, r) / r**0.5)
+    m = leaf(torch.rand(N) + 0.5)
+    scale, shift = leaf(1.0 + 0.5 * torch.randn(K if kind == "ia3-ff" else N)), leaf(torch.randn(N))
+    calls = {
+        "lora": (lambda x, W, b, A, B, m, l, t: lora_linear(x, W, b, A, B, 1.5),
+                 lambda x, W, b, A, B, m, l, t: lora_linear_reference(x, W, b, A, B, 1.5), (A, B)),
+        "dora": (lambda x, W, b, A, B, m, l, t: dora_linear(x, W, b, A, B, 1.5, m),
+                 lambda x, W, b, A, B, m, l, t: dora_linear_reference(x, W, b, A, B, 1.5, m), (A, B, m)),
+        "ia3-out": (lambda x, W, b, A, B, m, l, t: ia3_linear(x, W, b, l, False),
+                    lambda x, W, b, A, B, m, l, t: ia3_linear_reference(x, W, b, l, False), (scale,)),
+        "ia3-ff": (lambda x, W, b, A, B, m, l, t: ia3_linear(x, W, b, l, True),
+                   lambda x, W, b, A, B, m, l, t: ia3_linear_reference(x, W, b, l, True), (scale,)),
+        "ssf": (lambda x, W, b, A, B, m, l, t: ssf_linear(x, W, b, l, t),
+                lambda x, W, b, A, B, m, l, t: ssf_linear_reference(x, W, b, l, t), (scale, shift)),
+    }
+    call, reference, adapters = calls[kind]
+    tensors = (x, W, b, A, B, m, scale, shift)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(*tensors)
+    assert y.dtype == torch.bfloat16 and y.shape == (*lead, N)
+    g = torch.randn_like(y)
+    y.backward(g)
+    refs = [leaf(t, torch.float64) for t in tensors]
+    y_ref = reference(*refs)
+    y_ref.backward(g.double())
+    assert_close(y, y_ref, torch.bfloat16, f"{kind} under autocast")
+    for name, t in zip(("x", "W", "b"), (x, W, b)):
+        assert t.grad is not None and t.grad.dtype == torch.float32, name
+    for i, t in enumerate(tensors):
+        if t.grad is not None:
+            assert t.grad.dtype == torch.float32
+            assert_close(t.grad, refs[i].grad, torch.bfloat16, f"{kind} under autocast: grad of input {i}")
+    assert all(t.grad is not None for t in adapters)
+
+
 def test_tuner_skips_a_candidate_whose_bench_is_none(monkeypatch, tmp_path):
     """tuning.choose: a bench of None leaves that name out of the race (not an error, not a time)."""
     monkeypatch.setattr(tuning, "enabled", lambda: True)
