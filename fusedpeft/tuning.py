@@ -242,6 +242,18 @@ def time_step(step: Optional[Callable[[], None]]) -> Optional[float]:
     return None if step is None else time_ms(step)
 
 
+def composable_bench(impl, through, bare: Callable) -> Optional[float]:
+    """The bench of a composable op's candidate: its step as the autograd entry runs it where the
+    entry made the call (``through``, see ops/_autograd.entry_step); else ``bare(impl)``, the bare
+    forward and backward the custom ops run, of which a composed_only candidate has none of its own
+    (None: no candidate)."""
+    if through is not None:
+        return time_step(through()(impl))
+    if getattr(impl, "composed_only", False):
+        return None
+    return bare(impl)
+
+
 def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0) -> float:
     """Median time of one ``step`` on the current CUDA stream, in ms. Each round times enough
     back-to-back steps to fill about ``round_ms`` between two events, so a host-bound step is

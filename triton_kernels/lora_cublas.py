@@ -39,6 +39,8 @@ import types
 
 import torch
 
+from fusedpeft.ops.lora import lora_composition
+
 from .lora import dropout_mask
 from .lowrank import lowrank_into, lowrank_product, weight_grad
 
@@ -108,11 +110,7 @@ def _composition(low_rank_first: bool):
 
 
 def _autograd_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    # The adapters cast to x's dtype as autograd nodes (float32 masters get float32 gradients);
-    # u = x A^T (M x r) and B are what autograd keeps for the rank-r term, as the Function keeps u_s.
-    u = x @ lora_A.to(x.dtype).T
-    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    return y.addmm_(u, lora_B.to(x.dtype).T, alpha=scaling)
+    return lora_composition(x, weight, bias, lora_A, lora_B, scaling)
 
 
 def _composes(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> bool:

@@ -138,12 +138,10 @@ def _tune(x, weight, bias, scale, shift, input_scale, save_unscaled, needs, thro
     def bench(impl):  # built into a step only when the key is measured, as lora's
         if not save_unscaled and not input_scale and needs[3] and getattr(impl, "recomputes_z_whole", False):
             return tuning.LAST_RESORT  # "recompute" was asked for to keep z out of memory
-        if through is not None:
-            return tuning.time_step(through()(impl))
-        return tuning.step_bench(
+        return tuning.composable_bench(impl, through, tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, scale, shift, input_scale, save_unscaled),
             lambda impl, grad, z: impl.backward(grad, x, weight, bias, scale, shift, input_scale, z, tuple(needs)),
-            (M, N), x, any(needs))(impl)
+            (M, N), x, any(needs)))
 
     return key, bench
 

@@ -161,10 +161,8 @@ def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm,
     op's composable entry; ``cublas_autograd`` on CUDA): the adapters and c = m / n cast to x's
     dtype as autograd nodes (float32 masters get float32 gradients). Autograd keeps z for grad_m,
     as the Function's "save" mode does (``_composes``)."""
-    dtype = x.dtype
-    u = x @ lora_A.to(dtype).T
-    z = (x @ weight.T).addmm_(u, lora_B.to(dtype).T, alpha=scaling)  # x W^T + s x A^T B^T
-    c = (magnitude / norm).to(dtype)
+    z = lora_op.lora_composition(x, weight, None, lora_A, lora_B, scaling)  # x W^T + s x A^T B^T
+    c = (magnitude / norm).to(x.dtype)
     return z * c if bias is None else torch.addcmul(bias, z, c)
 
 
@@ -194,16 +192,12 @@ def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, 
     def bench(impl):  # built into a step only when the key is measured, as lora's (through: see there)
         if not save_z and needs[5] and dropout_p == 0.0 and getattr(impl, "recomputes_z_whole", False):
             return tuning.LAST_RESORT  # "recompute" keeps z out of memory where the Triton kernel can
-        if through is not None:
-            return tuning.time_step(through()(impl))
-        if getattr(impl, "composed_only", False):
-            return None
-        return tuning.step_bench(
+        return tuning.composable_bench(impl, through, tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed,
                                       save_z),
             lambda impl, grad, saved: impl.backward(grad, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
                                                     norm, dropout_p, seed, save_z, needs),
-            (M, weight.shape[0]), x, any(needs))(impl)
+            (M, weight.shape[0]), x, any(needs)))
 
     return key, bench
 

@@ -110,6 +110,16 @@ def _torch_backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed,
     return grad_x, grad_w, grad_b, grad_A, grad_B
 
 
+def lora_composition(x, weight, bias, lora_A, lora_B, scaling):
+    """x W^T + b + scaling (x A^T) B^T as differentiable torch ops (no dropout), for autograd to
+    differentiate: the adapters cast to x's dtype as autograd nodes (float32 masters get float32
+    gradients); autograd keeps u = x A^T (M x r) and B for the rank-r term, as the Function keeps
+    u_s. The composable path of cublas_autograd (LoRA's and, with no bias, DoRA's z)."""
+    u = x @ lora_A.to(x.dtype).T
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+    return y.addmm_(u, lora_B.to(x.dtype).T, alpha=scaling)
+
+
 torch_backend = types.SimpleNamespace(
     forward=_torch_forward, backward=_torch_backward, dropout_mask=_torch_dropout_mask
 )
@@ -133,15 +143,11 @@ def _tune(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs, thro
            tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
     def bench(impl):  # one closure per call; the step's pieces are built only when the key is measured
-        if through is not None:
-            return tuning.time_step(through()(impl))
-        if getattr(impl, "composed_only", False):
-            return None  # its bare forward and backward are another candidate's
-        return tuning.step_bench(
+        return tuning.composable_bench(impl, through, tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed),
             lambda impl, grad, saved: impl.backward(grad, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
                                                     saved),
-            (M, weight.shape[0]), x, any(needs))(impl)
+            (M, weight.shape[0]), x, any(needs)))
 
     return key, bench
 
