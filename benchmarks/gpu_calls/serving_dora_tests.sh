@@ -1,24 +1,31 @@
 set -x
 # Issues 14 and 15 in one call: the GPU tests never reached before, the serving layer table and its
-# generate throughput, DoRA's model rows (Llama-3-8B-shaped, 4 x 2048) and its layer rows in both
-# output_scale_grad modes, and with dropout (see README.md here).
+# generate throughput, DoRA's layer rows in both output_scale_grad modes and with dropout, then
+# DoRA's model rows (Llama-3-8B-shaped, 4 x 2048) (see README.md here). all.tgz is packed again
+# after every stage, so a call cut short by its time limit still brings back what finished.
+# The stages write under a work folder; only all.tgz goes to the tool's $OUT (it returns 8 files).
+RETURN=$OUT; export OUT=/tmp/gpu_call_out; mkdir -p $OUT
+pack() { (cd $OUT && tar czf $RETURN/all.tgz.tmp . && mv $RETURN/all.tgz.tmp $RETURN/all.tgz); }
 nvidia-smi --query-gpu=name --format=csv
-TESTS=1 WORKERS=16 TEST_TIMEOUT=100 LAYERS=0 MODEL=0 \
+TESTS=1 WORKERS=16 TEST_TIMEOUT=90 LAYERS=0 MODEL=0 \
 TEST_FILES="tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py" \
 TEST_K="multi_ia3_matches_float64 or test_triton_lora_matches_float64 or cuda_graph_decode_step or (sweep and cublas_autograd)" \
 bash benchmarks/gpu_run.sh > /dev/null 2>&1
+pack
 export FUSEDPEFT_CACHE_DIR=$OUT/cache PYTHONUNBUFFERED=1
-timeout 110 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
-timeout 80 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1
-timeout 120 python3 -m benchmarks.model --models llama3-8b --batches 4x2048 --adapters dora --timed-steps 4 --warmup-steps 2 \
-  --rounds 2 --curve-steps 20 --curve-batch 1x512 --out $OUT/model_dora.md --json $OUT/model_dora.json > $OUT/model_dora.log 2>&1
+timeout 100 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
+timeout 70 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1
+pack
 for mode in save recompute; do
-  FUSEDPEFT_OUTPUT_SCALE_GRAD=$mode timeout 55 python3 -m benchmarks.layers --methods dora --models llama3-8b --tokens 8192 \
+  FUSEDPEFT_OUTPUT_SCALE_GRAD=$mode timeout 50 python3 -m benchmarks.layers --methods dora --models llama3-8b --tokens 8192 \
     --ranks 16,64 --dropouts 0 --warmup-ms 5 --rep-ms 20 --out $OUT/dora_$mode.md --json $OUT/dora_$mode.json > $OUT/dora_$mode.log 2>&1
 done
 # DoRA with dropout (peft's formula, the second base GEMM on dropout(x)), against peft's DoRA with dropout
 timeout 35 python3 -m benchmarks.layers --methods dora --models llama3-8b --tokens 8192 --ranks 16 --dropouts 0.05 \
   --warmup-ms 5 --rep-ms 20 --out $OUT/dora_dropout.md --json $OUT/dora_dropout.json > $OUT/dora_dropout.log 2>&1
+pack
+timeout 110 python3 -m benchmarks.model --models llama3-8b --batches 4x2048 --adapters dora --timed-steps 4 --warmup-steps 2 \
+  --rounds 2 --curve-steps 20 --curve-batch 1x512 --out $OUT/model_dora.md --json $OUT/model_dora.json > $OUT/model_dora.log 2>&1
+pack
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log | tail -20; grep -c PASSED $OUT/run.log
 tail -3 $OUT/serving.log $OUT/model_dora.log
-cd $OUT && tar czf all.tgz run.log serving.* model_dora.* dora_* cache
