@@ -29,7 +29,9 @@ On the same random token batches per shape it reports:
 - peak memory (torch.cuda.max_memory_allocated over the variant's own timed steps, whole model
   included, less what was allocated before the variant was built: the other variants, the batches);
 - ratios to peft: tokens/s, memory, and (time - floor's time) / (peft's time - floor's time),
-  the adapter's own cost relative to peft's (left out where peft's step is < 5% above the floor's).
+  the adapter's own cost relative to peft's (left out where peft's step is < 5% above the floor's);
+  "least mem / peft", the floor's peak plus the adapters and their AdamW moments over peft's peak:
+  no implementation of the same adapters can go under it (add_ratios).
 
 The loss-curve check trains peft, from_peft and inject from the same initial weights (the inject
 model gets peft's initial adapter tensors copied in) on the same two random batches, alternated,
@@ -260,6 +262,7 @@ def run_variant(variant: str, model_name: str, adapter: str, args, device, data:
     model = build_variant(variant, model_name, adapter, args, device)
     build_s = time.perf_counter() - t_build
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if variant == "peft":
         data["init"] = {n: p.detach().clone() for n, p in adapter_state(model).items()}
     rows = []
@@ -267,7 +270,8 @@ def run_variant(variant: str, model_name: str, adapter: str, args, device, data:
     for shape in args.batch_shapes:
         r = time_batch(model, opt, data["timing"][shape], args.warmup_steps, device, resident)
         batch = f"{shape[0]}x{shape[1]}"
-        rows.append(dict(model=model_name, batch=batch, adapter=adapter, variant=label, trainable=trainable, build_s=build_s, **r))
+        rows.append(dict(model=model_name, batch=batch, adapter=adapter, variant=label, trainable=trainable,
+                         trainable_bytes=trainable_bytes, build_s=build_s, **r))
         mem = f"{r['peak_gib']:7.2f} GiB" if r["peak_gib"] is not None else "-"
         log(f"{model_name:13s} {batch:7s} {adapter:12s} {label:22s} {r['tokens_per_s']:10.0f} tok/s  "
             f"step {r['step_ms']:8.2f} ms  first {r['first_step_s']:6.2f} s  {mem}")
@@ -353,12 +357,18 @@ def add_ratios(rows: list[dict]):
     """Each row's ratios to the peft row of its (model, batch, adapter): speed_vs_peft (tokens/s),
     mem_vs_peft, and above_floor_vs_peft = (t - t_floor) / (t_peft - t_floor). The last is None
     where peft's step is less than ABOVE_FLOOR_MIN above the floor's: the ratio of two differences
-    within the noise of host-bound steps means nothing."""
+    within the noise of host-bound steps means nothing.
+
+    mem_bound_vs_peft: the least peak any implementation of the same adapters can have, over peft's:
+    the floor's peak (the same base, nothing trainable) plus the trainable tensors and AdamW's two
+    moments of them (3 x their bytes), which every variant holds throughout (their gradients, not
+    all alive at the floor's peak, are left out: a lower bound). Where the floor is most of the peak
+    (small batches) it says how far a memory target can be met at all."""
     index = {(r["model"], r["batch"], r["adapter"], r["variant"]): r for r in rows}
     for r in rows:
         key = (r["model"], r["batch"], r["adapter"])
         peft_row, floor = index.get(key + ("peft",)), index.get(key + ("floor",))
-        r["speed_vs_peft"] = r["mem_vs_peft"] = r["above_floor_vs_peft"] = None
+        r["speed_vs_peft"] = r["mem_vs_peft"] = r["above_floor_vs_peft"] = r["mem_bound_vs_peft"] = None
         if not peft_row:
             continue
         r["speed_vs_peft"] = r["tokens_per_s"] / peft_row["tokens_per_s"]
@@ -366,13 +376,16 @@ def add_ratios(rows: list[dict]):
             r["mem_vs_peft"] = r["peak_gib"] / peft_row["peak_gib"]
         if floor and r["variant"] != "floor" and peft_row["step_ms"] > floor["step_ms"] * (1 + ABOVE_FLOOR_MIN):
             r["above_floor_vs_peft"] = (r["step_ms"] - floor["step_ms"]) / (peft_row["step_ms"] - floor["step_ms"])
+        if floor and r["variant"] != "floor" and floor["peak_gib"] is not None and peft_row["peak_gib"]:
+            bound_gib = floor["peak_gib"] + 3 * peft_row.get("trainable_bytes", 0) / 2**30
+            r["mem_bound_vs_peft"] = bound_gib / peft_row["peak_gib"]
 
 
 def table(rows: list[dict]) -> str:
     """One block per (model, batch, adapter), the variants in a fixed order."""
     head = ("| model | batch | adapter | variant | tokens/s | tokens/s / peft | step ms | first step s | peak GiB | "
-            "mem / peft | above floor / peft's |")
-    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "mem / peft | least mem / peft | above floor / peft's |")
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     batches, variants = list(dict.fromkeys(r["batch"] for r in rows)), list(VARIANTS.values())
 
     def key(r):
@@ -381,7 +394,8 @@ def table(rows: list[dict]) -> str:
     for r in sorted(rows, key=key):
         lines.append(f"| {r['model']} | {r['batch']} | {r['adapter']} | {r['variant']} | {r['tokens_per_s']:.0f} | "
                      f"{harness.fmt(r['speed_vs_peft'], '.3f')} | {r['step_ms']:.2f} | {r['first_step_s']:.2f} | "
-                     f"{harness.fmt(r['peak_gib'], '.2f')} | {harness.fmt(r['mem_vs_peft'], '.3f')} | {harness.fmt(r['above_floor_vs_peft'], '.3f')} |")
+                     f"{harness.fmt(r['peak_gib'], '.2f')} | {harness.fmt(r['mem_vs_peft'], '.3f')} | "
+                     f"{harness.fmt(r['mem_bound_vs_peft'], '.3f')} | {harness.fmt(r['above_floor_vs_peft'], '.3f')} |")
     return "\n".join(lines)
 
 

@@ -155,3 +155,24 @@ def test_model_split_runs_on_cpu(one_thread):
     assert [r["variant"] for r in rows] == list(bench.VARIANTS.values())
     for r in rows:
         assert r["event_ms"] > 0 and r["kernels_ms"] is None and r["batch"] == "1x16"
+
+
+@pytest.mark.parametrize("adapter_gib,expect_above", [(0.25, True), (0.01, False)])
+def test_least_memory_is_the_floor_plus_the_adapters_and_their_moments(adapter_gib, expect_above):
+    """mem_bound_vs_peft = (floor's peak + 3 x the trainable bytes) / peft's peak, on every adapted
+    row of the group, and none on the floor's own row: with the floor at 0.8 of peft's peak, adapters
+    of 0.25 GiB (x 3) put the bound over 0.85, adapters of 0.01 GiB keep it under."""
+    row = dict(model=bench.MODELS[0], batch="1x8", adapter="lora", tokens_per_s=100.0, step_ms=10.0, first_step_s=1.0)
+    peft_peak, floor_peak = 10.0, 8.0
+    trainable_bytes = adapter_gib * 2**30
+    rows = [dict(row, variant="peft", peak_gib=peft_peak, trainable_bytes=trainable_bytes),
+            dict(row, variant="fusedpeft (inject)", peak_gib=9.0, trainable_bytes=trainable_bytes),
+            dict(row, variant="floor", peak_gib=floor_peak, trainable_bytes=0, step_ms=5.0)]
+    bench.add_ratios(rows)
+    bound = (floor_peak + 3 * adapter_gib) / peft_peak
+    for r in rows[:2]:
+        assert r["mem_bound_vs_peft"] == pytest.approx(bound)
+    assert rows[2]["mem_bound_vs_peft"] is None
+    assert (rows[1]["mem_bound_vs_peft"] > 0.85) == expect_above
+    text = bench.table(rows)
+    assert "least mem / peft" in text and f"| {bound:.3f} |" in text
