@@ -261,8 +261,8 @@ def run_variant(variant: str, model_name: str, adapter: str, args, device, data:
     t_build = time.perf_counter()
     model = build_variant(variant, model_name, adapter, args, device)
     build_s = time.perf_counter() - t_build
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, trainable_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     if variant == "peft":
         data["init"] = {n: p.detach().clone() for n, p in adapter_state(model).items()}
     rows = []
@@ -377,7 +377,7 @@ def add_ratios(rows: list[dict]):
         if floor and r["variant"] != "floor" and peft_row["step_ms"] > floor["step_ms"] * (1 + ABOVE_FLOOR_MIN):
             r["above_floor_vs_peft"] = (r["step_ms"] - floor["step_ms"]) / (peft_row["step_ms"] - floor["step_ms"])
         if floor and r["variant"] != "floor" and floor["peak_gib"] is not None and peft_row["peak_gib"]:
-            bound_gib = floor["peak_gib"] + 3 * peft_row.get("trainable_bytes", 0) / 2**30
+            bound_gib = floor["peak_gib"] + 3 * peft_row["trainable_bytes"] / 2**30
             r["mem_bound_vs_peft"] = bound_gib / peft_row["peak_gib"]
 
 
