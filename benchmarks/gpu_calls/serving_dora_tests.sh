@@ -1,18 +1,12 @@
-set -x
 # Issues 14 and 15 in one call: the GPU tests never reached before, the serving layer table and its
 # generate throughput, DoRA's layer rows in both output_scale_grad modes and with dropout, then
-# DoRA's model rows (Llama-3-8B-shaped, 4 x 2048) (see README.md here). all.tgz is packed again
-# after every stage, so a call cut short by its time limit still brings back what finished.
-# The stages write under a work folder; only all.tgz goes to the tool's $OUT (it returns 8 files).
-RETURN=$OUT; export OUT=/tmp/gpu_call_out; mkdir -p $OUT
-pack() { (cd $OUT && tar czf $RETURN/all.tgz.tmp . && mv $RETURN/all.tgz.tmp $RETURN/all.tgz); }
-nvidia-smi --query-gpu=name --format=csv
+# DoRA's model rows (Llama-3-8B-shaped, 4 x 2048) (see README.md here).
+source benchmarks/gpu_calls/common.sh
 TESTS=1 WORKERS=16 TEST_TIMEOUT=90 LAYERS=0 MODEL=0 \
 TEST_FILES="tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py" \
 TEST_K="multi_ia3_matches_float64 or test_triton_lora_matches_float64 or cuda_graph_decode_step or (sweep and cublas_autograd)" \
 bash benchmarks/gpu_run.sh > /dev/null 2>&1
 pack
-export FUSEDPEFT_CACHE_DIR=$OUT/cache PYTHONUNBUFFERED=1
 timeout 100 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
 timeout 70 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1
 pack
