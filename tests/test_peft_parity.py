@@ -194,7 +194,11 @@ def test_triton_kernels_match_peft(case, grad_mode, monkeypatch, use_settings):
 def test_bf16_base_matches_peft_in_float64(method):
     """bf16 base with float32 adapter weights (both libraries' default). peft runs the LoRA path in
     float32, fusedpeft in bf16 (adapters cast to the compute dtype), so both are compared with a
-    float64 run of peft on the same weights, at bf16 tolerance."""
+    float64 run of peft on the same weights. Outputs at bf16 tolerance. Gradients pass back through
+    four bf16 layers of a model a dozen features wide, where a few sums cancel: over 10,000 seeds
+    both libraries' gradient errors have a median of 5e-3, and peft's own pass 2e-2 on 6 of 55,000
+    tensors (2.84e-2 at worst; seed 1566649255: 2.24e-2 on out's bias). So each of fusedpeft's
+    gradients must be within bf16 tolerance of float64 beyond peft's own error on that tensor."""
     kw = dict(target_modules=MLP_TARGETS)
     kw.update(dict(r=4, lora_alpha=8, bias="lora_only", init_lora_weights=False) if method == "lora"
               else dict(feedforward_modules=["fc1"], init_ia3_weights=False))
@@ -207,14 +211,19 @@ def test_bf16_base_matches_peft_in_float64(method):
     assert y_f.dtype == y_p.dtype == torch.bfloat16
     assert_close(y_f, y_ref, torch.bfloat16, "fusedpeft bf16")
     assert_close(y_p, y_ref, torch.bfloat16, "peft bf16")
-    g = torch.randn_like(y_ref)
-    y_f.backward(g.to(y_f.dtype))
-    y_ref.backward(g)
-    t_f, t_ref = trainable(fm), trainable(ref)
-    assert set(t_f) == set(t_ref)
+    # One upstream gradient for both: drawn in bf16, so the float64 reference sees exactly what the
+    # bf16 model sees and the comparison measures the backward pass, not the rounding of g.
+    g = torch.randn_like(y_f)
+    for y in (y_f, y_p):
+        y.backward(g)
+    y_ref.backward(g.double())
+    t_f, t_p, t_ref = trainable(fm), trainable(pm), trainable(ref)
+    assert set(t_f) == set(t_p) == set(t_ref)
     for name, p in t_ref.items():
         assert t_f[name].grad.dtype == t_f[name].dtype
-        assert_close(t_f[name].grad, p.grad, torch.bfloat16, f"bf16 grad {name}")
+        err, err_peft = rel_err(t_f[name].grad, p.grad), rel_err(t_p[name].grad, p.grad)
+        assert err <= TOL[torch.bfloat16] + err_peft, \
+            f"bf16 grad {name}: relative error {err:.3e}, peft's {err_peft:.3e}"
 
 
 # ----------------------------------------------------------------------------- from_peft
