@@ -113,6 +113,63 @@ def test_dora_composed_path_matches_reference(dtype, adapter_dtype, lead, K, N, 
     assert entered == ([1, 1] if m_grad else [1])
 
 
+def _projection(delta, delta_ref):
+    """<delta, delta_ref> / <delta_ref, delta_ref>: how much of float64's change of the output a
+    bf16 run shows (1: all of it; 0: none)."""
+    delta, delta_ref = delta.double().flatten(), delta_ref.double().flatten()
+    return float(delta @ delta_ref / (delta_ref @ delta_ref))
+
+
+@pytest.mark.parametrize("path,dropout", [(b, p) for b in BACKENDS["dora_linear"] for p in (0.0, 0.3)]
+                         + [("cublas_autograd composed", 0.0)])  # composed: without dropout (else the Function runs)
+def test_dora_steps_below_bf16_spacing_move_the_output(path, dropout, monkeypatch, use_settings):
+    """A bf16 layer with float32 adapters and magnitude, as trained: B a few 1e-4 (two AdamW
+    steps) and m within 3e-4 of the norm. Each change is under half a bf16 step of x W^T, so only a
+    delta formed on its own and rounded onto the base once survives. How much of float64's change
+    each path keeps, of the whole (from x W^T) and of m's step alone (a magnitude or c = m / n cast
+    to bf16 rounds to the norm and keeps none of it), must be at least what peft's arithmetic keeps
+    (its float32 delta added to the bf16 base, computed here), less 0.1."""
+    from fusedpeft.ops import _autograd
+
+    backend = path.split()[0]
+    if path.endswith("composed"):
+        monkeypatch.setattr(_autograd, "COMPOSED_DEVICES", {"cuda", "cpu"})
+        use_settings(output_scale_grad="save")
+    M, K, N, r, s = 256, 128, 96, 8, 2.0
+    x = torch.randn(M, K).to(torch.bfloat16)
+    W = (torch.randn(N, K) / K**0.5).to(torch.bfloat16)
+    A = torch.randn(r, K) / K**0.5
+    B = 4e-4 * torch.randint(0, 2, (N, r)).float().mul(2).sub(1)
+    norm = (W.double() + s * B.double() @ A.double()).norm(dim=1).float()
+    m_steps = [norm, norm * (1 + 3e-4 * torch.randint(0, 2, (N,)).float().mul(2).sub(1))]
+    seed = pin_dropout_seed(monkeypatch)
+    base = x.double() @ W.double().T  # what an unchanged layer gives: bf16 inputs, exact
+    outs, refs = [], []
+    for m in m_steps:
+        adapters = [leaf(t, torch.float32) for t in (A, B, m)]
+        with fusedpeft.use_backend(backend):
+            outs.append(dora_linear(leaf(x), W, None, adapters[0], adapters[1], s, adapters[2],
+                                    dropout_p=dropout, training=True).detach())
+        assert fusedpeft.last_backend("dora_linear") == backend
+        mask = None if dropout == 0.0 else backend_mask("dora_linear", backend, seed, x, dropout)
+        refs.append(dora_linear_reference(x.double(), W.double(), None, A.double(), B.double(), s, m.double(),
+                                          dropout_mask=mask, dropout_p=dropout))
+    # peft's arithmetic as the yardstick: its float32 delta (c - 1) t + c s (drop(x) A^T) B^T added to
+    # the bf16 x W^T once
+    bf16_base = x @ W.T
+    x_d = x.float() if dropout == 0.0 else x.float() * mask.float() / (1 - dropout)
+    peft_like = [(bf16_base.float() + ((m / norm - 1) * (x_d @ W.float().T) + (m / norm) * (s * (x_d @ A.T) @ B.T))
+                  ).to(torch.bfloat16) for m in m_steps]
+
+    def kept(ys):  # (of the whole change, of the magnitude's step)
+        return (_projection(ys[1].double() - bf16_base.double(), refs[1] - base),
+                _projection(ys[1].double() - ys[0].double(), refs[1] - refs[0]))
+
+    (whole, from_m), (peft_whole, peft_from_m) = kept(outs), kept(peft_like)
+    assert whole >= peft_whole - 0.1, f"{path}: {whole:.2f} of the adapter's change survives, peft's way {peft_whole:.2f}"
+    assert from_m >= peft_from_m - 0.1, f"{path}: {from_m:.2f} of the magnitude's step survives, peft's way {peft_from_m:.2f}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M,K,N,r", [(37, 40, 24, 4), (1, 33, 47, 8), (0, 40, 24, 4), (19, 72, 8, 3)])
 @pytest.mark.parametrize("want_sum", [True, False])

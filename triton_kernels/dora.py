@@ -136,10 +136,12 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p
         return y, (z if save_z else u_s)
     lowrank_product(x, lora_A, u_s, scaling / (1.0 - dropout_p), seed, dropout_p)  # s drop(x) A^T
     z = torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)  # t + s u B^T
-    t = z.addmm(u_s, lora_B.T, alpha=-1.0)  # the same t back: no M x N kept from the first product
+    # y = x W^T + delta, delta = (c - 1) t + c s u B^T = s u B^T + (c - 1) z formed on its own and
+    # added once: a trained delta is mostly under half a bf16 step of x W^T, and c - 1, not c, in
+    # x's dtype (see fusedpeft.ops.dora.output_scale_minus_one and adapter_delta)
+    delta = torch.addcmul(torch.mm(u_s, lora_B.T), z, (c - 1.0).to(x.dtype))
     y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
-    y.addcmul_(z, c.to(x.dtype)).sub_(t)
-    return y, (z if save_z else u_s)
+    return y.add_(delta), (z if save_z else u_s)
 
 
 def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
@@ -154,15 +156,17 @@ def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, ne
     g_c^T u_s = c * (grad_y^T u_s), so the temporary is c * W (N x K) rather than g_c (M x N)."""
     need_x, need_A, need_B = needs
     M, K = x.shape
-    c_ = c.to(grad_y.dtype)[:, None]
+    c_minus_1 = (c - 1.0).to(grad_y.dtype)[:, None]  # each t * c as t + t (c - 1) (see forward)
     if K >= M:
-        return lora.backward(grad_y * c_.T, x, weight, lora_A, lora_B, scaling, 0.0, None,
-                             (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
-    weight_c = weight * c_ if need_x else weight
-    grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight_c, lora_A, lora_B * c_, scaling, 0.0, None,
-                                                 (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
+        return lora.backward(torch.addcmul(grad_y, grad_y, c_minus_1.T), x, weight, lora_A, lora_B, scaling, 0.0,
+                             None, (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
+    weight_c = torch.addcmul(weight, weight, c_minus_1) if need_x else weight
+    grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight_c, lora_A, torch.addcmul(lora_B, lora_B, c_minus_1),
+                                                 scaling, 0.0, None, (need_x, False, False, need_A, need_B), (u_s,),
+                                                 grad_dtypes)
     if grad_B is not None:
-        grad_B = grad_B.mul_(c_)
+        grad_B = grad_B.mul_(c[:, None].to(grad_B.dtype)) if grad_B.dtype == torch.float32 else \
+            grad_B.addcmul_(grad_B, c_minus_1.to(grad_B.dtype))
     return grad_x, None, None, grad_A, grad_B
 
 
@@ -173,8 +177,9 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype_A, dtype_B, dtype_m = (d or t.dtype for d, t in zip(grad_dtypes, (lora_A, lora_B, magnitude)))
     c = magnitude.float() / norm.float()
-    # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's and grad_w's)
-    g_c = grad_y * c.to(grad_y.dtype) if (dropout_p > 0.0 or need_w) else None
+    # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's)
+    c_minus_1 = (c - 1.0).to(grad_y.dtype)  # each t * c as t + t (c - 1) (see forward)
+    g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
     M, r = x.shape[0], lora_A.shape[0]
     keep = 1.0 / (1.0 - dropout_p)
     if save_z:
@@ -192,7 +197,7 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     else:
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)
-            inner = torch.addmm(torch.mm(g_B, lora_A), g_c - grad_y, weight, alpha=1.0, beta=scaling)
+            inner = torch.addmm(torch.mm(g_B, lora_A), grad_y * c_minus_1, weight, alpha=1.0, beta=scaling)
             grad_x = torch.addmm(_dropped(inner, dropout_p, seed), grad_y, weight)
         if need_A:  # s g_B^T drop(x): the masked reduction reads x once
             grad_A = torch.empty_like(lora_A, dtype=dtype_A)
@@ -213,5 +218,5 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
             grad_b = col_g.to(grad_y.dtype)
     if need_w:  # only when the user unfroze the base weight
         x_d = x if dropout_p == 0.0 else _dropped(x, dropout_p, seed)
-        grad_w = grad_y.T @ x + (g_c - grad_y).T @ x_d
+        grad_w = grad_y.T @ x + (grad_y * c_minus_1).T @ x_d
     return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m

@@ -101,12 +101,16 @@ def autograd_op(
     select: Callable,
     saved_shape: Callable[..., tuple],
     composable: bool = False,
+    kept_dtype: tuple[str, ...] = (),
 ) -> AutogradOp:
     """Build the eager autograd Function and the custom-op pair of one op.
 
     name: the custom ops are ``fusedpeft::<name>_fwd`` and ``fusedpeft::<name>_bwd``.
     adapters: schema of the adapter tensors after x, weight and bias, e.g.
-        ``"Tensor lora_A, Tensor lora_B"``; each takes a gradient, cast to x's dtype.
+        ``"Tensor lora_A, Tensor lora_B"``; each takes a gradient, cast to x's dtype unless named
+        in ``kept_dtype``.
+    kept_dtype: adapter tensors the backends take in their own dtype (DoRA's magnitude: a float32
+        master of about 1 whose training steps of 1e-4 a cast to bf16, spaced 2^-7 there, erases).
     params: schema of the arguments after them that take no gradient, e.g.
         ``"float scaling, float dropout_p, Tensor? seed"``.
     forward, backward, select: the op's implementation, as the module docstring writes them.
@@ -126,9 +130,15 @@ def autograd_op(
     no_grads = (None,) * (len(param_types) + 1)  # the params and the backend index
     inputs_schema = f"{_BASE_SCHEMA}, {adapters}"
 
+    adapter_names = [field.rsplit(None, 1)[1] for field in _fields(adapters)]
+    unknown = sorted(set(kept_dtype) - set(adapter_names))
+    if unknown:
+        raise ValueError(f"{name}: kept_dtype names {unknown}, not among the adapters {adapter_names}")
+    cast_to_x = [a not in kept_dtype for a in adapter_names]
+
     def cast_adapters(args):
         dtype = args[0].dtype
-        return (*args[:3], *[_common.cast(a, dtype) for a in args[3:n]], *args[n:])
+        return (*args[:3], *[_common.cast(a, dtype) if cast else a for a, cast in zip(args[3:n], cast_to_x)], *args[n:])
 
     def train_needs(inputs):
         return (True, False, inputs[2] is not None, *[a is not None for a in inputs[3:]])

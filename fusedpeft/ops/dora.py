@@ -93,17 +93,30 @@ def _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed):
     return torch.mm(x_d, weight.T).mul_(keep), torch.mm(x_d, lora_A.T).mul_(scaling * keep)
 
 
+def output_scale_minus_one(magnitude, norm, dtype):
+    """c - 1 = m / n - 1 in the compute dtype. A trained m sits within a few 1e-4 of n, where bf16
+    (spaced 2^-7 at 1) would round c itself to 1 and drop the magnitude's training steps; c - 1
+    keeps them, so every product with c is written t c = t + t (c - 1)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (magnitude.to(acc) / norm.to(acc) - 1.0).to(dtype)
+
+
+def adapter_delta(t, lora, c_minus_1):
+    """(z, delta): z = t + lora and delta = c z - t = lora + (c - 1) z, the adapter's whole change
+    of the output, formed on its own so that it meets the base's x W^T in one rounding (y = base +
+    delta), as peft's float32 delta meets its bf16 base. Rounded piecewise (round(t + lora), then
+    c times that) a trained delta, mostly under half a bf16 step of t, is lost: on a Llama-3-8B-
+    shaped layer after two AdamW steps at lr 2e-4, the loss fell 0.14 where float64 says 0.23."""
+    z = t + lora
+    return z, torch.addcmul(lora, z, c_minus_1)
+
+
 def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
-    c = (magnitude / norm).to(x.dtype)
     t, u_s = _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed)
-    if dropout_p == 0.0:
-        z = t.addmm_(u_s, lora_B.T)  # x W^T + s x A^T B^T, in t's buffer
-        y = torch.mul(z, c) if bias is None else torch.addcmul(bias, z, c)
-    else:  # x W^T + (c - 1) t + c (z - t) = x W^T - t + c z
-        z = torch.addmm(t, u_s, lora_B.T)  # drop(x) W^T + s drop(x) A^T B^T
-        y = torch.mm(x, weight.T).sub_(t).addcmul_(z, c)
-        if bias is not None:
-            y = y.add_(bias)
+    z, delta = adapter_delta(t, torch.mm(u_s, lora_B.T), output_scale_minus_one(magnitude, norm, x.dtype))
+    # p = 0: y = x W^T + delta (t is x W^T). p > 0: y = x W^T + (c - 1) t + c s u B^T, the same delta on drop(x)'s t.
+    base = t if dropout_p == 0.0 else torch.mm(x, weight.T)
+    y = base.add_(delta) if bias is None else base.add_(delta).add_(bias)
     return y, (z if save_z else u_s)
 
 
@@ -113,8 +126,8 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
     # float32 column sum, is rounded to its own once (the products come out in the compute dtype).
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype = grad_y.dtype
-    c = (magnitude / norm).to(dtype)
-    g_c = grad_y * c
+    c_minus_1 = output_scale_minus_one(magnitude, norm, dtype)
+    g_c = torch.addcmul(grad_y, grad_y, c_minus_1)  # c grad_y
     keep_scale = 1.0 / (1.0 - dropout_p)
     mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
@@ -129,10 +142,10 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
         if dropout_p == 0.0:
             grad_x = torch.mm(g_c, weight).addmm_(g_B, lora_A)
         else:
-            inner = _masked(torch.mm(g_c - grad_y, weight).addmm_(g_B, lora_A), mask)
+            inner = _masked(torch.mm(grad_y * c_minus_1, weight).addmm_(g_B, lora_A), mask)
             grad_x = torch.mm(grad_y, weight).add_(inner, alpha=keep_scale)
     if need_w:  # only when the user unfroze the base weight (the norm stays detached, as peft's)
-        grad_w = grad_y.T @ x + ((g_c - grad_y).T @ x_d)
+        grad_w = grad_y.T @ x + ((grad_y * c_minus_1).T @ x_d)
     if need_b:
         grad_b = _common.sum_rows(grad_y, dtype)
     if need_A:
@@ -158,12 +171,13 @@ torch_backend = composition(_keep_mask, _torch_dropout_mask)
 
 def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
     """The composition at p = 0 as differentiable torch ops, for autograd to differentiate (the
-    op's composable entry; ``cublas_autograd`` on CUDA): the adapters and c = m / n cast to x's
-    dtype as autograd nodes (float32 masters get float32 gradients). Autograd keeps z for grad_m,
+    op's composable entry; ``cublas_autograd`` on CUDA): the adapters cast to x's dtype and c - 1
+    formed from m as autograd nodes (float32 masters get float32 gradients). Autograd keeps z for grad_m,
     as the Function's "save" mode does (``_composes``)."""
-    z = lora_op.lora_composition(x, weight, None, lora_A, lora_B, scaling)  # x W^T + s x A^T B^T
-    c = (magnitude / norm).to(x.dtype)
-    return z * c if bias is None else torch.addcmul(bias, z, c)
+    t = x @ weight.T
+    lora = (x @ lora_A.to(x.dtype).T) @ (lora_B.to(x.dtype).T * scaling)  # s (x A^T) B^T: the scaling on N x r values
+    _, delta = adapter_delta(t, lora, output_scale_minus_one(magnitude, norm, x.dtype))
+    return t + delta if bias is None else torch.add(t, delta).add_(bias)
 
 
 def _composes(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z) -> bool:
@@ -229,11 +243,12 @@ def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, drop
 
 
 # The eager autograd Function and the custom ops (ops/_autograd.py). They save x, the frozen weight,
-# A, B, m (in x's dtype) and z (M x N, "save" mode) or s drop(x) A^T (M x r, "recompute" mode).
+# A, B (in x's dtype), m (in its own) and z (M x N, "save" mode) or s drop(x) A^T (M x r, "recompute" mode).
 _OP = _autograd.autograd_op(
     "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
     params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True,
+    kept_dtype=("magnitude",))
 
 
 def dora_linear(

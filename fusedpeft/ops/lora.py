@@ -114,7 +114,7 @@ def lora_composition(x, weight, bias, lora_A, lora_B, scaling):
     """x W^T + b + scaling (x A^T) B^T as differentiable torch ops (no dropout), for autograd to
     differentiate: the adapters cast to x's dtype as autograd nodes (float32 masters get float32
     gradients); autograd keeps u = x A^T (M x r) and B for the rank-r term, as the Function keeps
-    u_s. The composable path of cublas_autograd (LoRA's and, with no bias, DoRA's z)."""
+    u_s. The composable path of LoRA's cublas_autograd."""
     u = x @ lora_A.to(x.dtype).T
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
     return y.addmm_(u, lora_B.to(x.dtype).T, alpha=scaling)
