@@ -171,12 +171,16 @@ torch_backend = composition(_keep_mask, _torch_dropout_mask)
 
 def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
     """The composition at p = 0 as differentiable torch ops, for autograd to differentiate (the
-    op's composable entry; ``cublas_autograd`` on CUDA): the adapters cast to x's dtype and c - 1
-    formed from m as autograd nodes (float32 masters get float32 gradients). Autograd keeps z for grad_m,
-    as the Function's "save" mode does (``_composes``)."""
+    op's composable entry; ``cublas_autograd`` on CUDA): the adapters cast to x's dtype as autograd
+    nodes (float32 masters get float32 gradients). c goes into B (N x r, c s B in float32, then
+    x's dtype), so the rank-r GEMM gives c s (x A^T) B^T, and the delta c lora + (c - 1) x W^T
+    takes one addcmul: two passes over M x N besides the GEMMs, as z c took. Autograd keeps x W^T
+    (M x N) for grad_m, as the Function's "save" mode keeps z (``_composes``)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = magnitude.to(acc) / norm.to(acc)
     t = x @ weight.T
-    lora = (x @ lora_A.to(x.dtype).T) @ (lora_B.to(x.dtype).T * scaling)  # s (x A^T) B^T: the scaling on N x r values
-    _, delta = adapter_delta(t, lora, output_scale_minus_one(magnitude, norm, x.dtype))
+    lora_c = (x @ lora_A.to(x.dtype).T) @ (lora_B.to(acc) * (scaling * c)[:, None]).to(x.dtype).T
+    delta = torch.addcmul(lora_c, t, (c - 1.0).to(x.dtype))  # see adapter_delta: one rounding onto x W^T
     return t + delta if bias is None else torch.add(t, delta).add_(bias)
 
 
