@@ -219,6 +219,26 @@ def test_lowrank_product_scales_and_masks(dropout):
         assert (out.double() - ref).norm() / ref.norm() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,C", [(37, 40), (1, 13), (0, 8), (20, 131)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_dropped_is_x_times_the_kernels_mask(dtype, M, C, strided):
+    """dropped(x): x * mask / (1 - p) in one pass, with the mask every LoRA kernel draws for (seed, x's
+    shape, p), in x's dtype (ragged rows and columns, and a row-strided x)."""
+    lora = triton_kernels.lora
+    p, seed = 0.3, torch.tensor([91], dtype=torch.int64)
+    x = torch.randn(M, C + 5 if strided else C).to(dtype)[:, :C]
+    out = lora.dropped(x, seed, p)
+    mask = lora.dropout_mask(seed, (M, C), p, x.device)
+    assert out.dtype == dtype and out.shape == (M, C)
+    assert torch.equal(out != 0, (mask != 0) & (x != 0)), "not the kernels' mask"
+    # values: x / (1 - p) rounded once (Triton's interpreter truncates to bf16, a GPU rounds: one step apart)
+    torch.testing.assert_close(out.float(), x.float() * mask / (1.0 - p), atol=0,
+                               rtol=2**-7 if dtype == torch.bfloat16 else 1e-6)
+    if M * C > 100:
+        assert 0.5 < mask.mean() < 0.9  # the mask drops some and keeps most
+
+
 def test_forced_tile_config_must_exist(use_settings):
     """settings.tile_config names a candidate by index; one past the list is refused by name."""
     n = len(configs.candidates(300, 1024, 2))

@@ -28,7 +28,7 @@ from . import configs, fast_launch, lora
 from .core import gemm_setup, gemm_tile, load_tile, make_desc, oriented_desc, reduce_columns, split_halves, tile_start
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, column_sums, descriptor_ok, weight_operand, zero_column_sums
-from .lora import dropout_mask, lora_term_piece
+from .lora import dropout_mask, lora_term_piece  # noqa: F401 (dropout_mask: the backend's mask, as every backend gives it)
 from .lowrank import lowrank_product, weight_grad
 from .rescale import _column_dot
 
@@ -115,9 +115,8 @@ def magnitude_grad_sums(x, weight, lora_B, u_s, grad_y, want_sum: bool):
 
 
 def _dropped(x, dropout_p, seed):
-    """drop(x) = x * mask / (1 - p), with the LoRA kernels' mask."""
-    mask = dropout_mask(seed, tuple(x.shape), dropout_p, x.device)
-    return x * mask.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+    """drop(x) = x * mask / (1 - p), with the LoRA kernels' mask, in one pass."""
+    return lora.dropped(x, seed, dropout_p)
 
 
 def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):

@@ -36,7 +36,7 @@ from fusedpeft.settings import settings
 from . import configs, fast_launch
 from .core import (column_vector, gemm_setup, k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc,
                    oriented_desc, save_lr, split_halves, store_tile, tile_start)
-from .dropout import dropout_mask_kernel, load_seed
+from .dropout import dropout_mask_kernel, dropped_kernel, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, cdiv, descriptor_ok, weight_operand
 from .lowrank import lowrank_into, lowrank_product, weight_grad
@@ -341,6 +341,21 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
     if need_w:  # only when the user unfroze the base weight: one plain GEMM
         grad_w = grad_y.T @ x
     return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+def dropped(x, seed, p):
+    """drop(x) = x * mask / (1 - p) in x's dtype (2-D x), with the mask the kernels draw for (seed,
+    x's shape, p), in one pass over x."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, C = x.shape
+    out = torch.empty(M, C, dtype=x.dtype, device=x.device)
+    if M and C:
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device).reshape(1)
+        BLOCK_M, BLOCK_C = 16, 128  # 2048 elements a program; BLOCK_C a multiple of dropout_keep's 8
+        dropped_kernel[(cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))](x, out, M, C, x.stride(0), out.stride(0), seed, float(p),
+                                                           1.0 / (1.0 - p), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return out
 
 
 def dropout_mask(seed, shape, p, device):
