@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedpeft.ops.dora import adapter_delta, output_scale_minus_one
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch, lora
@@ -114,11 +115,6 @@ def magnitude_grad_sums(x, weight, lora_B, u_s, grad_y, want_sum: bool):
     return column_sums(partial, want_sum)
 
 
-def _dropped(x, dropout_p, seed):
-    """drop(x) = x * mask / (1 - p), with the LoRA kernels' mask, in one pass."""
-    return lora.dropped(x, seed, dropout_p)
-
-
 def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
@@ -134,11 +130,10 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p
                           in_loop=fused, dropout_arg=False, out_scale=c, z=z)
         return y, (z if save_z else u_s)
     lowrank_product(x, lora_A, u_s, scaling / (1.0 - dropout_p), seed, dropout_p)  # s drop(x) A^T
-    z = torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)  # t + s u B^T
-    # y = x W^T + delta, delta = (c - 1) t + c s u B^T = s u B^T + (c - 1) z formed on its own and
-    # added once: a trained delta is mostly under half a bf16 step of x W^T, and c - 1, not c, in
-    # x's dtype (see fusedpeft.ops.dora.output_scale_minus_one and adapter_delta)
-    delta = torch.addcmul(torch.mm(u_s, lora_B.T), z, (c - 1.0).to(x.dtype))
+    # y = x W^T + delta, delta = (c - 1) t + c s u B^T with t = drop(x) W^T: the composition's
+    # single-rounding delta (fusedpeft.ops.dora.adapter_delta)
+    t = torch.mm(lora.dropped(x, seed, dropout_p), weight.T)
+    z, delta = adapter_delta(t, torch.mm(u_s, lora_B.T), output_scale_minus_one(magnitude, norm, x.dtype))
     y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
     return y.add_(delta), (z if save_z else u_s)
 
@@ -146,7 +141,7 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p
 def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
     """z = drop(x) W^T + u_s B^T again: the "recompute" mode's grad of the magnitude with dropout
     (without it, magnitude_grad_sums never forms z)."""
-    return torch.addmm(torch.mm(_dropped(x, dropout_p, seed), weight.T), u_s, lora_B.T)
+    return torch.addmm(torch.mm(lora.dropped(x, seed, dropout_p), weight.T), u_s, lora_B.T)
 
 
 def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, needs, grad_dtypes):
@@ -164,8 +159,7 @@ def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, scaling, u_s, ne
                                                  scaling, 0.0, None, (need_x, False, False, need_A, need_B), (u_s,),
                                                  grad_dtypes)
     if grad_B is not None:
-        grad_B = grad_B.mul_(c[:, None].to(grad_B.dtype)) if grad_B.dtype == torch.float32 else \
-            grad_B.addcmul_(grad_B, c_minus_1.to(grad_B.dtype))
+        grad_B = grad_B.addcmul_(grad_B, (c - 1.0).to(grad_B.dtype)[:, None])
     return grad_x, None, None, grad_A, grad_B
 
 
@@ -177,7 +171,7 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     dtype_A, dtype_B, dtype_m = (d or t.dtype for d, t in zip(grad_dtypes, (lora_A, lora_B, magnitude)))
     c = magnitude.float() / norm.float()
     # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's)
-    c_minus_1 = (c - 1.0).to(grad_y.dtype)  # each t * c as t + t (c - 1) (see forward)
+    c_minus_1 = output_scale_minus_one(magnitude, norm, grad_y.dtype)  # each t * c as t + t (c - 1)
     g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
     M, r = x.shape[0], lora_A.shape[0]
     keep = 1.0 / (1.0 - dropout_p)
@@ -197,7 +191,7 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)
             inner = torch.addmm(torch.mm(g_B, lora_A), grad_y * c_minus_1, weight, alpha=1.0, beta=scaling)
-            grad_x = torch.addmm(_dropped(inner, dropout_p, seed), grad_y, weight)
+            grad_x = torch.addmm(lora.dropped(inner, seed, dropout_p), grad_y, weight)
         if need_A:  # s g_B^T drop(x): the masked reduction reads x once
             grad_A = torch.empty_like(lora_A, dtype=dtype_A)
             weight_grad(x, g_B, grad_A, scale=scaling * keep, transpose_out=True, seed=seed, dropout_p=dropout_p)
@@ -216,6 +210,6 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         if need_b:
             grad_b = col_g.to(grad_y.dtype)
     if need_w:  # only when the user unfroze the base weight
-        x_d = x if dropout_p == 0.0 else _dropped(x, dropout_p, seed)
+        x_d = x if dropout_p == 0.0 else lora.dropped(x, seed, dropout_p)
         grad_w = grad_y.T @ x + (grad_y * c_minus_1).T @ x_d
     return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m
