@@ -145,12 +145,12 @@ class _nothing:
         return False
 
 
-def model_level(args, device, dtype, log=print) -> list[dict]:
-    """[{variant, tokens_per_s, seconds}] of the mixed batch and of the merged single adapter."""
+def model_level_setup(args, device, dtype, root):
+    """The model-level case: a random Llama-3.2-1B-shaped model (tiny on CPU) served with
+    ``args.model_adapters`` random r = 16 adapters written under ``root``, the same base with the
+    first adapter merged, the prompt and one adapter name per sequence. Returns (served, merged,
+    input_ids, names, generate kwargs)."""
     import copy
-    import statistics
-    import tempfile
-    import time
 
     import fusedpeft
     from fusedpeft.serving import MultiAdapterModel
@@ -164,25 +164,35 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
     base = tiny_llama(0, device="cpu", dtype=torch.float32, **shape)
     prompt = torch.randint(1, shape["vocab_size"], (args.sequences, args.prompt_len))
     n = args.model_adapters
+    paths = []
+    for i in range(n):
+        path = f"{root}/a{i}"
+        write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules="all-linear")
+        paths.append(path)
+    served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules="all-linear",
+                               max_adapters=n, max_rank=16, max_batch_size=args.sequences)
+    for i, path in enumerate(paths):
+        served.load_adapter(f"a{i}", path)
+    merged = copy.deepcopy(base)
+    fusedpeft.load_adapter(merged, paths[0])
+    fusedpeft.merge(merged)
+    fusedpeft.eject(merged, merge=False)
+    merged = merged.to(device=device, dtype=dtype)
+    names = [f"a{i % n}" for i in range(args.sequences)]
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    return served, merged, prompt.to(device), names, gen
+
+
+def model_level(args, device, dtype, log=print) -> list[dict]:
+    """[{variant, tokens_per_s, seconds}] of the mixed batch and of the merged single adapter."""
+    import statistics
+    import tempfile
+    import time
+
+    n = args.model_adapters
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        paths = []
-        for i in range(n):
-            path = f"{root}/a{i}"
-            write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules="all-linear")
-            paths.append(path)
-        served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules="all-linear",
-                                   max_adapters=n, max_rank=16, max_batch_size=args.sequences)
-        for i, path in enumerate(paths):
-            served.load_adapter(f"a{i}", path)
-        merged = copy.deepcopy(base)
-        fusedpeft.load_adapter(merged, paths[0])
-        fusedpeft.merge(merged)
-        fusedpeft.eject(merged, merge=False)
-        merged = merged.to(device=device, dtype=dtype)
-        names = [f"a{i % n}" for i in range(args.sequences)]
-        ids = prompt.to(device)
-        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        served, merged, ids, names, gen = model_level_setup(args, device, dtype, root)
         calls = {"fusedpeft mixed batch": lambda: served.generate(input_ids=ids, adapter_names=names, **gen),
                  "one adapter merged": lambda: merged.generate(input_ids=ids, **gen)}
         for variant, call in calls.items():

@@ -14,6 +14,7 @@ import time
 import torch
 
 from benchmarks import harness, layers
+from fusedpeft import tuning
 from tools.profile_kernels import profile_step
 
 
@@ -51,6 +52,7 @@ def main(argv=None):
             group = layers.Group(layers.Shape("shape", "-", K, N), M, "lora", args.r, p)
             print(f"\n{group.label}")
             print(f"  {'variant':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches")
+            measured = len(tuning.LOG)
             for case in layers.lora_cases(group, torch.device("cuda"), torch.bfloat16, True, opts):
                 _, step = case.make()
                 event = harness.median_ms(step, 10, 50)
@@ -62,6 +64,9 @@ def main(argv=None):
                     print("\n".join("     " + row[:150] for row in harness.profile_rows(step, 20, args.top)))
                 del step
                 torch.cuda.empty_cache()
+            for entry in tuning.LOG[measured:]:  # what the tuner measured for the automatic variant
+                ms = ", ".join(f"{name} {t:.3f}" for name, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+                print(f"  tuner, {entry['op']}: {ms} -> {entry['winner']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""Where a mixed-adapter decode step goes (GPU), for the model of ``benchmarks.serving --model-level``:
+the tuner's measured candidates for each serving shape key, then, for a decode-shaped forward (one
+token per sequence) of the served model and of the same base with one adapter merged, the
+CUDA-event time, the GPU time of its kernels (torch.profiler), the host time of issuing it (the
+device kept busy, tools.layer_split.host_us) and the number of launches; the same for one serving
+layer under each backend beside its base layer, and the top of cProfile for the served step. A
+step whose event time follows its host time is host-bound: faster kernels do not help it.
+
+    python -m tools.serving_split [--sequences 32] [--model-adapters 32] [--prompt-len 128] [--top 15]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+import fusedpeft
+from benchmarks import harness
+from benchmarks.serving import model_level_setup
+from fusedpeft import tuning
+from tools.layer_split import host_us
+from tools.profile_kernels import profile_step
+
+
+def _row(label: str, step) -> str:
+    event = harness.median_ms(step, 10, 50)
+    kernels = profile_step(step)
+    gpu = sum(us for _, us in kernels.values()) / 1e3
+    return f"  {label:34s} {event:9.3f} {gpu:10.3f} {host_us(step) / 1e3:8.3f} {len(kernels):5d}"
+
+
+HEADER = f"  {'step':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--model-adapters", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=4, help="tokens of the warm-up generate calls")
+    parser.add_argument("--top", type=int, default=15, help="cProfile rows of the served step (0: none)")
+    args = parser.parse_args(argv)
+    device, dtype = "cuda", torch.bfloat16
+    with tempfile.TemporaryDirectory() as root, torch.no_grad():
+        served, merged, ids, names, gen = model_level_setup(args, device, dtype, root)
+        served.generate(input_ids=ids, adapter_names=names, **gen)  # tunes every shape key it meets
+        merged.generate(input_ids=ids, **gen)
+        print("tuner's measurements (ms per candidate) of the serving ops:")
+        for entry in tuning.LOG:
+            if entry["op"].startswith("multi_"):
+                ms = ", ".join(f"{name} {t:.4f}" for name, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+                print(f"  {entry['op']} {entry['key']}: {ms} -> {entry['winner']}"
+                      + (f"; errors {entry['errors']}" if entry["errors"] else ""))
+
+        token = ids[:, -1:]
+        served.activate(names)
+        print(f"\ndecode-shaped forward ({args.sequences} sequences x 1 token, no KV cache)\n{HEADER}")
+        print(_row("served, mixed batch", lambda: served.model(input_ids=token)))
+        print(_row("one adapter merged", lambda: merged(input_ids=token)))
+
+        block = served.model.model.layers[0]
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+            layer = block.get_submodule(name)
+            x = torch.randn(args.sequences, layer.in_features, device=device, dtype=dtype)
+            print(f"\none serving layer, {name} {layer.in_features} -> {layer.out_features}, {args.sequences} rows\n"
+                  f"{HEADER}")
+            print(_row("base layer", lambda: layer.base_layer(x)))
+            print(_row("serving layer (tuned)", lambda: layer(x)))
+            for backend in ("cuda", "triton", "torch"):
+                try:
+                    with fusedpeft.use_backend(backend):
+                        print(_row(f"serving layer [{backend}]", lambda: layer(x)))
+                except Exception as exc:  # a backend that cannot run here is reported, not fatal
+                    print(f"  serving layer [{backend}]: {type(exc).__name__}: {str(exc)[:200]}")
+        if args.top:
+            print("\ncProfile of the served step:")
+            print("\n".join("  " + row[:150] for row in harness.profile_rows(
+                lambda: served.model(input_ids=token), 20, args.top)))
+
+
+if __name__ == "__main__":
+    main()
