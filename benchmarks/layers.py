@@ -32,7 +32,10 @@ never zero):
 - "peft": peft.tuners.lora.Linear on the same nn.Linear, train mode, its default float32 adapters
   (cast as peft.get_peft_model casts them);
 - "torch composition": F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p), A), B) with A, B
-  trainable in the compute dtype (the dropout call left out at p = 0, as peft's nn.Identity does).
+  trainable in the compute dtype (the dropout call left out at p = 0, as peft's nn.Identity does);
+- "torch composition, float32 adapters" (LoRA): the same with A, B float32 leaves cast to the compute
+  dtype in the forward, the like-for-like composition for fusedpeft's and peft's float32 adapters
+  (at host-bound shapes the four casts are launches the bf16 composition does not make).
 
 IA3 / SSF (--methods ia3,ssf; ranks and dropouts do not apply: one group per shape and M, "ia3"
 gives two, ia3-out and ia3-ff): base; fusedpeft.IA3Linear(is_feedforward=False/True) /
@@ -85,7 +88,10 @@ BASE = "base (cuBLAS)"
 OURS = "fusedpeft"
 PEFT = "peft"
 COMPOSITION = "torch composition"
-COMPARE = [PEFT, COMPOSITION]
+# The same composition with float32 adapters cast in the forward, as a peft model (and fusedpeft's
+# module) holds them beside a bf16 base: two casts forward and two back, which the bf16 one lacks.
+COMPOSITION_FLOAT32 = "torch composition, float32 adapters"
+COMPARE = [PEFT, COMPOSITION, COMPOSITION_FLOAT32]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,11 +358,12 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
                 return out if b is None else out + b
 
             return fwd, harness.step_fn(fwd, g, [x, A, B, m])
-        if p > 0:
-            fwd = lambda: F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p, training=True), A), B)
-        else:
-            fwd = lambda: F.linear(x, W, b) + s * F.linear(F.linear(x, A), B)
-        return fwd, harness.step_fn(fwd, g, [x, A, B])
+        return _lora_composition_step(x, W, b, A, B, g, p, s)
+
+    def composition_float32_adapters():
+        x, W, b, A, B, g = _lora_inputs(group, device, dtype)
+        A, B = A.float().requires_grad_(), B.float().requires_grad_()
+        return _lora_composition_step(x, W, b, A, B, g, p, s)
 
     op = OPS[group.method]
     out = [harness.Case(label, BASE, base, flops=base_flops, path="cuBLAS"),
@@ -370,7 +377,22 @@ def lora_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harne
     if with_peft:
         out.append(harness.Case(label, PEFT, peft_layer, flops=flops, path="peft"))
     out.append(harness.Case(label, COMPOSITION, composition, flops=flops, path="torch"))
+    if not dora:
+        out.append(harness.Case(label, COMPOSITION_FLOAT32, composition_float32_adapters, flops=flops, path="torch"))
     return out
+
+
+def _lora_composition_step(x, W, b, A, B, g, p, s):
+    """(forward, training step) of the plain LoRA composition on these leaves; adapters of another
+    dtype than x are cast to it in the forward (autograd casts their gradients back)."""
+    def low_rank(t):
+        return F.linear(F.linear(t, A.to(x.dtype)), B.to(x.dtype))
+
+    if p > 0:
+        fwd = lambda: F.linear(x, W, b) + s * low_rank(F.dropout(x, p, training=True))
+    else:
+        fwd = lambda: F.linear(x, W, b) + s * low_rank(x)
+    return fwd, harness.step_fn(fwd, g, [x, A, B])
 
 
 def rescale_cases(group: Group, device, dtype, with_peft: bool, args) -> list[harness.Case]:
@@ -488,10 +510,10 @@ def summary(results: list[harness.Result], groups: list[Group]) -> str:
     for g in groups:
         by_key.setdefault((g.M, g.config), []).append(g)
     lines = ["## Summary", "",
-             f"Per (M, config): groups where {OURS}'s training step is slower than {PEFT}'s and than the "
-             f"{COMPOSITION}, and the worst train ratios (group in brackets).", "",
-             "| M | config | groups | slower than peft | worst train / peft | slower than torch composition | worst train / torch composition |",
-             "|---:|---|---:|---:|---|---:|---|"]
+             f"Per (M, config): groups where {OURS}'s training step is slower than each of {', '.join(COMPARE)}, "
+             "and the worst train ratios (group in brackets).", "",
+             "| M | config | groups | " + " | ".join(f"slower than {v} | worst train / {v}" for v in COMPARE) + " |",
+             "|---:|---|---:|" + "---:|---|" * len(COMPARE)]
     for (M, config), gs in by_key.items():
         cells = []
         for other in COMPARE:

@@ -31,7 +31,7 @@ def _expected():
         with_peft.add("peft")
     for shape in SHAPES.split(","):
         for p in ("0", "0.05"):
-            rows |= {(f"{labels[shape]} r=4 p={p}", v) for v in with_peft}
+            rows |= {(f"{labels[shape]} r=4 p={p}", v) for v in with_peft | {"torch composition, float32 adapters"}}
             rows |= {(f"{labels[shape]} dora r=4 p={p}", v) for v in with_peft}
         for method in ("ia3-out", "ia3-ff"):
             rows |= {(f"{labels[shape]} {method}", v) for v in with_peft | {"fusedpeft [torch]"}}
@@ -75,7 +75,8 @@ def test_block_weights_and_targets():
     def times(g):
         b, o = base_ms[g.shape.layers], ours[g.shape.layers]
         return {"base (cuBLAS)": (b, 2 * b, 100.0), "fusedpeft": (b, 2 * o, 104.0 if g.shape.layers != "down" else 110.0),
-                "peft": (b, 4 * b, 300.0), "torch composition": (b, 3 * b, 200.0)}
+                "peft": (b, 4 * b, 300.0), "torch composition": (b, 3 * b, 200.0),
+                "torch composition, float32 adapters": (b, 3.5 * b, 210.0)}
 
     text = layers.summary(_made_up(groups, times), groups)
     # time-weighted: q, k, v, o, gate, up, down once each
@@ -86,8 +87,9 @@ def test_block_weights_and_targets():
     block_row = lines[head + 2]
     assert block_row.startswith("| 8192 | r=16 p=0 |")
     cells = [c.strip() for c in block_row.strip("|").split("|")]
-    assert cells[2:5] == [f"{expect:.3f}", "2.000", "1.500"]  # train / base: fusedpeft, peft, composition
-    assert cells[5:8] == ["1.000"] * 3  # fwd / base
+    # train / base: fusedpeft, peft, the composition, the composition with float32 adapters
+    assert cells[2:6] == [f"{expect:.3f}", "2.000", "1.500", "1.750"]
+    assert cells[6:10] == ["1.000"] * 4  # fwd / base
     slower = [ln for ln in lines if ln.startswith("| 8192 | r=16 p=0 | 4 |")][0]
     assert "| 0 / 4 |" in slower  # never slower than peft or the composition here
     target = [ln for ln in lines if ln.startswith("| 0 | 4 |")][0]

@@ -42,10 +42,15 @@ def _lora(ext, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
         return y
     if x.stride(-1) != 1:
         x = x.contiguous()
-    # The bank's small vectors as the kernels read them (no-ops when the bank already keeps them so).
-    scalings = scalings.to(device=x.device, dtype=torch.float32).contiguous()
-    ranks = ranks.to(device=x.device, dtype=torch.int32).contiguous()
-    ext.lora_update_(y, x, lora_A.contiguous(), lora_B.contiguous(), scalings, ranks, adapter_index.contiguous())
+    # The bank's small vectors as the kernels read them. The serving bank keeps them so already, and
+    # at decode each conversion call costs host time beside kernels of a few microseconds: only
+    # what differs is converted (the op has put every tensor on x's device).
+    if scalings.dtype != torch.float32:
+        scalings = scalings.float()
+    if ranks.dtype != torch.int32:
+        ranks = ranks.int()
+    ext.lora_update_(y, x, *[t if t.is_contiguous() else t.contiguous()
+                             for t in (lora_A, lora_B, scalings, ranks, adapter_index)])
     return y
 
 
