@@ -3,7 +3,8 @@ the tuner's measured candidates for each serving shape key, then, for a decode-s
 token per sequence) of the served model and of the same base with one adapter merged, the
 CUDA-event time, the GPU time of its kernels (torch.profiler), the host time of issuing it (the
 device kept busy, tools.layer_split.host_us) and the number of launches; the same for one serving
-layer under each backend beside its base layer, and the top of cProfile for the served step. A
+layer under each backend beside its base layer, the top of cProfile for the served step, and the
+generate calls themselves (wall time and the top of cProfile, served and merged). A
 step whose event time follows its host time is host-bound: faster kernels do not help it.
 
     python -m tools.serving_split [--sequences 32] [--model-adapters 32] [--prompt-len 128] [--top 15]
@@ -11,7 +12,9 @@ step whose event time follows its host time is host-bound: faster kernels do not
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
 
 import torch
 
@@ -39,7 +42,8 @@ def main(argv=None):
     parser.add_argument("--model-adapters", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens of the warm-up generate calls")
-    parser.add_argument("--top", type=int, default=15, help="cProfile rows of the served step (0: none)")
+    parser.add_argument("--timed-tokens", type=int, default=32, help="new tokens of the timed generate calls")
+    parser.add_argument("--top", type=int, default=15, help="cProfile rows of the served step and generate calls (0: none)")
     args = parser.parse_args(argv)
     device, dtype = "cuda", torch.bfloat16
     with tempfile.TemporaryDirectory() as root, torch.no_grad():
@@ -77,6 +81,28 @@ def main(argv=None):
             print("\ncProfile of the served step:")
             print("\n".join("  " + row[:150] for row in harness.profile_rows(
                 lambda: served.model(input_ids=token), 20, args.top)))
+
+        # The generate calls themselves (prefill, then the KV-cache decode loop), as the model-level
+        # benchmark times them, and where the host spends a served one.
+        timed = dict(gen, max_new_tokens=args.timed_tokens, min_new_tokens=args.timed_tokens)
+        calls = {"served, mixed batch": lambda: served.generate(input_ids=ids, adapter_names=names, **timed),
+                 "one adapter merged": lambda: merged.generate(input_ids=ids, **timed)}
+        print(f"\ngenerate, {args.sequences} sequences, prompt {args.prompt_len}, {args.timed_tokens} new tokens "
+              "(wall ms, median of 3)")
+        for label, call in calls.items():
+            call()
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            print(f"  {label:34s} {statistics.median(times):9.1f}")
+        if args.top:
+            for label, call in calls.items():
+                print(f"\ncProfile of one generate call, {label}:")
+                print("\n".join("  " + row[:150] for row in harness.profile_rows(call, 1, args.top)))
 
 
 if __name__ == "__main__":
