@@ -26,11 +26,15 @@ from tools.layer_split import host_us
 from tools.profile_kernels import profile_step
 
 
-def _row(label: str, step) -> str:
+def _row(label: str, step, each: bool = False) -> str:
+    """One table row; with ``each``, every kernel of the step below it (us, in launch order)."""
     event = harness.median_ms(step, 10, 50)
     kernels = profile_step(step)
     gpu = sum(us for _, us in kernels.values()) / 1e3
-    return f"  {label:34s} {event:9.3f} {gpu:10.3f} {host_us(step) / 1e3:8.3f} {len(kernels):5d}"
+    row = f"  {label:34s} {event:9.3f} {gpu:10.3f} {host_us(step) / 1e3:8.3f} {len(kernels):5d}"
+    if each:
+        row += "".join(f"\n      {us:8.2f} us  {name[:100]}" for name, (_, us) in kernels.items())
+    return row
 
 
 HEADER = f"  {'step':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches"
@@ -70,7 +74,7 @@ def main(argv=None):
             print(f"\none serving layer, {name} {layer.in_features} -> {layer.out_features}, {args.sequences} rows\n"
                   f"{HEADER}")
             print(_row("base layer", lambda: layer.base_layer(x)))
-            print(_row("serving layer (tuned)", lambda: layer(x)))
+            print(_row("serving layer (tuned)", lambda: layer(x), each=True))
             for backend in ("cuda", "triton", "torch"):
                 try:
                     with fusedpeft.use_backend(backend):
