@@ -13,10 +13,11 @@ adapters the batch uses, rows assigned round-robin over sequences. Ranks: one ra
 
 Variants, on the same inputs in one run:
 - "base (cuBLAS)": F.linear(x, W), the floor;
-- "fusedpeft": multi_lora_linear as a server calls it (the backend chosen per shape by measurement),
-  and each backend forced: "[triton]" (the fused SGMV GEMM), "[bgmv]" (the base GEMM, then a separate
-  shrink and expand, vLLM's scheme: the baseline the fused kernel must beat) and "[cuda]" (the CUDA
-  C++ BGMV) where they can run;
+- "fusedpeft": multi_lora_linear as a served model's layer calls it, x (sequences, tokens, K) with one
+  slot per sequence (the backend chosen per shape by measurement), and each backend forced: "[triton]"
+  (the fused SGMV GEMM), "[bgmv]" (the base GEMM, then a separate shrink and expand, vLLM's scheme: the
+  baseline the fused kernel must beat), "[cuda]" (the CUDA C++ BGMV) and "[cublas_batched]" (the base
+  GEMM, then per-sequence batched cuBLAS GEMMs) where they can run;
 - "peft": peft's own mixed-batch forward (a LoRA layer holding every adapter, ``adapter_names=``).
 
 Only the forward is timed (serving): the table's "train" columns repeat the forward.
@@ -74,11 +75,11 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft):
     def inputs():
         gen = torch.Generator(device=device)
         gen.manual_seed(hash(group) % 2**31)
-        x = torch.randn(M, K, generator=gen, device=device).to(dtype)
+        # As a served model's layer gets them: x (sequences, tokens, K), one slot per sequence.
+        x = torch.randn(seqs, tokens, K, generator=gen, device=device).to(dtype)
         W = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
         seq_slot = torch.arange(seqs, device=device) % n_adapters
-        idx = seq_slot.repeat_interleave(tokens)
-        return x, W, idx, _bank(n_adapters, ranks_mode, K, N, dtype, device, gen)
+        return x, W, seq_slot, _bank(n_adapters, ranks_mode, K, N, dtype, device, gen)
 
     def base():
         x, W, _, _ = inputs()
@@ -116,11 +117,11 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft):
                 layer.lora_A[name].weight.copy_(A[i, :rank_list[i]])
                 layer.lora_B[name].weight.copy_(B[i, :, :rank_list[i]])
         layer.to(device=device, dtype=dtype).eval()
-        row_names = [names[int(i)] for i in idx.tolist()]
+        seq_names = [names[int(i)] for i in idx.tolist()]  # peft takes one name per sequence of x
 
         def fwd():
             with torch.no_grad():
-                return layer(x, adapter_names=row_names)
+                return layer(x, adapter_names=seq_names)
 
         return fwd, fwd
 
@@ -129,7 +130,7 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft):
                         path=lambda: fusedpeft.last_backend("multi_lora_linear"))]
     registered = fusedpeft.backends.registered("multi_lora_linear")
     if device != "cpu":
-        for name in ("triton", "bgmv", "cuda"):
+        for name in ("triton", "bgmv", "cuda", "cublas_batched"):
             if name in registered:
                 out.append(harness.Case(group, f"fusedpeft [{name}]", ours(name), flops=base_flops, path=name))
     if with_peft:

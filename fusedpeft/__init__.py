@@ -9,6 +9,7 @@ from . import ops, tuning
 # the registration indices that compiled graphs carry follow it (see fusedpeft/backends).
 from .backends import triton as _triton_backends  # noqa: F401,E402
 from .backends import cuda as _cuda_backends  # noqa: F401,E402
+from .backends import cublas as _cublas_backends  # noqa: F401,E402
 from .backends import backend_counts, last_backend, use_backend
 from .config import IA3Config, LoraConfig, SSFConfig
 from .inject import (

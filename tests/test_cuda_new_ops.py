@@ -67,7 +67,7 @@ def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     return A.to(dtype), B.to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", None])
+@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cublas_batched", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (7, 1000, 1496), (64, 4096, 4096), (256, 2048, 512),
                                    (4096, 4096, 4096)])
@@ -91,6 +91,28 @@ def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
                                       rank_t, idx)
     err = rel_err(y, ref)
     assert err <= GPU_TOL[dtype], f"{fusedpeft.last_backend('multi_lora_linear')}: {err}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cublas_batched", None])
+@pytest.mark.parametrize("G,L,K,N", [(32, 128, 4096, 4096), (5, 77, 1000, 1496), (3, 1, 2048, 512)])
+@pytest.mark.parametrize("n_slots", [8, 32])
+def test_multi_lora_per_sequence_matches_float64(backend, G, L, K, N, n_slots):
+    """A prefill as the serving layers pass it: x (sequences, tokens, K), one slot per sequence."""
+    if backend is not None and backend not in fusedpeft.backends.registered("multi_lora_linear"):
+        pytest.skip(f"backend {backend} is not registered")
+    ranks = [(8, 16, 32, 64)[s % 4] for s in range(n_slots)]
+    A, B = _bank(n_slots, max(ranks), K, N, torch.bfloat16, ranks)
+    scalings = torch.rand(n_slots, device="cuda") + 0.5
+    rank_t = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    x = torch.randn(G, L, K, device="cuda").to(torch.bfloat16)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    seq = torch.randint(-1, n_slots, (G,), device="cuda")
+    with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
+        y = multi_lora_linear(x, W, None, A, B, scalings, rank_t, seq)
+    ref = multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), None, A.double(), B.double(),
+                                      scalings.double(), rank_t, seq.repeat_interleave(L))
+    err = rel_err(y.reshape(G * L, N), ref)
+    assert err <= GPU_TOL[torch.bfloat16], f"{fusedpeft.last_backend('multi_lora_linear')}: {err}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", None])
@@ -118,7 +140,8 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():
-        for backend in [b for b in ("triton", "bgmv", "cuda") if b in fusedpeft.backends.registered("multi_lora_linear")]:
+        for backend in [b for b in ("triton", "bgmv", "cuda", "cublas_batched")
+                        if b in fusedpeft.backends.registered("multi_lora_linear")]:
             with fusedpeft.use_backend(backend):
                 multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)  # warm: compile, plan
                 torch.cuda.synchronize()

@@ -10,7 +10,7 @@ from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lo
 
 from helpers import TOL, rel_err
 
-LORA_BACKENDS = ["torch", "triton", "bgmv"]
+LORA_BACKENDS = ["torch", "triton", "bgmv", "cublas_batched"]
 # (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8)]
 RANKS = [16, 4, 0, 9, 1]  # slot ranks: full, partial, an empty slot, odd, 1
@@ -68,6 +68,39 @@ def test_multi_ia3_linear_matches_reference(backend, dtype, lead, K, N, feedforw
     assert rel_err(y.reshape(M, N), ref) <= TOL[dtype], backend
 
 
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("G,L", [(3, 7), (1, 1), (5, 1), (2, 0), (1, 13)])
+def test_multi_lora_takes_one_slot_per_sequence(backend, dtype, G, L):
+    """3-D x (sequences, tokens, K) with one slot per sequence: as the same slots given per row."""
+    S, R, K, N = len(RANKS), 16, 24, 40
+    x = torch.randn(G, L, K).to(dtype)
+    W, b = (torch.randn(N, K) / K**0.5).to(dtype), torch.randn(N).to(dtype)
+    A, clean_A, B = _bank(S, R, K, N, dtype, RANKS)
+    scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
+    seq = torch.tensor([1, -1, 3, 0, 4])[:G]  # a partial rank, none, odd rank, full, rank 1
+    with torch.no_grad(), fusedpeft.use_backend(backend):
+        y = multi_lora_linear(x, W, b, A, B, scalings, ranks, seq)
+    assert fusedpeft.last_backend("multi_lora_linear") == backend
+    ref = multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), b.double(), clean_A.double(), B.double(),
+                                      scalings.double(), ranks, seq.repeat_interleave(L))
+    assert y.shape == (G, L, N) and y.dtype == dtype
+    assert rel_err(y.reshape(G * L, N), ref) <= TOL[dtype], backend
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_multi_ia3_takes_one_slot_per_sequence(feedforward):
+    G, L, K, N, S = 3, 5, 12, 10, 4
+    x, W, b = torch.randn(G, L, K), torch.randn(N, K), torch.randn(N)
+    scales = 1 + 0.5 * torch.randn(S, K if feedforward else N)
+    seq = torch.tensor([2, -1, 0])
+    with torch.no_grad():
+        y = multi_ia3_linear(x, W, b, scales, seq, feedforward)
+    ref = multi_ia3_linear_reference(x.double().reshape(G * L, K), W.double(), b.double(), scales.double(),
+                                     seq.repeat_interleave(L), feedforward)
+    assert rel_err(y.reshape(G * L, N), ref) <= TOL[torch.float32]
+
+
 def test_multi_lora_groups_rows_by_slot_without_a_host_sync():
     """The SGMV row grouping: every row once, segments in slot order, the tile table covering
     each segment's rows with partial last tiles, and tiles past the end pointing nowhere."""
@@ -90,6 +123,8 @@ def test_multi_ops_refuse_bad_input_by_name():
         multi_lora_linear(x, W, None, A, B, s, r, torch.tensor([0, 1, 2, 3, -1]))
     with pytest.raises(ValueError, match="one entry per row of x \\(5\\)"):
         multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one entry per row of x \\(15\\) or per entry of its first dimension \\(3\\)"):
+        multi_lora_linear(torch.randn(3, 5, 8), W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(TypeError, match="int32 or int64"):
         multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(5))
     with pytest.raises(ValueError, match="lora_B must be \\(slots, out_features, max_rank\\)"):

@@ -38,7 +38,8 @@ The CUDA extension built from ``csrc/`` fits the same way: ``backends/cuda.py`` 
 ``load`` (fusedpeft/_cuda_ext.py builds it at first use where it was not built at install, so the
 package imports where it never was), reports in ``supports`` why it cannot run (no CUDA tensors, a
 dtype it lacks), and is imported by ``fusedpeft/__init__.py`` after ``triton``, so that the indices
-already given do not move.
+already given do not move; ``cublas.py`` (compositions of cuBLAS calls through torch ops that need
+neither Triton nor the extension) comes after it.
 """
 from __future__ import annotations
 

@@ -4,15 +4,19 @@
     IA3    y[m] = (x[m] W^T + b) * l[i]            (output scaling, l: N entries per slot)
            y[m] = (x[m] * l[i]) W^T + b            (input scaling, l: K entries per slot)
 
-with i = -1 meaning the base alone for that row. The adapters live in a bank of fixed slots
+with i = -1 meaning the base alone for that row. ``adapter_index`` has one entry per row of x
+flattened to (M, K), or, for x of three or more dimensions, one per entry of its first dimension (a
+sequence: every row of x[j] takes adapter_index[j]), as a server batches sequences. The adapters live in a bank of fixed slots
 (``fusedpeft.serving`` keeps it): for LoRA, ``lora_A`` (S, R, K), ``lora_B`` (S, N, R),
 ``scalings`` (S,) and ``ranks`` (S,): slot s holds an adapter of rank ranks[s] <= R, its A rows and
 B columns past that rank are zero and the kernels do not read them (a rank-8 adapter costs rank-8
 work beside rank-64 ones). For IA3, ``scales`` (S, N) or (S, K).
 
 The torch backend is the reference (any device, float64 included): a loop over the slots present
-in the batch. Faster backends (``fusedpeft/backends/``) implement ``forward(x, weight, bias, ...)``
-on 2-D x, chosen per shape key by measurement. The ops take no gradient: they are for serving
+in the batch. Faster backends (``fusedpeft/backends/``) implement ``lora(x, weight, bias, ...,
+adapter_index)`` on 2-D x with one index per row, or ``lora_grouped(..., group_index,
+rows_per_group)`` on groups of consecutive rows (a sequence's), chosen per shape key by measurement;
+the op expands a per-sequence index for those that take one per row. The ops take no gradient: they are for serving
 (training several adapters at once runs through the adapter layers, ``adapter_names=``).
 """
 from __future__ import annotations
@@ -98,10 +102,13 @@ for _op in (OP, IA3_OP):
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_index(op, adapter_index, M, slots, device):
-    if adapter_index.dim() != 1 or adapter_index.shape[0] != M:
-        raise ValueError(f"{op}: adapter_index must have one entry per row of x ({M}), got shape "
-                         f"{tuple(adapter_index.shape)}")
+def _check_index(op, adapter_index, x, slots, device):
+    M = x.shape[:-1].numel()
+    sizes = (M,) if x.dim() < 3 or x.shape[0] == M else (M, x.shape[0])
+    if adapter_index.dim() != 1 or adapter_index.shape[0] not in sizes:
+        each = (f"one entry per row of x ({M})" if len(sizes) == 1 else
+                f"one entry per row of x ({M}) or per entry of its first dimension ({x.shape[0]})")
+        raise ValueError(f"{op}: adapter_index must have {each}, got shape {tuple(adapter_index.shape)}")
     if adapter_index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: adapter_index must be int32 or int64, got {adapter_index.dtype}")
     if adapter_index.device != device:
@@ -126,12 +133,12 @@ _MEMO: dict = {}
 _MEMO_STATE: list = [None]
 
 
-def _select(op, x, weight, key_extra, call):
+def _select(op, x, weight, key_extra, call, groups):
     state = (backends.generation, tuning.generation)
     if _MEMO_STATE[0] != state or len(_MEMO) > 4096:
         _MEMO.clear()
         _MEMO_STATE[0] = state
-    memo_key = (op, id(settings.values()), x.device, x.dtype, x.shape, weight.dtype, weight.shape, *key_extra)
+    memo_key = (op, id(settings.values()), x.device, x.dtype, x.shape, groups, weight.dtype, weight.shape, *key_extra)
     hit = _MEMO.get(memo_key)
     if hit is not None:
         backends.record_index(op, hit[0])
@@ -157,7 +164,7 @@ def multi_lora_linear(
     adapter_index: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row LoRA over any leading shape of x (see the module docstring). adapter_index: one
-    slot per row of x flattened to (M, K), -1 for none. lora_A (S, R, K) and lora_B (S, N, R) in
+    slot per row of x flattened to (M, K), or per entry of x's first dimension, -1 for none. lora_A (S, R, K) and lora_B (S, N, R) in
     the compute dtype; scalings (S,) float; ranks (S,) int, 0 <= ranks[s] <= R."""
     _common.check_linear_inputs(OP, x, weight, bias)
     N, K = weight.shape
@@ -180,8 +187,29 @@ def multi_lora_linear(
             raise TypeError(f"{OP}: {name} must be {kind} tensor on {x.device} (every kernel reads it there), "
                             f"got {t.dtype} on {t.device}")
     _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
-    _check_index(OP, adapter_index, x.shape[:-1].numel(), S, x.device)
+    _check_index(OP, adapter_index, x, S, x.device)
     return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+
+
+def _groups(x2, adapter_index):
+    """(index, rows per entry): the index as given, each entry covering that many consecutive rows
+    (1: one per row)."""
+    M, G = x2.shape[0], adapter_index.shape[0]
+    if M == 0:
+        return adapter_index[:0], 1
+    return adapter_index, M // G
+
+
+def per_row(index, rows_per_entry: int):
+    """One entry per row: each entry repeated for its rows (a copy; no host sync)."""
+    return index if rows_per_entry == 1 else index.repeat_interleave(rows_per_entry)
+
+
+def _run_lora(impl, x, weight, bias, lora_A, lora_B, scalings, ranks, index, rows_per_entry):
+    grouped = getattr(impl, "lora_grouped", None)
+    if grouped is not None:
+        return grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, index, rows_per_entry)
+    return impl.lora(x, weight, bias, lora_A, lora_B, scalings, ranks, per_row(index, rows_per_entry))
 
 
 def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index) -> torch.Tensor:
@@ -189,9 +217,13 @@ def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_ind
     it and the index it builds (fusedpeft.serving's layers, checking x itself): a decode step runs
     one such call per adapted layer, and its host time is the step's."""
     x2 = _common.flatten_rows(x)
-    args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
-    impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None), lambda impl: impl.lora(*args))
-    y = impl.lora(*args)
+    index, L = _groups(x2, adapter_index)
+    args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, index, L)
+    # The rows per index entry are part of the shape key by size class (a prefill's prompt length
+    # varies from call to call; what wins depends on its order of magnitude).
+    impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None, tuning.rows_class(L)),
+                   lambda impl: _run_lora(impl, *args), index.shape[0])
+    y = _run_lora(impl, *args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -211,14 +243,15 @@ def multi_ia3_linear(
         raise ValueError(f"{IA3_OP}: scales must be (slots, {'in' if feedforward else 'out'}_features="
                          f"{K if feedforward else N}), got {tuple(scales.shape)}")
     _refuse_grad(IA3_OP, x, weight, bias, scales)
-    _check_index(IA3_OP, adapter_index, x.shape[:-1].numel(), scales.shape[0], x.device)
+    _check_index(IA3_OP, adapter_index, x, scales.shape[0], x.device)
     return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
 
 
 def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> torch.Tensor:
     """multi_ia3_linear past its checks (see run_multi_lora)."""
     x2 = _common.flatten_rows(x)
-    args = (x2, weight, bias, scales, adapter_index, bool(feedforward))
-    impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args))
+    args = (x2, weight, bias, scales, per_row(*_groups(x2, adapter_index)), bool(feedforward))
+    impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args),
+                   adapter_index.shape[0])
     y = impl.ia3(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

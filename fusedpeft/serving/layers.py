@@ -19,7 +19,9 @@ sequences n (a host int). A layer sees x of shape (..., K) with M = x.numel() / 
 a batch-first model are sequence-major, so row m belongs to sequence m // (M / n). The layer passes
 ``index[:n]`` (decode: one row per sequence; a view, no kernel) or ``index[:n]`` repeated M / n
 times each (prefill, beam or num_return_sequences copies: transformers lays those out as
-contiguous repeats of their sequence) to :func:`fusedpeft.ops.multi_lora_linear`. Nothing in that
+contiguous repeats of their sequence) to :func:`fusedpeft.ops.multi_lora_linear`; the LoRA layer
+passes a prefill's x (sequences, tokens, K) with one entry per sequence (repeated only for beam or
+return copies), which the op's grouped backends take as it is. Nothing in that
 path reads a device value on the host, so a step can be captured in a CUDA graph: replaying it
 reads whatever slots the buffer holds at replay time.
 
@@ -84,10 +86,13 @@ class BatchIndex:
         self.stale = None
         self._expanded.clear()
 
-    def rows(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """One slot per row of x flattened to (M, K), from the per-sequence buffer."""
+    def rows(self, x: torch.Tensor, device: torch.device, per_leading: bool = False) -> torch.Tensor:
+        """One slot per row of x flattened to (M, K), from the per-sequence buffer; with
+        ``per_leading``, one per entry of x's first dimension where x has three or more dimensions
+        and that dimension holds whole sequences (the op's per-sequence index: each entry covers
+        x.shape[1:-1] rows)."""
         n = self.n
-        M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        M = x.shape[:-1].numel()
         if M % n:
             raise ValueError(
                 f"a serving layer got {M} rows (input of shape {tuple(x.shape)}) for a batch of {n} sequences: the "
@@ -98,6 +103,8 @@ class BatchIndex:
                                f"{device}: wrap the model on the device(s) it runs on (moving it afterwards does not "
                                "move the serving bank's index)")
         index = buffer[:n]
+        if per_leading and x.dim() >= 3 and x.shape[0] % n == 0:
+            M = x.shape[0]  # entries of the first dimension: a sequence, or its beam / return copies
         if M == n:
             return index
         if index.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -125,8 +132,9 @@ class _ServingLayer(nn.Module):
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
-    def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The row index, or None where the base layer alone gives the answer (eager shortcuts)."""
+    def _index(self, x: torch.Tensor, per_leading: bool = False) -> Optional[torch.Tensor]:
+        """The row index (see BatchIndex.rows), or None where the base layer alone gives the answer
+        (eager shortcuts)."""
         batch = self._batch
         if batch.stale is not None:
             raise RuntimeError(batch.stale)
@@ -134,7 +142,7 @@ class _ServingLayer(nn.Module):
             return None
         if not batch.graph_safe and not (batch.slots & self.filled):
             return None
-        return batch.rows(x, self.base_layer.weight.device)
+        return batch.rows(x, self.base_layer.weight.device, per_leading)
 
     def _takes_unchecked(self, x: torch.Tensor) -> bool:
         """Whether x may skip the op's checks: the bank was checked when it was made, the index is
@@ -183,7 +191,9 @@ class MultiLoraLinear(_ServingLayer):
         self.filled.add(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self._index(x)
+        # One slot per sequence where x holds whole sequences (a prefill): the op's grouped
+        # backends take the sequences' rows as groups, the others get the index expanded per row.
+        index = self._index(x, per_leading=True)
         if index is None:
             return self.base_layer(x)
         run = run_multi_lora if self._takes_unchecked(x) else multi_lora_linear
