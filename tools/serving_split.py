@@ -47,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens of the warm-up generate calls")
     parser.add_argument("--timed-tokens", type=int, default=32, help="new tokens of the timed generate calls")
-    parser.add_argument("--top", type=int, default=15, help="cProfile rows of the served step and generate calls (0: none)")
+    parser.add_argument("--top", type=int, default=15,
+                        help="cProfile rows of the served step and generate calls (0: none)")
     args = parser.parse_args(argv)
     device, dtype = "cuda", torch.bfloat16
     with tempfile.TemporaryDirectory() as root, torch.no_grad():

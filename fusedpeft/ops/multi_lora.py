@@ -6,8 +6,8 @@
 
 with i = -1 meaning the base alone for that row. ``adapter_index`` has one entry per row of x
 flattened to (M, K), or, for x of three or more dimensions, one per entry of its first dimension (a
-sequence: every row of x[j] takes adapter_index[j]), as a server batches sequences. The adapters live in a bank of fixed slots
-(``fusedpeft.serving`` keeps it): for LoRA, ``lora_A`` (S, R, K), ``lora_B`` (S, N, R),
+sequence: every row of x[j] takes adapter_index[j]), as a server batches sequences. The adapters
+live in a bank of fixed slots (``fusedpeft.serving`` keeps it): for LoRA, ``lora_A`` (S, R, K), ``lora_B`` (S, N, R),
 ``scalings`` (S,) and ``ranks`` (S,): slot s holds an adapter of rank ranks[s] <= R, its A rows and
 B columns past that rank are zero and the kernels do not read them (a rank-8 adapter costs rank-8
 work beside rank-64 ones). For IA3, ``scales`` (S, N) or (S, K).
@@ -16,8 +16,9 @@ The torch backend is the reference (any device, float64 included): a loop over t
 in the batch. Faster backends (``fusedpeft/backends/``) implement ``lora(x, weight, bias, ...,
 adapter_index)`` on 2-D x with one index per row, or ``lora_grouped(..., group_index,
 rows_per_group)`` on groups of consecutive rows (a sequence's), chosen per shape key by measurement;
-the op expands a per-sequence index for those that take one per row. The ops take no gradient: they are for serving
-(training several adapters at once runs through the adapter layers, ``adapter_names=``).
+the op expands a per-sequence index for those that take one per row. The ops take no gradient: they
+are for serving (training several adapters at once runs through the adapter layers,
+``adapter_names=``).
 """
 from __future__ import annotations
 
@@ -164,8 +165,9 @@ def multi_lora_linear(
     adapter_index: torch.Tensor,
 ) -> torch.Tensor:
     """Per-row LoRA over any leading shape of x (see the module docstring). adapter_index: one
-    slot per row of x flattened to (M, K), or per entry of x's first dimension, -1 for none. lora_A (S, R, K) and lora_B (S, N, R) in
-    the compute dtype; scalings (S,) float; ranks (S,) int, 0 <= ranks[s] <= R."""
+    slot per row of x flattened to (M, K), or per entry of x's first dimension, -1 for none.
+    lora_A (S, R, K) and lora_B (S, N, R) in the compute dtype; scalings (S,) float; ranks (S,)
+    int, 0 <= ranks[s] <= R."""
     _common.check_linear_inputs(OP, x, weight, bias)
     N, K = weight.shape
     if lora_A.dim() != 3 or lora_A.shape[2] != K:
