@@ -26,8 +26,9 @@ Only the forward is timed (serving): the table's "train" columns repeat the forw
 32000) for a batch of --sequences sequences, each with its own LoRA adapter (r 16 on every linear layer;
 --model-adapters of them, in as many slots) through ``fusedpeft.serving.MultiAdapterModel``, against
 the same batch on the same base with one adapter merged into its weights (the cost of one fine-tune
-served alone): tokens/s of each, greedy decoding of --new-tokens after a --prompt-len prompt, the
-median of --repeats timed calls after one warm-up call.
+served alone), and against the served model with the first adapter on every sequence (what the
+serving layers cost without a mixed batch): tokens/s of each, greedy decoding of --new-tokens after a
+--prompt-len prompt, the median of --repeats timed calls after one warm-up call.
 """
 from __future__ import annotations
 
@@ -185,7 +186,8 @@ def model_level_setup(args, device, dtype, root):
 
 
 def model_level(args, device, dtype, log=print) -> list[dict]:
-    """[{variant, tokens_per_s, seconds}] of the mixed batch and of the merged single adapter."""
+    """[{variant, tokens_per_s, seconds}] of the mixed batch, the merged single adapter and the served
+    model with one adapter on every sequence."""
     import statistics
     import tempfile
     import time
@@ -194,8 +196,13 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         served, merged, ids, names, gen = model_level_setup(args, device, dtype, root)
+        # The same served model with every sequence on one adapter separates the mixed batch's cost
+        # from the serving layers' own (their host time and launches at decode).
+        same = [names[0]] * len(names)
         calls = {"fusedpeft mixed batch": lambda: served.generate(input_ids=ids, adapter_names=names, **gen),
-                 "one adapter merged": lambda: merged.generate(input_ids=ids, **gen)}
+                 "one adapter merged": lambda: merged.generate(input_ids=ids, **gen),
+                 "fusedpeft, one adapter for every sequence": lambda: served.generate(input_ids=ids,
+                                                                                      adapter_names=same, **gen)}
         for variant, call in calls.items():
             with torch.no_grad():
                 call()

@@ -27,7 +27,8 @@ def test_serving_model_level_smoke_run_on_cpu(one_thread):
     rows = serving.main(["--model-level", "--device", "cpu", "--dtype", "float32", "--sequences", "3",
                          "--model-adapters", "2", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"],
                         log=lines.append)
-    assert [r["variant"] for r in rows] == ["fusedpeft mixed batch", "one adapter merged"]
+    assert [r["variant"] for r in rows] == ["fusedpeft mixed batch", "one adapter merged",
+                                            "fusedpeft, one adapter for every sequence"]
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
     assert "| fusedpeft mixed batch |" in lines[-1]
 

@@ -10,7 +10,7 @@ TEST_K="multi_ia3_matches_float64 or multi_lora_matches_float64 or per_sequence_
 bash benchmarks/gpu_run.sh > /dev/null 2>&1
 pack
 timeout 170 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
-timeout 70 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1
+timeout 100 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1
 pack
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log | tail -20; grep -c PASSED $OUT/run.log
 tail -n 8 $OUT/serving.log; grep -v "^ *$" $OUT/serving_split.log | grep -v -i warn | tail -n 75
