@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import backends
 from .settings import settings
 
 _FILE_NAME = "tuning.json"
@@ -196,6 +197,32 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
                 "tuning_s": time.perf_counter() - t0})
     record("path", f"{op}|{shape_key!r}", {"winner": winner, "ms": timings})
     return winner
+
+
+class ChoiceMemo:
+    """A caller's choices per call signature (the ops' entries: backend index and implementation),
+    so that a repeated call skips select, its shape key and the tuner's look-up. Started afresh
+    when a backend registers or the tuner forgets its choices (their generations), and past
+    ``limit`` entries; ``put`` writes nothing during a CUDA-graph capture, where the tuner answers
+    without remembering."""
+
+    __slots__ = ("entries", "state", "limit")
+
+    def __init__(self, limit: int = 4096):
+        self.entries: dict = {}
+        self.state = None
+        self.limit = limit
+
+    def get(self, key):
+        state = (backends.generation, generation)
+        if self.state != state or len(self.entries) > self.limit:
+            self.entries.clear()
+            self.state = state
+        return self.entries.get(key)
+
+    def put(self, key, value) -> None:
+        if not capturing():
+            self.entries[key] = value
 
 
 ROWS_CLASS_MAX = 16384

@@ -261,12 +261,8 @@ def autograd_op(
         return through
 
     # The entry's choice per call signature (entry_key): the backend's index and implementation and
-    # whether it composes the call, so that a repeated call skips select, its shape key and the
-    # tuner's look-up (~5 us a call on the CPU machine). Started afresh when a backend registers or
-    # the tuner forgets its choices; never written inside a CUDA-graph capture, where the tuner
-    # answers without remembering.
-    memo: dict = {}
-    memo_state = [None]
+    # whether it composes the call (~5 us a call saved on the CPU machine).
+    memo = tuning.ChoiceMemo()
 
     def entry_key(backend_op, args, needs):
         """Everything select and composes read of a call: the settings in force (interned, so their
@@ -277,17 +273,12 @@ def autograd_op(
                 *[args[n + i] is None if i in tensor_params else args[n + i] for i in range(len(param_types))])
 
     def composed_or_function(backend_op, args, needs):
-        state = (backends.generation, tuning.generation)
-        if memo_state[0] != state or len(memo) > 4096:
-            memo.clear()
-            memo_state[0] = state
         key = entry_key(backend_op, args, needs)
         hit = memo.get(key)
         if hit is None:
             index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
             hit = (index, impl, composes(impl, args))
-            if not tuning.capturing():
-                memo[key] = hit
+            memo.put(key, hit)
         index, impl, composed = hit
         if composed:
             backends.record_index(backend_op, index)  # (the Function's forward counts its own calls)

@@ -128,17 +128,10 @@ def _refuse_grad(op, *tensors):
 # The choice per call signature, as the autograd entries keep theirs (ops/_autograd.py): a decode
 # step calls every serving layer with the same shapes step after step, and select's key, the
 # tuner's look-up and the registry's checks cost host time of the order of the layer's kernels.
-# Started afresh when a backend registers or the tuner forgets; never written during a CUDA-graph
-# capture, where the tuner answers without remembering.
-_MEMO: dict = {}
-_MEMO_STATE: list = [None]
+_MEMO = tuning.ChoiceMemo()
 
 
 def _select(op, x, weight, key_extra, call, groups):
-    state = (backends.generation, tuning.generation)
-    if _MEMO_STATE[0] != state or len(_MEMO) > 4096:
-        _MEMO.clear()
-        _MEMO_STATE[0] = state
     memo_key = (op, id(settings.values()), x.device, x.dtype, x.shape, groups, weight.dtype, weight.shape, *key_extra)
     hit = _MEMO.get(memo_key)
     if hit is not None:
@@ -148,8 +141,7 @@ def _select(op, x, weight, key_extra, call, groups):
     key = (tuning.rows_class(M), K, weight.shape[0], x.dtype, *key_extra)
     tune = (key, lambda impl: tuning.time_ms(lambda: call(impl))) if x.is_cuda else None
     index, impl = backends.select_index(op, x, weight, tune=tune)
-    if not tuning.capturing():
-        _MEMO[memo_key] = (index, impl)
+    _MEMO.put(memo_key, (index, impl))
     return impl
 
 
