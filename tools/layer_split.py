@@ -32,6 +32,21 @@ def host_us(step, calls: int = 30) -> float:
     return t
 
 
+HEADER = f"  {'variant':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches"
+
+
+def split_row(label: str, step, each: bool = False) -> str:
+    """One row of the split: the step's CUDA-event time, its kernels' GPU time, its host time and
+    its launch count; with ``each``, every kernel below it (us, in launch order)."""
+    event = harness.median_ms(step, 10, 50)
+    kernels = profile_step(step)
+    gpu = sum(us for _, us in kernels.values()) / 1e3
+    row = f"  {label:34s} {event:9.3f} {gpu:10.3f} {host_us(step) / 1e3:8.3f} {len(kernels):4d}"
+    if each:
+        row += "".join(f"\n      {us:8.2f} us  {name[:100]}" for name, (_, us) in kernels.items())
+    return row
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shapes", nargs="*", default=["8192x4096x1024", "8192x3072x3072", "2048x2048x512"])
@@ -51,15 +66,11 @@ def main(argv=None):
         for p in (float(v) for v in args.p.split(",")):
             group = layers.Group(layers.Shape("shape", "-", K, N), M, "lora", args.r, p)
             print(f"\n{group.label}")
-            print(f"  {'variant':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches")
+            print(HEADER)
             measured = len(tuning.LOG)
             for case in layers.lora_cases(group, torch.device("cuda"), torch.bfloat16, True, opts):
                 _, step = case.make()
-                event = harness.median_ms(step, 10, 50)
-                kernels = profile_step(step)
-                gpu = sum(us for _, us in kernels.values()) / 1e3
-                host = host_us(step) / 1e3
-                print(f"  {case.variant:34s} {event:9.3f} {gpu:10.3f} {host:8.3f} {len(kernels):4d}")
+                print(split_row(case.variant, step))
                 if args.top and case.variant == layers.OURS:
                     print("\n".join("     " + row[:150] for row in harness.profile_rows(step, 20, args.top)))
                 del step

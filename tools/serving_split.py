@@ -22,22 +22,7 @@ import fusedpeft
 from benchmarks import harness
 from benchmarks.serving import model_level_setup
 from fusedpeft import tuning
-from tools.layer_split import host_us
-from tools.profile_kernels import profile_step
-
-
-def _row(label: str, step, each: bool = False) -> str:
-    """One table row; with ``each``, every kernel of the step below it (us, in launch order)."""
-    event = harness.median_ms(step, 10, 50)
-    kernels = profile_step(step)
-    gpu = sum(us for _, us in kernels.values()) / 1e3
-    row = f"  {label:34s} {event:9.3f} {gpu:10.3f} {host_us(step) / 1e3:8.3f} {len(kernels):5d}"
-    if each:
-        row += "".join(f"\n      {us:8.2f} us  {name[:100]}" for name, (_, us) in kernels.items())
-    return row
-
-
-HEADER = f"  {'step':34s} {'event ms':>9s} {'kernels ms':>10s} {'host ms':>8s} launches"
+from tools.layer_split import HEADER, split_row
 
 
 def main(argv=None):
@@ -65,8 +50,8 @@ def main(argv=None):
         token = ids[:, -1:]
         served.activate(names)
         print(f"\ndecode-shaped forward ({args.sequences} sequences x 1 token, no KV cache)\n{HEADER}")
-        print(_row("served, mixed batch", lambda: served.model(input_ids=token)))
-        print(_row("one adapter merged", lambda: merged(input_ids=token)))
+        print(split_row("served, mixed batch", lambda: served.model(input_ids=token)))
+        print(split_row("one adapter merged", lambda: merged(input_ids=token)))
 
         block = served.model.model.layers[0]
         for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
@@ -74,12 +59,12 @@ def main(argv=None):
             x = torch.randn(args.sequences, layer.in_features, device=device, dtype=dtype)
             print(f"\none serving layer, {name} {layer.in_features} -> {layer.out_features}, {args.sequences} rows\n"
                   f"{HEADER}")
-            print(_row("base layer", lambda: layer.base_layer(x)))
-            print(_row("serving layer (tuned)", lambda: layer(x), each=True))
+            print(split_row("base layer", lambda: layer.base_layer(x)))
+            print(split_row("serving layer (tuned)", lambda: layer(x), each=True))
             for backend in ("cuda", "triton", "torch"):
                 try:
                     with fusedpeft.use_backend(backend):
-                        print(_row(f"serving layer [{backend}]", lambda: layer(x)))
+                        print(split_row(f"serving layer [{backend}]", lambda: layer(x)))
                 except Exception as exc:  # a backend that cannot run here is reported, not fatal
                     print(f"  serving layer [{backend}]: {type(exc).__name__}: {str(exc)[:200]}")
         if args.top:
