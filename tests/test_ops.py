@@ -11,7 +11,7 @@ from fusedpeft.ops import (
     ia3_linear, ia3_linear_reference, lora_linear, lora_linear_reference, ssf_linear, ssf_linear_reference,
 )
 
-from helpers import BACKENDS, assert_close, backend_mask, leaf, lora_upstream_grad, pin_dropout_seed
+from helpers import BACKENDS, TOL, assert_close, backend_mask, leaf, lora_upstream_grad, pin_dropout_seed
 
 # (leading shape of x, K, N): sizes off any block multiple, 3-D input, M=1 and M=0.
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((2, 5), 24, 40), ((19,), 72, 8)]
@@ -76,10 +76,31 @@ def test_lora_reductions_write_adapter_grads_in_the_dtype_asked(backend):
     plain = impl.backward(g, x, W, A, B, 1.5, 0.3, seed, needs, saved)
     wide = impl.backward(g, x, W, A, B, 1.5, 0.3, seed, needs, saved, (torch.float32, torch.float32))
     assert wide[3].dtype == torch.float32  # grad_A: a Triton reduction in every backend with dropout
+    assert wide[4].dtype == torch.float32  # grad_B: Triton's reduction, or cuBLAS's product_in
     assert_close(wide[3], plain[3].double(), torch.bfloat16, f"{backend} grad_A")
-    assert_close(wide[4].float(), plain[4].double(), torch.bfloat16, f"{backend} grad_B")
-    if backend == "triton":
-        assert wide[4].dtype == torch.float32
+    assert_close(wide[4], plain[4].double(), torch.bfloat16, f"{backend} grad_B")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.bfloat16, None), (torch.float32, torch.float32),
+                                             (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("alpha", [1.0, -0.75])
+def test_product_in_writes_the_dtype_asked(device, dtype, out_dtype, alpha):
+    """alpha * (a @ b) in the dtype asked: from cuBLAS directly for 16-bit operands into float32 on
+    CUDA, a product and a cast elsewhere; against float64, with an empty inner dimension too."""
+    from fusedpeft.ops._common import product_in
+
+    for inner in (37, 0):
+        a = torch.randn(9, inner, device=device).to(dtype)
+        b = torch.randn(inner, 13, device=device).to(dtype)
+        like = torch.full((9, 13), float("nan"), device=device, dtype=dtype)  # beta = 0: never read
+        got = product_in(out_dtype, a, b, alpha, shape_like=like)
+        assert got.dtype == (out_dtype or dtype) and got.shape == (9, 13)
+        coarse = dtype if TOL[dtype] >= TOL[out_dtype or dtype] else out_dtype
+        assert_close(got, alpha * (a.double() @ b.double()), coarse, f"product_in {dtype}->{out_dtype}")
+    with pytest.raises(ValueError, match="shape_like"):
+        product_in(out_dtype, a, b, 2.0)
 
 
 def _check_lora(backend, dtype, lead, K, N, r, bias, dropout, monkeypatch, x_grad=True, adapter_dtype=None):

@@ -14,6 +14,8 @@ saved s * (x * mask) A^T (M x r, the layer's dtype) and g = grad_y B:
   grad_A = s g^T (x * mask)    cuBLAS without dropout; the Triton weight-gradient reduction that
                                masks x as it reads it with dropout
   grad_B = grad_y^T u_s,  grad_b = column sums of grad_y
+  (grad_A and grad_B come out of the GEMM in the adapters' own dtype, float32 beside a 16-bit
+  layer: no cast launched after them)
 
 Two orders for the rank-r terms of y and grad_x, each a backend:
 - ``cublas`` (low rank first): the rank-r product is written first (addmm with the bias; the
@@ -39,6 +41,7 @@ import types
 
 import torch
 
+from fusedpeft.ops._common import product_in
 from fusedpeft.ops.lora import lora_composition
 
 from .lora import dropout_mask
@@ -90,10 +93,10 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
         if dropout_p > 0:
             grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)  # the reduction stores in it
             weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p)
-        else:  # beta = 0: lora_A only gives the shape, its values are never read
-            grad_A = torch.addmm(lora_A, g.T, x, beta=0, alpha=s)
+        else:  # in its master's dtype from the GEMM itself (product_in)
+            grad_A = product_in(grad_dtypes[0], g.T, x, s, shape_like=lora_A)
     if need_B:
-        grad_B = grad_y.T @ u_s
+        grad_B = product_in(grad_dtypes[1], grad_y.T, u_s)
     if need_b:
         grad_b = grad_y.sum(0)
     if need_w:

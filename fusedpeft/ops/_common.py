@@ -91,6 +91,29 @@ def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+# cuBLAS writes the float32 product of 16-bit operands itself (mm / addmm with out_dtype, a CUDA
+# kernel since torch 2.8): the gradient of a float32 adapter master beside a 16-bit layer then
+# takes one launch, not a product and a cast of it; a small layer's step is bound by its launches.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def product_in(dtype: Optional[torch.dtype], a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
+               shape_like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha * (a @ b) in ``dtype`` (None: a's dtype); a and b 2-D of one dtype. ``shape_like``, a
+    tensor of the product's shape in a's dtype, is needed where alpha != 1: addmm's input, whose
+    values beta = 0 never reads (alpha applied inside the GEMM, not by a launch of its own)."""
+    if alpha != 1.0 and shape_like is None:
+        raise ValueError("product_in: alpha != 1 needs shape_like, a tensor of the product's shape")
+    direct = dtype is None or dtype == a.dtype
+    if not direct and not (_MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32
+                           and a.dtype in (torch.float16, torch.bfloat16)):
+        return product_in(None, a, b, alpha, shape_like).to(dtype)
+    out = {} if direct else {"out_dtype": dtype}
+    if alpha == 1.0:
+        return torch.mm(a, b, **out)
+    return torch.addmm(shape_like, a, b, beta=0, alpha=alpha, **out)
+
+
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     """(*, K) -> (M, K) without a copy when the layout allows it."""
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

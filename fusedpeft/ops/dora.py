@@ -124,7 +124,7 @@ def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, 
 def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
                           dropout_p, seed, save_z, needs, grad_dtypes=(None, None, None)):
     # grad_dtypes: the dtypes the caller casts grad_A, grad_B and grad_m to afterwards; grad_m, a
-    # float32 column sum, is rounded to its own once (the products come out in the compute dtype).
+    # float32 column sum, is rounded to its own once, the products written in theirs by cuBLAS.
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype = grad_y.dtype
     c_minus_1 = output_scale_minus_one(magnitude, norm, dtype)
@@ -149,10 +149,10 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
         grad_w = grad_y.T @ x + ((grad_y * c_minus_1).T @ x_d)
     if need_b:
         grad_b = _common.sum_rows(grad_y, dtype)
-    if need_A:
-        grad_A = g_B.T @ x_d
+    if need_A:  # in the masters' dtypes from the GEMMs themselves where cuBLAS can (product_in)
+        grad_A = _common.product_in(grad_dtypes[0], g_B.T, x_d)
     if need_B:
-        grad_B = g_c.T @ u_s
+        grad_B = _common.product_in(grad_dtypes[1], g_c.T, u_s)
     if need_m:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         grad_m = ((grad_y.to(acc) * z.to(acc)).sum(0) / norm.to(acc)).to(grad_dtypes[2] or dtype)
