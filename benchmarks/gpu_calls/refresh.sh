@@ -1,0 +1,39 @@
+# The tables the issues quote, refreshed for the code in the tree, stage by stage in the order of
+# $STAGES (default: the first call's), packing after each (see README.md here):
+#   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
+#   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
+#   split      tools.layer_split at the host-bound shapes (every layer-table variant)
+#   serving    the serving layer table and generate throughput (issue 14)
+#   dora       DoRA's layer rows (save, recompute, dropout) and model rows, Llama-3-8B shape, r = 16
+#   model512   benchmarks.model at 1 x 512, LoRA, LoRA with dropout, IA3, every family
+#   model2048  benchmarks.model at 4 x 2048, LoRA and LoRA with dropout, every family
+#   layers     the LoRA layer table at 8192 tokens, r = 16, every family
+source benchmarks/gpu_calls/common.sh
+FAMILIES=llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini
+for stage in ${STAGES:-launch tests split serving}; do
+  echo "=== $stage $(date +%T)" | tee -a $OUT/stages.log
+  case $stage in
+    launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
+    tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
+      TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
+      TEST_K="product_in or float32_adapters or reductions_write or (sweep and cublas) or per_sequence_matches_float64 or decode_step_captures or cuda_graph_decode_step or dora" \
+      bash benchmarks/gpu_run.sh > /dev/null 2>&1 ;;
+    split) timeout 120 python3 -m tools.layer_split 8192x2048x512 8192x896x128 --r 16 --p 0,0.05 --top 0 > $OUT/split.log 2>&1 ;;
+    serving) timeout 170 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
+      timeout 110 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1 ;;
+    dora) RANKS=16 MODELS=llama3-8b CURVES=0 LAYER_S=70 MODEL_S=160 bash benchmarks/gpu_calls/dora.sh > /dev/null 2>&1 ;;
+    model512) timeout ${MODEL_S:-240} python3 -m benchmarks.model --models $FAMILIES --batches 1x512 --adapters lora,lora-dropout,ia3 \
+      --timed-steps 8 --warmup-steps 2 --rounds 3 --curve-steps 0 --out $OUT/model512.md --json $OUT/model512.json > $OUT/model512.log 2>&1 ;;
+    model2048) timeout ${MODEL_S:-300} python3 -m benchmarks.model --models $FAMILIES --batches 4x2048 --adapters lora,lora-dropout \
+      --timed-steps 5 --warmup-steps 2 --rounds 2 --curve-steps 0 --out $OUT/model2048.md --json $OUT/model2048.json > $OUT/model2048.log 2>&1 ;;
+    layers) timeout ${LAYERS_S:-330} python3 -m benchmarks.layers --models $FAMILIES --tokens 8192 --ranks 16 --dropouts 0,0.05 --methods lora \
+      --warmup-ms 5 --rep-ms 25 --out $OUT/layers.md --json $OUT/layers.json > $OUT/layers.log 2>&1 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  pack
+done
+cat $OUT/launch.log 2>/dev/null | grep -v -i warn
+grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
+grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
+tail -n 6 $OUT/serving.log 2>/dev/null
+for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
