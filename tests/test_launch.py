@@ -32,6 +32,67 @@ def test_specialization_key_separates_what_triton_specialises_on():
     assert _key(param) == _key(torch.empty(8))  # subclasses key like their tensor
 
 
+class _FakeCompiled:
+    """What _Compiled reads of a CompiledKernel: a launcher (run), its function and metadata, and
+    Triton's own entry (kernel[grid])."""
+
+    def __init__(self):
+        self.direct, self.entry = [], []
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def _init_handles(self):
+        pass
+
+    def run(self, *args):
+        self.direct.append(args)
+
+    def __getitem__(self, grid):
+        return lambda *args: self.entry.append((grid, args))
+
+
+def test_compiled_launches_directly_unless_a_launch_hook_is_installed(monkeypatch):
+    """Triton (3.5 on) keeps each launch hook as a HookChain, present and empty by default: the
+    direct launcher runs then; once a hook is added (a profiler), Triton's own entry does, and
+    again after it is removed."""
+    monkeypatch.setattr(fast_launch, "current_stream", lambda device: 7)
+    kernel = _FakeCompiled()
+    entry = fast_launch._Compiled(kernel)
+    hooks = getattr(triton, "knobs", None)
+    assert not fast_launch.launch_hooks_installed()
+    entry((2, 1, 1), 0, ("x", 3))
+    assert kernel.direct == [(2, 1, 1, 7, "function", "metadata", None, None, None, "x", 3)] and not kernel.entry
+    if hooks is None or not hasattr(hooks.runtime.launch_enter_hook, "add"):
+        return  # a Triton without HookChain: nothing more to check here
+
+    def hook(*args):
+        return None
+
+    hooks.runtime.launch_enter_hook.add(hook)
+    try:
+        assert fast_launch.launch_hooks_installed()
+        entry((2, 1, 1), 0, ("x", 3))
+        assert kernel.entry == [((2, 1, 1), ("x", 3))] and len(kernel.direct) == 1
+    finally:
+        hooks.runtime.launch_enter_hook.remove(hook)
+    assert not fast_launch.launch_hooks_installed()
+    entry((2, 1, 1), 0, ("x", 3))
+    assert len(kernel.direct) == 2
+
+
+def test_compiled_falls_back_to_tritons_entry_where_the_launcher_differs(monkeypatch):
+    monkeypatch.setattr(fast_launch, "current_stream", lambda device: 7)
+    kernel = _FakeCompiled()
+
+    def other_launcher(grid_x, grid_y):  # takes fewer arguments than 3.6's launcher
+        raise AssertionError("not reached")
+
+    kernel.run = other_launcher
+    entry = fast_launch._Compiled(kernel)
+    entry((1, 1, 1), 0, ("x",))
+    entry((1, 1, 1), 0, ("y",))
+    assert entry.run is None and kernel.entry == [((1, 1, 1), ("x",)), ((1, 1, 1), ("y",))]
+
+
 @pytest.mark.parametrize("a", [0, 1, 2, 15, 16, 17, 1000, 4097])
 @pytest.mark.parametrize("b", [1, 3, 16, 64])
 def test_grid_helpers_match_triton(a, b):

@@ -2,8 +2,9 @@
 kernel's launcher, or Triton's own entry (``kernel[grid]``, taken where this Triton's
 CompiledKernel is laid out otherwise, or while a launch hook is installed). It runs one LoRA
 training step with dropout through the ``triton`` backend (every launch a Triton kernel), then
-prints the compiled-kernel cache's entries, Triton's launch hooks and the step's host time, before
-and after a torch.profiler session (which tools.layer_split runs before it times the host).
+prints the compiled-kernel cache's entries, whether a launch hook is installed and the step's host
+time: before and after a torch.profiler session (which tools.layer_split runs before it times the
+host), and with an empty hook installed (every launch through Triton's entry).
 
     python -m tools.launch_path [--shape 8192x2048x512] [--r 16]
 """
@@ -18,15 +19,14 @@ from tools.profile_kernels import profile_step
 
 
 def describe(label: str, step) -> None:
-    import triton
+    from fusedpeft._kernels import triton_kernels
 
-    from triton_kernels import fast_launch
-
-    knobs = getattr(triton, "knobs", None)
-    hooks = (None, None) if knobs is None else (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    fast_launch = triton_kernels.fast_launch
+    step()
     direct = sum(entry.run is not None for entry in fast_launch.COMPILED.values())
     print(f"{label}: fast_launch enabled {fast_launch.enabled()}, compiled entries {len(fast_launch.COMPILED)} "
-          f"(direct launcher {direct}), launch hooks {hooks}, step host {host_us(step):.1f} us")
+          f"(direct launcher {direct}), launch hooks installed {fast_launch.launch_hooks_installed()}, "
+          f"step host {host_us(step):.1f} us")
 
 
 def main(argv=None):
@@ -55,6 +55,16 @@ def main(argv=None):
     describe("before torch.profiler", step)
     profile_step(step)
     describe("after torch.profiler ", step)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime.launch_enter_hook, "add"):
+        def hook(*args):
+            return None
+
+        knobs.runtime.launch_enter_hook.add(hook)  # every launch through Triton's entry, as a profiler makes it
+        try:
+            describe("with a launch hook   ", step)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
 
 
 if __name__ == "__main__":

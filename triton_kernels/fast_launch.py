@@ -55,6 +55,18 @@ def specialization_key(args) -> tuple:
 _KNOBS = getattr(triton, "knobs", None)
 
 
+def launch_hooks_installed() -> bool:
+    """Whether a launch hook (a profiler's) is installed, which only Triton's own entry calls.
+    Triton 3.5 and later hold each hook as a HookChain, present and empty unless something added to
+    it: testing it against None alone sent every launch through kernel[grid] (Triton's runner,
+    its launch-metadata dict and two empty hook calls per launch)."""
+    if _KNOBS is None:
+        return False
+    runtime = _KNOBS.runtime
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
 class _Compiled:
     """A compiled kernel and a way to launch it: straight through its launcher (the C function
     behind CompiledKernel.run) when this Triton lays it out as 3.6 does, skipping the closure
@@ -72,11 +84,15 @@ class _Compiled:
             self.run = None
 
     def __call__(self, grid3, device: int, args):
-        if self.run is None or (_KNOBS is not None and (_KNOBS.runtime.launch_enter_hook is not None
-                                                        or _KNOBS.runtime.launch_exit_hook is not None)):
+        if self.run is None or launch_hooks_installed():
             self.kernel[grid3](*args)
             return
-        self.run(grid3[0], grid3[1], grid3[2], current_stream(device), self.function, self.metadata, None, None, None, *args)
+        try:
+            self.run(grid3[0], grid3[1], grid3[2], current_stream(device), self.function, self.metadata, None, None,
+                     None, *args)
+        except TypeError:  # a launcher laid out otherwise than 3.6's: Triton's entry from now on
+            self.run = None
+            self.kernel[grid3](*args)
 
 
 def grid3(grid) -> tuple:
