@@ -56,15 +56,18 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Opt
     W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32.
 
     n^2 = ||W||^2 + rowsum(B * P) with P = 2 s (W A^T) + s^2 B (A A^T): the cross term and the last
-    one share their row sum, and P comes from one addmm, so the whole norm is about eight launches
-    (a small layer's training step pays them on every forward)."""
+    one share their row sum, P comes from one addmm, and ||W||^2 + rowsum(B * P) from one baddbmm
+    (a dot product per row), so the whole norm is seven launches beside float32 masters (a small
+    layer's training step pays them on every forward): A's cast, W A^T (in float32 straight from
+    cuBLAS, product_in), A A^T, P, the dots, the clamp and the square root."""
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight)
     A, B = lora_A.to(dt), lora_B.to(dt)
-    cross = (weight @ lora_A.to(weight.dtype).T).to(dt)  # W A^T (N x r)
+    cross = _common.product_in(dt, weight, lora_A.to(weight.dtype).T)  # W A^T (N x r)
     P = torch.addmm(cross, B, A @ A.T, beta=2.0 * scaling, alpha=scaling * scaling)
-    return (B * P).sum(1).add_(weight_sq_norm.to(dt)).clamp_min_(0).sqrt_()
+    n_sq = torch.baddbmm(weight_sq_norm.to(dt).reshape(-1, 1, 1), B.unsqueeze(1), P.unsqueeze(2))
+    return n_sq.view(-1).clamp_min_(0).sqrt_()
 
 
 # ----------------------------------------------------------------------------- reference
