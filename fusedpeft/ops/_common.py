@@ -91,8 +91,8 @@ def cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-# cuBLAS writes the float32 product of 16-bit operands itself (mm / addmm with out_dtype, a CUDA
-# kernel since torch 2.8): the gradient of a float32 adapter master beside a 16-bit layer then
+# cuBLAS writes the float32 product of 16-bit operands itself (mm / addmm with out_dtype, CUDA
+# only; the device's torch 2.11 has them): the gradient of a float32 adapter master beside a 16-bit layer then
 # takes one launch, not a product and a cast of it; a small layer's step is bound by its launches.
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
