@@ -213,7 +213,7 @@ def measure_in_turns(names: list, bench: Callable[[str], Optional[float]]):
     samples: dict = {}
     errors: dict = {}
     out: set = set()
-    _rounds = ROUNDS_PER_PASS
+    previous, _rounds = _rounds, ROUNDS_PER_PASS  # (a choose inside a candidate's first run nests)
     try:
         for turn in range(PASSES):
             for name in (names if turn % 2 == 0 else names[::-1]):
@@ -233,7 +233,7 @@ def measure_in_turns(names: list, bench: Callable[[str], Optional[float]]):
                 if ms == LAST_RESORT:  # unmeasured by design: asking again tells nothing
                     out.add(name)
     finally:
-        _rounds = None
+        _rounds = previous
     return samples, errors
 
 
