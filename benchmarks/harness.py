@@ -334,6 +334,20 @@ def host_ms(fn: Callable, calls: int, warmup: int = 1, device="cuda") -> float:
     return ms
 
 
+def median_wall_s(fn: Callable, repeats: int, device="cuda") -> float:
+    """Median wall time of fn in seconds over ``repeats`` calls after one warm-up call, the device
+    synchronised around each (a whole call, such as a generate, end to end)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:
     """Host time of fn per call (host_ms, on CUDA), then the top of cProfile over a few more
     calls. Returns ms/call."""

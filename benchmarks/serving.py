@@ -188,9 +188,7 @@ def model_level_setup(args, device, dtype, root):
 def model_level(args, device, dtype, log=print) -> list[dict]:
     """[{variant, tokens_per_s, seconds}] of the mixed batch, the merged single adapter and the served
     model with one adapter on every sequence."""
-    import statistics
     import tempfile
-    import time
 
     n = args.model_adapters
     rows = []
@@ -205,15 +203,7 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
                                                                                       adapter_names=same, **gen)}
         for variant, call in calls.items():
             with torch.no_grad():
-                call()
-                times = []
-                for _ in range(args.repeats):
-                    harness.synchronize(device)
-                    t0 = time.perf_counter()
-                    call()
-                    harness.synchronize(device)
-                    times.append(time.perf_counter() - t0)
-            seconds = statistics.median(times)
+                seconds = harness.median_wall_s(call, args.repeats, device)
             rows.append({"variant": variant, "seconds": seconds,
                          "tokens_per_s": args.sequences * args.new_tokens / seconds})
     ref = rows[1]["tokens_per_s"]

@@ -47,6 +47,12 @@ def split_row(label: str, step, each: bool = False) -> str:
     return row
 
 
+def tuner_line(entry: dict, digits: int = 3) -> str:
+    """A tuning.LOG entry as "name ms, ... -> winner", the fastest candidate first."""
+    ms = ", ".join(f"{name} {t:.{digits}f}" for name, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+    return f"{ms} -> {entry['winner']}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shapes", nargs="*", default=["8192x4096x1024", "8192x3072x3072", "2048x2048x512"])
@@ -76,8 +82,7 @@ def main(argv=None):
                 del step
                 torch.cuda.empty_cache()
             for entry in tuning.LOG[measured:]:  # what the tuner measured for the automatic variant
-                ms = ", ".join(f"{name} {t:.3f}" for name, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
-                print(f"  tuner, {entry['op']}: {ms} -> {entry['winner']}")
+                print(f"  tuner, {entry['op']}: {tuner_line(entry)}")
 
 
 if __name__ == "__main__":

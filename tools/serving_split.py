@@ -12,9 +12,7 @@ step whose event time follows its host time is host-bound: faster kernels do not
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 
@@ -22,7 +20,7 @@ import fusedpeft
 from benchmarks import harness
 from benchmarks.serving import model_level_setup
 from fusedpeft import tuning
-from tools.layer_split import HEADER, split_row
+from tools.layer_split import HEADER, split_row, tuner_line
 
 
 def main(argv=None):
@@ -43,8 +41,7 @@ def main(argv=None):
         print("tuner's measurements (ms per candidate) of the serving ops:")
         for entry in tuning.LOG:
             if entry["op"].startswith("multi_"):
-                ms = ", ".join(f"{name} {t:.4f}" for name, t in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
-                print(f"  {entry['op']} {entry['key']}: {ms} -> {entry['winner']}"
+                print(f"  {entry['op']} {entry['key']}: {tuner_line(entry, 4)}"
                       + (f"; errors {entry['errors']}" if entry["errors"] else ""))
 
         token = ids[:, -1:]
@@ -80,15 +77,7 @@ def main(argv=None):
         print(f"\ngenerate, {args.sequences} sequences, prompt {args.prompt_len}, {args.timed_tokens} new tokens "
               "(wall ms, median of 3)")
         for label, call in calls.items():
-            call()
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                call()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
-            print(f"  {label:34s} {statistics.median(times):9.1f}")
+            print(f"  {label:34s} {harness.median_wall_s(call, 3, device) * 1e3:9.1f}")
         if args.top:
             for label, call in calls.items():
                 print(f"\ncProfile of one generate call, {label}:")
