@@ -7,16 +7,23 @@
 //       y[m] += scalings[i] * (x[m] A[i, :r]^T) B[i, :, :r]^T,  i = adapter_index[m], r = ranks[i]
 //   shrink(x, lora_A, ranks, adapter_index, ranks_per_cta=0) -> u (M, R) float32, entries j < r_i set
 //   expand_(y, u, lora_B, scalings, ranks, adapter_index, rows_per_cta=0) -> y
+//   lora_linear(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, overlap, ...) -> y
+//       y = x W^T + b (torch's GEMM, cuBLAS) with the rank-r term added, in one call from Python;
+//       with overlap the shrink runs on a side stream while the GEMM runs (see lora_linear below)
 //
 // Only headers torch installs with every wheel are used (c10/cuda, ATen/core, the pybind caster),
 // so CI checks this file's syntax with g++ on a CPU machine.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <initializer_list>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -189,6 +196,90 @@ Tensor expand_(Tensor y, const Tensor& u, const Tensor& lora_B, const Tensor& sc
   return y;
 }
 
+// Two events per device, made once (cudaEventDisableTiming: a record costs about a microsecond). A
+// wait takes the event's latest record at the time it is enqueued, so reusing them call after call
+// is safe, in eager mode and inside a stream capture alike.
+struct ForkEvents {
+  cudaEvent_t inputs_ready = nullptr;
+  cudaEvent_t shrink_done = nullptr;
+};
+
+ForkEvents& fork_events(int device) {
+  static std::mutex lock;
+  static std::vector<ForkEvents> events;
+  const std::lock_guard<std::mutex> hold(lock);
+  if (events.size() <= static_cast<size_t>(device)) events.resize(device + 1);
+  ForkEvents& e = events[device];
+  if (e.inputs_ready == nullptr) {
+    check_launch(cudaEventCreateWithFlags(&e.inputs_ready, cudaEventDisableTiming), "cudaEventCreate");
+    check_launch(cudaEventCreateWithFlags(&e.shrink_done, cudaEventDisableTiming), "cudaEventCreate");
+  }
+  return e;
+}
+
+// y = x W^T + b + (per row) s_i (x A_i^T) B_i^T: the whole multi-adapter layer in one call.
+//
+// The shrink reads x and the adapters' A, not y, so it need not wait for the GEMM. At decode the
+// GEMM is a weight-streaming GEMV (2 N K bytes; 32 MiB at K = N = 4096) and the shrink another
+// memory-bound pass (2 D r K bytes of A for D distinct adapters); with `overlap` the shrink runs
+// on a side stream from torch's pool, forked after what produced x and joined before the expand,
+// so its bytes share the GEMM's time instead of following it: the layer costs about the GEMM,
+// then the expand. A captured graph keeps the fork as two branches. Without `overlap` all three
+// run on the current stream, in order. Either way Python makes one call (the GEMM is launched
+// from here, not through a second Python call of torch.addmm).
+//
+// Streams and memory: u is allocated on the current stream and written on the side stream; the
+// current stream waits for the shrink before the expand, so every later use of u's or x's memory
+// on the current stream (after they are freed) comes after the shrink is done.
+Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+                   const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_index,
+                   bool overlap, int64_t ranks_per_cta, int64_t rows_per_cta) {
+  TORCH_CHECK(lora_A.dim() == 3, kWho, "lora_A must be 3-D (slots, max_rank, in_features), got shape ", lora_A.sizes());
+  bgmv::LoraArgs a = common_args(x, ranks, adapter_index, lora_A.size(0), lora_A.size(1));
+  set_x(a, x);
+  set_A(a, lora_A, x);
+  check_device(weight, "weight", x);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == a.K, kWho, "weight must be (out_features, ", a.K,
+              "), got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), kWho, "weight must be ", x.scalar_type(), " as x is, got ",
+              weight.scalar_type());
+  if (bias.has_value()) {
+    check_device(*bias, "bias", x);
+    check_shape(*bias, "bias", {weight.size(0)}, "(out_features)");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.device().index();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);
+  const bool update = a.M > 0 && weight.size(0) > 0 && a.R > 0;
+  Tensor u;
+  std::optional<c10::cuda::CUDAStream> side;
+  if (update) {
+    u = at::empty({a.M, a.R}, x.options().dtype(at::kFloat));
+    a.u = u.data_ptr<float>();
+    a.shrink_ranks_per_cta = static_cast<int>(ranks_per_cta);
+    if (overlap) {
+      ForkEvents& events = fork_events(device);
+      side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+      check_launch(cudaEventRecord(events.inputs_ready, current.stream()), "cudaEventRecord");
+      check_launch(cudaStreamWaitEvent(side->stream(), events.inputs_ready, 0), "cudaStreamWaitEvent");
+      check_launch(bgmv::shrink(a, side->stream()), "shrink");
+      check_launch(cudaEventRecord(events.shrink_done, side->stream()), "cudaEventRecord");
+    } else {
+      check_launch(bgmv::shrink(a, current.stream()), "shrink");
+    }
+  }
+  Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (!update) return y;
+  if (side.has_value()) {
+    check_launch(cudaStreamWaitEvent(current.stream(), fork_events(device).shrink_done, 0), "cudaStreamWaitEvent");
+  }
+  set_y(a, y, x);
+  set_B(a, lora_B, scalings, x);
+  a.expand_rows_per_cta = static_cast<int>(rows_per_cta);
+  check_launch(bgmv::expand(a, current.stream()), "expand_");
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -201,7 +292,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("lora_A"), py::arg("ranks"), py::arg("adapter_index"), py::arg("ranks_per_cta") = 0);
   m.def("expand_", &expand_, "y[m] += s_i u[m, :r_i] B_i[:, :r_i]^T (in place); returns y", py::arg("y"), py::arg("u"),
         py::arg("lora_B"), py::arg("scalings"), py::arg("ranks"), py::arg("adapter_index"), py::arg("rows_per_cta") = 0);
+  m.def("lora_linear", &lora_linear,
+        "x W^T + b with each row's s_i (x[m] A_i^T) B_i^T added; overlap: the shrink on a side stream during the GEMM",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scalings"),
+        py::arg("ranks"), py::arg("adapter_index"), py::arg("overlap") = false, py::arg("ranks_per_cta") = 0,
+        py::arg("rows_per_cta") = 0);
   m.attr("max_rank") = bgmv::kMaxRank;
   // fusedpeft/_cuda_ext.py refuses a prebuilt module of another API_VERSION (a stale build).
-  m.attr("api_version") = 1;
+  m.attr("api_version") = 2;
 }

@@ -33,7 +33,7 @@ from typing import Optional
 
 PREBUILT = "fusedpeft._C_bgmv"  # the module setup.py builds
 JIT_NAME = "fusedpeft_bgmv"  # the module name of a build at first use
-API_VERSION = 1  # the binding's api_version (csrc/bgmv_binding.cpp); another one is a stale build
+API_VERSION = 2  # the binding's api_version (csrc/bgmv_binding.cpp); another one is a stale build
 SKIP_ENV = "FUSEDPEFT_SKIP_CUDA_BUILD"
 SOURCES = ("bgmv.cu", "bgmv_binding.cpp")  # in csrc/
 HEADERS = ("bgmv.h",)

@@ -356,22 +356,26 @@ def _reference(x, W, b, A, B, scalings, ranks, idx):
 def test_extension_builds_and_loads(fresh_loader):
     ext = _cuda_ext.load()
     assert ext.api_version == _cuda_ext.API_VERSION
-    assert {"lora_update_", "shrink", "expand_"} <= set(dir(ext))
+    assert {"lora_update_", "shrink", "expand_", "lora_linear"} <= set(dir(ext))
 
 
 MIXED = [1, 7, 8, 16, 33, 64, 0, 5]  # R = 64, a rank-0 slot
 
 
+CUDA_BACKENDS = ["cuda", "cuda_overlap"]
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("M", [1, 7, 64, 256])
 @pytest.mark.parametrize("K,N", [(4096, 4096), (1029, 517), (264, 77)])
-def test_cuda_backend_matches_float64(dtype, index_dtype, M, K, N):
+def test_cuda_backend_matches_float64(backend, dtype, index_dtype, M, K, N):
     args = _case(M, K, N, 64, MIXED, dtype, index_dtype)
-    with torch.no_grad(), fusedpeft.use_backend("cuda"):
+    with torch.no_grad(), fusedpeft.use_backend(backend):
         y = multi_lora_linear(*args)
-    assert fusedpeft.last_backend(OP) == "cuda"
+    assert fusedpeft.last_backend(OP) == backend
     ref = _reference(*args)
     err = rel_err(y, ref)
     assert err <= GPU_TOL[dtype], f"M={M} K={K} N={N}: {err:.3e}"
@@ -393,12 +397,13 @@ def test_cuda_backend_matches_float64(dtype, index_dtype, M, K, N):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("R,ranks", [(20, [20, 19, 12, 1]), (128, [128, 100, 65, 7]), (8, [8, 3])])
-def test_cuda_backend_other_bank_shapes(dtype, R, ranks):
+def test_cuda_backend_other_bank_shapes(backend, dtype, R, ranks):
     """R off the 16-byte pack (scalar expand), ranks past 8 packs (the remainder loop), float32."""
     args = _case(37, 1000, 300, R, ranks, dtype, torch.int64, bias=False)
-    with torch.no_grad(), fusedpeft.use_backend("cuda"):
+    with torch.no_grad(), fusedpeft.use_backend(backend):
         y = multi_lora_linear(*args)
     assert rel_err(y, _reference(*args)) <= GPU_TOL[dtype]
 
@@ -441,10 +446,46 @@ def test_binding_rejects_bad_arguments():
 
 
 @pytest.mark.cuda
-def test_cuda_backend_runs_on_the_current_stream_and_captures_in_a_graph():
+def test_lora_linear_empty_and_rank_zero():
+    """No rows, no outputs, or every slot at rank 0: the GEMM alone (and no launch that could fail)."""
+    ext = _cuda_ext.load()
+    for overlap in (False, True):
+        for M, N, ranks in ((0, 64, [8, 2]), (5, 0, [8, 2]), (5, 64, [0, 0])):
+            x, W, b, A, B, scalings, rank_t, idx = _case(M, 96, N, 8, ranks, torch.bfloat16, torch.int32)
+            y = ext.lora_linear(x, W, b, A, B, scalings, rank_t, idx, overlap)
+            assert y.shape == (M, N)
+            assert torch.equal(y, torch.addmm(b, x, W.T))
+        with pytest.raises(RuntimeError, match="weight must be"):
+            ext.lora_linear(x, W[:, :5], b, A, B, scalings, rank_t, idx, overlap)
+
+
+@pytest.mark.cuda
+def test_overlapped_shrink_waits_for_the_input():
+    """x written by slow work just before the call: the side stream's shrink must read the new x
+    (the fork waits for the current stream), and the expand the finished u (the join)."""
+    ext = _cuda_ext.load()
+    x, W, b, A, B, scalings, ranks, idx = _case(64, 4096, 4096, 16, [16, 8, 4, 16], torch.bfloat16, torch.int32)
+    big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    for trial in range(5):
+        x0 = torch.randn_like(x)
+        torch.cuda.synchronize()
+        h = x0
+        for _ in range(20):  # some milliseconds of GEMMs queued ahead of the call
+            h = (h @ big).clamp_(-4, 4)
+        x.copy_(h)
+        y = ext.lora_linear(x, W, b, A, B, scalings, ranks, idx, True)
+        torch.cuda.synchronize()
+        assert rel_err(y, _reference(x, W, b, A, B, scalings, ranks, idx)) <= GPU_TOL[torch.bfloat16], trial
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_backend_runs_on_the_current_stream_and_captures_in_a_graph(backend):
+    """On a non-default current stream and inside a capture (cuda_overlap forks its shrink to a
+    side stream and joins it: the graph keeps both branches), replayed with new inputs."""
     x, W, b, A, B, scalings, ranks, idx = _case(64, 1024, 1024, 16, [16, 8, 4, 16], torch.bfloat16, torch.int32)
     side = torch.cuda.Stream()
-    with torch.no_grad(), fusedpeft.use_backend("cuda"):
+    with torch.no_grad(), fusedpeft.use_backend(backend):
         multi_lora_linear(x, W, b, A, B, scalings, ranks, idx)  # load (or build) before capturing
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

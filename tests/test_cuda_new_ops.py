@@ -67,7 +67,7 @@ def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     return A.to(dtype), B.to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cublas_batched", None])
+@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (7, 1000, 1496), (64, 4096, 4096), (256, 2048, 512),
                                    (4096, 4096, 4096)])
@@ -93,7 +93,7 @@ def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
     assert err <= GPU_TOL[dtype], f"{fusedpeft.last_backend('multi_lora_linear')}: {err}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cublas_batched", None])
+@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", None])
 @pytest.mark.parametrize("G,L,K,N", [(32, 128, 4096, 4096), (5, 77, 1000, 1496), (3, 1, 2048, 512)])
 @pytest.mark.parametrize("n_slots", [8, 32])
 def test_multi_lora_per_sequence_matches_float64(backend, G, L, K, N, n_slots):
@@ -140,7 +140,7 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():
-        for backend in [b for b in ("triton", "bgmv", "cuda", "cublas_batched")
+        for backend in [b for b in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched")
                         if b in fusedpeft.backends.registered("multi_lora_linear")]:
             with fusedpeft.use_backend(backend):
                 multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)  # warm: compile, plan

@@ -58,7 +58,7 @@ def main(argv=None):
                   f"{HEADER}")
             print(split_row("base layer", lambda: layer.base_layer(x)))
             print(split_row("serving layer (tuned)", lambda: layer(x), each=True))
-            for backend in ("cuda", "triton", "torch"):
+            for backend in ("cuda", "cuda_overlap", "cublas_batched", "triton", "torch"):
                 try:
                     with fusedpeft.use_backend(backend):
                         print(split_row(f"serving layer [{backend}]", lambda: layer(x)))

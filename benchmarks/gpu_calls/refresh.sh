@@ -1,5 +1,7 @@
 # The tables the issues quote, refreshed for the code in the tree, stage by stage in the order of
 # $STAGES (default: the first call's), packing after each (see README.md here):
+#   ext        the CUDA extension built, its tests and the serving ops' GPU tests, then the decode
+#              and prefill rows of the serving table (no peft) and tools.serving_split
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -13,6 +15,12 @@ FAMILIES=llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini
 for stage in ${STAGES:-launch tests split serving}; do
   echo "=== $stage $(date +%T)" | tee -a $OUT/stages.log
   case $stage in
+    ext) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/ext.log 2>&1
+      timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
+        tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/ext.log 2>&1; pack
+      timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --warmup-ms 5 --rep-ms 30 \
+        --out $OUT/serving.md > $OUT/serving.log 2>&1; pack
+      timeout 150 python3 -m tools.serving_split --top 8 > $OUT/serving_split.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -32,6 +40,8 @@ for stage in ${STAGES:-launch tests split serving}; do
   esac
   pack
 done
+grep -E "passed|failed|FAILED|Error" $OUT/ext.log 2>/dev/null | tail -20
+cat $OUT/serving.md 2>/dev/null
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40

@@ -1,14 +1,19 @@
-"""The ``cuda`` backend: the BGMV kernels of ``csrc/bgmv.cu`` (CUDA C++, bound with pybind11) for
-``multi_lora_linear``, the decode-time op of many adapters in one batch.
+"""The ``cuda`` and ``cuda_overlap`` backends: the BGMV kernels of ``csrc/bgmv.cu`` (CUDA C++,
+bound with pybind11) for ``multi_lora_linear``, the decode-time op of many adapters in one batch.
 
-``lora(...)`` runs the base GEMM with cuBLAS (``torch.addmm``) and then the extension's two
-launches, which add each row's rank-r term into that output in place: the shrink
-u[m, :r_i] = x[m] A[i, :r_i]^T and the expand y[m] += s_i u[m, :r_i] B[i, :, :r_i]^T (see
-csrc/bgmv.cu for the design and its cost). The extension is found or built on first use
-(``fusedpeft._cuda_ext``): nothing here imports it, torch's extension machinery or a compiler when
-fusedpeft is imported, and where it cannot load, the registry reports why to whoever names
-``cuda``. On CUDA tensors the backend is a tunable candidate: the op's shape key picks it or
-another (the torch reference's gathered GEMMs, a Triton kernel) by measurement.
+Both make one call into the extension, ``lora_linear``, which launches the base GEMM through
+torch (cuBLAS) and the two BGMV kernels that add each row's rank-r term into its output: the
+shrink u[m, :r_i] = x[m] A[i, :r_i]^T and the expand y[m] += s_i u[m, :r_i] B[i, :, :r_i]^T (see
+csrc/bgmv.cu for the design and its cost). ``cuda`` runs the three in order on the current stream;
+``cuda_overlap`` runs the shrink on a side stream while the GEMM runs (both are memory-bound
+passes at decode: the GEMM streams W, the shrink the adapters' A), joining before the expand. Which
+wins depends on how much of the GPU the GEMM leaves idle, so both are measured candidates.
+
+The extension is found or built on first use (``fusedpeft._cuda_ext``): nothing here imports it,
+torch's extension machinery or a compiler when fusedpeft is imported, and where it cannot load,
+the registry reports why to whoever names the backend. On CUDA tensors both are tunable
+candidates: the op's shape key picks one or another (the torch reference's gathered GEMMs, a
+Triton kernel, cuBLAS batched GEMMs) by measurement.
 """
 from __future__ import annotations
 
@@ -33,13 +38,10 @@ def cuda_usable(x, weight=None, forced=False):
     return None
 
 
-def _lora(ext, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+def _lora(ext, overlap, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     """multi_lora_linear on 2-D x (the op has checked shapes, dtypes and devices)."""
     import torch
 
-    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    if x.shape[0] == 0 or y.shape[1] == 0:
-        return y
     if x.stride(-1) != 1:
         x = x.contiguous()
     # The bank's small vectors as the kernels read them. The serving bank keeps them so already, and
@@ -49,21 +51,21 @@ def _lora(ext, x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
         scalings = scalings.float()
     if ranks.dtype != torch.int32:
         ranks = ranks.int()
-    ext.lora_update_(y, x, *[t if t.is_contiguous() else t.contiguous()
-                             for t in (lora_A, lora_B, scalings, ranks, adapter_index)])
-    return y
+    return ext.lora_linear(x, weight, bias, *[t if t.is_contiguous() else t.contiguous()
+                                              for t in (lora_A, lora_B, scalings, ranks, adapter_index)], overlap)
 
 
-def _load():
-    from .. import _cuda_ext
+def _loader(overlap: bool):
+    def load():
+        from .. import _cuda_ext
 
-    ext = _cuda_ext.load()
-    return types.SimpleNamespace(
-        lora=lambda *args: _lora(ext, *args),
-        extension=ext,
-    )
+        ext = _cuda_ext.load()
+        return types.SimpleNamespace(lora=lambda *args: _lora(ext, overlap, *args), extension=ext)
+
+    return load
 
 
 # Below the Triton kernels' priority 10 (the first candidate where nothing is measured, as with
 # FUSEDPEFT_AUTOTUNE=0), above the torch reference's 0; tunable, so measured against both per shape.
-register(OP, "cuda", load=_load, supports=cuda_usable, priority=8, tunable=True)
+register(OP, "cuda", load=_loader(overlap=False), supports=cuda_usable, priority=8, tunable=True)
+register(OP, "cuda_overlap", load=_loader(overlap=True), supports=cuda_usable, priority=7, tunable=True)
