@@ -302,7 +302,7 @@ def test_served_layers_skip_the_op_checks_only_for_inputs_they_can_take(base, lo
             assert unchecked_calls, method
             unchecked_calls.clear()
             with monkeypatch.context() as patch:  # every layer through the checked op
-                patch.setattr(serving_layers._ServingLayer, "_takes_unchecked", lambda self, x: False)
+                patch.setattr(serving_layers._ServingLayer, "_takes_unchecked", lambda self, x, w: False)
                 checked = served(input_ids=ids, adapter_names=names).logits
             assert not unchecked_calls
         torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)

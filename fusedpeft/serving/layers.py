@@ -61,6 +61,9 @@ class BatchIndex:
         # {(device, M): index (M,)}: a prefill's rows index is expanded once per batch and shape,
         # not once per layer (each expansion is a copy kernel).
         self._expanded: dict = {}
+        # {device: buffer[:n]}: the view every layer of a decode step passes, made once per batch
+        # (a slice is a tensor made on the host, and a step reads it once per layer).
+        self._current: dict = {}
 
     def set(self, slots: list[int]) -> None:
         """Write one slot per sequence (-1: base) into the fixed buffers, without a host sync."""
@@ -78,6 +81,7 @@ class BatchIndex:
         self.slots = frozenset(s for s in slots if s >= 0)
         self.stale = None
         self._expanded.clear()
+        self._current = {d: buf[:n] for d, buf in self.buffers.items()}
 
     def clear(self) -> None:
         """No batch: every layer runs its base layer (the buffers keep their contents)."""
@@ -85,6 +89,7 @@ class BatchIndex:
         self.slots = frozenset()
         self.stale = None
         self._expanded.clear()
+        self._current = {}
 
     def rows(self, x: torch.Tensor, device: torch.device, per_leading: bool = False) -> torch.Tensor:
         """One slot per row of x flattened to (M, K), from the per-sequence buffer; with
@@ -97,12 +102,11 @@ class BatchIndex:
             raise ValueError(
                 f"a serving layer got {M} rows (input of shape {tuple(x.shape)}) for a batch of {n} sequences: the "
                 f"rows must be the sequences' rows in order (a batch-first model), {n} times a whole number")
-        buffer = self.buffers.get(device)
-        if buffer is None:
+        index = self._current.get(device)
+        if index is None:
             raise RuntimeError(f"the batch index lives on {sorted(map(str, self.buffers))} but this layer runs on "
                                f"{device}: wrap the model on the device(s) it runs on (moving it afterwards does not "
                                "move the serving bank's index)")
-        index = buffer[:n]
         if per_leading and x.dim() >= 3 and x.shape[0] % n == 0:
             M = x.shape[0]  # entries of the first dimension: a sequence, or its beam / return copies
         if M == n:
@@ -128,13 +132,16 @@ class _ServingLayer(nn.Module):
         object.__setattr__(self, "_batch", batch)  # shared, not a submodule
         self.filled: set[int] = set()  # slots whose adapter touches this layer (host side)
 
+    # The hot path (a decode step calls every serving layer once) reads submodules and buffers from
+    # the module's dicts: nn.Module.__getattr__ costs about half a microsecond a lookup, and a
+    # layer's call made a dozen.
     def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
+        w = self._modules["base_layer"].weight
         return w.T if self.fan_in_fan_out else w
 
-    def _index(self, x: torch.Tensor, per_leading: bool = False) -> Optional[torch.Tensor]:
-        """The row index (see BatchIndex.rows), or None where the base layer alone gives the answer
-        (eager shortcuts)."""
+    def _index(self, x: torch.Tensor, device: torch.device, per_leading: bool = False) -> Optional[torch.Tensor]:
+        """The row index on ``device`` (the weight's; see BatchIndex.rows), or None where the base
+        layer alone gives the answer (eager shortcuts)."""
         batch = self._batch
         if batch.stale is not None:
             raise RuntimeError(batch.stale)
@@ -142,15 +149,14 @@ class _ServingLayer(nn.Module):
             return None
         if not batch.graph_safe and not (batch.slots & self.filled):
             return None
-        return batch.rows(x, self.base_layer.weight.device, per_leading)
+        return batch.rows(x, device, per_leading)
 
-    def _takes_unchecked(self, x: torch.Tensor) -> bool:
+    def _takes_unchecked(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         """Whether x may skip the op's checks: the bank was checked when it was made, the index is
-        the batch's own, so x is all that is left (no autograd, the layer's width, dtype and
+        the batch's own, so x is all that is left (no autograd, the layer's width, w's dtype and
         device). Anything else goes through the checked op, which names what is wrong."""
-        w = self.base_layer.weight
-        return (not torch.is_grad_enabled() and x.shape[-1] == self.in_features and x.dtype == w.dtype
-                and x.device == w.device)
+        return (x.shape[-1] == self.in_features and x.dtype == w.dtype and x.device == w.device
+                and not torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.slots}"
@@ -193,12 +199,15 @@ class MultiLoraLinear(_ServingLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One slot per sequence where x holds whole sequences (a prefill): the op's grouped
         # backends take the sequences' rows as groups, the others get the index expanded per row.
-        index = self._index(x, per_leading=True)
+        base = self._modules["base_layer"]
+        w = base.weight
+        index = self._index(x, w.device, per_leading=True)
         if index is None:
-            return self.base_layer(x)
-        run = run_multi_lora if self._takes_unchecked(x) else multi_lora_linear
-        return run(x, self.base_weight(), self.base_layer.bias, self.lora_A, self.lora_B, self.scalings, self.ranks,
-                   index)
+            return base(x)
+        run = run_multi_lora if self._takes_unchecked(x, w) else multi_lora_linear
+        bank = self._buffers
+        return run(x, w.T if self.fan_in_fan_out else w, base.bias, bank["lora_A"], bank["lora_B"], bank["scalings"],
+                   bank["ranks"], index)
 
 
 class MultiIA3Linear(_ServingLayer):
@@ -235,9 +244,11 @@ class MultiIA3Linear(_ServingLayer):
             if self._batch.stale is not None:
                 raise RuntimeError(self._batch.stale)
             return self.base_layer(x)
-        index = self._index(x)
+        base = self._modules["base_layer"]
+        w = base.weight
+        index = self._index(x, w.device)
         if index is None:
-            return self.base_layer(x)
-        scales = self.ia3_in if self.feedforward else self.ia3_out
-        run = run_multi_ia3 if self._takes_unchecked(x) else multi_ia3_linear
-        return run(x, self.base_weight(), self.base_layer.bias, scales, index, self.feedforward)
+            return base(x)
+        scales = self._buffers["ia3_in" if self.feedforward else "ia3_out"]
+        run = run_multi_ia3 if self._takes_unchecked(x, w) else multi_ia3_linear
+        return run(x, w.T if self.fan_in_fan_out else w, base.bias, scales, index, self.feedforward)
