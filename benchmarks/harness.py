@@ -334,18 +334,24 @@ def host_ms(fn: Callable, calls: int, warmup: int = 1, device="cuda") -> float:
     return ms
 
 
-def median_wall_s(fn: Callable, repeats: int, device="cuda") -> float:
-    """Median wall time of fn in seconds over ``repeats`` calls after one warm-up call, the device
-    synchronised around each (a whole call, such as a generate, end to end)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
+def median_wall_s(calls: dict, repeats: int, device="cuda") -> dict:
+    """{label: median wall time in seconds} of each of ``calls`` ({label: fn}, a whole call such as
+    a generate, end to end, the device synchronised around each), after one warm-up call each. The
+    calls take turns, the order mirrored every other round (a, b, c, c, b, a, ...): a host whose
+    speed drifts during the run (a shared machine) then weighs on every variant alike, where
+    timing one variant's calls back to back would hand the drift to whichever ran then."""
+    for fn in calls.values():
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict = {label: [] for label in calls}
+    order = list(calls)
+    for round_ in range(repeats):
+        for label in (order if round_ % 2 == 0 else order[::-1]):
+            synchronize(device)
+            t0 = time.perf_counter()
+            calls[label]()
+            synchronize(device)
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def host_profile(label: str, fn: Callable, calls: int = 50, profiled_calls: int = 20, top: int = 6) -> float:

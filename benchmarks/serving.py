@@ -28,7 +28,7 @@ Only the forward is timed (serving): the table's "train" columns repeat the forw
 the same batch on the same base with one adapter merged into its weights (the cost of one fine-tune
 served alone), and against the served model with the first adapter on every sequence (what the
 serving layers cost without a mixed batch): tokens/s of each, greedy decoding of --new-tokens after a
---prompt-len prompt, the median of --repeats timed calls after one warm-up call.
+--prompt-len prompt, the median of --repeats timed calls after one warm-up call, the variants taking turns.
 """
 from __future__ import annotations
 
@@ -191,7 +191,6 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
     import tempfile
 
     n = args.model_adapters
-    rows = []
     with tempfile.TemporaryDirectory() as root:
         served, merged, ids, names, gen = model_level_setup(args, device, dtype, root)
         # The same served model with every sequence on one adapter separates the mixed batch's cost
@@ -201,11 +200,10 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
                  "one adapter merged": lambda: merged.generate(input_ids=ids, **gen),
                  "fusedpeft, one adapter for every sequence": lambda: served.generate(input_ids=ids,
                                                                                       adapter_names=same, **gen)}
-        for variant, call in calls.items():
-            with torch.no_grad():
-                seconds = harness.median_wall_s(call, args.repeats, device)
-            rows.append({"variant": variant, "seconds": seconds,
-                         "tokens_per_s": args.sequences * args.new_tokens / seconds})
+        with torch.no_grad():
+            seconds = harness.median_wall_s(calls, args.repeats, device)
+        rows = [{"variant": variant, "seconds": s, "tokens_per_s": args.sequences * args.new_tokens / s}
+                for variant, s in seconds.items()]
     ref = rows[1]["tokens_per_s"]
     lines = [f"{harness.environment(device)}, {args.dtype}; {args.sequences} sequences, {n} adapters, prompt "
              f"{args.prompt_len}, {args.new_tokens} new tokens", "",

@@ -145,9 +145,30 @@ void check_launch(cudaError_t err, const char* what) {
               err == cudaErrorInvalidValue ? " (an argument the kernels cannot take: see csrc/bgmv.h)" : "");
 }
 
+void check_rank3(const Tensor& t, const char* name, const char* meaning) {
+  if (t.dim() == 3) return;
+  const std::string message = std::string(kWho) + name + " must be 3-D " + meaning + ", got shape " + shape_text(t.sizes());
+  TORCH_CHECK(false, message);
+}
+
+void check_weight_and_bias(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& x) {
+  check_device(weight, "weight", x);
+  if (weight.dim() != 2 || weight.size(1) != x.size(1)) {
+    const std::string message = std::string(kWho) + "weight must be (out_features, " + std::to_string(x.size(1)) +
+                                "), got shape " + shape_text(weight.sizes());
+    TORCH_CHECK(false, message);
+  }
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), kWho, "weight must be ", x.scalar_type(), " as x is, got ",
+              weight.scalar_type());
+  if (bias.has_value()) {
+    check_device(*bias, "bias", x);
+    check_shape(*bias, "bias", {weight.size(0)}, "(out_features)");
+  }
+}
+
 Tensor lora_update_(Tensor y, const Tensor& x, const Tensor& lora_A, const Tensor& lora_B, const Tensor& scalings,
                     const Tensor& ranks, const Tensor& adapter_index, int64_t ranks_per_cta, int64_t rows_per_cta) {
-  TORCH_CHECK(lora_A.dim() == 3, kWho, "lora_A must be 3-D (slots, max_rank, in_features), got shape ", lora_A.sizes());
+  check_rank3(lora_A, "lora_A", "(slots, max_rank, in_features)");
   bgmv::LoraArgs a = common_args(x, ranks, adapter_index, lora_A.size(0), lora_A.size(1));
   set_x(a, x);
   set_A(a, lora_A, x);
@@ -165,7 +186,7 @@ Tensor lora_update_(Tensor y, const Tensor& x, const Tensor& lora_A, const Tenso
 
 Tensor shrink(const Tensor& x, const Tensor& lora_A, const Tensor& ranks, const Tensor& adapter_index,
               int64_t ranks_per_cta) {
-  TORCH_CHECK(lora_A.dim() == 3, kWho, "lora_A must be 3-D (slots, max_rank, in_features), got shape ", lora_A.sizes());
+  check_rank3(lora_A, "lora_A", "(slots, max_rank, in_features)");
   bgmv::LoraArgs a = common_args(x, ranks, adapter_index, lora_A.size(0), lora_A.size(1));
   set_x(a, x);
   set_A(a, lora_A, x);
@@ -179,8 +200,7 @@ Tensor shrink(const Tensor& x, const Tensor& lora_A, const Tensor& ranks, const 
 
 Tensor expand_(Tensor y, const Tensor& u, const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks,
                const Tensor& adapter_index, int64_t rows_per_cta) {
-  TORCH_CHECK(lora_B.dim() == 3, kWho, "lora_B must be 3-D (slots, out_features, max_rank), got shape ", lora_B.sizes());
-  TORCH_CHECK(u.dim() == 2, kWho, "u must be 2-D (rows, max_rank), got shape ", u.sizes());
+  check_rank3(lora_B, "lora_B", "(slots, out_features, max_rank)");
   // The expand reads no x: u stands in for it (device, rows); y's dtype is the compute dtype.
   bgmv::LoraArgs a = common_args(y, ranks, adapter_index, lora_B.size(0), lora_B.size(2), "y");
   check_device(u, "u", y);
@@ -234,19 +254,11 @@ ForkEvents& fork_events(int device) {
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
                    const Tensor& lora_B, const Tensor& scalings, const Tensor& ranks, const Tensor& adapter_index,
                    bool overlap, int64_t ranks_per_cta, int64_t rows_per_cta) {
-  TORCH_CHECK(lora_A.dim() == 3, kWho, "lora_A must be 3-D (slots, max_rank, in_features), got shape ", lora_A.sizes());
+  check_rank3(lora_A, "lora_A", "(slots, max_rank, in_features)");
   bgmv::LoraArgs a = common_args(x, ranks, adapter_index, lora_A.size(0), lora_A.size(1));
   set_x(a, x);
   set_A(a, lora_A, x);
-  check_device(weight, "weight", x);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == a.K, kWho, "weight must be (out_features, ", a.K,
-              "), got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), kWho, "weight must be ", x.scalar_type(), " as x is, got ",
-              weight.scalar_type());
-  if (bias.has_value()) {
-    check_device(*bias, "bias", x);
-    check_shape(*bias, "bias", {weight.size(0)}, "(out_features)");
-  }
+  check_weight_and_bias(weight, bias, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.device().index();
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);

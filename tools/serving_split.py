@@ -30,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens of the warm-up generate calls")
     parser.add_argument("--timed-tokens", type=int, default=32, help="new tokens of the timed generate calls")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls of each variant, in turns")
     parser.add_argument("--top", type=int, default=15,
                         help="cProfile rows of the served step and generate calls (0: none)")
     args = parser.parse_args(argv)
@@ -75,9 +76,9 @@ def main(argv=None):
         calls = {"served, mixed batch": lambda: served.generate(input_ids=ids, adapter_names=names, **timed),
                  "one adapter merged": lambda: merged.generate(input_ids=ids, **timed)}
         print(f"\ngenerate, {args.sequences} sequences, prompt {args.prompt_len}, {args.timed_tokens} new tokens "
-              "(wall ms, median of 3)")
-        for label, call in calls.items():
-            print(f"  {label:34s} {harness.median_wall_s(call, 3, device) * 1e3:9.1f}")
+              "(wall ms, median of {args.repeats}, in turns)")
+        for label, seconds in harness.median_wall_s(calls, args.repeats, device).items():
+            print(f"  {label:34s} {seconds * 1e3:9.1f}")
         if args.top:
             for label, call in calls.items():
                 print(f"\ncProfile of one generate call, {label}:")

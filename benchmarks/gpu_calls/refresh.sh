@@ -23,9 +23,9 @@ for stage in ${STAGES:-launch tests split serving}; do
       timeout 150 python3 -m tools.serving_split --top 8 > $OUT/serving_split.log 2>&1 ;;
     probe) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/probe.log 2>&1
       timeout 150 python3 benchmarks/gpu_calls/probe_errors.py >> $OUT/probe.log 2>&1
-      timeout 120 python3 -m benchmarks.serving --no-peft --rows 64,256 --adapters 32,128 --ranks 16 --warmup-ms 5 --rep-ms 30 \
-        --out $OUT/decode.md > $OUT/decode.log 2>&1; pack
-      timeout 150 python3 -m tools.serving_split --top 0 > $OUT/serving_split.log 2>&1 ;;
+      timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
+        tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/probe.log 2>&1; pack
+      timeout 200 python3 -m benchmarks.serving --model-level --repeats 7 > $OUT/model_level.log 2>&1; pack ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -46,7 +46,7 @@ for stage in ${STAGES:-launch tests split serving}; do
   pack
 done
 grep -E "passed|failed|FAILED|Error" $OUT/ext.log 2>/dev/null | tail -20
-cat $OUT/serving.md $OUT/probe.log 2>/dev/null; grep -E "^\| (64|256) rows" $OUT/decode.md | cut -d'|' -f2-6
+cat $OUT/serving.md $OUT/probe.log $OUT/model_level.log 2>/dev/null | grep -v -i warn | tail -40; grep -E "^\| (64|256) rows" $OUT/decode.md | cut -d'|' -f2-6
 grep -v "^ *$" $OUT/serving_split.log 2>/dev/null | grep -v -i warn | head -60
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
