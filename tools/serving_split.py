@@ -3,7 +3,7 @@ the tuner's measured candidates for each serving shape key, then, for a decode-s
 token per sequence) of the served model and of the same base with one adapter merged, the
 CUDA-event time, the GPU time of its kernels (torch.profiler), the host time of issuing it (the
 device kept busy, tools.layer_split.host_us) and the number of launches; the same for one serving
-layer under each backend beside its base layer, the top of cProfile for the served step, and the
+layer under each backend beside its base layer (decode and prefill shapes), the top of cProfile for the served step, and the
 generate calls themselves (wall time and the top of cProfile, served and merged). A
 step whose event time follows its host time is host-bound: faster kernels do not help it.
 
@@ -52,17 +52,22 @@ def main(argv=None):
         print(split_row("one adapter merged", lambda: merged(input_ids=token)))
 
         block = served.model.model.layers[0]
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        # Decode (one row per sequence), then prefill (the prompt's rows, one slot per sequence).
+        shapes = [(name, (args.sequences,)) for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")]
+        shapes += [(name, (args.sequences, args.prompt_len)) for name in ("self_attn.q_proj", "mlp.down_proj")]
+        for name, lead in shapes:
             layer = block.get_submodule(name)
-            x = torch.randn(args.sequences, layer.in_features, device=device, dtype=dtype)
-            print(f"\none serving layer, {name} {layer.in_features} -> {layer.out_features}, {args.sequences} rows\n"
+            x = torch.randn(*lead, layer.in_features, device=device, dtype=dtype)
+            print(f"\none serving layer, {name} {layer.in_features} -> {layer.out_features}, x {tuple(x.shape)}\n"
                   f"{HEADER}")
             print(split_row("base layer", lambda: layer.base_layer(x)))
             print(split_row("serving layer (tuned)", lambda: layer(x), each=True))
-            for backend in ("cuda", "cuda_overlap", "cublas_batched", "triton", "torch"):
+            for backend in ("cuda", "cuda_overlap", "cublas_batched", "triton") + (("torch",) if x.dim() == 2 else ()):
                 try:
                     with fusedpeft.use_backend(backend):
-                        print(split_row(f"serving layer [{backend}]", lambda: layer(x)))
+                        # The kernels of the prefill's batched GEMMs, one by one.
+                        each = backend == "cublas_batched" and x.dim() == 3
+                        print(split_row(f"serving layer [{backend}]", lambda: layer(x), each=each))
                 except Exception as exc:  # a backend that cannot run here is reported, not fatal
                     print(f"  serving layer [{backend}]: {type(exc).__name__}: {str(exc)[:200]}")
         if args.top:

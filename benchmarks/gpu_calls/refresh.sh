@@ -2,6 +2,9 @@
 # $STAGES (default: the first call's), packing after each (see README.md here):
 #   ext        the CUDA extension built, its tests and the serving ops' GPU tests, then the decode
 #              and prefill rows of the serving table (no peft) and tools.serving_split
+#   probe      the extension's error paths, each in a fresh process; its GPU tests; generate throughput
+#   serving_split  tools.serving_split: the tuner's serving choices, decode and prefill layers kernel by
+#              kernel, generate calls in turns
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -9,9 +12,9 @@
 #   dora       DoRA's layer rows (save, recompute, dropout) and model rows, Llama-3-8B shape, r = 16
 #   model512   benchmarks.model at 1 x 512, LoRA, LoRA with dropout, IA3, every family
 #   model2048  benchmarks.model at 4 x 2048, LoRA and LoRA with dropout, every family
-#   layers     the LoRA layer table at 8192 tokens, r = 16, every family
+#   layers     the LoRA layer table at 8192 tokens, r = 16, every family ($FAMILIES: fewer)
 source benchmarks/gpu_calls/common.sh
-FAMILIES=llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini
+FAMILIES=${FAMILIES:-llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini}
 for stage in ${STAGES:-launch tests split serving}; do
   echo "=== $stage $(date +%T)" | tee -a $OUT/stages.log
   case $stage in
@@ -26,6 +29,7 @@ for stage in ${STAGES:-launch tests split serving}; do
       timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/probe.log 2>&1; pack
       timeout 200 python3 -m benchmarks.serving --model-level --repeats 7 > $OUT/model_level.log 2>&1; pack ;;
+    serving_split) timeout ${SPLIT_S:-170} python3 -m tools.serving_split --top 0 --repeats 5 > $OUT/serving_split.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
