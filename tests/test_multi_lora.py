@@ -88,6 +88,34 @@ def test_multi_lora_takes_one_slot_per_sequence(backend, dtype, G, L):
     assert rel_err(y.reshape(G * L, N), ref) <= TOL[dtype], backend
 
 
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_multi_lora_follows_the_bank_written_between_calls(backend):
+    """A bank written in place between calls (a slot's rank and scaling, as loading an adapter
+    does) or replaced: the next call uses the new values (a backend that keeps anything derived
+    from the bank must notice)."""
+    S, R, K, N, G, L = len(RANKS), 16, 24, 40, 4, 3
+    x = torch.randn(G, L, K)
+    W = torch.randn(N, K) / K**0.5
+    A, clean_A, B = _bank(S, R, K, N, torch.float32, RANKS)
+    scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
+    seq = torch.tensor([1, 3, -1, 0])
+
+    def check():
+        with torch.no_grad(), fusedpeft.use_backend(backend):
+            y = multi_lora_linear(x, W, None, clean_A, B, scalings, ranks, seq)
+        ref = multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), None, clean_A.double(),
+                                          B.double(), scalings.double(), ranks, seq.repeat_interleave(L))
+        assert rel_err(y.reshape(G * L, N), ref) <= TOL[torch.float32], backend
+
+    check()
+    ranks[1].fill_(2)  # slot 1 now rank 2: rows 2.. of its A (non-zero) must no longer count
+    scalings[3].fill_(-1.5)
+    check()
+    ranks = ranks.clone()  # a new tensor of the same values, then one that differs
+    ranks[0] = 1
+    check()
+
+
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_multi_ia3_takes_one_slot_per_sequence(feedforward):
     G, L, K, N, S = 3, 5, 12, 10, 4

@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument("shapes", nargs="*", default=["8192x4096x1024", "8192x3072x3072", "2048x2048x512"])
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--p", default="0,0.05")
+    parser.add_argument("--method", default="lora", choices=["lora", "dora"])
     parser.add_argument("--top", type=int, default=12, help="cProfile rows of fusedpeft's automatic step (0: none)")
     parser.add_argument("--backward-on-caller", action="store_true",
                         help="torch.autograd.set_multithreading_enabled(False): the backward runs on the calling "
@@ -70,7 +71,7 @@ def main(argv=None):
     for text in args.shapes:
         M, K, N = (int(v) for v in text.split("x"))
         for p in (float(v) for v in args.p.split(",")):
-            group = layers.Group(layers.Shape("shape", "-", K, N), M, "lora", args.r, p)
+            group = layers.Group(layers.Shape("shape", "-", K, N), M, args.method, args.r, p)
             print(f"\n{group.label}")
             print(HEADER)
             measured = len(tuning.LOG)
