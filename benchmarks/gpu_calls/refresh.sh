@@ -25,7 +25,7 @@ for stage in ${STAGES:-launch tests split serving}; do
         --out $OUT/serving.md > $OUT/serving.log 2>&1; pack
       timeout 150 python3 -m tools.serving_split --top 8 > $OUT/serving_split.log 2>&1 ;;
     probe) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/probe.log 2>&1
-      timeout 150 python3 benchmarks/gpu_calls/probe_errors.py >> $OUT/probe.log 2>&1
+      timeout 150 python3 -m tools.bgmv_errors >> $OUT/probe.log 2>&1
       timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/probe.log 2>&1; pack
       timeout 200 python3 -m benchmarks.serving --model-level --repeats 7 > $OUT/model_level.log 2>&1; pack ;;
