@@ -67,8 +67,8 @@ def _us_per_call(fn, n):
 def main(M=16, K=256, N=256, r=16, dt=torch.bfloat16):
     import fusedpeft
     from fusedpeft._kernels import triton_kernels
-    from fusedpeft.ops import ia3_linear, lora_linear, ssf_linear
-
+    from fusedpeft.ops import dora_linear, ia3_linear, lora_linear, ssf_linear
+    from fusedpeft.ops.dora import weight_row_sq_norm
 
     x = torch.randn(M, K, dtype=dt, requires_grad=True)
     W = torch.randn(N, K, dtype=dt)
@@ -76,6 +76,7 @@ def main(M=16, K=256, N=256, r=16, dt=torch.bfloat16):
     ones = torch.ones(N, dtype=dt)
     A, B = torch.randn(r, K, dtype=dt, requires_grad=True), torch.randn(N, r, dtype=dt, requires_grad=True)
     l_in, l_out, shift = (torch.randn(n, dtype=dt, requires_grad=True) for n in (K, N, N))
+    magnitude, sq_norm = torch.rand(N, requires_grad=True) + 1, weight_row_sq_norm(W)
     g = torch.randn(M, N, dtype=dt)
     # One launch of the plain GEMM (x W^T, with a ones output scale) through the launch layer: the
     # launcher's plan look-up and the compiled kernel's call.
@@ -88,6 +89,7 @@ def main(M=16, K=256, N=256, r=16, dt=torch.bfloat16):
         ("ia3 output", "triton", lambda: ia3_linear(x, W, None, l_out, False)),
         ("ia3 input", "triton", lambda: ia3_linear(x, W, None, l_in, True)),
         ("ssf", "triton", lambda: ssf_linear(x, W, None, l_out, shift)),
+        ("dora", "triton", lambda: dora_linear(x, W, None, A, B, 2.0, magnitude, weight_sq_norm=sq_norm)),
     ]
     # The cuBLAS compositions ("cublas", "cublas_after", "cublas_autograd" where they exist), where
     # registered; with dropout (masks from the stubbed Triton kernels) each but the autograd one.
@@ -99,6 +101,10 @@ def main(M=16, K=256, N=256, r=16, dt=torch.bfloat16):
                                        lambda: lora_linear(x, W, None, A, B, 2.0, dropout_p=0.1, training=True)))
     # The plain torch LoRA a user would write, on the same tensors.
     calls.append(("torch composition", None, lambda: F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B)))
+    # DoRA as a user writes it from the paper (benchmarks.layers' composition at p = 0).
+    calls.append(("torch composition, dora", None, lambda: (
+        magnitude / torch.linalg.vector_norm(W + 2.0 * (B @ A), dim=1).detach()).to(dt)
+        * (F.linear(x, W) + 2.0 * F.linear(F.linear(x, A), B))))
     from fusedpeft.ops import _autograd
 
     composed_devices = set(_autograd.COMPOSED_DEVICES)

@@ -171,8 +171,9 @@ def model_level_setup(args, device, dtype, root):
         path = f"{root}/a{i}"
         write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules="all-linear")
         paths.append(path)
+    compiled = getattr(args, "static_cache", False)
     served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules="all-linear",
-                               max_adapters=n, max_rank=16, max_batch_size=args.sequences)
+                               max_adapters=n, max_rank=16, max_batch_size=args.sequences, cuda_graphs=compiled)
     for i, path in enumerate(paths):
         served.load_adapter(f"a{i}", path)
     merged = copy.deepcopy(base)
@@ -182,6 +183,8 @@ def model_level_setup(args, device, dtype, root):
     merged = merged.to(device=device, dtype=dtype)
     names = [f"a{i % n}" for i in range(args.sequences)]
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    if compiled:  # transformers compiles the decode steps of both models (CUDA graphs) with a static cache
+        gen["cache_implementation"] = "static"
     return served, merged, prompt.to(device), names, gen
 
 
@@ -205,8 +208,9 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
         rows = [{"variant": variant, "seconds": s, "tokens_per_s": args.sequences * args.new_tokens / s}
                 for variant, s in seconds.items()]
     ref = rows[1]["tokens_per_s"]
+    cache = ", static cache (compiled decode)" if args.static_cache else ""
     lines = [f"{harness.environment(device)}, {args.dtype}; {args.sequences} sequences, {n} adapters, prompt "
-             f"{args.prompt_len}, {args.new_tokens} new tokens", "",
+             f"{args.prompt_len}, {args.new_tokens} new tokens{cache}", "",
              "| variant | tokens/s | / merged single adapter |", "|---|---:|---:|"]
     lines += [f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref:.3f} |" for r in rows]
     log("\n".join(lines))
@@ -232,6 +236,10 @@ def main(argv=None, log=print):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--static-cache", action="store_true",
+                        help="--model-level with a static KV cache: transformers' generate then compiles the decode "
+                             "steps of the served and the merged model alike (mode reduce-overhead: CUDA graphs); the "
+                             "served model is wrapped with cuda_graphs=True")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -678,6 +678,39 @@ def test_cuda_graph_decode_step(tmp_path, method):
     _decode_step_check(tmp_path, method, "cuda", capture=True)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_compiled_served_model_follows_each_batch(tmp_path, method):
+    """torch.compile of a model wrapped with cuda_graphs=True: one graph (fullgraph, the serving ops
+    as custom ops), no recompile when a new batch of the same size names other adapters (the index
+    is read from its buffer at run time), and the same logits as eager for each batch."""
+    import torch._dynamo
+
+    base = demo.tiny_llama(seed=4)
+    dirs = {}
+    for i in range(3):
+        dirs[f"x{i}"] = str(tmp_path / f"x{i}")
+        if method == "lora":
+            demo.write_random_lora(base, dirs[f"x{i}"], seed=i, **demo.adapter_spec(i))
+        else:
+            write_random_ia3(base, dirs[f"x{i}"], i, ["k_proj", "v_proj", "down_proj"], ["down_proj"])
+    served = MultiAdapterModel(copy.deepcopy(base), target_modules=ALL, max_adapters=3, max_rank=16, method=method,
+                               cuda_graphs=True)
+    for name in dirs:
+        served.load_adapter(name, dirs[name])
+    ids = torch.randint(1, 96, (3, 5))
+    torch._dynamo.reset()
+    compiled = torch.compile(served.model, backend="aot_eager", fullgraph=True)
+    batches = (["x0", None, "x2"], ["x1", "x1", None], [None, "x2", "x0"])
+    with torch.no_grad():
+        for k, names in enumerate(batches):
+            served.activate(names)
+            eager = served.model(input_ids=ids).logits
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):
+                out = compiled(input_ids=ids).logits
+            torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(out, base(input_ids=ids).logits)  # the adapters took part
+
+
 @pytest.mark.parametrize("rows_per_sequence", [0, 1, 3])
 def test_batch_index_rows_follow_each_new_batch(rows_per_sequence):
     """The per-row index (expanded once per batch and shape for a prefill) is the sequences' slots

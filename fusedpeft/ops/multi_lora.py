@@ -209,7 +209,10 @@ def _run_lora(impl, x, weight, bias, lora_A, lora_B, scalings, ranks, index, row
 def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index) -> torch.Tensor:
     """multi_lora_linear past its checks, for a caller that owns a bank it validated when it made
     it and the index it builds (fusedpeft.serving's layers, checking x itself): a decode step runs
-    one such call per adapted layer, and its host time is the step's."""
+    one such call per adapted layer, and its host time is the step's. Under torch.compile it is
+    one custom op (``fusedpeft::multi_lora_linear``)."""
+    if torch.compiler.is_compiling():
+        return _multi_lora_op(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
     x2 = _common.flatten_rows(x)
     index, L = _groups(x2, adapter_index)
     args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, index, L)
@@ -242,10 +245,47 @@ def multi_ia3_linear(
 
 
 def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> torch.Tensor:
-    """multi_ia3_linear past its checks (see run_multi_lora)."""
+    """multi_ia3_linear past its checks (see run_multi_lora; under torch.compile the custom op
+    ``fusedpeft::multi_ia3_linear``)."""
+    if torch.compiler.is_compiling():
+        return _multi_ia3_op(x, weight, bias, scales, adapter_index, bool(feedforward))
     x2 = _common.flatten_rows(x)
     args = (x2, weight, bias, scales, per_row(*_groups(x2, adapter_index)), bool(feedforward))
     impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args),
                    adapter_index.shape[0])
     y = impl.ia3(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# Each op is one opaque node of a compiled graph: dynamo does not trace the backend choice (a dict
+# memo, the tuner) or a backend's own code (a pybind11 call into the CUDA extension would break
+# the graph), and the node runs the eager path above. Every backend picked on CUDA reads no device
+# value on the host, so a compiled decode step also captures into a CUDA graph (mode
+# "reduce-overhead", as transformers' generate compiles it with a static cache): the tuner
+# measures during the compiled function's eager warm-up runs, before any capture.
+def _multi_lora_eager(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+
+
+def _multi_ia3_eager(x, weight, bias, scales, adapter_index, feedforward):
+    return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
+
+
+_multi_lora_op = torch.library.custom_op(
+    "fusedpeft::multi_lora_linear", _multi_lora_eager, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor ranks, "
+           "Tensor adapter_index) -> Tensor")
+_multi_ia3_op = torch.library.custom_op(
+    "fusedpeft::multi_ia3_linear", _multi_ia3_eager, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor scales, Tensor adapter_index, bool feedforward) -> Tensor")
+
+
+@_multi_lora_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@_multi_ia3_op.register_fake
+def _(x, weight, bias, scales, adapter_index, feedforward):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -51,8 +51,11 @@ batch of the same size after ``activate``: capture ``served.model(...)`` after `
 device value on the host. (An IA3 layer that no loaded adapter touched at capture time stays
 base in that graph: recapture after loading adapters that touch new layers.) The same setting
 suits ``torch.compile``: the layers then read no host state that loading, evicting or a new batch
-of the same size changes, so none of them makes the layers recompile (the op's backend may have
-guards of its own: the torch reference's loop over the slots present is one).
+of the same size changes, so none of them makes the model recompile, and the serving ops enter the
+graph as custom ops (``fusedpeft::multi_lora_linear``, ``fusedpeft::multi_ia3_linear``), one node
+each, whatever backend runs them: a whole decode step compiles as one graph. transformers' generate
+compiles its decode steps that way on CUDA when given a static cache
+(``generate(..., cache_implementation="static")``, mode "reduce-overhead": CUDA graphs).
 """
 from __future__ import annotations
 
