@@ -603,16 +603,12 @@ def test_serve_demo_runs(capsys):
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
-def _decode_step_check(tmp_path, method, device, capture):
-    """A decode step (one token per sequence, static KV cache) of a model wrapped with
-    cuda_graphs=True, run for three batches of adapters that reuse the same cache and index: the
-    step's logits equal the full forward's last position; with ``capture`` the step is captured
-    once in a CUDA graph and replayed for each batch, equal to eager."""
-    from transformers import StaticCache
-
+def _graph_safe_served(tmp_path, method, n_adapters, device="cpu"):
+    """(base, served): a tiny Llama wrapped with cuda_graphs=True, 3 slots, n_adapters random
+    adapters x0, x1, ... of ``method`` loaded."""
     base = demo.tiny_llama(seed=4, device=device)
     dirs = {}
-    for i in range(4):
+    for i in range(n_adapters):
         dirs[f"x{i}"] = str(tmp_path / f"x{i}")
         if method == "lora":
             demo.write_random_lora(base, dirs[f"x{i}"], seed=i, **demo.adapter_spec(i))
@@ -622,6 +618,17 @@ def _decode_step_check(tmp_path, method, device, capture):
                                cuda_graphs=True)
     for name in dirs:
         served.load_adapter(name, dirs[name])
+    return base, served
+
+
+def _decode_step_check(tmp_path, method, device, capture):
+    """A decode step (one token per sequence, static KV cache) of a model wrapped with
+    cuda_graphs=True, run for three batches of adapters that reuse the same cache and index: the
+    step's logits equal the full forward's last position; with ``capture`` the step is captured
+    once in a CUDA graph and replayed for each batch, equal to eager."""
+    from transformers import StaticCache
+
+    _, served = _graph_safe_served(tmp_path, method, 4, device)
     B, P = 4, 6
     cache_arg = "cache" if "cache" in inspect.signature(served.model.forward).parameters else "past_key_values"
     prompt = torch.randint(1, 96, (B, P), device=device)
@@ -685,18 +692,7 @@ def test_compiled_served_model_follows_each_batch(tmp_path, method):
     is read from its buffer at run time), and the same logits as eager for each batch."""
     import torch._dynamo
 
-    base = demo.tiny_llama(seed=4)
-    dirs = {}
-    for i in range(3):
-        dirs[f"x{i}"] = str(tmp_path / f"x{i}")
-        if method == "lora":
-            demo.write_random_lora(base, dirs[f"x{i}"], seed=i, **demo.adapter_spec(i))
-        else:
-            write_random_ia3(base, dirs[f"x{i}"], i, ["k_proj", "v_proj", "down_proj"], ["down_proj"])
-    served = MultiAdapterModel(copy.deepcopy(base), target_modules=ALL, max_adapters=3, max_rank=16, method=method,
-                               cuda_graphs=True)
-    for name in dirs:
-        served.load_adapter(name, dirs[name])
+    base, served = _graph_safe_served(tmp_path, method, 3)
     ids = torch.randint(1, 96, (3, 5))
     torch._dynamo.reset()
     compiled = torch.compile(served.model, backend="aot_eager", fullgraph=True)
