@@ -72,6 +72,23 @@ def median_ms(fn: Callable, warmup_ms: float = 25, rep_ms: float = 150, device="
     return statistics.median(times)
 
 
+def graphed(fn: Callable) -> Callable:
+    """fn captured in a CUDA graph (after three warm-up calls on a side stream, as capture wants):
+    returns the graph's replay, which reissues fn's kernels with no host work of fn's own. Timing
+    replays measures GPU time alone, as a server that captures its decode steps sees it. Raises
+    whatever the capture raises (fn synchronises with the host, say)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def train_step_peak_mib(step: Callable, device="cuda") -> float:
     """Peak memory one training step allocates above what was live before it (CUDA only: NaN
     elsewhere)."""

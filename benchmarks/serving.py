@@ -63,7 +63,7 @@ def _bank(n_adapters, ranks_mode, K, N, dtype, device, gen):
     return A.to(dtype), B.to(dtype), scalings, torch.tensor(ranks, dtype=torch.int32, device=device), ranks
 
 
-def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft):
+def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs=False):
     import fusedpeft
     from fusedpeft.ops import multi_lora_linear
 
@@ -134,9 +134,22 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft):
         for name in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched"):
             if name in registered:
                 out.append(harness.Case(group, f"fusedpeft [{name}]", ours(name), flops=base_flops, path=name))
-    if with_peft:
+    if with_peft and not graphs:  # peft's mixed batch reads the adapter names on the host: no capture
         out.append(harness.Case(group, "peft", peft_layer, flops=base_flops, path="peft"))
+    if graphs:
+        for case in out:
+            case.make = _captured(case.make)
     return out
+
+
+def _captured(make):
+    """make, its forward captured in a CUDA graph: the case then times graph replays (GPU time)."""
+    def captured():
+        fwd, _ = make()
+        replay = harness.graphed(fwd)
+        return replay, replay
+
+    return captured
 
 
 class _nothing:
@@ -236,6 +249,10 @@ def main(argv=None, log=print):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--graphs", action="store_true",
+                        help="time every variant's forward captured in a CUDA graph (replays: GPU time only, as a "
+                             "server that captures its decode steps sees it; peft's layer left out: it cannot be "
+                             "captured)")
     parser.add_argument("--static-cache", action="store_true",
                         help="--model-level with a static KV cache: transformers' generate then compiles the decode "
                              "steps of the served and the merged model alike (mode reduce-overhead: CUDA graphs); the "
@@ -255,13 +272,15 @@ def main(argv=None, log=print):
     for rows in _parse_rows(args.rows):
         for n in (int(v) for v in args.adapters.split(",")):
             for ranks_mode in args.ranks.split(","):
-                all_cases += cases(rows, n, ranks_mode.strip(), args.hidden, dtype, device, with_peft)
+                all_cases += cases(rows, n, ranks_mode.strip(), args.hidden, dtype, device, with_peft,
+                                   graphs=args.graphs and device != "cpu")
     warm, rep = (1, 5) if device == "cpu" else (25, 150)
     warm = warm if args.warmup_ms is None else args.warmup_ms
     rep = rep if args.rep_ms is None else args.rep_ms
 
     def write(results, partial=None):
-        md = (f"{harness.environment(device)}, {args.dtype}, hidden {args.hidden}; forward only\n\n"
+        captured = "; every forward captured in a CUDA graph (GPU time)" if args.graphs and device != "cpu" else ""
+        md = (f"{harness.environment(device)}, {args.dtype}, hidden {args.hidden}; forward only{captured}\n\n"
               + (f"**Partial: {partial} so far.**\n\n" if partial else "")
               + harness.table(results, "base (cuBLAS)", ["fusedpeft [bgmv]"] if device != "cpu" else None))
         if args.out:

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from helpers import StoppedByTimeLimit, cut_after_first_group
 
 from benchmarks import harness, serving
@@ -45,3 +46,24 @@ def test_a_serving_run_cut_short_keeps_the_groups_it_finished(one_thread, monkey
     serving.main(argv, log=lambda *a: None)
     text = out.read_text()
     assert "Partial" not in text and "| 4 rows, 3 adapters, r=4 | fusedpeft |" in text
+
+
+def test_graphs_mode_times_each_forward_through_its_capture(monkeypatch):
+    """--graphs: every case's forward goes through harness.graphed (a stand-in here, which counts and
+    returns the forward itself: capture needs CUDA) and peft's layer, which cannot be captured, is
+    left out."""
+    captured = []
+
+    def stand_in(fn):
+        captured.append(fn)
+        return fn
+
+    monkeypatch.setattr(harness, "graphed", stand_in)
+    cases = serving.cases(("4", 1, 4), 2, "4", 16, torch.float32, "cpu", with_peft=True, graphs=True)
+    assert "peft" not in {c.variant for c in cases}
+    for case in cases:
+        fwd, step = case.make()
+        assert fwd is step and fwd().shape == (1, 4, 16)
+    assert len(captured) == len(cases)
+    plain = serving.cases(("4", 1, 4), 2, "4", 16, torch.float32, "cpu", with_peft=True)
+    assert "peft" in {c.variant for c in plain}
