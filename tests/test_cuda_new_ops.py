@@ -153,3 +153,30 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
                 graph.replay()
                 expect = multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)
                 assert rel_err(y, expect) < 1e-2, backend
+
+
+def test_cublas_batched_capture_follows_the_bank_at_replay():
+    """A prefill (one slot per sequence) through cublas_batched captured in a CUDA graph, then the
+    bank rewritten in place (a slot's rank and scaling, as loading an adapter does) and the graph
+    replayed: the replay reads the bank as it is then, as eager does."""
+    S, R, K, N, G, L = 4, 16, 512, 384, 6, 32
+    ranks_list = [16, 8, 4, 16]
+    A, B = _bank(S, R, K, N, torch.bfloat16, ranks_list)
+    A[1, 8:] = 0.5  # non-zero past slot 1's rank: it counts only once the rank grows
+    scalings = torch.rand(S, device="cuda") + 0.5
+    ranks = torch.tensor(ranks_list, dtype=torch.int32, device="cuda")
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    x = torch.randn(G, L, K, device="cuda").to(torch.bfloat16)
+    seq = torch.tensor([1, 3, -1, 0, 1, 2], device="cuda")
+    with torch.no_grad(), fusedpeft.use_backend("cublas_batched"):
+        multi_lora_linear(x, W, None, A, B, scalings, ranks, seq)  # warm: the kept scale table, cuBLAS plans
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = multi_lora_linear(x, W, None, A, B, scalings, ranks, seq)
+        ranks[1].fill_(16)
+        scalings[3].fill_(-2.0)
+        graph.replay()
+        expect = multi_lora_linear(x, W, None, A, B, scalings, ranks, seq)
+        torch.cuda.synchronize()
+    assert rel_err(y, expect) < 1e-2

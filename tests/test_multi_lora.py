@@ -116,6 +116,38 @@ def test_multi_lora_follows_the_bank_written_between_calls(backend):
     check()
 
 
+def test_cublas_batched_keeps_no_scale_table_inside_a_capture(monkeypatch):
+    """Inside a CUDA-graph capture (stood in for here) cublas_batched rebuilds its per-slot scale
+    table on every call, so that a captured graph reads the bank as it is at each replay; outside
+    one it reuses the table kept for the bank's state."""
+    from fusedpeft import tuning
+    from fusedpeft.backends import cublas
+
+    S, R, K, N, G, L = len(RANKS), 16, 24, 40, 4, 3
+    x, W = torch.randn(G, L, K), torch.randn(N, K) / K**0.5
+    A, clean_A, B = _bank(S, R, K, N, torch.float32, RANKS)
+    scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
+    seq = torch.tensor([1, 3, -1, 0])
+
+    def run():
+        with torch.no_grad(), fusedpeft.use_backend("cublas_batched"):
+            return multi_lora_linear(x, W, None, clean_A, B, scalings, ranks, seq)
+
+    def reference():
+        return multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), None, clean_A.double(),
+                                           B.double(), scalings.double(), ranks, seq.repeat_interleave(L))
+
+    run()  # the table kept for this bank state
+    scalings.data[3] = -1.5  # a write the version counter does not see: a kept table would be stale
+    stale = run()
+    assert rel_err(stale.reshape(G * L, N), reference()) > 1e-3  # outside a capture the kept table serves
+    monkeypatch.setattr(tuning, "capturing", lambda: True)
+    kept = dict(cublas._SCALE_TABLES)
+    fresh = run()
+    assert rel_err(fresh.reshape(G * L, N), reference()) <= TOL[torch.float32]
+    assert cublas._SCALE_TABLES == kept  # nothing made inside the capture is kept
+
+
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_multi_ia3_takes_one_slot_per_sequence(feedforward):
     G, L, K, N, S = 3, 5, 12, 10, 4

@@ -64,8 +64,12 @@ def slot_scales(scalings, ranks, R: int, dtype):
 
     from .. import tuning
 
+    # Inside a CUDA-graph capture the table is made afresh and not kept: the graph then rebuilds it
+    # from the bank at every replay (a kept table would hold the slots of capture time, and a table
+    # made in the capture lives in the graph's memory).
+    capturing = tuning.capturing()
     key = (id(scalings), id(ranks), R, dtype, scalings.device)
-    hit = _SCALE_TABLES.get(key)
+    hit = None if capturing else _SCALE_TABLES.get(key)
     if hit is not None:
         s_ref, r_ref, versions, table = hit
         if s_ref() is scalings and r_ref() is ranks and versions == (scalings._version, ranks._version):
@@ -74,7 +78,7 @@ def slot_scales(scalings, ranks, R: int, dtype):
     live = torch.arange(R, device=scalings.device) < ranks.to(scalings.device).unsqueeze(1)
     table = torch.zeros(S + 1, R, dtype=dtype, device=scalings.device)
     table[:S] = torch.where(live, scalings.unsqueeze(1), 0.0)
-    if not tuning.capturing():  # a table made inside a capture lives in the graph's memory
+    if not capturing:
         if len(_SCALE_TABLES) > 4096:
             _SCALE_TABLES.clear()
         _SCALE_TABLES[key] = (weakref.ref(scalings), weakref.ref(ranks), (scalings._version, ranks._version), table)
