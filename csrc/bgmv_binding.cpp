@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <array>
 #include <initializer_list>
 #include <mutex>
 #include <optional>
@@ -224,11 +225,16 @@ struct ForkEvents {
   cudaEvent_t shrink_done = nullptr;
 };
 
+constexpr int kMaxDevices = 64;
+
+// A fixed table, never resized: a reference handed out stays valid while another thread creates
+// the events of another device.
 ForkEvents& fork_events(int device) {
   static std::mutex lock;
-  static std::vector<ForkEvents> events;
+  static std::array<ForkEvents, kMaxDevices> events;
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, kWho, "device index ", device, " past the ", kMaxDevices,
+              " this extension keeps events for");
   const std::lock_guard<std::mutex> hold(lock);
-  if (events.size() <= static_cast<size_t>(device)) events.resize(device + 1);
   ForkEvents& e = events[device];
   if (e.inputs_ready == nullptr) {
     check_launch(cudaEventCreateWithFlags(&e.inputs_ready, cudaEventDisableTiming), "cudaEventCreate");
