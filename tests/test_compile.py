@@ -132,3 +132,22 @@ def test_opcheck_dora():
     for save_z in (True, False):
         torch.library.opcheck(dora_ops._OP.forward_op,
                               (x, W, torch.randn(24), A, B, m, 0.5, norm, 0.0, None, save_z, -1))
+
+
+@pytest.mark.parametrize("lead", [(7,), (3, 5), (0,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_serving_ops(lead, bias):
+    """The serving ops' custom ops (what torch.compile sees of multi_lora_linear and
+    multi_ia3_linear): schema, fake tensors and dispatch agree, 2-D and per-sequence 3-D x."""
+    from fusedpeft.ops import multi_lora as ml
+
+    x, W = torch.randn(*lead, 16), torch.randn(12, 16)
+    b = torch.randn(12) if bias else None
+    A, B = torch.randn(3, 4, 16), torch.randn(3, 12, 4)
+    scalings, ranks = torch.rand(3) + 0.5, torch.tensor([4, 2, 0], dtype=torch.int32)
+    index = torch.randint(-1, 3, (lead[0],))
+    with torch.no_grad():
+        torch.library.opcheck(ml._multi_lora_op, (x, W, b, A, B, scalings, ranks, index))
+        for feedforward in (False, True):
+            scales = torch.rand(3, 16 if feedforward else 12) + 0.5
+            torch.library.opcheck(ml._multi_ia3_op, (x, W, b, scales, index, feedforward))
