@@ -174,7 +174,10 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
     if hit is not None:
         return hit
     stored = lookup("path", f"{op}|{shape_key!r}")
-    if stored is not None and stored.get("winner") in names:
+    # A stored winner stands only against the candidates it was measured against: a backend
+    # registered since (a new release, an extension built now) is measured, not passed over.
+    if stored is not None and stored.get("winner") in names and set(names) <= set(stored.get("candidates",
+                                                                                         stored.get("ms", ()))):
         _PATHS[(op, shape_key)] = stored["winner"]
         return stored["winner"]
     if not enabled() or capturing():
@@ -188,7 +191,7 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
     _PATHS[(op, shape_key)] = winner
     LOG.append({"op": op, "key": repr(shape_key), "ms": timings, "passes": samples, "errors": errors,
                 "winner": winner, "tuning_s": time.perf_counter() - t0})
-    record("path", f"{op}|{shape_key!r}", {"winner": winner, "ms": timings})
+    record("path", f"{op}|{shape_key!r}", {"winner": winner, "ms": timings, "candidates": list(names)})
     return winner
 
 

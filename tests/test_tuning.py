@@ -39,6 +39,25 @@ def test_choose_measures_once_keeps_the_fastest_and_persists(tuning_dir):
     assert {"op": "op_a", "key": repr((128, 64)), "winner": "fast"} in tuning.entries()
 
 
+def test_a_stored_choice_is_measured_again_against_a_new_candidate(tuning_dir):
+    """The disk's winner stands against the candidates it was measured against; a candidate
+    registered since (a new backend) makes the key measured again, and the new winner stored."""
+    assert tuning.choose("op_n", (64,), ["a", "b"], {"a": 2.0, "b": 1.0}.get) == "b"
+    tuning.clear()  # a new process
+    assert tuning.choose("op_n", (64,), ["b", "a"], lambda n: pytest.fail("measured again")) == "b"
+    tuning.clear()
+    measured = []
+
+    def bench(name):
+        measured.append(name)
+        return {"a": 2.0, "b": 1.0, "c": 0.5}[name]
+
+    assert tuning.choose("op_n", (64,), ["a", "b", "c"], bench) == "c"
+    assert set(measured) == {"a", "b", "c"}
+    tuning.clear()
+    assert tuning.choose("op_n", (64,), ["a", "b", "c"], lambda n: pytest.fail("measured again")) == "c"
+
+
 def test_choose_skips_a_failing_candidate_and_reports_when_none_runs(tuning_dir):
     def bench(name):
         if name == "broken":
