@@ -270,26 +270,26 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const std::optional<Te
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);
   const bool update = a.M > 0 && weight.size(0) > 0 && a.R > 0;
   Tensor u;
-  std::optional<c10::cuda::CUDAStream> side;
+  const ForkEvents* forked = nullptr;  // the events of the fork, where the shrink runs beside the GEMM
   if (update) {
     u = at::empty({a.M, a.R}, x.options().dtype(at::kFloat));
     a.u = u.data_ptr<float>();
     a.shrink_ranks_per_cta = static_cast<int>(ranks_per_cta);
     if (overlap) {
-      ForkEvents& events = fork_events(device);
-      side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
-      check_launch(cudaEventRecord(events.inputs_ready, current.stream()), "cudaEventRecord");
-      check_launch(cudaStreamWaitEvent(side->stream(), events.inputs_ready, 0), "cudaStreamWaitEvent");
-      check_launch(bgmv::shrink(a, side->stream()), "shrink");
-      check_launch(cudaEventRecord(events.shrink_done, side->stream()), "cudaEventRecord");
+      forked = &fork_events(device);
+      const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+      check_launch(cudaEventRecord(forked->inputs_ready, current.stream()), "cudaEventRecord");
+      check_launch(cudaStreamWaitEvent(side.stream(), forked->inputs_ready, 0), "cudaStreamWaitEvent");
+      check_launch(bgmv::shrink(a, side.stream()), "shrink");
+      check_launch(cudaEventRecord(forked->shrink_done, side.stream()), "cudaEventRecord");
     } else {
       check_launch(bgmv::shrink(a, current.stream()), "shrink");
     }
   }
   Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (!update) return y;
-  if (side.has_value()) {
-    check_launch(cudaStreamWaitEvent(current.stream(), fork_events(device).shrink_done, 0), "cudaStreamWaitEvent");
+  if (forked != nullptr) {
+    check_launch(cudaStreamWaitEvent(current.stream(), forked->shrink_done, 0), "cudaStreamWaitEvent");
   }
   set_y(a, y, x);
   set_B(a, lora_B, scalings, x);

@@ -176,8 +176,8 @@ def choose(op: str, shape_key: tuple, names: list[str], bench: Callable[[str], f
     stored = lookup("path", f"{op}|{shape_key!r}")
     # A stored winner stands only against the candidates it was measured against: a backend
     # registered since (a new release, an extension built now) is measured, not passed over.
-    if stored is not None and stored.get("winner") in names and set(names) <= set(stored.get("candidates",
-                                                                                         stored.get("ms", ()))):
+    measured = () if stored is None else stored.get("candidates", stored.get("ms", ()))  # older files: ms's keys
+    if stored is not None and stored.get("winner") in names and set(names) <= set(measured):
         _PATHS[(op, shape_key)] = stored["winner"]
         return stored["winner"]
     if not enabled() or capturing():

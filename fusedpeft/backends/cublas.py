@@ -95,7 +95,7 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     N = weight.shape[0]
     G, L = group_index.shape[0], rows_per_group
     if M == 0 or N == 0 or lora_A.shape[1] == 0:
-        return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        return torch.nn.functional.linear(x, weight, bias)
     R, S = lora_A.shape[1], lora_A.shape[0]
     slot = group_index.clamp_min(0)
     A = lora_A.index_select(0, slot)  # (G, R, K)
@@ -112,7 +112,7 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
         # y reading and writing 4 M N bytes after it.
         y = torch.bmm(u, B.transpose(1, 2)).view(M, N)
         return y.addmm_(x, weight.T)
-    y = torch.addmm(bias, x, weight.T)
+    y = torch.nn.functional.linear(x, weight, bias)
     y.view(G, L, -1).baddbmm_(u, B.transpose(1, 2))
     return y
 

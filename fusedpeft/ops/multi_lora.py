@@ -264,20 +264,12 @@ def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> 
 # value on the host, so a compiled decode step also captures into a CUDA graph (mode
 # "reduce-overhead", as transformers' generate compiles it with a static cache): the tuner
 # measures during the compiled function's eager warm-up runs, before any capture.
-def _multi_lora_eager(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
-    return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
-
-
-def _multi_ia3_eager(x, weight, bias, scales, adapter_index, feedforward):
-    return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
-
-
 _multi_lora_op = torch.library.custom_op(
-    "fusedpeft::multi_lora_linear", _multi_lora_eager, mutates_args=(),
+    "fusedpeft::multi_lora_linear", run_multi_lora, mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor ranks, "
            "Tensor adapter_index) -> Tensor")
 _multi_ia3_op = torch.library.custom_op(
-    "fusedpeft::multi_ia3_linear", _multi_ia3_eager, mutates_args=(),
+    "fusedpeft::multi_ia3_linear", run_multi_ia3, mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor scales, Tensor adapter_index, bool feedforward) -> Tensor")
 
 

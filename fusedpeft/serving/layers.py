@@ -153,8 +153,8 @@ class _ServingLayer(nn.Module):
 
     def _takes_unchecked(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         """Whether x may skip the op's checks: the bank was checked when it was made, the index is
-        the batch's own, so x is all that is left (no autograd, the layer's width, w's dtype and
-        device). Anything else goes through the checked op, which names what is wrong."""
+        the batch's own, so x is all that is left (no autograd, the layer's width, the dtype and
+        device of w, the base weight). Anything else goes through the checked op, which names what is wrong."""
         return (x.shape[-1] == self.in_features and x.dtype == w.dtype and x.device == w.device
                 and not torch.is_grad_enabled())
 
@@ -199,15 +199,13 @@ class MultiLoraLinear(_ServingLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One slot per sequence where x holds whole sequences (a prefill): the op's grouped
         # backends take the sequences' rows as groups, the others get the index expanded per row.
-        base = self._modules["base_layer"]
-        w = base.weight
+        base, w = self._modules["base_layer"], self.base_weight()
         index = self._index(x, w.device, per_leading=True)
         if index is None:
             return base(x)
         run = run_multi_lora if self._takes_unchecked(x, w) else multi_lora_linear
         bank = self._buffers
-        return run(x, w.T if self.fan_in_fan_out else w, base.bias, bank["lora_A"], bank["lora_B"], bank["scalings"],
-                   bank["ranks"], index)
+        return run(x, w, base.bias, bank["lora_A"], bank["lora_B"], bank["scalings"], bank["ranks"], index)
 
 
 class MultiIA3Linear(_ServingLayer):
@@ -244,11 +242,10 @@ class MultiIA3Linear(_ServingLayer):
             if self._batch.stale is not None:
                 raise RuntimeError(self._batch.stale)
             return self.base_layer(x)
-        base = self._modules["base_layer"]
-        w = base.weight
+        base, w = self._modules["base_layer"], self.base_weight()
         index = self._index(x, w.device)
         if index is None:
             return base(x)
         scales = self._buffers["ia3_in" if self.feedforward else "ia3_out"]
         run = run_multi_ia3 if self._takes_unchecked(x, w) else multi_ia3_linear
-        return run(x, w.T if self.fan_in_fan_out else w, base.bias, scales, index, self.feedforward)
+        return run(x, w, base.bias, scales, index, self.feedforward)
