@@ -1,7 +1,7 @@
 # The tables the issues quote, refreshed for the code in the tree, stage by stage in the order of
 # $STAGES (default: the first call's), packing after each (see README.md here):
-#   ext        the CUDA extension built, its tests and the serving ops' GPU tests, then the decode
-#              and prefill rows of the serving table (no peft) and tools.serving_split
+#   ext        the CUDA extension built, its tests and the serving ops' GPU tests (captures included)
+#   table      the decode and prefill rows of the serving table (no peft)
 #   probe      the extension's error paths, each in a fresh process; its GPU tests; generate throughput
 #   graphs     the serving layer table with every forward captured in a CUDA graph (GPU time), then
 #              generate with a static cache (transformers compiles the decode steps of both models)
@@ -22,10 +22,9 @@ for stage in ${STAGES:-launch tests split serving}; do
   case $stage in
     ext) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/ext.log 2>&1
       timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
-        tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/ext.log 2>&1; pack
-      timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --warmup-ms 5 --rep-ms 30 \
-        --out $OUT/serving.md > $OUT/serving.log 2>&1; pack
-      timeout 150 python3 -m tools.serving_split --top 8 > $OUT/serving_split.log 2>&1 ;;
+        tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or capture or test_serving)" >> $OUT/ext.log 2>&1 ;;
+    table) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --warmup-ms 5 --rep-ms 30 \
+        --out $OUT/serving.md > $OUT/serving.log 2>&1 ;;
     probe) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/probe.log 2>&1
       timeout 150 python3 -m tools.bgmv_errors >> $OUT/probe.log 2>&1
       timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
