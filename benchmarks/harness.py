@@ -86,7 +86,14 @@ def graphed(fn: Callable) -> Callable:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay():
+        # The replay reads the memory of fn's closure (its inputs), which the graph does not own:
+        # this function holds fn, so the inputs live as long as the replay can run.
+        graph.replay()
+        return fn
+
+    return replay
 
 
 def train_step_peak_mib(step: Callable, device="cuda") -> float:

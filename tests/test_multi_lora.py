@@ -22,7 +22,11 @@ def _bank(S, R, K, N, dtype, ranks):
     for s, r in enumerate(ranks):
         clean_A[s, r:] = 0
         B[s, :, r:] = 0
-    A[1, ranks[1]:] = 7.0  # garbage past slot 1's rank: must never be read
+    # Garbage past slot 1's rank, which must never be read: a finite value, then NaN (0 * NaN is NaN,
+    # so a backend that multiplies what lies there by a zero scale fails too)
+    A[1, ranks[1]:] = 7.0
+    A[3, ranks[3]:] = float("nan")
+    B[3, :, ranks[3]:] = float("nan")
     return A.to(dtype), clean_A.to(dtype), B.to(dtype)
 
 

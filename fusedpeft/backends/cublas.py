@@ -13,10 +13,11 @@ group (fusedpeft.ops.multi_lora: ``adapter_index`` per sequence):
 With a bias the base GEMM comes first (addmm adds the bias) and the batched GEMM accumulates.
 
 A group without an adapter (slot -1) takes slot 0's tensors with a scale of 0, and the columns of u
-past a slot's rank are scaled by 0 too (one gather from a per-slot scale table kept per bank state,
-``slot_scales``): no host sync, so a step can be captured in a CUDA graph. Beside the three GEMMs a
-call launches five small kernels (the slot index twice, the two gathers, the scales' gather and
-product); with the scale mask built per call it launched twelve, about 30 us at 4096 rows on an H100
+and of the gathered B past a slot's rank are zeroed (the scales come from one gather from a per-slot
+table kept per bank state, ``slot_scales``; a zero scale marks the columns to clear, since the bank
+may hold NaN there): no host sync, so a step can be captured in a CUDA graph. Beside the three GEMMs
+a call launches eight small kernels (the slot index twice, the two gathers, the scales' gather, the
+zero mask, the scale product and the two clears); with the scale mask built per call it launched twelve, about 30 us at 4096 rows on an H100
 (``python -m tools.serving_split``), a sixth of an 8192 -> 2048 layer's base GEMM.
 
 Cost over the base GEMM: the gather (2 G R (K + N) bytes in 16-bit types), the shrink (2 M K R
@@ -26,10 +27,10 @@ that is 8 MiB gathered, 32 MiB of x and 32 + 32 MiB of y beside the base's 0.14 
 an H100 with the expand last (reading and writing y after the GEMM: 4 M N bytes), 0.27 ms against the
 base's 0.178 (1.50x; the fused SGMV kernel, which writes y once, took 0.54 ms: its main loop is far
 from cuBLAS's); with the expand first and the kept scale table, on an H200, 0.236 against 0.177
-(1.34x). Mixed ranks are exact (the bank's zeros past a slot's rank are multiplied, its
-garbage never reaches y) but cost the bank's maximum rank R. With one row per group
+(1.34x). Mixed ranks are exact (what lies past a slot's rank never reaches y) but cost the
+bank's maximum rank R. With one row per group
 (decode) the gather reads an adapter per row where the BGMV kernels read each distinct adapter once,
-and its nine launches make it host-bound (0.15-0.31 ms at 64 rows): the tuner measures which wins.
+and its eleven launches make it host-bound (0.15-0.31 ms at 64 rows): the tuner measures which wins.
 """
 from __future__ import annotations
 
@@ -104,8 +105,12 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     # without an adapter (-1 modulo S + 1 is the table's zero row): what lies past a slot's rank
     # never reaches y.
     s = slot_scales(scalings, ranks, R, x.dtype).index_select(0, group_index.remainder(S + 1))  # (G, R)
+    # The bank past a slot's rank may hold anything (NaN included: it is never meant to be read), and
+    # 0 * NaN is NaN, so those columns of u and of the gathered B are zeroed, not scaled by 0.
+    dead = (s == 0).unsqueeze(1)  # (G, 1, R); a live slot of scaling 0 adds nothing either way
+    B.masked_fill_(dead, 0)
     u = torch.bmm(x.reshape(G, L, K), A.transpose(1, 2))  # (G, L, R)
-    u.mul_(s.unsqueeze(1))
+    u.mul_(s.unsqueeze(1)).masked_fill_(dead, 0)
     if bias is None:
         # The rank-r term first, written once, then the base GEMM accumulates onto it (beta = 1:
         # cuBLAS reads it in the epilogue of a compute-bound GEMM) rather than a second pass over
