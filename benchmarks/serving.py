@@ -131,7 +131,7 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs
                         path=lambda: fusedpeft.last_backend("multi_lora_linear"))]
     registered = fusedpeft.backends.registered("multi_lora_linear")
     if device != "cpu":
-        for name in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched"):
+        for name in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"):
             if name in registered:
                 out.append(harness.Case(group, f"fusedpeft [{name}]", ours(name), flops=base_flops, path=name))
     if with_peft and not graphs:  # peft's mixed batch reads the adapter names on the host: no capture

@@ -58,6 +58,10 @@ def test_dora_composed_matches_float64(dtype, lead, K, N, r, monkeypatch, use_se
     test_dora_matches_float64("cublas_autograd", dtype, lead, K, N, r, 0.0, "save", monkeypatch, use_settings)
 
 
+# The GPU candidates of multi_lora_linear (the torch reference aside).
+MULTI_LORA_BACKENDS = ["triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"]
+
+
 def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     A = torch.randn(S, R, K, device=device) / K**0.5
     B = torch.randn(S, N, R, device=device) / R**0.5
@@ -67,7 +71,7 @@ def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     return A.to(dtype), B.to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", None])
+@pytest.mark.parametrize("backend", ["torch", *MULTI_LORA_BACKENDS, None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (7, 1000, 1496), (64, 4096, 4096), (256, 2048, 512),
                                    (4096, 4096, 4096)])
@@ -93,7 +97,7 @@ def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
     assert err <= GPU_TOL[dtype], f"{fusedpeft.last_backend('multi_lora_linear')}: {err}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", None])
+@pytest.mark.parametrize("backend", ["torch", *MULTI_LORA_BACKENDS, None])
 @pytest.mark.parametrize("G,L,K,N", [(32, 128, 4096, 4096), (5, 77, 1000, 1496), (3, 1, 2048, 512)])
 @pytest.mark.parametrize("n_slots", [8, 32])
 def test_multi_lora_per_sequence_matches_float64(backend, G, L, K, N, n_slots):
@@ -140,8 +144,7 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():
-        for backend in [b for b in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched")
-                        if b in fusedpeft.backends.registered("multi_lora_linear")]:
+        for backend in [b for b in MULTI_LORA_BACKENDS if b in fusedpeft.backends.registered("multi_lora_linear")]:
             with fusedpeft.use_backend(backend):
                 multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)  # warm: compile, plan
                 torch.cuda.synchronize()
@@ -155,8 +158,9 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
                 assert rel_err(y, expect) < 1e-2, backend
 
 
-def test_cublas_batched_capture_follows_the_bank_at_replay():
-    """A prefill (one slot per sequence) through cublas_batched captured in a CUDA graph, then the
+@pytest.mark.parametrize("backend", ["cublas_batched", "sgmv_cublas"])
+def test_grouped_capture_follows_the_bank_at_replay(backend):
+    """A prefill (one slot per sequence) through a grouped backend captured in a CUDA graph, then the
     bank rewritten in place (a slot's rank and scaling, as loading an adapter does) and the graph
     replayed: the replay reads the bank as it is then, as eager does."""
     S, R, K, N, G, L = 4, 16, 512, 384, 6, 32
@@ -168,8 +172,8 @@ def test_cublas_batched_capture_follows_the_bank_at_replay():
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
     x = torch.randn(G, L, K, device="cuda").to(torch.bfloat16)
     seq = torch.tensor([1, 3, -1, 0, 1, 2], device="cuda")
-    with torch.no_grad(), fusedpeft.use_backend("cublas_batched"):
-        multi_lora_linear(x, W, None, A, B, scalings, ranks, seq)  # warm: the kept scale table, cuBLAS plans
+    with torch.no_grad(), fusedpeft.use_backend(backend):
+        multi_lora_linear(x, W, None, A, B, scalings, ranks, seq)  # warm: kept tables, cuBLAS plans, compiles
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

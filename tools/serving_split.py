@@ -62,11 +62,11 @@ def main(argv=None):
                   f"{HEADER}")
             print(split_row("base layer", lambda: layer.base_layer(x)))
             print(split_row("serving layer (tuned)", lambda: layer(x), each=True))
-            for backend in ("cuda", "cuda_overlap", "cublas_batched", "triton") + (("torch",) if x.dim() == 2 else ()):
+            for backend in ("cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas", "triton") + (("torch",) if x.dim() == 2 else ()):
                 try:
                     with fusedpeft.use_backend(backend):
                         # The kernels of the prefill's batched GEMMs, one by one.
-                        each = backend == "cublas_batched" and x.dim() == 3
+                        each = backend in ("cublas_batched", "sgmv_cublas") and x.dim() == 3
                         print(split_row(f"serving layer [{backend}]", lambda: layer(x), each=each))
                 except Exception as exc:  # a backend that cannot run here is reported, not fatal
                     print(f"  serving layer [{backend}]: {type(exc).__name__}: {str(exc)[:200]}")

@@ -3,8 +3,8 @@
 #   ext        the CUDA extension built, its tests and the serving ops' GPU tests (captures included)
 #   table      the decode and prefill rows of the serving table (no peft)
 #   probe      the extension's error paths, each in a fresh process; its GPU tests; generate throughput
-#   graphs     the serving layer table with every forward captured in a CUDA graph (GPU time), then
-#              generate with a static cache (transformers compiles the decode steps of both models)
+#   graphs     the serving layer table with every forward captured in a CUDA graph (GPU time)
+#   static     generate with a static cache (transformers compiles the decode steps of both models)
 #   serving_split  tools.serving_split: the tuner's serving choices, decode and prefill layers kernel by
 #              kernel, generate calls in turns
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
@@ -23,16 +23,16 @@ for stage in ${STAGES:-launch tests split serving}; do
     ext) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/ext.log 2>&1
       timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or capture or test_serving)" >> $OUT/ext.log 2>&1 ;;
-    table) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --warmup-ms 5 --rep-ms 30 \
+    table) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --ranks ${RANKS:-16,mixed} --warmup-ms 5 --rep-ms 30 \
         --out $OUT/serving.md > $OUT/serving.log 2>&1 ;;
     probe) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/probe.log 2>&1
       timeout 150 python3 -m tools.bgmv_errors >> $OUT/probe.log 2>&1
       timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/probe.log 2>&1; pack
       timeout 200 python3 -m benchmarks.serving --model-level --repeats 7 > $OUT/model_level.log 2>&1; pack ;;
-    graphs) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --graphs --adapters ${ADAPTERS:-8,32,128} \
-        --warmup-ms 5 --rep-ms 30 --out $OUT/serving_graphs.md > $OUT/serving_graphs.log 2>&1; pack
-      timeout ${MODEL_S:-300} python3 -m benchmarks.serving --model-level --static-cache --repeats 5 > $OUT/model_static.log 2>&1 ;;
+    graphs) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --graphs --adapters ${ADAPTERS:-8,32,128} --ranks ${RANKS:-16,mixed} \
+        --warmup-ms 5 --rep-ms 30 --out $OUT/serving_graphs.md > $OUT/serving_graphs.log 2>&1 ;;
+    static) timeout ${MODEL_S:-300} python3 -m benchmarks.serving --model-level --static-cache --repeats 5 > $OUT/model_static.log 2>&1 ;;
     serving_split) timeout ${SPLIT_S:-170} python3 -m tools.serving_split --top 0 --repeats 5 > $OUT/serving_split.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
@@ -54,7 +54,7 @@ for stage in ${STAGES:-launch tests split serving}; do
   pack
 done
 grep -E "passed|failed|FAILED|Error" $OUT/ext.log 2>/dev/null | tail -20
-cat $OUT/serving_graphs.md 2>/dev/null | cut -d'|' -f2-6; grep -v -i warn $OUT/model_static.log 2>/dev/null | tail -8
+cat $OUT/serving_graphs.md 2>/dev/null | cut -d'|' -f2-6; grep -v -i warn $OUT/serving_graphs.log 2>/dev/null | tail -3; grep -v -i warn $OUT/model_static.log 2>/dev/null | tail -8
 cat $OUT/serving.md $OUT/probe.log $OUT/model_level.log 2>/dev/null | grep -v -i warn | tail -40; grep -E "^\| (64|256) rows" $OUT/decode.md | cut -d'|' -f2-6
 grep -v "^ *$" $OUT/serving_split.log 2>/dev/null | grep -v -i warn | head -60
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
