@@ -270,6 +270,55 @@ def grouped_expand_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+def grouped_block_m(rows_per_group: int) -> int:
+    """Row tiles never straddle two groups: a tile no taller than the group, 16 to 64 rows."""
+    if layout.interpreting() or rows_per_group <= 16:
+        return 16
+    return 32 if rows_per_group <= 32 else 64
+
+
+def grouped_shrink(x, lora_A, ranks, group_index, rows_per_group: int, BLOCK_K=None, splits=None, num_stages=None):
+    """u_part (splits, M, BLOCK_R) float32 of grouped_shrink_kernel: x A[i]^T per group, split over K.
+    By default about two programs per SM over (row tiles x K chunks), each chunk at least
+    4 x BLOCK_K long (the interpreter's small tests: one BLOCK_K, so that their K is split too)."""
+    M, K = x.shape
+    G, L, R = group_index.shape[0], rows_per_group, lora_A.shape[1]
+    interp = layout.interpreting()
+    BLOCK_R, BLOCK_M = block_r(R), grouped_block_m(L)
+    BLOCK_K = BLOCK_K or (16 if interp else 128)
+    tiles_per_group = cdiv(L, BLOCK_M)
+    tiles = G * tiles_per_group
+    if splits is None:
+        target = 8 if interp else 2 * layout.num_sms(x.device.index or 0)
+        splits = max(1, min(cdiv(target, tiles), cdiv(K, (1 if interp else 4) * BLOCK_K)))
+    k_chunk = cdiv(cdiv(K, splits), BLOCK_K) * BLOCK_K
+    splits = cdiv(K, k_chunk)
+    u = torch.empty(splits, M, BLOCK_R, dtype=torch.float32, device=x.device)
+    grouped_shrink_kernel[(tiles, splits)](
+        x, lora_A, u, group_index, ranks, L, K, k_chunk, tiles_per_group,
+        x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, IEEE=x.dtype == torch.float32, num_warps=4,
+        num_stages=1 if interp else (num_stages or 4))
+    return u
+
+
+def grouped_expand(u, lora_B, bias, group_index, scalings, ranks, rows_per_group: int, dtype, BLOCK_N=None,
+                   num_warps=4):
+    """y (M, N) in ``dtype`` of grouped_expand_kernel: s[i] u B[i]^T (+ bias), u summed over its splits."""
+    splits, M, BLOCK_R = u.shape
+    N, L = lora_B.shape[1], rows_per_group
+    BLOCK_M = grouped_block_m(L)
+    BLOCK_N = BLOCK_N or (32 if layout.interpreting() else 128)
+    tiles_per_group = cdiv(L, BLOCK_M)
+    y = torch.empty(M, N, dtype=dtype, device=u.device)
+    grouped_expand_kernel[(group_index.shape[0] * tiles_per_group, cdiv(N, BLOCK_N))](
+        y, u, lora_B, y if bias is None else bias, group_index, scalings, ranks, L, N, splits, tiles_per_group,
+        y.stride(0), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        IEEE=dtype == torch.float32, num_warps=num_warps)
+    return y
+
+
 def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, rows_per_group: int):
     """The split prefill schedule (backend ``sgmv_cublas``) on groups of consecutive rows, group j
     of slot group_index[j] (-1: none):
@@ -287,35 +336,11 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     idle), and the expand sums the splits as it loads u: no atomics, no zeroed buffer."""
     M, K = x.shape
     N = weight.shape[0]
-    G, L = group_index.shape[0], rows_per_group
     if M == 0 or N == 0:
         return torch.nn.functional.linear(x, weight, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
-    R = lora_A.shape[1]
-    interp = layout.interpreting()
-    BLOCK_R = block_r(R)
-    BLOCK_M = 16 if interp or L <= 16 else (32 if L <= 32 else 64)
-    BLOCK_K = 16 if interp else 128
-    tiles_per_group = cdiv(L, BLOCK_M)
-    tiles = G * tiles_per_group
-    # About two programs per SM over (row tiles x K chunks), each chunk at least 4 x BLOCK_K long
-    # (the interpreter's small tests: one BLOCK_K, so that their K is split too).
-    target = 8 if interp else 2 * layout.num_sms(x.device.index or 0)
-    splits = max(1, min(cdiv(target, tiles), cdiv(K, (1 if interp else 4) * BLOCK_K)))
-    k_chunk = cdiv(cdiv(K, splits), BLOCK_K) * BLOCK_K
-    splits = cdiv(K, k_chunk)
-    IEEE = x.dtype == torch.float32
-    u = torch.empty(splits, M, BLOCK_R, dtype=torch.float32, device=x.device)
-    grouped_shrink_kernel[(tiles, splits)](
-        x, lora_A, u, group_index, ranks, L, K, k_chunk, tiles_per_group,
-        x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, IEEE=IEEE, num_warps=4, num_stages=1 if interp else 4)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BLOCK_N = 32 if interp else 128
-    grouped_expand_kernel[(tiles, cdiv(N, BLOCK_N))](
-        y, u, lora_B, y if bias is None else bias, group_index, scalings, ranks, L, N, splits, tiles_per_group,
-        y.stride(0), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, IEEE=IEEE, num_warps=4)
+    u = grouped_shrink(x, lora_A, ranks, group_index, rows_per_group)
+    y = grouped_expand(u, lora_B, bias, group_index, scalings, ranks, rows_per_group, x.dtype)
     return y.addmm_(x, weight.T)
 
 
