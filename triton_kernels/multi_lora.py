@@ -303,12 +303,16 @@ def grouped_shrink(x, lora_A, ranks, group_index, rows_per_group: int, BLOCK_K=N
 
 
 def grouped_expand(u, lora_B, bias, group_index, scalings, ranks, rows_per_group: int, dtype, BLOCK_N=None,
-                   num_warps=4):
-    """y (M, N) in ``dtype`` of grouped_expand_kernel: s[i] u B[i]^T (+ bias), u summed over its splits."""
+                   num_warps=None):
+    """y (M, N) in ``dtype`` of grouped_expand_kernel: s[i] u B[i]^T (+ bias), u summed over its splits.
+    By default 256 columns a program (u's splits are loaded once per 256 columns rather than per
+    128: python -m tools.grouped_sweep on an H100, 24.2 us against 27.3 at 32 x 128 rows of a
+    4096 x 4096 layer, 10.3 against 10.7 at 64 decode rows), 8 warps for 64-row tiles."""
     splits, M, BLOCK_R = u.shape
     N, L = lora_B.shape[1], rows_per_group
     BLOCK_M = grouped_block_m(L)
-    BLOCK_N = BLOCK_N or (32 if layout.interpreting() else 128)
+    BLOCK_N = BLOCK_N or (32 if layout.interpreting() else 256)
+    num_warps = num_warps or (8 if BLOCK_M == 64 else 4)
     tiles_per_group = cdiv(L, BLOCK_M)
     y = torch.empty(M, N, dtype=dtype, device=u.device)
     grouped_expand_kernel[(group_index.shape[0] * tiles_per_group, cdiv(N, BLOCK_N))](
