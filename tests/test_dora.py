@@ -244,15 +244,26 @@ def test_dora_float32_adapters_beside_a_bf16_base(backend, dropout, lead, monkey
         assert_close(t.grad, ref.grad, torch.bfloat16, f"dora[{backend}] p={dropout} grad_{name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_dora_norm_without_forming_the_merged_weight(dtype):
-    N, K, r = 30, 50, 6
-    W, A, B = torch.randn(N, K, dtype=dtype), torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=str)
+@pytest.mark.parametrize("N,K,r", [(30, 50, 6), (17, 33, 1), (40, 24, 20), (1, 70, 16), (0, 8, 4)])
+def test_dora_norm_without_forming_the_merged_weight(backend, dtype, adapter_dtype, N, K, r):
+    """||W + s B A||_row against the merged weight's in float64: the composition (torch) and the
+    one-launch kernel (triton, under the interpreter here), float32 masters beside a bf16 W too."""
+    W = torch.randn(N, K, dtype=dtype)
+    A, B = torch.randn(r, K, dtype=adapter_dtype), torch.randn(N, r, dtype=adapter_dtype)
     ref = torch.linalg.vector_norm(W.double() + 0.8 * (B.double() @ A.double()), dim=1)
-    assert_close(dora_mod.dora_weight_norm(W, A, B, 0.8), ref, dtype if dtype != torch.bfloat16 else torch.bfloat16,
-                 "norm")
-    cached = dora_mod.weight_row_sq_norm(W)
-    assert_close(dora_mod.dora_weight_norm(W, A, B, 0.8, cached), ref, dtype, "norm from the cached ||W||^2")
+    with fusedpeft.use_backend(backend):
+        by_kernel = fusedpeft.backends.helper_impl("dora_linear", "triton", W, A) is not None
+        norm = dora_mod.dora_weight_norm(W, A, B, 0.8)
+        cached = dora_mod.weight_row_sq_norm(W)
+        from_cached = dora_mod.dora_weight_norm(W, A, B, 0.8, cached)
+    assert by_kernel == (backend == "triton" and dtype != torch.float64)
+    assert norm.shape == (N,) and norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(norm, ref, dtype, "norm")
+    assert_close(from_cached, ref, dtype, "norm from the cached ||W||^2")
 
 
 def test_dora_linear_bad_input_is_named():

@@ -107,6 +107,7 @@ def register(op: str, name: str, load: Callable[[], Any], supports: Callable[...
     _REGISTRY.setdefault(op, {})[name] = Backend(name=name, priority=priority, supports=supports, load=load,
                                                  tunable=tunable)
     _CHOICE.clear()
+    _HELPERS.clear()
     global generation
     generation += 1
     for i, (n, b) in enumerate(_REGISTRY[op].items()):
@@ -116,6 +117,27 @@ def register(op: str, name: str, load: Callable[[], Any], supports: Callable[...
 
 def registered(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}), key=lambda n: -_REGISTRY[op][n].priority)
+
+
+_HELPERS: dict = {}
+
+
+def helper_impl(op: str, name: str, *tensors):
+    """The implementation of ``op``'s backend ``name`` when it can run these tensors, else None:
+    for a part of an op computed before its backend is chosen (DoRA's row norms), which takes a
+    backend's kernel where that runs and the reference elsewhere. A forced backend of another name
+    (``use_backend("torch")``) keeps the reference; the forced name itself may use the paths only
+    a named backend takes (Triton's interpreter on CPU). Cached per forced name, devices and dtypes,
+    as select's choices."""
+    forced = _forced()
+    key = (op, name, forced, *[(t.device, t.dtype) for t in tensors])
+    hit = _HELPERS.get(key)
+    if hit is None:
+        backend = _REGISTRY.get(op, {}).get(name)
+        runs = (backend is not None and forced in (None, name)
+                and not (backend.supports(*tensors, forced=forced == name) or backend.unavailable_reason()))
+        hit = _HELPERS[key] = (backend.impl(),) if runs else (None,)
+    return hit[0]
 
 
 def _forced() -> Optional[str]:
