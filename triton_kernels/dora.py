@@ -122,60 +122,50 @@ def dora_norm_kernel(
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """norm[n] = ||W[n] + s (B A)[n]|| for one block of rows, W + s B A never formed:
-
-        n^2 = ||W[n]||^2 + 2 s (W A^T)[n] . B[n] + s^2 B[n] (A A^T) B[n]^T
-
-    one pass over the block's rows of W, accumulating W A^T (BLOCK_N x r), A A^T (r x r, the same
-    in every program: r^2 K FLOPs from A's chunks, which the cross term loads anyway) and the rows'
-    sums of squares, then the r-wide epilogue. A is cast to W's dtype for both products (float32
-    accumulation); B (BLOCK_N x r) and the epilogue are float32."""
+    """norm[n] = ||W[n] + s (B A)[n]|| for one block of rows, W + s B A never stored: each
+    (BLOCK_N x BLOCK_K) tile of the merged weight is formed in registers from W's tile and the
+    rank-r product B[rows] A[:, k-chunk], and its squares are summed in float32. The direct sum,
+    not the expansion ||W||^2 + 2 s (W A^T) . B + s^2 B (A A^T) B^T, so nothing cancels, and one
+    MMA per tile (2 N K r FLOPs in all) beside W's bytes (2 N K in 16-bit types; A from L2). B and
+    A enter the MMA in W's dtype with float32 accumulation (float32 W: full-precision FMAs)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
-    cross = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    w_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b = tl.load(b_ptr + rows[:, None] * stride_bn + r[None, :] * stride_br, mask=row_ok[:, None] & r_ok[None, :],
+                other=0.0)
+    squares = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         a = tl.load(a_ptr + r[:, None] * stride_ar + k[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(w.dtype)
-        a_t = tl.trans(a)
-        cross = mma(w, a_t, cross, IEEE)
-        gram = mma(a, a_t, gram, IEEE)
-        w32 = w.to(tl.float32)
-        w_sq += tl.sum(w32 * w32, axis=1)
-    b = tl.load(b_ptr + rows[:, None] * stride_bn + r[None, :] * stride_br, mask=row_ok[:, None] & r_ok[None, :],
-                other=0.0).to(tl.float32)
-    b_gram = mma(b, gram, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True)
-    n_sq = w_sq + tl.sum(b * (2.0 * scaling * cross + scaling * scaling * b_gram), axis=1)
-    tl.store(norm_ptr + rows, tl.sqrt(tl.maximum(n_sq, 0.0)), mask=row_ok)
+                    other=0.0)
+        merged = w.to(tl.float32) + scaling * mma(b.to(w.dtype), a.to(w.dtype),
+                                                  tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), IEEE)
+        squares += merged * merged
+    tl.store(norm_ptr + rows, tl.sqrt(tl.sum(squares, axis=1)), mask=row_ok)
 
 
 def weight_norm(weight, lora_A, lora_B, scaling: float):
     """||W + s B A||_row (N,) float32 in one launch (dora_norm_kernel), for the op's
     dora_weight_norm. Bytes: W once (2 N K in 16-bit types), A once per program from L2, B once;
-    FLOPs 2 N K r + 2 (N / BLOCK_N) K r^2. The seven-launch composition it replaces cost 84-88 us
-    on an H200 at any N (launch-bound); this reads W at a few hundred programs' bandwidth."""
+    FLOPs 2 N K r. The seven-launch composition it replaces costs 84-88 us on an H200 at any N
+    (launch-bound)."""
     N, K = weight.shape
     R = lora_A.shape[0]
     norm = torch.empty(N, dtype=torch.float32, device=weight.device)
     if N == 0:
         return norm
     interp = layout.interpreting()
-    BLOCK_R = block_r(R)
     # Rows per program: enough programs to stream W at N = 1024 (k/v projections), 32 above.
     BLOCK_N = 16 if interp or N <= 2048 else 32
-    BLOCK_K = 32 if interp else (128 if BLOCK_R <= 64 else 64)
     dora_norm_kernel[(triton.cdiv(N, BLOCK_N),)](
         weight, lora_A, lora_B, norm, N, K, R, float(scaling),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, IEEE=weight.dtype == torch.float32,
-        num_warps=4 if BLOCK_R <= 64 else 8, num_stages=1 if interp else 3)
+        BLOCK_N=BLOCK_N, BLOCK_K=32 if interp else 128, BLOCK_R=block_r(R), IEEE=weight.dtype == torch.float32,
+        num_warps=4, num_stages=1 if interp else 3)
     return norm
 
 
