@@ -334,3 +334,17 @@ def test_untuned_and_forced_loop_picks_stay_with_their_settings(use_settings, mo
         configs.tuned_config(("k2",), 300, 1024, 2, refuse)
     use_settings(autotune=True, loop_form="auto")
     assert str(configs.tuned_config(("k2",), 300, 1024, 2, ran.append)) == str(cands[-1])
+
+
+@pytest.mark.parametrize("dtype,expect", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)],
+                         ids=str)
+def test_descriptors_only_for_16_bit_operands(dtype, expect, use_settings):
+    """TMA descriptors where the layout allows them, but never for float32 operands (whose grad_x
+    kernel faulted through them on an H100): a float32 tensor beside 16-bit ones turns them off."""
+    layout = triton_kernels.layout
+    aligned = torch.empty(64, 64, dtype=dtype)
+    assert layout.descriptor_ok(aligned) == expect
+    assert layout.descriptor_ok(torch.empty(64, 64, dtype=torch.bfloat16), aligned) == expect
+    assert not layout.descriptor_ok(aligned[:, 1:])  # a unit last stride but an unaligned base and row length
+    use_settings(tensor_descriptors=False)
+    assert not layout.descriptor_ok(aligned)

@@ -98,8 +98,10 @@ def test_register_scaled_loops_are_pipelined_for_16_bit_only(recorded):
             assert _flags(row)["SCALE_INPUT"] and _flags(row)["FLATTEN"] is flatten, (dtype, row)
         for row in (grad_ff, fwd_out):  # no register scaling: flattened as every other launch
             assert not _flags(row).get("SCALE_INPUT") and _flags(row)["FLATTEN"]
-        assert grad_ff["kernel"] == "rescale_reduce_kernel" and _flags(grad_ff)["OTHER_DESC"]
-        assert fwd_out["kernel"] == "rescale_kernel" and _flags(fwd_out)["SAVE_Z"] and _flags(fwd_out)["Z_DESC"]
+        # descriptors for 16-bit operands only (layout.descriptor_ok)
+        assert grad_ff["kernel"] == "rescale_reduce_kernel" and _flags(grad_ff)["OTHER_DESC"] is (dtype != "fp32")
+        assert fwd_out["kernel"] == "rescale_kernel" and _flags(fwd_out)["SAVE_Z"]
+        assert _flags(fwd_out)["Z_DESC"] is (dtype != "fp32")
         # M <= 64: the tuner's 16- to 64-row candidates, each on the flattened loop.
         small = [recorded[("48x256x384", kind, None, dtype)][i] for kind, i in (("ia3-ff", 0), ("ia3-out", 1))]
         for row in small:

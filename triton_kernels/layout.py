@@ -20,12 +20,17 @@ def num_sms(device_index: int) -> int:
 
 def descriptor_ok(*tensors) -> bool:
     """TMA needs a 16-byte-aligned base, 16-byte-multiple row strides and a unit last stride
-    (and settings.tensor_descriptors on)."""
+    (and settings.tensor_descriptors on). float32 operands take pointer loads: with descriptors,
+    the LoRA backward's grad_x kernel of a float32 layer faulted (illegal memory access) on an
+    H100 under Triton 3.6 through the flattened persistent loop, and passed with descriptors off
+    or the per-tile loop (benchmarks/RESULTS.md, "float32 on the GPU")."""
     if not settings.tensor_descriptors:
         return False
     for t in tensors:
         if t is None:
             continue
+        if t.dtype == torch.float32:
+            return False
         if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16:
             return False
         if (t.stride(0) * t.element_size()) % 16 or t.shape[1] * t.element_size() < 16:
