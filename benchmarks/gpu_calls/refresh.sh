@@ -6,6 +6,7 @@
 #   graphs     the serving layer table with every forward captured in a CUDA graph (GPU time)
 #   static     generate with a static cache (transformers compiles the decode steps of both models)
 #   dora_tests the GPU tests of DoRA (the op at real sizes, every backend and mode)
+#   fp32       every float32 GPU test of test_cuda.py and test_cuda_new_ops.py (LoRA's and DoRA's Triton paths)
 #   dora_split tools.dora_norm_parts (the norm: composition and kernel), tools.layer_split --method dora
 #   serving_split  tools.serving_split: the tuner's serving choices, decode and prefill layers kernel by
 #              kernel, generate calls in turns
@@ -37,6 +38,8 @@ for stage in ${STAGES:-launch tests split serving}; do
     static) timeout ${MODEL_S:-300} python3 -m benchmarks.serving --model-level --static-cache --repeats 5 > $OUT/model_static.log 2>&1 ;;
     dora_tests) timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_new_ops.py tests/test_dora.py \
         -k "dora" > $OUT/dora_tests.log 2>&1 ;;
+    fp32) timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_new_ops.py \
+        -k "float32" > $OUT/fp32_tests.log 2>&1 ;;
     dora_split) timeout 90 python3 -m tools.dora_norm_parts > $OUT/dora_split.log 2>&1
       timeout 120 python3 -m tools.layer_split 8192x4096x4096 8192x4096x1024 --r 16 --p 0 --method dora --top 0 >> $OUT/dora_split.log 2>&1 ;;
     serving_split) timeout ${SPLIT_S:-170} python3 -m tools.serving_split --top 0 --repeats 5 > $OUT/serving_split.log 2>&1 ;;
@@ -59,7 +62,7 @@ for stage in ${STAGES:-launch tests split serving}; do
   esac
   pack
 done
-grep -E "passed|failed|FAILED|Error" $OUT/ext.log $OUT/dora_tests.log 2>/dev/null | tail -20
+grep -E "passed|failed|FAILED|Error" $OUT/ext.log $OUT/dora_tests.log $OUT/fp32_tests.log 2>/dev/null | tail -20
 grep -v -i "warn\|^ *$" $OUT/dora_split.log 2>/dev/null | head -60
 cat $OUT/serving_graphs.md 2>/dev/null | cut -d'|' -f2-6; grep -v -i warn $OUT/serving_graphs.log 2>/dev/null | tail -3; grep -v -i warn $OUT/model_static.log 2>/dev/null | tail -8
 cat $OUT/serving.md $OUT/probe.log $OUT/model_level.log 2>/dev/null | grep -v -i warn | tail -40; grep -E "^\| (64|256) rows" $OUT/decode.md | cut -d'|' -f2-6
