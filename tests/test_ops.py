@@ -393,9 +393,10 @@ def test_triton_lora_update_apart_from_the_gemm(dropout, monkeypatch, use_settin
 def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch, use_settings):
     """A precomputed LoRA term (the split schedule) with its lr / q tiles loaded by pointer or by
     tensor descriptor computes the same layer, forward and backward, with and without dropout.
-    The bf16 case has r = 1 (no descriptor can take its q: pointer loads either way), the first
-    fp32 case an A whose rows are not 16-byte multiples (grad_x's q by pointer), the last one
-    descriptor-sized rows for lr, B (the forward) and A (grad_x, stored [r, K])."""
+    The r = 1 case has no q a descriptor can take (pointer loads either way), the first case an A
+    whose rows are not 16-byte multiples (grad_x's q by pointer), the third descriptor-sized rows
+    for lr, B (the forward) and A (grad_x, stored [r, K]); float32 operands take pointer loads
+    whatever their rows (layout.descriptor_ok), the last case."""
     from fusedpeft._kernels import triton_kernels
 
     lora = triton_kernels.lora
@@ -414,11 +415,14 @@ def test_triton_lora_term_by_pointer_and_by_descriptor(tma, dropout, monkeypatch
 
     monkeypatch.setattr(lora._FORWARD, "kernel", Spy(lora._FORWARD.kernel, "B_RMAJOR"))
     monkeypatch.setattr(lora._GRAD_X, "kernel", Spy(lora._GRAD_X.kernel, "A_RMAJOR"))
-    test_lora_linear_matches_reference("triton", torch.float32, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
+    test_lora_linear_matches_reference("triton", torch.bfloat16, (2, 9), 33, 47, 8, True, dropout, monkeypatch)
     test_lora_linear_matches_reference("triton", torch.bfloat16, (37,), 40, 24, 1, False, dropout, monkeypatch)
-    test_lora_linear_matches_reference("triton", torch.float32, (3, 5), 40, 52, 8, True, dropout, monkeypatch)
+    test_lora_linear_matches_reference("triton", torch.bfloat16, (3, 5), 40, 52, 8, True, dropout, monkeypatch)
     assert set(seen) == ({(False, True), (False, False), (True, True), (True, False)} if tma
                          else {(False, True), (False, False)})
+    seen.clear()
+    test_lora_linear_matches_reference("triton", torch.float32, (3, 5), 40, 52, 8, True, dropout, monkeypatch)
+    assert seen and not any(lr_desc for lr_desc, _ in seen)
 
 
 def test_settings_read_once_override_nests_and_checks():
