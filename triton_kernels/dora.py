@@ -198,14 +198,16 @@ def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
     return torch.addmm(torch.mm(lora.dropped(x, seed, dropout_p), weight.T), u_s, lora_B.T)
 
 
-def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, scaling, u_s, needs, grad_dtypes):
+def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_1_f32, scaling, u_s, needs,
+                          grad_dtypes):
     """The LoRA backward on g_c = c * grad_y (c scales output columns), p = 0. Where K < M the scale
     goes on the operands instead of grad_y: g_c W = grad_y (c * W), g_c B = grad_y (c * B) and
     g_c^T u_s = c * (grad_y^T u_s), so the temporary is c * W (N x K) rather than g_c (M x N).
-    c_minus_1: c - 1 in float32 (output_scale_minus_one); each t * c is formed as t + t (c - 1)."""
+    c_minus_1: c - 1 (N,) in grad_y's dtype, c_minus_1_f32 the same in float32
+    (output_scale_minus_one); each t * c is formed as t + t (c - 1)."""
     need_x, need_A, need_B = needs
     M, K = x.shape
-    c_minus_1, c_minus_1_f32 = c_minus_1.to(grad_y.dtype)[:, None], c_minus_1[:, None]
+    c_minus_1, c_minus_1_f32 = c_minus_1[:, None], c_minus_1_f32[:, None]
     if K >= M:
         return lora.backward(torch.addcmul(grad_y, grad_y, c_minus_1.T), x, weight, lora_A, lora_B, scaling, 0.0,
                              None, (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
@@ -240,8 +242,8 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         z = _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed) if need_m and dropout_p > 0.0 else None
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
-        grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1_f32, scaling,
-                                                             u_s, (need_x, need_A, need_B), (dtype_A, dtype_B))
+        grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_1_f32,
+                                                             scaling, u_s, (need_x, need_A, need_B), (dtype_A, dtype_B))
     else:
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)
