@@ -266,6 +266,21 @@ def test_dora_norm_without_forming_the_merged_weight(backend, dtype, adapter_dty
     assert_close(from_cached, ref, dtype, "norm from the cached ||W||^2")
 
 
+def test_dora_norm_under_compile_is_the_traceable_composition(monkeypatch):
+    """While torch.compile traces, the norm is the composition of torch ops (the one-launch kernel
+    is an eager call), with the same value."""
+    N, K, r = 24, 40, 4
+    W, A, B = torch.randn(N, K), torch.randn(r, K), torch.randn(N, r)
+    with fusedpeft.use_backend("triton"):
+        eager = dora_mod.dora_weight_norm(W, A, B, 0.5)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        asked = []
+        monkeypatch.setattr(fusedpeft.backends, "helper_impl", lambda *a: asked.append(a))
+        traced = dora_mod.dora_weight_norm(W, A, B, 0.5)
+    assert not asked
+    assert_close(traced, eager, torch.float32, "norm under compile")
+
+
 def test_dora_linear_bad_input_is_named():
     x, W = torch.randn(3, 8), torch.randn(5, 8)
     A, B = torch.randn(2, 8), torch.randn(5, 2)

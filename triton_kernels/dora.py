@@ -128,7 +128,7 @@ def dora_norm_kernel(
     not the expansion ||W||^2 + 2 s (W A^T) . B + s^2 B (A A^T) B^T, so nothing cancels, and one
     MMA per tile (2 N K r FLOPs in all) beside W's bytes (2 N K in 16-bit types; A from L2). B and
     A enter the MMA in W's dtype with float32 accumulation (float32 W: full-precision FMAs)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R

@@ -45,7 +45,7 @@ def bgmv_shrink_kernel(
 ):
     """u[m, r0:r0 + BLOCK_R] = scale[i] * x[m] A[i, r0:r0 + BLOCK_R]^T (float32), i = idx[m]; a row
     without an adapter, or a chunk past the slot's rank, writes zeros."""
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     r0 = tl.program_id(1) * BLOCK_R
     i = tl.load(idx_ptr + m).to(tl.int64)
     r_idx = r0 + tl.arange(0, BLOCK_R)
@@ -71,7 +71,7 @@ def bgmv_expand_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y[m, n] += sum_{r < rank[i]} u[m, r] B[i, n, r] over one block of columns, i = idx[m]."""
-    m = tl.program_id(0)
+    m = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     i = tl.load(idx_ptr + m).to(tl.int64)
     if i >= 0:
@@ -215,7 +215,7 @@ def grouped_shrink_kernel(
         row0 = (pid - g * tiles_per_group) * BLOCK_M
         m = row0 + tl.arange(0, BLOCK_M)
         row_ok = m < L
-        rows = g * L + m
+        rows = (g * L + m).to(tl.int64)  # offsets past 2^31 elements at long prefills
         r_idx = tl.arange(0, BLOCK_R)
         r_ok = r_idx < rank
         k_lo = split * k_chunk
@@ -247,7 +247,7 @@ def grouped_expand_kernel(
     g = pid // tiles_per_group
     m = (pid - g * tiles_per_group) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m < L
-    rows = g * L + m
+    rows = (g * L + m).to(tl.int64)  # offsets past 2^31 elements at long prefills
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     slot = tl.load(group_ptr + g).to(tl.int64)
@@ -382,7 +382,7 @@ def multi_ia3_kernel(
 ):
     """y = ((x * L[idx]) W^T + b) with FEEDFORWARD (input scaling), else (x W^T + b) * L[idx]; a row
     with idx -1 has scale 1. The scales are gathered per row in the prologue / epilogue."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets past 2^31 elements
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     i = tl.load(idx_ptr + rows, mask=rows < M, other=-1).to(tl.int64)
     has = i >= 0

@@ -56,13 +56,15 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Opt
     W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32.
 
     Where the Triton kernels run (CUDA, or the interpreter with the triton backend named), one
-    kernel does it all, ||W||^2 included (weight_sq_norm is then not needed). Elsewhere,
+    kernel does it all, ||W||^2 included (weight_sq_norm is then not needed), except under
+    torch.compile, which traces the composition. Elsewhere,
     n^2 = ||W||^2 + rowsum(B * P) with P = 2 s (W A^T) + s^2 B (A A^T): the cross term and the last
     one share their row sum, P comes from one addmm, and ||W||^2 + rowsum(B * P) from one baddbmm
     (a dot product per row), so the whole norm is seven launches beside float32 masters (a small
     layer's training step pays them on every forward): A's cast, W A^T (in float32 straight from
     cuBLAS, product_in), A A^T, P, the dots, the clamp and the square root."""
-    kernels = backends.helper_impl(OP, "triton", weight, lora_A)
+    # Under torch.compile the composition is traced (Inductor fuses it); the kernel is for eager calls.
+    kernels = None if torch.compiler.is_compiling() else backends.helper_impl(OP, "triton", weight, lora_A)
     if kernels is not None:  # one launch, W read once (||W||^2 with it): triton_kernels.dora.weight_norm
         return kernels.weight_norm(weight, lora_A, lora_B, scaling)
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
