@@ -115,9 +115,10 @@ def lora_composition(x, weight, bias, lora_A, lora_B, scaling):
     differentiate: the adapters cast to x's dtype as autograd nodes (float32 masters get float32
     gradients); autograd keeps u = x A^T (M x r) and B for the rank-r term, as the Function keeps
     u_s. The composable path of LoRA's cublas_autograd."""
-    u = x @ lora_A.to(x.dtype).T
+    # _common.cast: a no-op Tensor.to still costs about 2 us of argument parsing on the host
+    u = x @ _common.cast(lora_A, x.dtype).T
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-    return y.addmm_(u, lora_B.to(x.dtype).T, alpha=scaling)
+    return y.addmm_(u, _common.cast(lora_B, x.dtype).T, alpha=scaling)
 
 
 torch_backend = types.SimpleNamespace(
