@@ -11,8 +11,8 @@ from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lo
 from helpers import TOL, rel_err
 
 LORA_BACKENDS = ["torch", "triton", "bgmv", "cublas_batched", "sgmv_cublas"]
-# (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0
-SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8)]
+# (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0, no input features
+SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8), ((2, 3), 0, 8)]  # the last: K = 0
 RANKS = [16, 4, 0, 9, 1]  # slot ranks: full, partial, an empty slot, odd, 1
 
 

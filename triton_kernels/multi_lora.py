@@ -340,7 +340,7 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     idle), and the expand sums the splits as it loads u: no atomics, no zeroed buffer."""
     M, K = x.shape
     N = weight.shape[0]
-    if M == 0 or N == 0:
+    if M == 0 or N == 0 or K == 0:  # K = 0: x A^T is zero, y the bias
         return torch.nn.functional.linear(x, weight, bias)
     x = x if x.stride(1) == 1 else x.contiguous()
     u = grouped_shrink(x, lora_A, ranks, group_index, rows_per_group)
@@ -356,6 +356,8 @@ def lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     """The prefill schedule: sgmv_kernel, one launch, y written once."""
     if x.shape[0] == 0:
         return torch.empty(0, weight.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[1] == 0:  # no input features: x A^T is zero, y the bias
+        return torch.nn.functional.linear(x, weight, bias)
     return _sgmv(x if x.stride(1) == 1 else x.contiguous(), weight, bias, lora_A, lora_B, scalings, ranks,
                  adapter_index)
 

@@ -115,8 +115,12 @@ def product_in(dtype: Optional[torch.dtype], a: torch.Tensor, b: torch.Tensor, a
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:
-    """(*, K) -> (M, K) without a copy when the layout allows it."""
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    """(*, K) -> (M, K) without a copy when the layout allows it (K = 0 included, where -1 would
+    be ambiguous)."""
+    if x.dim() == 2:
+        return x
+    K = x.shape[-1]
+    return x.reshape(-1, K) if K else x.reshape(x.shape[:-1].numel(), 0)
 
 
 def sum_rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -135,7 +139,7 @@ def apply_linear(fn, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         with torch.autocast(device_type, enabled=False):
             y = fn(flatten_rows(cast(x, dtype)), cast(weight, dtype), cast(bias, dtype), *rest)
     else:
-        y = fn(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, *rest)
+        y = fn(flatten_rows(x), weight, bias, *rest)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
