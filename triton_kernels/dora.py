@@ -161,10 +161,11 @@ def weight_norm(weight, lora_A, lora_B, scaling: float):
     interp = layout.interpreting()
     # Rows per program: enough programs to stream W at N = 1024 (k/v projections), 32 above.
     BLOCK_N = 16 if interp or N <= 2048 else 32
-    dora_norm_kernel[(triton.cdiv(N, BLOCK_N),)](
-        weight, lora_A, lora_B, norm, N, K, R, float(scaling),
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_K=32 if interp else 128, BLOCK_R=block_r(R), IEEE=weight.dtype == torch.float32,
+    fast_launch.cached_launch(
+        dora_norm_kernel, (triton.cdiv(N, BLOCK_N),),
+        (weight, lora_A, lora_B, norm, N, K, R, float(scaling),
+         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1)),
+        dict(BLOCK_N=BLOCK_N, BLOCK_K=32 if interp else 128, BLOCK_R=block_r(R), IEEE=weight.dtype == torch.float32),
         num_warps=4, num_stages=1 if interp else 3)
     return norm
 

@@ -353,8 +353,9 @@ def dropped(x, seed, p):
     if M and C:
         seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device).reshape(1)
         BLOCK_M, BLOCK_C = 16, 128  # 2048 elements a program; BLOCK_C a multiple of dropout_keep's 8
-        dropped_kernel[(cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))](x, out, M, C, x.stride(0), out.stride(0), seed, float(p),
-                                                           1.0 / (1.0 - p), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+        fast_launch.cached_launch(dropped_kernel, (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)),
+                                  (x, out, M, C, x.stride(0), out.stride(0), seed, float(p), 1.0 / (1.0 - p)),
+                                  dict(BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C), num_warps=4, num_stages=3)
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout
+from . import fast_launch, layout
 from .core import mma
 from .layout import block_r, cdiv
 
@@ -95,13 +95,15 @@ def _bgmv(y, x, lora_A, lora_B, scalings, ranks, idx):
     interp = layout.interpreting()
     BLOCK_R = 16
     u = torch.empty(M, cdiv(R, BLOCK_R) * BLOCK_R, dtype=torch.float32, device=x.device)
-    bgmv_shrink_kernel[(M, cdiv(R, BLOCK_R))](
-        x, lora_A, u, idx, scalings, ranks, K, R, x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0),
-        BLOCK_K=32 if interp else 256, BLOCK_R=BLOCK_R)
+    fast_launch.cached_launch(
+        bgmv_shrink_kernel, (M, cdiv(R, BLOCK_R)),
+        (x, lora_A, u, idx, scalings, ranks, K, R, x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0)),
+        dict(BLOCK_K=32 if interp else 256, BLOCK_R=BLOCK_R), num_warps=4, num_stages=3)
     BLOCK_N = 32 if interp else 128
-    bgmv_expand_kernel[(M, cdiv(N, BLOCK_N))](
-        y, u, lora_B, idx, ranks, N, y.stride(0), u.stride(0), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+    fast_launch.cached_launch(
+        bgmv_expand_kernel, (M, cdiv(N, BLOCK_N)),
+        (y, u, lora_B, idx, ranks, N, y.stride(0), u.stride(0), lora_B.stride(0), lora_B.stride(1)),
+        dict(BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R), num_warps=4, num_stages=3)
     return y
 
 
@@ -185,11 +187,12 @@ def _sgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, idx):
     order, seg_start, tile_seg, tile_start, bound = _row_tiles(idx, S, BLOCK_M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     w = weight if weight.stride(1) == 1 else weight.contiguous()
-    sgmv_kernel[(bound, cdiv(N, BLOCK_N))](
-        x, w, y, x if bias is None else bias, lora_A, lora_B, scalings, ranks, order, seg_start, tile_seg, tile_start,
-        M, N, K, R, x.stride(0), w.stride(0), y.stride(0), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
-        lora_B.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=block_r(R),
+    fast_launch.cached_launch(
+        sgmv_kernel, (bound, cdiv(N, BLOCK_N)),
+        (x, w, y, x if bias is None else bias, lora_A, lora_B, scalings, ranks, order, seg_start, tile_seg, tile_start,
+         M, N, K, R, x.stride(0), w.stride(0), y.stride(0), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+         lora_B.stride(1)),
+        dict(HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=block_r(R)),
         num_warps=4, num_stages=1 if interp else 3)
     return y
 
@@ -294,11 +297,12 @@ def grouped_shrink(x, lora_A, ranks, group_index, rows_per_group: int, BLOCK_K=N
     k_chunk = cdiv(cdiv(K, splits), BLOCK_K) * BLOCK_K
     splits = cdiv(K, k_chunk)
     u = torch.empty(splits, M, BLOCK_R, dtype=torch.float32, device=x.device)
-    grouped_shrink_kernel[(tiles, splits)](
-        x, lora_A, u, group_index, ranks, L, K, k_chunk, tiles_per_group,
-        x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, IEEE=x.dtype == torch.float32, num_warps=4,
-        num_stages=1 if interp else (num_stages or 4))
+    fast_launch.cached_launch(
+        grouped_shrink_kernel, (tiles, splits),
+        (x, lora_A, u, group_index, ranks, L, K, k_chunk, tiles_per_group,
+         x.stride(0), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1)),
+        dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, IEEE=x.dtype == torch.float32),
+        num_warps=4, num_stages=1 if interp else (num_stages or 4))
     return u
 
 
@@ -315,11 +319,12 @@ def grouped_expand(u, lora_B, bias, group_index, scalings, ranks, rows_per_group
     num_warps = num_warps or (8 if BLOCK_M == 64 else 4)
     tiles_per_group = cdiv(L, BLOCK_M)
     y = torch.empty(M, N, dtype=dtype, device=u.device)
-    grouped_expand_kernel[(group_index.shape[0] * tiles_per_group, cdiv(N, BLOCK_N))](
-        y, u, lora_B, y if bias is None else bias, group_index, scalings, ranks, L, N, splits, tiles_per_group,
-        y.stride(0), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        IEEE=dtype == torch.float32, num_warps=num_warps)
+    fast_launch.cached_launch(
+        grouped_expand_kernel, (group_index.shape[0] * tiles_per_group, cdiv(N, BLOCK_N)),
+        (y, u, lora_B, y if bias is None else bias, group_index, scalings, ranks, L, N, splits, tiles_per_group,
+         y.stride(0), u.stride(0), u.stride(1), lora_B.stride(0), lora_B.stride(1)),
+        dict(HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, IEEE=dtype == torch.float32),
+        num_warps=num_warps, num_stages=3)
     return y
 
 
@@ -421,8 +426,10 @@ def ia3(x, weight, bias, scales, adapter_index, feedforward):
     scales = scales.to(x.dtype).contiguous()
     interp = layout.interpreting()
     BLOCK_M, BLOCK_N, BLOCK_K = (16, 32, 16) if interp else ((16, 128, 128) if M <= 64 else (128, 128, 64))
-    multi_ia3_kernel[(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))](
-        x, w, y, x if bias is None else bias, scales, adapter_index, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        scales.stride(0), FEEDFORWARD=bool(feedforward), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K, num_warps=4, num_stages=1 if interp else 3)
+    fast_launch.cached_launch(
+        multi_ia3_kernel, (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)),
+        (x, w, y, x if bias is None else bias, scales, adapter_index, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+         scales.stride(0)),
+        dict(FEEDFORWARD=bool(feedforward), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
+        num_warps=4, num_stages=1 if interp else 3)
     return y
