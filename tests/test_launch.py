@@ -348,3 +348,54 @@ def test_descriptors_only_for_16_bit_operands(dtype, expect, use_settings):
     assert not layout.descriptor_ok(aligned[:, 1:])  # a unit last stride but an unaligned base and row length
     use_settings(tensor_descriptors=False)
     assert not layout.descriptor_ok(aligned)
+
+
+def test_every_direct_launch_passes_its_arguments_in_signature_order(monkeypatch):
+    """The compiled kernel's launcher takes a kernel's arguments positionally: the runtime ones as
+    given, then the constexprs in signature order (fast_launch). So every kernel launched through
+    cached_launch must declare its constexprs after all its runtime parameters, get exactly as many
+    runtime arguments as it declares and every constexpr by name. Checked on the launches of the
+    serving ops, DoRA (the norm, the dropout path) and LoRA with dropout, forward and backward."""
+    import inspect
+
+    import triton.language as tl
+
+    import fusedpeft
+    from fusedpeft.ops import dora_linear, lora_linear, multi_ia3_linear, multi_lora_linear
+
+    seen = {}
+    real = fast_launch.cached_launch
+
+    def spy(kernel, grid, args, constexprs, num_warps, num_stages):
+        seen.setdefault(kernel, []).append((len(args), set(constexprs)))
+        return real(kernel, grid, args, constexprs, num_warps, num_stages)
+
+    monkeypatch.setattr(fast_launch, "cached_launch", spy)
+    S, R, K, N = 3, 8, 24, 40
+    x3 = torch.randn(2, 5, K)
+    W, b = torch.randn(N, K) / K**0.5, torch.randn(N)
+    A, B = torch.randn(S, R, K), torch.randn(S, N, R)
+    scalings, ranks, seq = torch.rand(S) + 0.5, torch.tensor([8, 4, 2], dtype=torch.int32), torch.tensor([2, -1])
+    with torch.no_grad():
+        for backend in ("triton", "bgmv", "sgmv_cublas"):
+            with fusedpeft.use_backend(backend):
+                multi_lora_linear(x3, W, b, A, B, scalings, ranks, seq)
+        with fusedpeft.use_backend("triton"):
+            multi_ia3_linear(x3, W, b, torch.rand(S, N) + 0.5, seq, False)
+    x = torch.randn(7, K, requires_grad=True)
+    a, bb = (torch.randn(4, K) / K**0.5).requires_grad_(), torch.randn(N, 4).requires_grad_()
+    m = (torch.rand(N) + 0.5).requires_grad_()
+    with fusedpeft.use_backend("triton"):
+        dora_linear(x, W, b, a, bb, 0.5, m, dropout_p=0.3, training=True).sum().backward()
+        lora_linear(x, W, b, a, bb, 0.5, dropout_p=0.3, training=True).sum().backward()
+    names = {k.fn.__name__ for k in seen}
+    assert {"bgmv_shrink_kernel", "sgmv_kernel", "grouped_shrink_kernel", "grouped_expand_kernel",
+            "multi_ia3_kernel", "dora_norm_kernel", "dropped_kernel"} <= names, names
+    for kernel, calls in seen.items():
+        params = inspect.signature(kernel.fn).parameters
+        constexpr = [p.annotation in ("tl.constexpr", tl.constexpr) for p in params.values()]
+        first = constexpr.index(True) if True in constexpr else len(constexpr)
+        assert all(constexpr[first:]), f"{kernel.fn.__name__}: a runtime parameter after a constexpr"
+        declared = {n for n, c in zip(params, constexpr) if c}
+        for n_args, given in calls:
+            assert n_args == first and given == declared, (kernel.fn.__name__, n_args, first, given ^ declared)

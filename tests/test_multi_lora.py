@@ -203,3 +203,32 @@ def test_multi_ops_refuse_bad_input_by_name():
         multi_lora_linear(x.requires_grad_(), W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="scales must be \\(slots, out_features=6\\)"):
         multi_ia3_linear(torch.randn(5, 8), W, None, torch.ones(3, 8), torch.zeros(5, dtype=torch.int64), False)
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["per-row", "per-sequence"])
+def test_each_backend_runs_its_own_kernels(lead, monkeypatch):
+    """A forced backend runs its own schedule, per-row and per-sequence calls alike (the op takes a
+    backend's lora_grouped where it has one: a backend standing for a whole kernel module would take
+    another schedule's)."""
+    from fusedpeft._kernels import triton_kernels
+
+    fast_launch = triton_kernels.fast_launch
+    launched = []
+    real = fast_launch.cached_launch
+
+    def spy(kernel, *args, **kwargs):
+        launched.append(kernel.fn.__name__)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fast_launch, "cached_launch", spy)
+    S, R, K, N = len(RANKS), 16, 24, 40
+    x, W = torch.randn(*lead, K), torch.randn(N, K) / K**0.5
+    _, A, B = _bank(S, R, K, N, torch.float32, RANKS)
+    index = torch.tensor([0, 1, -1, 3, 4, 0][:lead[0]])
+    expected = {"triton": {"sgmv_kernel"}, "bgmv": {"bgmv_shrink_kernel", "bgmv_expand_kernel"},
+                "sgmv_cublas": {"grouped_shrink_kernel", "grouped_expand_kernel"}}
+    for backend, kernels in expected.items():
+        launched.clear()
+        with torch.no_grad(), fusedpeft.use_backend(backend):
+            multi_lora_linear(x, W, None, A, B, torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32), index)
+        assert set(launched) == kernels, (backend, launched)

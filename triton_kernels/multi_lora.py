@@ -353,8 +353,6 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     return y.addmm_(x, weight.T)
 
 
-# The split prefill schedule as a backend of its own.
-sgmv_cublas_backend = types.SimpleNamespace(lora_grouped=lora_grouped)
 
 
 def lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
@@ -375,8 +373,6 @@ def lora_bgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     return _bgmv(y, x if x.stride(1) == 1 else x.contiguous(), lora_A, lora_B, scalings, ranks, adapter_index)
 
 
-# The decode schedule as a backend of its own (its ``lora``), beside the module's SGMV one.
-bgmv_backend = types.SimpleNamespace(lora=lora_bgmv)
 
 
 # ----------------------------------------------------------------------------- IA3
@@ -433,3 +429,11 @@ def ia3(x, weight, bias, scales, adapter_index, feedforward):
         dict(FEEDFORWARD=bool(feedforward), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K),
         num_warps=4, num_stages=1 if interp else 3)
     return y
+
+
+# ----------------------------------------------------------------------------- the backends
+# Each backend is a namespace of exactly its functions: the op runs a backend's ``lora_grouped``
+# where it has one, so the module itself (which holds sgmv_cublas's) must not stand for a backend.
+triton_backend = types.SimpleNamespace(lora=lora, ia3=ia3)  # the fused SGMV, and multi-IA3
+bgmv_backend = types.SimpleNamespace(lora=lora_bgmv)  # the decode schedule: base GEMM, shrink, expand
+sgmv_cublas_backend = types.SimpleNamespace(lora_grouped=lora_grouped)  # the split prefill schedule

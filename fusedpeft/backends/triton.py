@@ -95,12 +95,14 @@ def _dora_composed():
 
 register("dora_linear", "cublas_autograd", load=_dora_composed, supports=triton_usable, priority=3, tunable=True)
 # Per-row adapters (serving): the fused SGMV GEMM and, for decode-sized batches, base + BGMV.
-register("multi_lora_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
+register("multi_lora_linear", "triton", load=_kernel("multi_lora", "triton_backend"), supports=triton_usable, priority=10,
+         tunable=True)
 register("multi_lora_linear", "bgmv", load=_kernel("multi_lora", "bgmv_backend"), supports=triton_usable, priority=9, tunable=True)
 # Triton shrink and expand around cuBLAS's base GEMM (a prefill's groups of rows): measured against
 # the fused SGMV kernel, whose main loop is slower than cuBLAS's, and against cublas_batched.
 register("multi_lora_linear", "sgmv_cublas", load=_kernel("multi_lora", "sgmv_cublas_backend"), supports=triton_usable,
          priority=6, tunable=True)
-register("multi_ia3_linear", "triton", load=_kernel("multi_lora"), supports=triton_usable, priority=10, tunable=True)
+register("multi_ia3_linear", "triton", load=_kernel("multi_lora", "triton_backend"), supports=triton_usable, priority=10,
+         tunable=True)
 for _op in ("ia3_linear", "ssf_linear"):  # one implementation serves both rescaling methods
     register(_op, "triton", load=_kernel("rescale"), supports=triton_usable, priority=10, tunable=True)
