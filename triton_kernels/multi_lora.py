@@ -353,8 +353,6 @@ def lora_grouped(x, weight, bias, lora_A, lora_B, scalings, ranks, group_index, 
     return y.addmm_(x, weight.T)
 
 
-
-
 def lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     """The prefill schedule: sgmv_kernel, one launch, y written once."""
     if x.shape[0] == 0:
@@ -371,8 +369,6 @@ def lora_bgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
     if x.shape[0] == 0:
         return y
     return _bgmv(y, x if x.stride(1) == 1 else x.contiguous(), lora_A, lora_B, scalings, ranks, adapter_index)
-
-
 
 
 # ----------------------------------------------------------------------------- IA3

@@ -17,8 +17,9 @@ and of the gathered B past a slot's rank are zeroed (the scales come from one ga
 table kept per bank state, ``slot_scales``; a zero scale marks the columns to clear, since the bank
 may hold NaN there): no host sync, so a step can be captured in a CUDA graph. Beside the three GEMMs
 a call launches eight small kernels (the slot index twice, the two gathers, the scales' gather, the
-zero mask, the scale product and the two clears); with the scale mask built per call it launched twelve, about 30 us at 4096 rows on an H100
-(``python -m tools.serving_split``), a sixth of an 8192 -> 2048 layer's base GEMM.
+zero mask, the scale product and the two clears); with the scale mask built per call it launched
+twelve, about 30 us at 4096 rows on an H100 (``python -m tools.serving_split``), a sixth of an
+8192 -> 2048 layer's base GEMM.
 
 Cost over the base GEMM: the gather (2 G R (K + N) bytes in 16-bit types), the shrink (2 M K R
 FLOPs, reading x again: 2 M K bytes) and the expand (2 M N R FLOPs, writing y: 2 M N bytes, which the
@@ -28,9 +29,9 @@ an H100 with the expand last (reading and writing y after the GEMM: 4 M N bytes)
 base's 0.178 (1.50x; the fused SGMV kernel, which writes y once, took 0.54 ms: its main loop is far
 from cuBLAS's); with the expand first and the kept scale table, on an H200, 0.236 against 0.177
 (1.34x). Mixed ranks are exact (what lies past a slot's rank never reaches y) but cost the
-bank's maximum rank R. With one row per group
-(decode) the gather reads an adapter per row where the BGMV kernels read each distinct adapter once,
-and its eleven launches make it host-bound (0.15-0.31 ms at 64 rows): the tuner measures which wins.
+bank's maximum rank R. With one row per group (decode) the gather reads an adapter per row where
+the BGMV kernels read each distinct adapter once, and its eleven launches make it host-bound
+(0.15-0.31 ms at 64 rows): the tuner measures which wins.
 """
 from __future__ import annotations
 
