@@ -399,6 +399,27 @@ def test_dora_norm_is_kept_in_eval_and_recomputed_when_weights_change(monkeypatc
     assert len(calls) == 4  # training: every step
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dora_layer_reads_the_weights_square_norm_only_for_the_composition(backend, monkeypatch):
+    """A training layer's norm each step: the composition (torch) takes ||W||^2 from the layer's
+    cache, made once per weight; the one-launch kernel (triton, the interpreter here) computes it
+    itself, and the layer then never forms it. The output is the same either way."""
+    from fusedpeft.modules import dora as dora_layer
+
+    _, _, fm = _twins(MLP, ["fc1"])
+    made = []
+    real = dora_layer.weight_row_sq_norm
+    monkeypatch.setattr(dora_layer, "weight_row_sq_norm", lambda w: made.append(1) or real(w))
+    x = torch.randn(3, 12)
+    fm.train()
+    with fusedpeft.use_backend(backend):
+        y = [fm(x) for _ in range(2)]
+    assert len(made) == (1 if backend == "torch" else 0)
+    with fusedpeft.use_backend("torch" if backend == "triton" else "triton"):
+        other = fm(x)
+    assert_close(other, y[0], torch.float32, "the other norm path")
+
+
 def test_dora_from_peft_keeps_names_parameters_outputs():
     base, pm, _ = _twins(tiny_llama, ["q_proj", "v_proj"])
     ids = torch.randint(0, 60, (2, 7))

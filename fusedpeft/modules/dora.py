@@ -72,7 +72,9 @@ def norm(module, adapter_name: str) -> torch.Tensor:
         hit = _cache(module).get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
-    value = dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name], weight_sq_norm(module))
+    # ||W||^2 as a function: the one-launch kernel computes it itself, only the composition reads it.
+    value = dora_weight_norm(w.detach(), A.detach(), B.detach(), module.scaling[adapter_name],
+                             lambda: weight_sq_norm(module))
     if keep:
         _cache(module)[slot] = (key, value)
     else:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -51,12 +51,15 @@ def weight_row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Optional[torch.Tensor] = None):
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float,
+                     weight_sq_norm: Union[torch.Tensor, Callable[[], torch.Tensor], None] = None):
     """||W + s B A||_row (N,) without forming W + s B A, in float32 (float64 for float64), detached.
     W A^T runs in W's dtype (accumulated in float32), the r x r and N x r products in float32.
+    weight_sq_norm: ||W_row||^2 if the caller keeps it, as a tensor or a function returning it
+    (called only where the composition below needs it).
 
     Where the Triton kernels run (CUDA, or the interpreter with the triton backend named), one
-    kernel does it all, ||W||^2 included (weight_sq_norm is then not needed), except under
+    kernel does it all, ||W||^2 included (weight_sq_norm is then not read), except under
     torch.compile, which traces the composition. Elsewhere,
     n^2 = ||W||^2 + rowsum(B * P) with P = 2 s (W A^T) + s^2 B (A A^T): the cross term and the last
     one share their row sum, P comes from one addmm, and ||W||^2 + rowsum(B * P) from one baddbmm
@@ -70,6 +73,8 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm: Opt
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if weight_sq_norm is None:
         weight_sq_norm = weight_row_sq_norm(weight)
+    elif callable(weight_sq_norm):
+        weight_sq_norm = weight_sq_norm()
     A, B = lora_A.to(dt), lora_B.to(dt)
     cross = _common.product_in(dt, weight, lora_A.to(weight.dtype).T)  # W A^T (N x r)
     P = torch.addmm(cross, B, A @ A.T, beta=2.0 * scaling, alpha=scaling * scaling)
