@@ -129,10 +129,9 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs
     out = [harness.Case(group, "base (cuBLAS)", base, flops=base_flops, path="cuBLAS"),
            harness.Case(group, "fusedpeft", ours(None), flops=base_flops,
                         path=lambda: fusedpeft.last_backend("multi_lora_linear"))]
-    registered = fusedpeft.backends.registered("multi_lora_linear")
-    if device != "cpu":
-        for name in ("triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"):
-            if name in registered:
+    if device != "cpu":  # every registered GPU candidate (the torch reference aside)
+        for name in fusedpeft.backends.registered("multi_lora_linear"):
+            if name != "torch":
                 out.append(harness.Case(group, f"fusedpeft [{name}]", ours(name), flops=base_flops, path=name))
     if with_peft and not graphs:  # peft's mixed batch reads the adapter names on the host: no capture
         out.append(harness.Case(group, "peft", peft_layer, flops=base_flops, path="peft"))

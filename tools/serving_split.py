@@ -62,7 +62,8 @@ def main(argv=None):
                   f"{HEADER}")
             print(split_row("base layer", lambda: layer.base_layer(x)))
             print(split_row("serving layer (tuned)", lambda: layer(x), each=True))
-            for backend in ("cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas", "triton") + (("torch",) if x.dim() == 2 else ()):
+            candidates = [b for b in fusedpeft.backends.registered("multi_lora_linear") if b != "torch"]
+            for backend in candidates + (["torch"] if x.dim() == 2 else []):
                 try:
                     with fusedpeft.use_backend(backend):
                         # The kernels of the prefill's batched GEMMs, one by one.
