@@ -300,6 +300,44 @@ def test_dropped_is_x_times_the_kernels_mask(dtype, M, C, strided):
         assert 0.5 < mask.mean() < 0.9  # the mask drops some and keeps most
 
 
+def _philox4x32(counter, seed, rounds):
+    """Philox4x32 (Salmon et al., SC'11) in numpy: the four 32-bit words drawn for each uint32
+    counter (its other three words zero) under the 64-bit key ``seed``."""
+    import numpy as np
+
+    mask32 = np.uint64(0xFFFFFFFF)
+    c0, c1 = counter.astype(np.uint64), np.zeros_like(counter, dtype=np.uint64)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(rounds):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # < 2^64: exact in uint64
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask32)
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+    return c0, c1, c2, c3
+
+
+def test_dropout_mask_is_philox4x32_with_the_stated_rounds():
+    """The kernels' keep-mask bit for bit against an independent Philox4x32 at
+    dropout.PHILOX_ROUNDS rounds: one draw per 8 columns of a row, counter row * ceil(C / 8) +
+    col // 8, its words split into eight 16-bit uniforms, kept where uniform >= 65536 p. A mask
+    from fewer rounds, another counter or another order of the uniforms fails."""
+    import numpy as np
+
+    lora, dropout = triton_kernels.lora, triton_kernels.dropout
+    M, C, p, seed = 5, 29, 0.3, 2**33 + 12345  # a seed past 32 bits: both key words in play
+    mask = lora.dropout_mask(torch.tensor([seed], dtype=torch.int64), (M, C), p, torch.device("cpu"))
+    groups = (C + 7) // 8
+    counter = np.arange(M * groups, dtype=np.uint64).reshape(M, groups)
+    words = _philox4x32(counter, seed, int(dropout.PHILOX_ROUNDS))
+    lo, hi = [w & np.uint64(0xFFFF) for w in words], [w >> np.uint64(16) for w in words]
+    # per group of eight columns: the low halves of words 0, 2, 1, 3, then the high halves
+    uniform16 = np.stack([lo[0], lo[2], lo[1], lo[3], hi[0], hi[2], hi[1], hi[3]], axis=-1).reshape(M, groups * 8)
+    expected = (uniform16[:, :C].astype(np.float64) >= p * 65536.0).astype(np.float32)
+    assert np.array_equal(mask.numpy(), expected)
+    assert not np.array_equal((np.stack(_philox4x32(counter, seed, 10), -1) & np.uint64(1)),
+                              (np.stack(words, -1) & np.uint64(1))), "the round count would not show"
+
+
 def test_forced_tile_config_must_exist(use_settings):
     """settings.tile_config names a candidate by index; one past the list is refused by name."""
     n = len(configs.candidates(300, 1024, 2))

@@ -2,7 +2,7 @@
 activity), beside the step's wall time: which launch is short of its roofline, and how much of
 the step is the GPU idling on the host.
 
-    python -m tools.profile_kernels [MxKxN ...] [--ranks 16,64] [--backend triton]
+    python -m tools.profile_kernels [MxKxN ...] [--ranks 16,64] [--dropouts 0,0.05] [--backend triton]
 """
 from __future__ import annotations
 
@@ -44,22 +44,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shapes", nargs="*", default=["4096x4096x4096", "8192x4096x14336", "16x4096x4096"])
     parser.add_argument("--ranks", default="16,64")
+    parser.add_argument("--dropouts", default="0", help="lora_dropout values, each profiled in training mode")
     parser.add_argument("--backend", default="triton")
     args = parser.parse_args(argv)
     for shape in args.shapes:
         M, K, N = (int(v) for v in shape.split("x"))
-        for r in (int(v) for v in args.ranks.split(",")):
+        for r, p in [(int(r), float(p)) for r in args.ranks.split(",") for p in args.dropouts.split(",")]:
             x, W, A, B, g = _inputs(M, K, N, r, torch.bfloat16)
 
             def step():
                 with fusedpeft.use_backend(args.backend):
                     x.grad = A.grad = B.grad = None
-                    lora_linear(x, W, None, A, B, 2.0).backward(g)
+                    lora_linear(x, W, None, A, B, 2.0, dropout_p=p, training=True).backward(g)
 
             wall = harness.median_ms(step)
             kernels = profile_step(step)
             gpu_us = sum(us for _, us in kernels.values())
-            print(f"\n{shape} r={r} {args.backend}: step {wall:.4f} ms (CUDA events), kernels {gpu_us / 1e3:.4f} ms, "
+            print(f"\n{shape} r={r} p={p} {args.backend}: step {wall:.4f} ms (CUDA events), kernels {gpu_us / 1e3:.4f} ms, "
                   f"GPU idle {max(wall - gpu_us / 1e3, 0):.4f} ms")
             for name, (_, us) in kernels.items():
                 print(f"   {us:9.1f} us  {name}")

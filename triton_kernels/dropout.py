@@ -5,12 +5,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Rounds of philox4x32 per draw. Philox4x32 passes TestU01's BigCrush from 7 rounds on (Salmon et
+# al., SC'11, "Parallel random numbers: as easy as 1, 2, 3"), and 7 is what FlashAttention's dropout
+# draws; curand's default, which torch's dropout uses, is 10, a margin over that. Why it matters: a
+# round is about eight vector integer operations, so a draw (8 elements, 16 bytes of bf16 x) costs
+# 80 at 10 rounds, 5 per byte, past the H100's ~4.4 (about 15 T integer operations/s against
+# 3.35 TB/s): a masked pass over x is bound by the draw, not the read. At 7 rounds it is about 3.5.
+PHILOX_ROUNDS = tl.constexpr(7)
+
 
 @triton.jit
 def dropout_keep(seed, rows, cols, ld, p):
     """Dropout keep-mask (True = kept) at [rows, cols] of an (*, ld) tensor; cols is one run of
     consecutive columns starting at a multiple of 8 (every tile here is). One philox4x32 draw
-    (tl.randint4x, 10 rounds) per 8 consecutive columns of a row, keyed by (seed, row *
+    (tl.randint4x, PHILOX_ROUNDS rounds) per 8 consecutive columns of a row, keyed by (seed, row *
     cdiv(ld, 8) + col // 8): its four 32-bit words give eight 16-bit uniforms, one per column,
     and a column is kept when its value is >= 65536 p. So the keep probability is
     1 - ceil(65536 p) / 65536, within 2^-16 of 1 - p.
@@ -25,7 +33,7 @@ def dropout_keep(seed, rows, cols, ld, p):
     col0 = tl.min(cols, axis=0)
     groups = col0 // 8 + tl.arange(0, BC // 8)
     counter = rows[:, None] * ((ld + 7) // 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter, PHILOX_ROUNDS)
     low16 = 0xFFFF
     first = tl.interleave(tl.interleave(r0 & low16, r0 >> 16), tl.interleave(r1 & low16, r1 >> 16))
     second = tl.interleave(tl.interleave(r2 & low16, r2 >> 16), tl.interleave(r3 & low16, r3 >> 16))

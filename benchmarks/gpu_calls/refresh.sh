@@ -10,6 +10,8 @@
 #   dora_split tools.dora_norm_parts (the norm: composition and kernel), tools.layer_split --method dora
 #   serving_split  tools.serving_split: the tuner's serving choices, decode and prefill layers kernel by
 #              kernel, generate calls in turns
+#   philox     tools.profile_kernels with and without dropout (triton, cublas) at 10 and at the tree's
+#              philox rounds (triton_kernels/dropout.py PHILOX_ROUNDS), the tree restored after
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -43,6 +45,14 @@ for stage in ${STAGES:-launch tests split serving}; do
     dora_split) timeout 90 python3 -m tools.dora_norm_parts > $OUT/dora_split.log 2>&1
       timeout 120 python3 -m tools.layer_split 8192x4096x4096 8192x4096x1024 --r 16 --p 0 --method dora --top 0 >> $OUT/dora_split.log 2>&1 ;;
     serving_split) timeout ${SPLIT_S:-170} python3 -m tools.serving_split --top 0 --repeats 5 > $OUT/serving_split.log 2>&1 ;;
+    philox) tree=$(sed -n "s/^PHILOX_ROUNDS = tl.constexpr(\([0-9]*\))/\1/p" triton_kernels/dropout.py)
+      for rounds in 10 $tree; do
+        sed -i "s/^PHILOX_ROUNDS = tl.constexpr([0-9]*)/PHILOX_ROUNDS = tl.constexpr($rounds)/" triton_kernels/dropout.py
+        for backend in triton cublas; do
+          timeout 100 python3 -m tools.profile_kernels 8192x4096x4096 8192x14336x4096 --ranks 16 --dropouts 0,0.05 \
+            --backend $backend >> $OUT/philox_$rounds.log 2>&1
+        done
+      done ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -69,6 +79,7 @@ cat $OUT/serving.md $OUT/probe.log $OUT/model_level.log 2>/dev/null | grep -v -i
 grep -v "^ *$" $OUT/serving_split.log 2>/dev/null | grep -v -i warn | head -60
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
+grep -h "step" $OUT/philox_*.log 2>/dev/null
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
 tail -n 6 $OUT/serving.log 2>/dev/null
 for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
