@@ -46,7 +46,9 @@ def dropout_keep(seed, rows, cols, ld, p):
     first = tl.interleave(tl.interleave(r0 & low16, r0 >> 16), tl.interleave(r1 & low16, r1 >> 16))
     second = tl.interleave(tl.interleave(r2 & low16, r2 >> 16), tl.interleave(r3 & low16, r3 >> 16))
     uniform16 = tl.interleave(first, second)  # [rows, BC]
-    return uniform16.to(tl.float32) >= p * 65536.0
+    # u >= 65536 p as u >= ceil(65536 p) for the integer u: an integer compare, where converting u
+    # to float32 took a quarter-rate conversion per element (16 a clock per SM on the H100).
+    return uniform16 >= tl.ceil(p * 65536.0).to(tl.uint32)
 
 
 @triton.jit
