@@ -59,7 +59,7 @@ def test_dora_composed_matches_float64(dtype, lead, K, N, r, monkeypatch, use_se
 
 
 # The GPU candidates of multi_lora_linear (the torch reference aside).
-MULTI_LORA_BACKENDS = ["triton", "bgmv", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"]
+MULTI_LORA_BACKENDS = ["triton", "bgmv", "bgmv_one", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"]
 
 
 def _bank(S, R, K, N, dtype, ranks, device="cuda"):

@@ -439,7 +439,7 @@ def test_every_direct_launch_passes_its_arguments_in_signature_order(monkeypatch
     A, B = torch.randn(S, R, K), torch.randn(S, N, R)
     scalings, ranks, seq = torch.rand(S) + 0.5, torch.tensor([8, 4, 2], dtype=torch.int32), torch.tensor([2, -1])
     with torch.no_grad():
-        for backend in ("triton", "bgmv", "sgmv_cublas"):
+        for backend in ("triton", "bgmv", "bgmv_one", "sgmv_cublas"):
             with fusedpeft.use_backend(backend):
                 multi_lora_linear(x3, W, b, A, B, scalings, ranks, seq)
         with fusedpeft.use_backend("triton"):
@@ -451,7 +451,7 @@ def test_every_direct_launch_passes_its_arguments_in_signature_order(monkeypatch
         dora_linear(x, W, b, a, bb, 0.5, m, dropout_p=0.3, training=True).sum().backward()
         lora_linear(x, W, b, a, bb, 0.5, dropout_p=0.3, training=True).sum().backward()
     names = {k.fn.__name__ for k in seen}
-    assert {"bgmv_shrink_kernel", "sgmv_kernel", "grouped_shrink_kernel", "grouped_expand_kernel",
+    assert {"bgmv_shrink_kernel", "bgmv_one_kernel", "sgmv_kernel", "grouped_shrink_kernel", "grouped_expand_kernel",
             "multi_ia3_kernel", "dora_norm_kernel", "dropped_kernel"} <= names, names
     for kernel, calls in seen.items():
         params = inspect.signature(kernel.fn).parameters

@@ -10,7 +10,7 @@ from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lo
 
 from helpers import TOL, rel_err
 
-LORA_BACKENDS = ["torch", "triton", "bgmv", "cublas_batched", "sgmv_cublas"]
+LORA_BACKENDS = ["torch", "triton", "bgmv", "bgmv_one", "cublas_batched", "sgmv_cublas"]
 # (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0, no input features
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8), ((2, 3), 0, 8)]  # the last: K = 0
 RANKS = [16, 4, 0, 9, 1]  # slot ranks: full, partial, an empty slot, odd, 1
@@ -226,7 +226,7 @@ def test_each_backend_runs_its_own_kernels(lead, monkeypatch):
     _, A, B = _bank(S, R, K, N, torch.float32, RANKS)
     index = torch.tensor([0, 1, -1, 3, 4, 0][:lead[0]])
     expected = {"triton": {"sgmv_kernel"}, "bgmv": {"bgmv_shrink_kernel", "bgmv_expand_kernel"},
-                "sgmv_cublas": {"grouped_shrink_kernel", "grouped_expand_kernel"}}
+                "bgmv_one": {"bgmv_one_kernel"}, "sgmv_cublas": {"grouped_shrink_kernel", "grouped_expand_kernel"}}
     for backend, kernels in expected.items():
         launched.clear()
         with torch.no_grad(), fusedpeft.use_backend(backend):

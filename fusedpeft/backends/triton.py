@@ -98,6 +98,8 @@ register("dora_linear", "cublas_autograd", load=_dora_composed, supports=triton_
 register("multi_lora_linear", "triton", load=_kernel("multi_lora", "triton_backend"), supports=triton_usable, priority=10,
          tunable=True)
 register("multi_lora_linear", "bgmv", load=_kernel("multi_lora", "bgmv_backend"), supports=triton_usable, priority=9, tunable=True)
+register("multi_lora_linear", "bgmv_one", load=_kernel("multi_lora", "bgmv_one_backend"), supports=triton_usable,
+         priority=8, tunable=True)
 # Triton shrink and expand around cuBLAS's base GEMM (a prefill's groups of rows): measured against
 # the fused SGMV kernel, whose main loop is slower than cuBLAS's, and against cublas_batched.
 register("multi_lora_linear", "sgmv_cublas", load=_kernel("multi_lora", "sgmv_cublas_backend"), supports=triton_usable,
