@@ -164,8 +164,9 @@ def lora_bgmv_one(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_inde
     N, R = y.shape[1], lora_A.shape[1]
     interp = layout.interpreting()
     BLOCK_R = block_r(R)
-    BLOCK_K = 32 if interp else max(64, 8192 // BLOCK_R)  # an A tile of 8192 float32 values a step
-    BLOCK_N = 32 if interp else 256
+    # A and B tiles of 8192 and 4096 float32 values a step (64 and 32 a thread at 4 warps)
+    BLOCK_K = 32 if interp else max(64, 8192 // BLOCK_R)
+    BLOCK_N = 32 if interp else max(32, 4096 // BLOCK_R)
     target = 4 if interp else 2 * layout.num_sms(x.device.index or 0)
     chunks = max(1, min(cdiv(N, BLOCK_N), cdiv(target, M)))
     n_chunk = cdiv(cdiv(N, chunks), BLOCK_N) * BLOCK_N
