@@ -26,7 +26,7 @@ import os
 import triton
 import triton.language as tl
 
-from .dropout import dropout_keep, keep_mask
+from .dropout import dropout_keep
 
 # Triton's CPU interpreter (3.9) multiplies bfloat16 dot operands, and bfloat16 tensors
 # elementwise, as their uint16 storage. Under the interpreter both are widened to float32 first:
@@ -216,17 +216,15 @@ def load_q(q_ptr, q_desc, off_n, N, R, stride_qn, stride_qr, QBN: tl.constexpr, 
 
 
 @triton.jit
-def lowrank_term(acc, lr_s, q, rows, cols_n, seed, dropout_p, bits_ptr, stride_bits, mask_rows, mask_ld,
-                 DROPOUT: tl.constexpr, FROM_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def lowrank_term(acc, lr_s, q, rows, cols_n, seed, dropout_p, mask_ld,
+                 DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc + lr_s @ q^T, the LoRA term of one output tile (lr_s: [BLOCK_M, BLOCK_R], scaled, in
     q's dtype; q: [BLOCK_N, BLOCK_R]): one BLOCK_M x BLOCK_N x R MMA. With DROPOUT the term is
-    masked by the keep-mask at [rows, cols_n] of a (mask_rows, mask_ld) tensor, drawn or read from
-    its bits (FROM_BITS: dropout.keep_mask), which needs the term apart from acc; otherwise it
-    accumulates straight into acc."""
+    masked by the keep-mask at [rows, cols_n] (row length mask_ld), which needs it apart from acc;
+    otherwise it accumulates straight into acc."""
     if DROPOUT:
         low = mma(lr_s, q.T, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
-        keep = keep_mask(seed, dropout_p, bits_ptr, stride_bits, rows, cols_n, mask_rows, mask_ld, FROM_BITS)
-        acc += tl.where(keep, low, 0.0)
+        acc += tl.where(dropout_keep(seed, rows, cols_n, mask_ld, dropout_p), low, 0.0)
     else:
         acc = mma(lr_s, q.T, acc)
     return acc

@@ -1,15 +1,7 @@
 """LoRA's dropout mask, drawn where it is used and never stored: a counter-based RNG (philox)
-keyed by (seed, position), so every kernel that needs the mask regenerates the same bits.
-
-Within one backward the mask is needed twice, by grad_A's reduction over x and by grad_x's masked
-rank-r term. The reduction, which runs first, draws it and also writes it as bits (pack_keep: M K / 8
-bytes, freed when the backward returns), which grad_x reads back (keep_bits) instead of drawing it
-again: in the epilogue of a compute-bound GEMM the draw is not hidden behind memory traffic (H100,
-8192 x 4096 -> 4096: grad_x's kernel took 454 us with the draw in its epilogue against 362 us
-without dropout)."""
+keyed by (seed, position), so every kernel that needs the mask regenerates the same bits."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -52,33 +44,6 @@ def dropout_keep(seed, rows, cols, ld, p):
 
 
 @triton.jit
-def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """keep ([BLOCK_M, BLOCK_C], BLOCK_C a multiple of 8) as bytes [BLOCK_M, BLOCK_C // 8]: bit j of
-    byte g is column 8 g + j."""
-    groups = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_C // 8, 8))
-    return tl.sum(groups << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
-
-
-@triton.jit
-def keep_bits(bits_ptr, stride_bm, rows, cols, M, C):
-    """The keep-mask at [rows, cols] of an (M, C) tensor, read back from the bytes pack_keep wrote
-    (one row of cdiv(C, 8) bytes every stride_bm)."""
-    byte = tl.load(bits_ptr + rows[:, None].to(tl.int64) * stride_bm + (cols // 8)[None, :],
-                   mask=(rows[:, None] < M) & (cols[None, :] < C), other=0)
-    return ((byte.to(tl.int32) >> (cols % 8)[None, :]) & 1) != 0
-
-
-@triton.jit
-def keep_mask(seed, dropout_p, bits_ptr, stride_bm, rows, cols, M, C, FROM_BITS: tl.constexpr):
-    """The keep-mask at [rows, cols] of an (M, C) tensor: read back from bits (FROM_BITS) or drawn."""
-    if FROM_BITS:
-        keep = keep_bits(bits_ptr, stride_bm, rows, cols, M, C)
-    else:
-        keep = dropout_keep(seed, rows, cols, C, dropout_p)
-    return keep
-
-
-@triton.jit
 def load_seed(seed_ptr, DROPOUT: tl.constexpr):
     """The dropout seed (int64) from its one-element tensor; 0 (never used) without dropout, when
     seed_ptr stands in for a tensor of another dtype."""
@@ -113,8 +78,3 @@ def dropped_kernel(x_ptr, out_ptr, M, C, stride_xm, stride_om, seed_ptr, dropout
     keep = dropout_keep(seed, rows, cols, C, dropout_p)
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def new_keep_bits(M: int, C: int, device) -> torch.Tensor:
-    """Room for an (M, C) keep-mask as bits (pack_keep's layout: cdiv(C, 8) bytes a row)."""
-    return torch.empty(M, (C + 7) // 8, dtype=torch.uint8, device=device)

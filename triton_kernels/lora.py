@@ -36,7 +36,7 @@ from fusedpeft.settings import settings
 from . import configs, fast_launch
 from .core import (column_vector, gemm_setup, k_loop, load_q, load_tile, lowrank_k_loop, lowrank_term, make_desc,
                    oriented_desc, save_lr, split_halves, store_tile, tile_start)
-from .dropout import dropout_mask_kernel, dropped_kernel, load_seed, new_keep_bits
+from .dropout import dropout_mask_kernel, dropped_kernel, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, cdiv, descriptor_ok, weight_operand
 from .lowrank import lowrank_into, lowrank_product, weight_grad
@@ -81,7 +81,7 @@ def lora_term_piece(acc, u_s, lora_B_ptr, b_desc, rows, off_p, N, K, R, stride_b
     output before any scale or bias (u_s [BLOCK_M, BLOCK_R] scaled; B stored [N, R] or [R, N])."""
     cols = off_p + tl.arange(0, EPI_N)
     b = load_q(lora_B_ptr, b_desc, off_p, N, R, stride_bn, stride_br, EPI_N, BLOCK_R, EVEN_R, LR_DESC, B_RMAJOR)
-    return lowrank_term(acc, u_s.to(b.dtype), b, rows, cols, 0, 0.0, b, 0, 0, K, False, False, BLOCK_M, EPI_N), cols
+    return lowrank_term(acc, u_s.to(b.dtype), b, rows, cols, 0, 0.0, K, False, BLOCK_M, EPI_N), cols
 
 
 @triton.jit
@@ -145,13 +145,12 @@ def lora_forward_kernel(
 
 @triton.jit
 def lora_grad_x_kernel(
-    grad_y_ptr, w_ptr, grad_x_ptr, lora_B_ptr, lora_A_ptr, g_ptr, seed_ptr, keep_bits_ptr,
+    grad_y_ptr, w_ptr, grad_x_ptr, lora_B_ptr, lora_A_ptr, g_ptr, seed_ptr,
     M, N, K, R,
     stride_gym, stride_gyk, stride_wn, stride_wk, stride_gxm, stride_bk, stride_br, stride_an, stride_ar, stride_gm,
-    stride_kb,
     g_scale, dropout_p,
-    W_KMAJOR: tl.constexpr, G_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr, KEEP_BITS: tl.constexpr,
-    EVEN_R: tl.constexpr, USE_DESC: tl.constexpr, LR_DESC: tl.constexpr, A_RMAJOR: tl.constexpr,
+    W_KMAJOR: tl.constexpr, G_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr, EVEN_R: tl.constexpr,
+    USE_DESC: tl.constexpr, LR_DESC: tl.constexpr, A_RMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     EPI_SUBTILE: tl.constexpr,
@@ -161,8 +160,7 @@ def lora_grad_x_kernel(
     In this kernel's GEMM letters N is the layer's in_features and K its out_features: w is the
     logical [N, K] = W^T (W stored [out, in]: not W_KMAJOR), B is [K, R] (its strides stride_bk,
     stride_br), A^T is the [N, R] factor of the epilogue (A stored [R, N]: not A_RMAJOR). mask: the
-    forward's keep-mask at [m, n] of x (row length N), on the rank-r term only, drawn here or, with
-    KEEP_BITS, read from the bits grad_A's reduction wrote (keep_bits_ptr, stride_kb bytes a row).
+    forward's keep-mask at [m, n] of x (row length N), on the rank-r term only.
     G_IN_LOOP ('fused'): g_s computed beside the main loop and written to g_ptr; otherwise read."""
     seed = load_seed(seed_ptr, DROPOUT)
     num_pid_m, num_pid_n, gy_desc, w_desc = gemm_setup(grad_y_ptr, w_ptr, M, N, K, stride_gym, stride_wn, stride_wk,
@@ -194,7 +192,7 @@ def lora_grad_x_kernel(
             off_p = off_n + piece * EPI_N
             a = load_q(lora_A_ptr, a_desc, off_p, N, R, stride_an, stride_ar, EPI_N, BLOCK_R, EVEN_R, LR_DESC, A_RMAJOR)
             out = lowrank_term(acc0 if piece == 0 else acc1, g_s.to(a.dtype), a, rows, off_p + tl.arange(0, EPI_N),
-                               seed, dropout_p, keep_bits_ptr, stride_kb, M, N, DROPOUT, KEEP_BITS, BLOCK_M, EPI_N)
+                               seed, dropout_p, N, DROPOUT, BLOCK_M, EPI_N)
             store_tile(grad_x_ptr, gx_desc, out, off_m, off_p, M, N, stride_gxm, 1, BLOCK_M, EPI_N, USE_DESC)
 
 
@@ -229,13 +227,12 @@ def _rmajor(q):
 
 
 def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bias, in_loop, dropout_arg,
-                 out_scale=None, z=None, keep_bits=None):
+                 out_scale=None, z=None):
     """One launch of lora_forward_kernel or lora_grad_x_kernel: out = a @ w_mat^T (+ bias) + the
     rank-r term (see each kernel; p: [R, K] for the in-loop product, q: [N, R] for the epilogue,
     lr: [M, R] written or read). The forward's DoRA epilogue: out_scale [N] (float32) scales the
     result before the bias, and z [M, N] receives it unscaled. When no tile config can hold the
-    rank-r epilogue, the GEMM runs alone and the update follows (_lowrank_apart). grad_x's
-    keep_bits: the dropout mask as bits (dropout.pack_keep), read instead of drawn."""
+    rank-r epilogue, the GEMM runs alone and the update follows (_lowrank_apart)."""
     M, K = a.shape
     N, R = q.shape
     w, w_kmajor, stride_wn, stride_wk = weight_operand(w_mat)
@@ -243,18 +240,18 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
     forward = gemm is _FORWARD
     tensors = ((a, w, out, a if bias is None else bias, p, q, lr, a if out_scale is None else out_scale,
                 a if z is None else z, seed if dropout else a) if forward
-               else (a, w, out, p.T, q.T, lr, seed if dropout else a, a if keep_bits is None else keep_bits))
+               else (a, w, out, p.T, q.T, lr, seed if dropout else a))
     scalars = (float(lr_scale), float(dropout_p))
     plan_key = None
     if fast_launch.enabled():
         meta = fast_launch.meta
         plan_key = (a.get_device(), meta(a), meta(w), meta(out), meta(bias), meta(p), meta(q), meta(lr),
-                    meta(out_scale), meta(z), meta(keep_bits), in_loop, dropout, settings.generation)
+                    meta(out_scale), meta(z), in_loop, dropout, settings.generation)
         if gemm.replay(plan_key, tensors, scalars) is not NOT_PLANNED:
             return out
     dora_epilogue = out_scale is not None or z is not None
     if settings.separate_lowrank and not in_loop and not dora_epilogue:
-        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg, keep_bits)
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     q_stored, q_rmajor = _rmajor(q)
     lr_desc = bool(settings.lowrank_tma and not in_loop and q_stored is not None and descriptor_ok(lr, q_stored))
     use_desc = descriptor_ok(a, w, out)
@@ -264,15 +261,13 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
             q.stride(0), q.stride(1), lr.stride(0))
     if forward:
         ints = (*ints, 0 if z is None else z.stride(0))
-    else:
-        ints = (*ints, 0 if keep_bits is None else keep_bits.stride(0))
     flags = dict(W_KMAJOR=w_kmajor, DROPOUT=dropout, EVEN_R=R == block_r(R), USE_DESC=use_desc, LR_DESC=lr_desc,
                  BLOCK_R=block_r(R))
     if forward:
         flags.update(HAS_BIAS=bias is not None, U_IN_LOOP=in_loop, B_RMAJOR=q_rmajor, OUT_SCALE=out_scale is not None,
                      SAVE_Z=z is not None)
     else:
-        flags.update(G_IN_LOOP=in_loop, A_RMAJOR=q_rmajor, KEEP_BITS=keep_bits is not None)
+        flags.update(G_IN_LOOP=in_loop, A_RMAJOR=q_rmajor)
     try:
         gemm.launch(plan_key, tensors, ints, scalars, flags,
                     Gemm(M, N, K, a.dtype, a.element_size(), descriptors=use_desc or lr_desc, in_loop=in_loop))
@@ -281,17 +276,17 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
             raise
         if dora_epilogue:
             return _dora_apart(a, w_mat, out, bias, q, lr, out_scale, z)
-        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg, keep_bits)
+        return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     return out
 
 
-def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_on_term, keep_bits=None):
+def _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, mask_on_term):
     """out = a @ w^T + bias by cuBLAS, then out += mask * (lr @ q^T) (lr carries its scale; the
     mask at output positions when ``mask_on_term``): the fallback for ranks whose epilogue tiles no
     config can hold beside the main loop (r = 256 in bf16 and r >= 100 in fp32 at large M on the
     H100). It costs one more read and write of out (4MN bytes in bf16)."""
     torch.addmm(bias, a, w_mat.T, out=out) if bias is not None else torch.mm(a, w_mat.T, out=out)
-    return lowrank_into(out, lr, q, 1.0, seed, dropout_p if mask_on_term else 0.0, keep_bits=keep_bits)
+    return lowrank_into(out, lr, q, 1.0, seed, dropout_p if mask_on_term else 0.0)
 
 
 def _dora_apart(a, w_mat, out, bias, q, lr, out_scale, z):
@@ -329,25 +324,14 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
         fused = need_x and schedule(M, r) == "fused"
         if not fused:
             lowrank_product(grad_y, lora_B.T, g_s, s)
-
-        def grad_A_reduction(keep_bits_out=None):  # grad_A = s g^T drop(x) = g_s^T drop(x)
-            # In the caller's dtype for it (float32 masters): the reduction stores in out's dtype.
-            out = torch.empty(r, K, dtype=grad_dtypes[0] or lora_A.dtype, device=x.device)
-            weight_grad(x, g_s, out, scale=1.0, transpose_out=True, seed=seed, dropout_p=dropout_p,
-                        keep_bits_out=keep_bits_out)
-            return out
-
-        # With g_s ready first (not fused), grad_A's reduction runs before grad_x and leaves it the
-        # dropout mask as bits (dropout.py), so grad_x's epilogue reads the mask, not draws it.
-        keep_bits = new_keep_bits(M, K, x.device) if need_x and need_A and not fused and dropout_p > 0 else None
-        if need_A and not fused:
-            grad_A = grad_A_reduction(keep_bits)
         if need_x:  # without it (a frozen input: the first layer over frozen embeddings) g_s alone
             grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
             _launch_lora(_GRAD_X, grad_y, weight.T, grad_x, lora_B.T, lora_A.T, g_s, s, seed, dropout_p, bias=None,
-                         in_loop=fused, dropout_arg=True, keep_bits=keep_bits)
-        if need_A and fused:  # g_s came out of grad_x's kernel
-            grad_A = grad_A_reduction()
+                         in_loop=fused, dropout_arg=True)
+    if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
+        # In the caller's dtype for it (float32 masters): the reduction stores in out's dtype.
+        grad_A = torch.empty(r, K, dtype=grad_dtypes[0] or lora_A.dtype, device=x.device)
+        weight_grad(x, g_s, grad_A, scale=1.0, transpose_out=True, seed=seed, dropout_p=dropout_p)
     if need_B or need_b:  # grad_B = s grad_y^T u = grad_y^T u_s
         grad_B = torch.empty(N, r, dtype=grad_dtypes[1] or lora_B.dtype, device=x.device)
         grad_b = torch.empty(N, dtype=grad_y.dtype, device=x.device) if need_b else None

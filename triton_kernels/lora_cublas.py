@@ -12,8 +12,7 @@ saved s * (x * mask) A^T (M x r, the layer's dtype) and g = grad_y B:
   y   = x W^T + b + u_s B^T
   grad_x = grad_y W + (g (s A)) * mask
   grad_A = s g^T (x * mask)    cuBLAS without dropout; the Triton weight-gradient reduction that
-                               masks x as it reads it with dropout, run before grad_x and leaving
-                               it the mask as bits (dropout.py), which grad_x's term reads
+                               masks x as it reads it with dropout
   grad_B = grad_y^T u_s,  grad_b = column sums of grad_y
   (grad_A and grad_B come out of the GEMM in the adapters' own dtype, float32 beside a 16-bit
   layer: no cast launched after them)
@@ -45,7 +44,6 @@ import torch
 from fusedpeft.ops._common import product_in
 from fusedpeft.ops.lora import lora_composition
 
-from .dropout import new_keep_bits
 from .lora import dropout_mask
 from .lowrank import lowrank_into, lowrank_product, weight_grad
 
@@ -68,17 +66,17 @@ def _forward(low_rank_first, x, weight, bias, lora_A, lora_B, scaling, dropout_p
     return y.addmm_(u_s, lora_B.T), (u_s,)
 
 
-def _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed, keep_bits):
+def _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed):
     if low_rank_first:
         if dropout_p > 0:
             grad_x = torch.empty(grad_y.shape[0], lora_A.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-            lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, accumulate=False, keep_bits=keep_bits)
+            lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, accumulate=False)
         else:  # beta = 0: A's first row only gives the (K,) shape; alpha = s inside the GEMM
             grad_x = torch.addmm(lora_A[0], g, lora_A, beta=0, alpha=s)
         return grad_x.addmm_(grad_y, weight)
     grad_x = grad_y @ weight
     if dropout_p > 0:
-        return lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p, keep_bits=keep_bits)
+        return lowrank_into(grad_x, g, lora_A.T, s, seed, dropout_p)
     return grad_x.addmm_(g, lora_A, alpha=s)
 
 
@@ -89,18 +87,14 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
     s = scaling / (1.0 - dropout_p)
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     g = grad_y @ lora_B if (need_x or need_A) else None  # (M, r)
-    keep_bits = None
+    if need_x:
+        grad_x = _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed)
     if need_A:
         if dropout_p > 0:
-            # First, so that grad_x reads the mask this reduction draws (as bits), not draws it again.
-            keep_bits = new_keep_bits(*x.shape, x.device) if need_x else None
             grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)  # the reduction stores in it
-            weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p,
-                        keep_bits_out=keep_bits)
+            weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p)
         else:  # in its master's dtype from the GEMM itself (product_in)
             grad_A = product_in(grad_dtypes[0], g.T, x, s, shape_like=lora_A)
-    if need_x:
-        grad_x = _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed, keep_bits)
     if need_B:
         grad_B = product_in(grad_dtypes[1], grad_y.T, u_s)
     if need_b:

@@ -21,7 +21,7 @@ from fusedpeft.settings import settings
 from . import fast_launch, layout
 from .buffers import ticket_counters
 from .core import gemm_setup, k_loop, make_desc, mma, split_halves, store_tile, tile_start
-from .dropout import dropout_keep, keep_mask, load_seed, pack_keep
+from .dropout import dropout_keep, load_seed
 from .gemm import NOT_PLANNED, Gemm, PersistentGemm
 from .layout import block_r, cdiv, descriptor_ok, split_rows, weight_operand
 
@@ -94,18 +94,17 @@ def lowrank_product(a, w_mat, out, scale, seed=None, dropout_p=0.0):
 # ----------------------------------------------------------------------------- weight gradients
 @triton.jit
 def lowrank_weight_grad_kernel(
-    l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr, seed_ptr, bits_ptr,
+    l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr, seed_ptr,
     M, C, R, rows_per_split,
-    stride_lm, stride_lc, stride_sm, stride_oc, stride_or, stride_bits,
+    stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
     scale, dropout_p,
-    DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr, BITS_OUT: tl.constexpr,
+    DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[c, r] = scale * sum_m (l * mask)[m, c] s[m, r] (out addressed by strides, so grad_A^T
     lands in grad_A's layout), and with COLSUM colsum[c] = sum_m l[m, c] (grad_bias from the grad_y
     tiles already held): grad_B = grad_y^T u_s and grad_A = g_s^T drop(x), mask at [m, c] of l (row
-    length C), with BITS_OUT also written as bits to bits_ptr (dropout.pack_keep; stride_bits bytes
-    a row) for grad_x to read. Memory-bound: l (M x C) is read once in all; s (M x R, small) once per column block.
+    length C). Memory-bound: l (M x C) is read once in all; s (M x R, small) once per column block.
 
     M is split over grid axis 1 so that narrow C still fills the GPU. With SPLIT, each program
     stores its float32 partial ([splits, C, R + 1], the last column the sum), then takes a ticket
@@ -127,13 +126,7 @@ def lowrank_weight_grad_kernel(
         l = tl.load(l_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc,
                     mask=(rows[:, None] < row_end) & (cols[None, :] < C), other=0.0)
         if DROPOUT:
-            keep = dropout_keep(seed, rows, cols, C, dropout_p)
-            l = tl.where(keep, l, 0.0)
-            if BITS_OUT:
-                byte_cols = pid_c * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
-                tl.store(bits_ptr + rows[:, None] * stride_bits + byte_cols[None, :],
-                         pack_keep(keep, BLOCK_M, BLOCK_C),
-                         mask=(rows[:, None] < row_end) & (byte_cols[None, :] < (C + 7) // 8))
+            l = tl.where(dropout_keep(seed, rows, cols, C, dropout_p), l, 0.0)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + r_idx[None, :],
                     mask=(rows[:, None] < row_end) & (r_idx[None, :] < R), other=0.0)
         acc = mma(l.T, s.to(l.dtype), acc)
@@ -178,11 +171,11 @@ class _WeightGradPlan:
 
     __slots__ = ("entry", "grid3", "device", "partial_numel", "col_blocks", "ints", "tail")
 
-    def __call__(self, l, s, out, colsum, scale, seed, dropout_p, bits):
+    def __call__(self, l, s, out, colsum, scale, seed, dropout_p):
         partial, counter = _split_buffers(self.partial_numel, self.col_blocks, out)
         self.entry(self.grid3, self.device, (l, s, out, out if colsum is None else colsum, partial, counter,
-                                             l if seed is None else seed, l if bits is None else bits, *self.ints,
-                                             float(scale), float(dropout_p), *self.tail))
+                                             l if seed is None else seed, *self.ints, float(scale),
+                                             float(dropout_p), *self.tail))
 
 
 _WEIGHT_GRAD_PLANS = fast_launch.plan_cache()
@@ -197,11 +190,10 @@ def _split_buffers(partial_numel, col_blocks, out):
             ticket_counters(col_blocks, out.device))
 
 
-def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0, keep_bits_out=None):
+def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0):
     """out = scale * (l * mask)^T @ s ([C, R], or its transpose with ``transpose_out``), and
     colsum = column sums of l, in one launch (lowrank_weight_grad_kernel). mask: the keep-mask at
-    [m, c] of l drawn from ``seed`` when dropout_p > 0, and written as bits to ``keep_bits_out``
-    where given (dropout.new_keep_bits(M, C)).
+    [m, c] of l drawn from ``seed`` when dropout_p > 0.
 
     The tile on the GPU (rows per step, columns per program) and the programs per SM its split
     over M aims at: tools/diag_weight_grad.py times the choices; on the H100 (RESULTS.md) 256 x 64
@@ -222,11 +214,11 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
     fast = fast_launch.enabled()
     if fast:
         meta = fast_launch.meta
-        plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), meta(keep_bits_out), transpose_out,
-                    dropout_p > 0, settings.generation)
+        plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0,
+                    settings.generation)
         plan = _WEIGHT_GRAD_PLANS.get(plan_key)
         if plan is not None:
-            return plan(l, s, out, colsum, scale, seed, dropout_p, keep_bits_out)
+            return plan(l, s, out, colsum, scale, seed, dropout_p)
     BLOCK_R = block_r(R)
     BLOCK_M, BLOCK_C = (16, 16) if interp else settings.weight_grad_tile or ((256, 64) if BLOCK_R <= 64 else (64, 64))
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
@@ -240,20 +232,13 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
     partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
     partial, counter = _split_buffers(partial_numel, col_blocks, out)
     stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    bits_out = keep_bits_out is not None
-    if bits_out and not (dropout_p > 0 and keep_bits_out.shape == (M, (C + 7) // 8)
-                         and keep_bits_out.dtype == torch.uint8 and keep_bits_out.stride(1) == 1):
-        raise ValueError(f"weight_grad: keep_bits_out must be a uint8 ({M}, {(C + 7) // 8}) tensor with a unit "
-                         f"column stride, written only with dropout; got {keep_bits_out.dtype} "
-                         f"{tuple(keep_bits_out.shape)} at dropout_p={dropout_p}")
-    ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
-            keep_bits_out.stride(0) if bits_out else 0)
-    constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1, BITS_OUT=bits_out,
+    ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or)
+    constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
                       BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
     entry = fast_launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
-        (l, s, out, colsum if colsum is not None else out, partial, counter, l if seed is None else seed,
-         keep_bits_out if bits_out else l, *ints, float(scale), float(dropout_p)),
+        (l, s, out, colsum if colsum is not None else out, partial, counter, l if seed is None else seed, *ints,
+         float(scale), float(dropout_p)),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     if fast and entry is not None:
@@ -266,18 +251,17 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
 # ----------------------------------------------------------------------------- rank-r update
 @triton.jit
 def lowrank_update_kernel(
-    out_ptr, l_ptr, q_ptr, seed_ptr, bits_ptr,
+    out_ptr, l_ptr, q_ptr, seed_ptr,
     M, C, R,
-    stride_om, stride_lm, stride_lr, stride_qc, stride_qr, stride_bits,
+    stride_om, stride_lm, stride_lr, stride_qc, stride_qr,
     scale, dropout_p,
-    DROPOUT: tl.constexpr, FROM_BITS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DROPOUT: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[M, C] (+)= scale * keep[m, c] * (l[M, R] @ q[C, R]^T), keep the dropout mask at [m, c]
-    (row length C; drawn, or with FROM_BITS read from its bits: dropout.keep_mask) or 1: the rank-r
-    term a cuBLAS composition writes before its GEMM (which then accumulates onto it, beta = 1) or
-    adds after it (ACCUMULATE). In the LoRA backward grad_x = s * mask * (g A) is written here with
-    no M x K temporary.
+    (row length C) or 1: the rank-r term a cuBLAS composition writes before its GEMM (which then
+    accumulates onto it, beta = 1) or adds after it (ACCUMULATE). In the LoRA backward
+    grad_x = s * mask * (g A) is written here with no M x K mask or temporary.
 
     Cost: 2MCR FLOPs, far under the ridge; bytes: out written once (2MC in bf16; read too with
     ACCUMULATE) plus the l and q tiles (L2-resident: l is re-read once per column block). So a plain
@@ -295,7 +279,7 @@ def lowrank_update_kernel(
     low = mma(l, q.T.to(l.dtype), tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32),
               out_ptr.dtype.element_ty == tl.float32)
     if DROPOUT:
-        low = tl.where(keep_mask(seed, dropout_p, bits_ptr, stride_bits, rows, cols, M, C, FROM_BITS), low, 0.0)
+        low = tl.where(dropout_keep(seed, rows, cols, C, dropout_p), low, 0.0)
     in_tile = (rows[:, None] < M) & (cols[None, :] < C)
     here = out_ptr + rows[:, None] * stride_om + cols[None, :]
     low = scale * low
@@ -304,11 +288,11 @@ def lowrank_update_kernel(
     tl.store(here, low.to(out_ptr.dtype.element_ty), mask=in_tile)
 
 
-def lowrank_into(out, l, q, scale, seed=None, dropout_p=0.0, accumulate=True, keep_bits=None):
+def lowrank_into(out, l, q, scale, seed=None, dropout_p=0.0, accumulate=True):
     """out += scale * mask * (l @ q^T) in place (``accumulate=False``: out = ..., out's old values
     never read). out: [M, C] with a unit column stride; l: [M, R]; q: [C, R] (any strides: A^T is
     passed as a view); mask: the dropout keep-mask at [m, c] (row length C) drawn from ``seed``
-    when dropout_p > 0, or read from ``keep_bits`` where given (weight_grad's keep_bits_out)."""
+    when dropout_p > 0."""
     M, C = out.shape
     R = l.shape[1]
     if M == 0 or C == 0:
@@ -322,14 +306,11 @@ def lowrank_into(out, l, q, scale, seed=None, dropout_p=0.0, accumulate=True, ke
         # 64 x 128 output tiles at R <= 64; narrower above, where the l and q tiles are large.
         BLOCK_M, BLOCK_C, warps = (64, 128, 4) if BLOCK_R <= 64 else (64, 64, 4)
     dropout = dropout_p > 0
-    from_bits = dropout and keep_bits is not None
     fast_launch.cached_launch(
         lowrank_update_kernel, (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C)),
-        (out, l, q, seed if dropout else out, keep_bits if from_bits else out, M, C, R, out.stride(0), l.stride(0),
-         l.stride(1), q.stride(0), q.stride(1), keep_bits.stride(0) if from_bits else 0, float(scale),
-         float(dropout_p)),
-        dict(DROPOUT=dropout, FROM_BITS=from_bits, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-             BLOCK_R=BLOCK_R),
+        (out, l, q, seed if dropout else out, M, C, R, out.stride(0), l.stride(0), l.stride(1), q.stride(0),
+         q.stride(1), float(scale), float(dropout_p)),
+        dict(DROPOUT=dropout, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R),
         num_warps=warps, num_stages=1,
     )
     return out

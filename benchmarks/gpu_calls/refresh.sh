@@ -12,9 +12,6 @@
 #              kernel, generate calls in turns
 #   philox     tools.profile_kernels with and without dropout (triton, cublas) at 10 and at the tree's
 #              philox rounds (triton_kernels/dropout.py PHILOX_ROUNDS), the tree restored after
-#   lora_tests the GPU tests of LoRA's paths: the seeded sweep of every candidate (dropout on and off),
-#              the float64 comparisons, float32 adapters, CUDA-graph replays, the fresh-process fp32 step
-#   profile    tools.profile_kernels with and without dropout (triton, cublas) at the tree's code
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -56,13 +53,6 @@ for stage in ${STAGES:-launch tests split serving}; do
             --backend $backend >> $OUT/philox_$rounds.log 2>&1
         done
       done ;;
-    lora_tests) timeout ${TEST_S:-200} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda.py \
-        tests/test_cuda_paths.py -k "sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by" \
-        > $OUT/lora_tests.log 2>&1 ;;
-    profile) for backend in triton cublas; do
-        timeout 100 python3 -m tools.profile_kernels 8192x4096x4096 8192x14336x4096 --ranks 16 --dropouts 0,0.05 \
-          --backend $backend >> $OUT/profile.log 2>&1
-      done ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -90,8 +80,6 @@ grep -v "^ *$" $OUT/serving_split.log 2>/dev/null | grep -v -i warn | head -60
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
 grep -h "step" $OUT/philox_*.log 2>/dev/null
-grep -E "passed|failed|FAILED|Error" $OUT/lora_tests.log 2>/dev/null | tail -12
-grep -v -i "warn" $OUT/profile.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
 tail -n 6 $OUT/serving.log 2>/dev/null
 for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
