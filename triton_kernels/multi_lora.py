@@ -43,6 +43,21 @@ from .layout import block_r, cdiv
 
 
 @triton.jit
+def row_shrink(x_ptr, a_ptr, m, i, r_idx, r_ok, K, stride_xm, stride_as, stride_ar,
+               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """x[m] A[i, r_idx]^T in float32 over all of K (the ranks past r_ok masked off): one row's
+    shrink on CUDA cores, BLOCK_K columns of x and of A's rows a step."""
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + i * stride_as + r_idx[:, None] * stride_ar + k[None, :],
+                    mask=r_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
+        acc += tl.sum(a * xk[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def bgmv_shrink_kernel(
     x_ptr, a_ptr, u_ptr, idx_ptr, scale_ptr, rank_ptr,
     K, R, stride_xm, stride_as, stride_ar, stride_um,
@@ -58,13 +73,7 @@ def bgmv_shrink_kernel(
     live = (i >= 0) & (r0 < rank)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if live:
-        r_ok = r_idx < rank
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + i * stride_as + r_idx[:, None] * stride_ar + k[None, :],
-                        mask=r_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
-            acc += tl.sum(a * xk[None, :], axis=1)
+        acc = row_shrink(x_ptr, a_ptr, m, i, r_idx, r_idx < rank, K, stride_xm, stride_as, stride_ar, BLOCK_K, BLOCK_R)
         acc = acc * tl.load(scale_ptr + i)
     tl.store(u_ptr + m * stride_um + r_idx, acc, mask=r_idx < R)
 
@@ -130,13 +139,7 @@ def bgmv_one_kernel(
     if rank > 0:
         r_idx = tl.arange(0, BLOCK_R)
         r_ok = r_idx < rank
-        u = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + i * stride_as + r_idx[:, None] * stride_ar + k[None, :],
-                        mask=r_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
-            u += tl.sum(a * xk[None, :], axis=1)
+        u = row_shrink(x_ptr, a_ptr, m, i, r_idx, r_ok, K, stride_xm, stride_as, stride_ar, BLOCK_K, BLOCK_R)
         u = u * tl.load(scale_ptr + i)
         n_hi = tl.minimum(n_lo + n_chunk, N)
         for n0 in range(n_lo, n_hi, BLOCK_N):
