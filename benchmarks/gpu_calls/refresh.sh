@@ -22,25 +22,29 @@
 #   layers     the LoRA layer table at 8192 tokens, r = 16, every family ($FAMILIES: fewer)
 source benchmarks/gpu_calls/common.sh
 FAMILIES=${FAMILIES:-llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini}
+# GPU tests: at their time limit pytest gets SIGINT, not SIGKILL, so it still prints its summary and
+# names each failure and error (-rfE, one line each).
+PYTEST_TIMED="timeout -s INT"
+PYTEST="python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider -rfE --tb=line"
 for stage in ${STAGES:-launch tests split serving}; do
   echo "=== $stage $(date +%T)" | tee -a $OUT/stages.log
   case $stage in
     ext) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/ext.log 2>&1
-      timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
+      $PYTEST_TIMED ${TEST_S:-170} $PYTEST tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or capture or test_serving)" >> $OUT/ext.log 2>&1 ;;
     table) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --adapters ${ADAPTERS:-8,32,128} --ranks ${RANKS:-16,mixed} --warmup-ms 5 --rep-ms 30 \
         --out $OUT/serving.md > $OUT/serving.log 2>&1 ;;
     probe) timeout 200 python3 -c "from fusedpeft import _cuda_ext; print(_cuda_ext.load())" > $OUT/probe.log 2>&1
       timeout 150 python3 -m tools.bgmv_errors >> $OUT/probe.log 2>&1
-      timeout ${TEST_S:-150} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
+      $PYTEST_TIMED ${TEST_S:-150} $PYTEST tests/test_cuda_ext.py tests/test_cuda_new_ops.py \
         tests/test_serving.py -k "not timing and (test_cuda_ext or multi_lora or per_sequence or decode_step or test_serving)" >> $OUT/probe.log 2>&1; pack
       timeout 200 python3 -m benchmarks.serving --model-level --repeats 7 > $OUT/model_level.log 2>&1; pack ;;
     graphs) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --graphs --adapters ${ADAPTERS:-8,32,128} --ranks ${RANKS:-16,mixed} \
         --warmup-ms 5 --rep-ms 30 --out $OUT/serving_graphs.md > $OUT/serving_graphs.log 2>&1 ;;
     static) timeout ${MODEL_S:-300} python3 -m benchmarks.serving --model-level --static-cache --repeats 5 > $OUT/model_static.log 2>&1 ;;
-    dora_tests) timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda_new_ops.py tests/test_dora.py \
+    dora_tests) $PYTEST_TIMED ${TEST_S:-170} $PYTEST tests/test_cuda_new_ops.py tests/test_dora.py \
         -k "dora" > $OUT/dora_tests.log 2>&1 ;;
-    fp32) timeout ${TEST_S:-170} python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider tests/test_cuda.py tests/test_cuda_new_ops.py \
+    fp32) $PYTEST_TIMED ${TEST_S:-170} $PYTEST tests/test_cuda.py tests/test_cuda_new_ops.py \
         -k "float32" > $OUT/fp32_tests.log 2>&1 ;;
     dora_split) timeout 90 python3 -m tools.dora_norm_parts > $OUT/dora_split.log 2>&1
       timeout 120 python3 -m tools.layer_split 8192x4096x4096 8192x4096x1024 --r 16 --p 0 --method dora --top 0 >> $OUT/dora_split.log 2>&1 ;;
