@@ -12,6 +12,9 @@
 #              kernel, generate calls in turns
 #   philox     tools.profile_kernels with and without dropout (triton, cublas) at 10 and at the tree's
 #              philox rounds (triton_kernels/dropout.py PHILOX_ROUNDS), the tree restored after
+#   lora_tests the GPU tests of LoRA's paths: the seeded sweep of every candidate (dropout on and off),
+#              the float64 comparisons, float32 adapters, CUDA-graph replays, the fresh-process fp32 step
+#   profile    tools.profile_kernels with and without dropout (triton, cublas) at the tree's code
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -24,6 +27,13 @@ source benchmarks/gpu_calls/common.sh
 FAMILIES=${FAMILIES:-llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini}
 # GPU tests: at their time limit pytest gets SIGINT, not SIGKILL, so it still prints its summary and
 # names each failure and error (-rfE, one line each).
+# Each launch's GPU time in a LoRA training step with and without dropout, both backends that mask.
+profile_dropout() {
+  for backend in triton cublas; do
+    timeout 100 python3 -m tools.profile_kernels 8192x4096x4096 8192x14336x4096 --ranks 16 --dropouts 0,0.05 \
+      --backend $backend
+  done
+}
 PYTEST_TIMED="timeout -s INT"
 PYTEST="python3 -m pytest -q -m cuda -n 16 -p no:cacheprovider -rfE --tb=line"
 for stage in ${STAGES:-launch tests split serving}; do
@@ -50,13 +60,15 @@ for stage in ${STAGES:-launch tests split serving}; do
       timeout 120 python3 -m tools.layer_split 8192x4096x4096 8192x4096x1024 --r 16 --p 0 --method dora --top 0 >> $OUT/dora_split.log 2>&1 ;;
     serving_split) timeout ${SPLIT_S:-170} python3 -m tools.serving_split --top 0 --repeats 5 > $OUT/serving_split.log 2>&1 ;;
     philox) tree=$(sed -n "s/^PHILOX_ROUNDS = tl.constexpr(\([0-9]*\))/\1/p" triton_kernels/dropout.py)
-      for rounds in 10 $tree; do
+      if [ -z "$tree" ]; then echo "philox: no PHILOX_ROUNDS line in triton_kernels/dropout.py" > $OUT/philox.log; continue; fi
+      for rounds in 10 $tree; do  # the tree's count last, so the stages after this one run the tree's code
         sed -i "s/^PHILOX_ROUNDS = tl.constexpr([0-9]*)/PHILOX_ROUNDS = tl.constexpr($rounds)/" triton_kernels/dropout.py
-        for backend in triton cublas; do
-          timeout 100 python3 -m tools.profile_kernels 8192x4096x4096 8192x14336x4096 --ranks 16 --dropouts 0,0.05 \
-            --backend $backend >> $OUT/philox_$rounds.log 2>&1
-        done
+        profile_dropout > $OUT/philox_$rounds.log 2>&1
       done ;;
+    lora_tests) $PYTEST_TIMED ${TEST_S:-200} $PYTEST tests/test_cuda.py tests/test_cuda_paths.py \
+        -k "sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by" \
+        > $OUT/lora_tests.log 2>&1 ;;
+    profile) profile_dropout > $OUT/profile.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -84,6 +96,8 @@ grep -v "^ *$" $OUT/serving_split.log 2>/dev/null | grep -v -i warn | head -60
 cat $OUT/launch.log 2>/dev/null | grep -v -i warn
 grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
 grep -h "step" $OUT/philox_*.log 2>/dev/null
+grep -E "passed|failed|FAILED|ERROR" $OUT/lora_tests.log 2>/dev/null | tail -12
+grep -v -i "warn" $OUT/profile.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
 tail -n 6 $OUT/serving.log 2>/dev/null
 for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
