@@ -209,19 +209,29 @@ def test_launch_plans_replay_the_planning_call(stubbed_gpu, use_settings):
 def test_weight_grad_split_reduction_is_exact_repeatable_and_resets_its_tickets(M, C, R, split):
     """lowrank_weight_grad_kernel splits M over programs; the last program of each column block
     sums the partials in split order and resets its ticket counter. Repeated calls on the one
-    counter buffer must give the same (bit-identical) result, and leave every counter at zero."""
+    counter buffer must give the same (bit-identical) result, with or without the rank-r update
+    it can write beside (every element of it, and nothing without it), and leave every counter at
+    zero."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     l = torch.randn(M, C, device=dev, dtype=torch.bfloat16)
     s = torch.randn(M, R, device=dev)
+    q = torch.randn(R, C, device=dev, dtype=torch.bfloat16).T  # A^T as a view, as LoRA's backward passes it
     ref = 0.5 * l.double().T @ s.bfloat16().double()
+    update_ref = 0.5 * s.bfloat16().double() @ q.double().T
     results = []
-    for transpose in (False, True, False):
+    for transpose, with_update in ((False, False), (True, True), (False, True)):
         out = torch.empty((R, C) if transpose else (C, R), device=dev, dtype=torch.bfloat16)
         colsum = torch.empty(C, device=dev, dtype=torch.bfloat16)
-        triton_kernels.lowrank.weight_grad(l, s, out, scale=0.5, transpose_out=transpose, colsum=colsum)
+        update_out = torch.full((M, C), float("nan"), device=dev, dtype=torch.bfloat16)  # never read
+        triton_kernels.lowrank.weight_grad(l, s, out, scale=0.5, transpose_out=transpose, colsum=colsum,
+                                           update=(update_out, q) if with_update else None)
         got = out.T if transpose else out
         assert (got.double() - ref).norm() / ref.norm() < 1e-2
         assert (colsum.double() - l.double().sum(0)).norm() / l.double().sum(0).norm() < 1e-2
+        if with_update:
+            assert (update_out.double() - update_ref).norm() / update_ref.norm() < 1e-2
+        else:
+            assert update_out.isnan().all()
         results.append(got.clone())
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     if dev == "cpu":

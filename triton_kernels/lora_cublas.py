@@ -12,7 +12,8 @@ saved s * (x * mask) A^T (M x r, the layer's dtype) and g = grad_y B:
   y   = x W^T + b + u_s B^T
   grad_x = grad_y W + (g (s A)) * mask
   grad_A = s g^T (x * mask)    cuBLAS without dropout; the Triton weight-gradient reduction that
-                               masks x as it reads it with dropout
+                               masks x as it reads it with dropout (and, in ``cublas``, writes
+                               grad_x's masked term from the same draw of the mask)
   grad_B = grad_y^T u_s,  grad_b = column sums of grad_y
   (grad_A and grad_B come out of the GEMM in the adapters' own dtype, float32 beside a 16-bit
   layer: no cast launched after them)
@@ -87,6 +88,15 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
     s = scaling / (1.0 - dropout_p)
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     g = grad_y @ lora_B if (need_x or need_A) else None  # (M, r)
+    if low_rank_first and dropout_p > 0 and need_x and need_A:
+        # One draw of the mask for both: the reduction that gives grad_A also writes grad_x's
+        # masked rank-r term, onto which cuBLAS accumulates grad_y W.
+        grad_x = torch.empty(x.shape, dtype=grad_y.dtype, device=x.device)
+        grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)
+        weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p,
+                    update=(grad_x, lora_A.T))
+        grad_x.addmm_(grad_y, weight)
+        need_x = need_A = False  # both done
     if need_x:
         grad_x = _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed)
     if need_A:

@@ -94,11 +94,11 @@ def lowrank_product(a, w_mat, out, scale, seed=None, dropout_p=0.0):
 # ----------------------------------------------------------------------------- weight gradients
 @triton.jit
 def lowrank_weight_grad_kernel(
-    l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr, seed_ptr,
+    l_ptr, s_ptr, out_ptr, colsum_ptr, partial_ptr, counter_ptr, seed_ptr, update_ptr, q_ptr,
     M, C, R, rows_per_split,
-    stride_lm, stride_lc, stride_sm, stride_oc, stride_or,
+    stride_lm, stride_lc, stride_sm, stride_oc, stride_or, stride_um, stride_qc, stride_qr,
     scale, dropout_p,
-    DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr,
+    DROPOUT: tl.constexpr, COLSUM: tl.constexpr, SPLIT: tl.constexpr, UPDATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[c, r] = scale * sum_m (l * mask)[m, c] s[m, r] (out addressed by strides, so grad_A^T
@@ -110,7 +110,14 @@ def lowrank_weight_grad_kernel(
     stores its float32 partial ([splits, C, R + 1], the last column the sum), then takes a ticket
     from its column block's counter; the last to arrive sums the partials in split order (so the
     result is deterministic), writes out / colsum in their dtypes and resets the counter to zero
-    for the next launch. One launch, no torch reduction after it."""
+    for the next launch. One launch, no torch reduction after it.
+
+    With UPDATE it also writes update[m, c] = scale * mask[m, c] * (s[m] @ q[c]^T) for every tile
+    it reads: LoRA's backward with dropout, l = x, s = grad_y B, q = A^T, gives grad_A and grad_x's
+    masked rank-r term (onto which cuBLAS then accumulates grad_y W) from one draw of the mask
+    and one read of x. Apart, the two passes drew the mask twice and took 59 + 49 us at 8192 x
+    4096 (H100): the draw, about 90 integer operations per 8 elements, bounds each pass, so
+    drawing once saves about a pass; the fused pass moves 4MC bytes (x read, the term written)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -119,6 +126,9 @@ def lowrank_weight_grad_kernel(
     r_idx = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if UPDATE:  # q^T's [BLOCK_R, BLOCK_C] block, the same for every row step
+        q = tl.load(q_ptr + cols[None, :] * stride_qc + r_idx[:, None] * stride_qr,
+                    mask=(cols[None, :] < C) & (r_idx[:, None] < R), other=0.0).to(l_ptr.dtype.element_ty)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -126,10 +136,19 @@ def lowrank_weight_grad_kernel(
         l = tl.load(l_ptr + rows[:, None] * stride_lm + cols[None, :] * stride_lc,
                     mask=(rows[:, None] < row_end) & (cols[None, :] < C), other=0.0)
         if DROPOUT:
-            l = tl.where(dropout_keep(seed, rows, cols, C, dropout_p), l, 0.0)
+            keep = dropout_keep(seed, rows, cols, C, dropout_p)
+            l = tl.where(keep, l, 0.0)
         s = tl.load(s_ptr + rows[:, None] * stride_sm + r_idx[None, :],
                     mask=(rows[:, None] < row_end) & (r_idx[None, :] < R), other=0.0)
         acc = mma(l.T, s.to(l.dtype), acc)
+        if UPDATE:
+            term = mma(s.to(l.dtype), q, tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32),
+                       update_ptr.dtype.element_ty == tl.float32)
+            if DROPOUT:
+                term = tl.where(keep, term, 0.0)
+            tl.store(update_ptr + rows[:, None] * stride_um + cols[None, :],
+                     (term * scale).to(update_ptr.dtype.element_ty),
+                     mask=(rows[:, None] < row_end) & (cols[None, :] < C))
         if COLSUM:
             colsum += tl.sum(l.to(tl.float32), axis=0)
     if SPLIT:
@@ -171,10 +190,11 @@ class _WeightGradPlan:
 
     __slots__ = ("entry", "grid3", "device", "partial_numel", "col_blocks", "ints", "tail")
 
-    def __call__(self, l, s, out, colsum, scale, seed, dropout_p):
+    def __call__(self, l, s, out, colsum, scale, seed, dropout_p, update):
         partial, counter = _split_buffers(self.partial_numel, self.col_blocks, out)
+        update_out, q = update or (out, out)
         self.entry(self.grid3, self.device, (l, s, out, out if colsum is None else colsum, partial, counter,
-                                             l if seed is None else seed, *self.ints, float(scale),
+                                             l if seed is None else seed, update_out, q, *self.ints, float(scale),
                                              float(dropout_p), *self.tail))
 
 
@@ -190,10 +210,12 @@ def _split_buffers(partial_numel, col_blocks, out):
             ticket_counters(col_blocks, out.device))
 
 
-def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0):
+def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, dropout_p=0.0, update=None):
     """out = scale * (l * mask)^T @ s ([C, R], or its transpose with ``transpose_out``), and
     colsum = column sums of l, in one launch (lowrank_weight_grad_kernel). mask: the keep-mask at
-    [m, c] of l drawn from ``seed`` when dropout_p > 0.
+    [m, c] of l drawn from ``seed`` when dropout_p > 0. ``update=(update_out, q)``, q [C, R] in any
+    strides (A^T as a view) and update_out [M, C] with a unit column stride: the same launch also
+    writes update_out = scale * mask * (s @ q^T), its old values never read.
 
     The tile on the GPU (rows per step, columns per program) and the programs per SM its split
     over M aims at: tools/diag_weight_grad.py times the choices; on the H100 (RESULTS.md) 256 x 64
@@ -203,6 +225,8 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
     settings.weight_grad_programs_per_sm override both."""
     M, C = l.shape
     R = s.shape[1]
+    if update is not None and update[0].stride(1) != 1:
+        raise ValueError("weight_grad's update output needs a unit column stride")
     if C == 0:
         return
     if M == 0:
@@ -215,30 +239,34 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
     if fast:
         meta = fast_launch.meta
         plan_key = (l.get_device(), meta(l), meta(s), meta(out), meta(colsum), transpose_out, dropout_p > 0,
-                    settings.generation)
+                    None if update is None else (meta(update[0]), meta(update[1])), settings.generation)
         plan = _WEIGHT_GRAD_PLANS.get(plan_key)
         if plan is not None:
-            return plan(l, s, out, colsum, scale, seed, dropout_p)
+            return plan(l, s, out, colsum, scale, seed, dropout_p, update)
     BLOCK_R = block_r(R)
-    BLOCK_M, BLOCK_C = (16, 16) if interp else settings.weight_grad_tile or ((256, 64) if BLOCK_R <= 64 else (64, 64))
+    # With the update a [BLOCK_M, BLOCK_C] float32 term joins the l tile in registers: 128 rows.
+    default_tile = (256 if update is None else 128, 64) if BLOCK_R <= 64 else (64, 64)
+    BLOCK_M, BLOCK_C = (16, 16) if interp else settings.weight_grad_tile or default_tile
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
     # memory (r = 256: 66 KB a stage in bf16 at 64 x 64, so 2), and 8 warps once the
     # [BLOCK_C, BLOCK_R] float32 accumulator passes 64 registers a thread at 4 warps.
     stage_bytes = BLOCK_M * (BLOCK_C * l.element_size() + BLOCK_R * s.element_size())
     num_stages = 1 if interp else max(1, min(4, (160 * 1024) // stage_bytes))
-    num_warps = 8 if BLOCK_C * BLOCK_R > 128 * 64 else 4
+    num_warps = 8 if BLOCK_C * BLOCK_R > 128 * 64 or (update is not None and BLOCK_M * BLOCK_C >= 128 * 64) else 4
     col_blocks, splits, rows_per_split = split_rows(M, C, BLOCK_M, BLOCK_C, l.device,
                                                     settings.weight_grad_programs_per_sm)
     partial_numel = splits * C * (BLOCK_R + 1) if splits > 1 else 0
     partial, counter = _split_buffers(partial_numel, col_blocks, out)
     stride_oc, stride_or = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or)
-    constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1,
+    update_out, q = update or (out, out)  # out stands in when there is no update
+    ints = (M, C, R, rows_per_split, l.stride(0), l.stride(1), s.stride(0), stride_oc, stride_or,
+            update_out.stride(0), q.stride(0), q.stride(1))
+    constexprs = dict(DROPOUT=dropout_p > 0, COLSUM=colsum is not None, SPLIT=splits > 1, UPDATE=update is not None,
                       BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
     entry = fast_launch.cached_launch(
         lowrank_weight_grad_kernel, (col_blocks, splits),
-        (l, s, out, colsum if colsum is not None else out, partial, counter, l if seed is None else seed, *ints,
-         float(scale), float(dropout_p)),
+        (l, s, out, colsum if colsum is not None else out, partial, counter, l if seed is None else seed,
+         update_out, q, *ints, float(scale), float(dropout_p)),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     if fast and entry is not None:

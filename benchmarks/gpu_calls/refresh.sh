@@ -15,6 +15,7 @@
 #   lora_tests the GPU tests of LoRA's paths: the seeded sweep of every candidate (dropout on and off),
 #              the float64 comparisons, float32 adapters, CUDA-graph replays, the fresh-process fp32 step
 #   profile    tools.profile_kernels with and without dropout (triton, cublas) at the tree's code
+#   wgrad      tools.diag_weight_grad with dropout, writing grad_x's masked term beside and apart
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -69,6 +70,8 @@ for stage in ${STAGES:-launch tests split serving}; do
         -k "sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by" \
         > $OUT/lora_tests.log 2>&1 ;;
     profile) profile_dropout > $OUT/profile.log 2>&1 ;;
+    wgrad) timeout 150 python3 -m tools.diag_weight_grad 8192x4096 8192x14336 8192x2048 8192x896 --ranks 16 \
+        --per-sm 2,4 --dropout 0.05 --update > $OUT/wgrad.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
@@ -98,6 +101,7 @@ grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
 grep -h "step" $OUT/philox_*.log 2>/dev/null
 grep -E "passed|failed|FAILED|ERROR" $OUT/lora_tests.log 2>/dev/null | tail -12
 grep -v -i "warn" $OUT/profile.log 2>/dev/null | grep -v "^ *$"
+grep -v -i "warn" $OUT/wgrad.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
 tail -n 6 $OUT/serving.log 2>/dev/null
 for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
