@@ -73,27 +73,11 @@ def median_ms(fn: Callable, warmup_ms: float = 25, rep_ms: float = 150, device="
 
 
 def graphed(fn: Callable) -> Callable:
-    """fn captured in a CUDA graph (after three warm-up calls on a side stream, as capture wants):
-    returns the graph's replay, which reissues fn's kernels with no host work of fn's own. Timing
-    replays measures GPU time alone, as a server that captures its decode steps sees it. Raises
-    whatever the capture raises (fn synchronises with the host, say)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """fn captured in a CUDA graph, returned as its replay (fusedpeft.tuning.graphed): timing
+    replays measures GPU time alone, as a server that captures its decode steps sees it."""
+    from fusedpeft import tuning
 
-    def replay():
-        # The replay reads the memory of fn's closure (its inputs), which the graph does not own:
-        # this function holds fn, so the inputs live as long as the replay can run.
-        graph.replay()
-        return fn
-
-    return replay
+    return tuning.graphed(fn)
 
 
 def train_step_peak_mib(step: Callable, device="cuda") -> float:

@@ -158,6 +158,41 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
                 assert rel_err(y, expect) < 1e-2, backend
 
 
+def test_graphed_calls_are_tuned_on_graph_replays(monkeypatch, use_settings):
+    """With graphed=True the tuner times each candidate replayed from a CUDA graph, under a shape key
+    of its own (the eager key's choice is not reused), and the pick runs correctly eagerly and
+    captured."""
+    from fusedpeft import tuning
+
+    S, R, K, N, M = 8, 16, 1024, 768, 64
+    A, B = _bank(S, R, K, N, torch.bfloat16, [16, 8, 4, 16, 12, 16, 2, 16])
+    scalings = torch.rand(S, device="cuda") + 0.5
+    ranks = torch.tensor([16, 8, 4, 16, 12, 16, 2, 16], dtype=torch.int32, device="cuda")
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    idx = torch.randint(-1, S, (M,), device="cuda")
+    replays = []
+    real_graphed = tuning.graphed
+    monkeypatch.setattr(tuning, "graphed", lambda fn: replays.append(1) or real_graphed(fn))
+    use_settings(cache_dir="")  # measured here, whatever a tuning file holds
+    tuning.clear()
+    try:
+        with torch.no_grad():
+            multi_lora_linear(x, W, None, A, B, scalings, ranks, idx)
+            assert not replays  # eager key: eager timings
+            y = multi_lora_linear(x, W, None, A, B, scalings, ranks, idx, graphed=True)
+    finally:
+        tuning.clear()  # later tests read the file again
+    graphed_keys = [entry["key"] for entry in tuning.LOG if "graphed" in entry["key"]]
+    assert graphed_keys and replays, "the graphed call measured nothing as graph replays"
+    assert len(replays) >= 2  # every candidate, not one
+    expect = multi_lora_linear_reference(x.double(), W.double(), None, A.double(), B.double(), scalings.double(),
+                                         ranks, idx)
+    assert rel_err(y, expect) < 1e-2
+    with pytest.raises(TypeError, match="graphed"):
+        multi_lora_linear(x, W, None, A, B, scalings, ranks, idx, graphed="yes")
+
+
 @pytest.mark.parametrize("backend", ["cublas_batched", "sgmv_cublas"])
 def test_grouped_capture_follows_the_bank_at_replay(backend):
     """A prefill (one slot per sequence) through a grouped backend captured in a CUDA graph, then the

@@ -191,6 +191,10 @@ def test_multi_ops_refuse_bad_input_by_name():
         multi_lora_linear(torch.randn(3, 5, 8), W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(TypeError, match="int32 or int64"):
         multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(5))
+    with pytest.raises(TypeError, match="graphed must be True or False"):
+        multi_lora_linear(x, W, None, A, B, s, r, torch.zeros(5, dtype=torch.int64), graphed=1)
+    with pytest.raises(TypeError, match="graphed must be True or False"):
+        multi_ia3_linear(x, W, None, torch.ones(3, 6), torch.zeros(5, dtype=torch.int64), False, graphed="yes")
     with pytest.raises(ValueError, match="lora_B must be \\(slots, out_features, max_rank\\)"):
         multi_lora_linear(x, W, None, A, B[:, :5], s, r, torch.zeros(5, dtype=torch.int64))
     with pytest.raises(TypeError, match="ranks must be an integer tensor"):

@@ -291,7 +291,7 @@ def test_served_layers_skip_the_op_checks_only_for_inputs_they_can_take(base, lo
     unchecked_calls = []
     for name in ("run_multi_lora", "run_multi_ia3"):
         real = getattr(serving_layers, name)
-        monkeypatch.setattr(serving_layers, name, lambda *a, _real=real: unchecked_calls.append(1) or _real(*a))
+        monkeypatch.setattr(serving_layers, name, lambda *a, _real=real, **kw: unchecked_calls.append(1) or _real(*a, **kw))
 
     for dirs, names, method in ((lora_dirs, ["a0", None, "a1", "a2"], "lora"),
                                 (ia3_dirs, ["i0", "i1", None, "i2"], "ia3")):

@@ -119,6 +119,13 @@ def _check_index(op, adapter_index, x, slots, device):
         raise ValueError(f"{op}: adapter_index entries must be -1 or a slot in [0, {slots})")
 
 
+def _flag(op, graphed):
+    """``graphed`` as a bool, refusing anything else (a truthy tensor or string is a caller's slip)."""
+    if not isinstance(graphed, bool):
+        raise TypeError(f"{op}: graphed must be True or False, got {graphed!r}")
+    return graphed
+
+
 def _refuse_grad(op, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"{op} is for inference and takes no gradient: run it under torch.no_grad() (training "
@@ -131,15 +138,20 @@ def _refuse_grad(op, *tensors):
 _MEMO = tuning.ChoiceMemo()
 
 
-def _select(op, x, weight, key_extra, call, groups):
-    memo_key = (op, id(settings.values()), x.device, x.dtype, x.shape, groups, weight.dtype, weight.shape, *key_extra)
+def _select(op, x, weight, key_extra, call, groups, graphed):
+    """The backend for this call, by measurement on CUDA: each candidate's forward timed eagerly
+    (host time included), or with ``graphed`` replayed from a CUDA graph (GPU time alone), each
+    way a shape key of its own."""
+    memo_key = (op, id(settings.values()), x.device, x.dtype, x.shape, groups, weight.dtype, weight.shape, graphed,
+                *key_extra)
     hit = _MEMO.get(memo_key)
     if hit is not None:
         backends.record_index(op, hit[0])
         return hit[1]
     M, K = x.shape
-    key = (tuning.rows_class(M), K, weight.shape[0], x.dtype, *key_extra)
-    tune = (key, lambda impl: tuning.time_ms(lambda: call(impl))) if x.is_cuda else None
+    key = (tuning.rows_class(M), K, weight.shape[0], x.dtype, *key_extra) + (("graphed",) if graphed else ())
+    timer = tuning.time_graphed_ms if graphed else tuning.time_ms
+    tune = (key, lambda impl: timer(lambda: call(impl))) if x.is_cuda else None
     index, impl = backends.select_index(op, x, weight, tune=tune)
     _MEMO.put(memo_key, (index, impl))
     return impl
@@ -155,11 +167,13 @@ def multi_lora_linear(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
     adapter_index: torch.Tensor,
+    graphed: bool = False,
 ) -> torch.Tensor:
     """Per-row LoRA over any leading shape of x (see the module docstring). adapter_index: one
     slot per row of x flattened to (M, K), or per entry of x's first dimension, -1 for none.
     lora_A (S, R, K) and lora_B (S, N, R) in the compute dtype; scalings (S,) float; ranks (S,)
-    int, 0 <= ranks[s] <= R."""
+    int, 0 <= ranks[s] <= R. ``graphed``: the call is (also) run inside a captured CUDA graph, so
+    the tuner times its candidates as graph replays (GPU time) where it would time them eagerly."""
     _common.check_linear_inputs(OP, x, weight, bias)
     N, K = weight.shape
     if lora_A.dim() != 3 or lora_A.shape[2] != K:
@@ -182,7 +196,7 @@ def multi_lora_linear(
                             f"got {t.dtype} on {t.device}")
     _refuse_grad(OP, x, weight, bias, lora_A, lora_B)
     _check_index(OP, adapter_index, x, S, x.device)
-    return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+    return run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, _flag(OP, graphed))
 
 
 def _groups(x2, adapter_index):
@@ -206,20 +220,20 @@ def _run_lora(impl, x, weight, bias, lora_A, lora_B, scalings, ranks, index, row
     return impl.lora(x, weight, bias, lora_A, lora_B, scalings, ranks, per_row(index, rows_per_entry))
 
 
-def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index) -> torch.Tensor:
+def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, graphed: bool = False) -> torch.Tensor:
     """multi_lora_linear past its checks, for a caller that owns a bank it validated when it made
     it and the index it builds (fusedpeft.serving's layers, checking x itself): a decode step runs
     one such call per adapted layer, and its host time is the step's. Under torch.compile it is
     one custom op (``fusedpeft::multi_lora_linear``)."""
     if torch.compiler.is_compiling():
-        return _multi_lora_op(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+        return _multi_lora_op(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, graphed)
     x2 = _common.flatten_rows(x)
     index, L = _groups(x2, adapter_index)
     args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, index, L)
     # The rows per index entry are part of the shape key by size class (a prefill's prompt length
     # varies from call to call; what wins depends on its order of magnitude).
     impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None, tuning.rows_class(L)),
-                   lambda impl: _run_lora(impl, *args), index.shape[0])
+                   lambda impl: _run_lora(impl, *args), index.shape[0], graphed)
     y = _run_lora(impl, *args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -231,9 +245,11 @@ def multi_ia3_linear(
     scales: torch.Tensor,
     adapter_index: torch.Tensor,
     feedforward: bool,
+    graphed: bool = False,
 ) -> torch.Tensor:
     """Per-row IA3 over any leading shape of x: scales (S, K) with ``feedforward`` (input
-    scaling), else (S, N) (output scaling, bias included); adapter_index as multi_lora_linear's."""
+    scaling), else (S, N) (output scaling, bias included); adapter_index and ``graphed`` as
+    multi_lora_linear's."""
     _common.check_linear_inputs(IA3_OP, x, weight, bias)
     N, K = weight.shape
     if scales.dim() != 2 or scales.shape[1] != (K if feedforward else N):
@@ -241,18 +257,18 @@ def multi_ia3_linear(
                          f"{K if feedforward else N}), got {tuple(scales.shape)}")
     _refuse_grad(IA3_OP, x, weight, bias, scales)
     _check_index(IA3_OP, adapter_index, x, scales.shape[0], x.device)
-    return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward)
+    return run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward, _flag(IA3_OP, graphed))
 
 
-def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> torch.Tensor:
+def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool, graphed: bool = False) -> torch.Tensor:
     """multi_ia3_linear past its checks (see run_multi_lora; under torch.compile the custom op
     ``fusedpeft::multi_ia3_linear``)."""
     if torch.compiler.is_compiling():
-        return _multi_ia3_op(x, weight, bias, scales, adapter_index, bool(feedforward))
+        return _multi_ia3_op(x, weight, bias, scales, adapter_index, bool(feedforward), graphed)
     x2 = _common.flatten_rows(x)
     args = (x2, weight, bias, scales, per_row(*_groups(x2, adapter_index)), bool(feedforward))
     impl = _select(IA3_OP, x2, weight, (bool(feedforward), bias is not None), lambda impl: impl.ia3(*args),
-                   adapter_index.shape[0])
+                   adapter_index.shape[0], graphed)
     y = impl.ia3(*args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -267,17 +283,18 @@ def run_multi_ia3(x, weight, bias, scales, adapter_index, feedforward: bool) -> 
 _multi_lora_op = torch.library.custom_op(
     "fusedpeft::multi_lora_linear", run_multi_lora, mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, Tensor ranks, "
-           "Tensor adapter_index) -> Tensor")
+           "Tensor adapter_index, bool graphed=False) -> Tensor")
 _multi_ia3_op = torch.library.custom_op(
     "fusedpeft::multi_ia3_linear", run_multi_ia3, mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor scales, Tensor adapter_index, bool feedforward) -> Tensor")
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor scales, Tensor adapter_index, bool feedforward, "
+           "bool graphed=False) -> Tensor")
 
 
 @_multi_lora_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+def _(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index, graphed=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @_multi_ia3_op.register_fake
-def _(x, weight, bias, scales, adapter_index, feedforward):
+def _(x, weight, bias, scales, adapter_index, feedforward, graphed=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -29,7 +29,8 @@ Shortcuts (eager only). With no batch set (n = 0: a call without adapter_names) 
 base layer alone; and a layer that holds none of the batch's adapters does too. Both choices are
 made on the host from the slots of the batch, so a CUDA graph captured through them would keep
 them for later batches: a model wrapped with ``cuda_graphs=True`` never takes them (every layer
-runs the op, with -1 for base rows).
+runs the op, with -1 for base rows), and its layers ask the op's tuner to time their candidates as
+graph replays (``graphed=True``): in a graph only the kernels' GPU time counts, not their launches.
 """
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ class MultiLoraLinear(_ServingLayer):
             return base(x)
         run = run_multi_lora if self._takes_unchecked(x, w) else multi_lora_linear
         bank = self._buffers
-        return run(x, w, base.bias, bank["lora_A"], bank["lora_B"], bank["scalings"], bank["ranks"], index)
+        return run(x, w, base.bias, bank["lora_A"], bank["lora_B"], bank["scalings"], bank["ranks"], index,
+                   graphed=self._batch.graph_safe)
 
 
 class MultiIA3Linear(_ServingLayer):
@@ -248,4 +250,4 @@ class MultiIA3Linear(_ServingLayer):
             return base(x)
         scales = self._buffers["ia3_in" if self.feedforward else "ia3_out"]
         run = run_multi_ia3 if self._takes_unchecked(x, w) else multi_ia3_linear
-        return run(x, w, base.bias, scales, index, self.feedforward)
+        return run(x, w, base.bias, scales, index, self.feedforward, graphed=self._batch.graph_safe)

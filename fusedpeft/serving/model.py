@@ -55,7 +55,9 @@ of the same size changes, so none of them makes the model recompile, and the ser
 graph as custom ops (``fusedpeft::multi_lora_linear``, ``fusedpeft::multi_ia3_linear``), one node
 each, whatever backend runs them: a whole decode step compiles as one graph. transformers' generate
 compiles its decode steps that way on CUDA when given a static cache
-(``generate(..., cache_implementation="static")``, mode "reduce-overhead": CUDA graphs).
+(``generate(..., cache_implementation="static")``, mode "reduce-overhead": CUDA graphs). With
+``cuda_graphs=True`` the serving ops' tuner also times each candidate as a graph replay (GPU time
+alone), where eagerly it would charge each its launches' host time too.
 """
 from __future__ import annotations
 
