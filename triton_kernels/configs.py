@@ -31,9 +31,14 @@ def _gemm_configs():
 def _skinny_configs(N):
     # N <= 64 (the rank-r products u = x A^T, g = grad_y B): one column tile, row tiles small
     # enough that every SM streams its share of a. (Two programs per SM on the small-row tiles
-    # never won the tuning at the benchmark shapes: benchmarks/RESULTS.md.)
+    # never won the tuning at the benchmark shapes: benchmarks/RESULTS.md.) With dropout the pass
+    # is bound by the mask's integer work (about 8 operations an element), not the read: one
+    # program of 4 warps per SM leaves each scheduler one warp to hide the philox chain's latency,
+    # so the larger tiles are also tried with 8.
     bn = max(16, next_power_of_2(N))
-    return [_config(bm, bn, bk, 4, st) for bm, bk, st in [(32, 256, 3), (64, 128, 4), (64, 256, 3), (128, 128, 3), (16, 256, 4)]]
+    return [_config(bm, bn, bk, w, st) for bm, bk, st, w in [(32, 256, 3, 4), (64, 128, 4, 4), (64, 256, 3, 4),
+                                                            (128, 128, 3, 4), (16, 256, 4, 4), (64, 256, 3, 8),
+                                                            (128, 128, 3, 8)]]
 
 
 @functools.lru_cache(maxsize=None)
