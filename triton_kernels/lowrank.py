@@ -244,8 +244,10 @@ def weight_grad(l, s, out, *, scale, transpose_out, colsum=None, seed=None, drop
         if plan is not None:
             return plan(l, s, out, colsum, scale, seed, dropout_p, update)
     BLOCK_R = block_r(R)
-    # With the update a [BLOCK_M, BLOCK_C] float32 term joins the l tile in registers: 128 rows.
-    default_tile = (256 if update is None else 128, 64) if BLOCK_R <= 64 else (64, 64)
+    # With the update, 64 x 64 (tools.diag_weight_grad, H100, r = 16, p = 0.05, x of 8192 rows):
+    # 74 / 258 / 44 / 27 us at K = 4096 / 14336 / 2048 / 896, where 128 x 64 took 104 / 311 / 52 /
+    # 36 and the two passes apart 107 / 323 / 64 / 37.
+    default_tile = (256, 64) if BLOCK_R <= 64 and update is None else (64, 64)
     BLOCK_M, BLOCK_C = (16, 16) if interp else settings.weight_grad_tile or default_tile
     # Each pipeline stage holds an l tile and an s tile: up to 4 stages within 160 KB of shared
     # memory (r = 256: 66 KB a stage in bf16 at 64 x 64, so 2), and 8 warps once the

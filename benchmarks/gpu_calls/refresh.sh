@@ -15,6 +15,7 @@
 #   lora_tests the GPU tests of LoRA's paths: the seeded sweep of every candidate (dropout on and off),
 #              the float64 comparisons, float32 adapters, CUDA-graph replays, the fresh-process fp32 step
 #   profile    tools.profile_kernels with and without dropout (triton, cublas) at the tree's code
+#   fault      each test of $FAULT_TESTS alone (seed $FAULT_SEED), CUDA_LAUNCH_BLOCKING=1, whole tracebacks
 #   wgrad      tools.diag_weight_grad with dropout, writing grad_x's masked term beside and apart
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
@@ -30,7 +31,7 @@ FAMILIES=${FAMILIES:-llama3-8b,llama3.2-1b,qwen2.5-0.5b,phi3-mini}
 # names each failure and error (-rfE, one line each).
 # Each launch's GPU time in a LoRA training step with and without dropout, both backends that mask.
 profile_dropout() {
-  for backend in triton cublas; do
+  for backend in ${PROFILE_BACKENDS:-triton cublas}; do
     timeout 100 python3 -m tools.profile_kernels 8192x4096x4096 8192x14336x4096 --ranks 16 --dropouts 0,0.05 \
       --backend $backend
   done
@@ -70,6 +71,11 @@ for stage in ${STAGES:-launch tests split serving}; do
         -k "sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by" \
         > $OUT/lora_tests.log 2>&1 ;;
     profile) profile_dropout > $OUT/profile.log 2>&1 ;;
+    fault) for test in $FAULT_TESTS; do  # each alone, launches synchronous, the whole traceback
+        FUSEDPEFT_TEST_SEED=${FAULT_SEED:-0} CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 -m pytest -q -p no:cacheprovider \
+          "$test" --tb=long >> $OUT/fault.log 2>&1
+      done
+      (which compute-sanitizer; ls /usr/local/cuda/bin | grep -i sanit) >> $OUT/fault.log 2>&1 ;;
     wgrad) timeout 150 python3 -m tools.diag_weight_grad 8192x4096 8192x14336 8192x2048 8192x896 --ranks 16 \
         --per-sm 2,4 --dropout 0.05 --update > $OUT/wgrad.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
@@ -101,6 +107,7 @@ grep -E "FAILED|ERROR|passed|failed" $OUT/run.log 2>/dev/null | tail -20
 grep -h "step" $OUT/philox_*.log 2>/dev/null
 grep -E "passed|failed|FAILED|ERROR" $OUT/lora_tests.log 2>/dev/null | tail -12
 grep -v -i "warn" $OUT/profile.log 2>/dev/null | grep -v "^ *$"
+grep -E "Error|error|passed|failed|^tests|\.py:[0-9]+" $OUT/fault.log 2>/dev/null | tail -40
 grep -v -i "warn" $OUT/wgrad.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
 tail -n 6 $OUT/serving.log 2>/dev/null
