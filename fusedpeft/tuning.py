@@ -208,6 +208,15 @@ ROUNDS_PER_PASS = 2
 _rounds = None  # time_ms's rounds while measure_in_turns runs (None: its argument's)
 
 
+def device_fault(exc: BaseException) -> bool:
+    """Whether a candidate's failure is a CUDA error raised by running it (an illegal memory
+    access, say), not a compile, resource or argument failure. CUDA errors are sticky: the
+    process's context is unusable after one, so such a candidate cannot lose quietly like one that
+    does not compile (every later launch would fail with no word of which candidate it was)."""
+    text = str(exc)
+    return type(exc).__name__ == "AcceleratorError" or "Triton Error [CUDA]" in text or "CUDA error" in text
+
+
 def measure_in_turns(names: list, bench: Callable[[str], Optional[float]]):
     """({name: [ms per pass]}, {name: error}) of ``bench`` over ``names`` in PASSES mirrored turns.
     A candidate that raises in any pass is out (its error kept), one whose bench answers None is no
@@ -225,6 +234,9 @@ def measure_in_turns(names: list, bench: Callable[[str], Optional[float]]):
                 try:
                     ms = bench(name)
                 except Exception as exc:  # a candidate that cannot run these inputs loses; the others decide
+                    if device_fault(exc):
+                        raise RuntimeError(f"candidate {name!r} faulted on the GPU while it was measured, which "
+                                           f"leaves this process's CUDA context unusable: {exc}") from exc
                     errors[name] = f"{type(exc).__name__}: {str(exc)[-500:]}"
                     samples.pop(name, None)  # out, even where an earlier pass ran it
                     out.add(name)

@@ -383,6 +383,15 @@ def test_untuned_and_forced_loop_picks_stay_with_their_settings(use_settings, mo
     use_settings(autotune=True, loop_form="auto")
     assert str(configs.tuned_config(("k2",), 300, 1024, 2, ran.append)) == str(cands[-1])
 
+    def fault_on_the_second(cfg):  # a CUDA error is sticky: named at once, never skipped as a misfit
+        if str(cfg) == str(cands[1]):
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+        ran.append(cfg)
+
+    with pytest.raises(RuntimeError, match="faulted on the GPU") as raised:
+        configs.tuned_config(("k3",), 300, 1024, 2, fault_on_the_second)
+    assert str(cands[1]) in str(raised.value)
+
 
 @pytest.mark.parametrize("dtype,expect", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)],
                          ids=str)

@@ -69,6 +69,18 @@ def test_choose_skips_a_failing_candidate_and_reports_when_none_runs(tuning_dir)
         tuning.choose("op_b", (2,), ["broken"], bench)
 
 
+def test_a_candidate_that_faults_on_the_gpu_is_named_not_skipped(tuning_dir):
+    """A CUDA error (sticky: the context is gone) is raised naming the candidate, where a compile or
+    resource failure only loses the measurement."""
+    def bench(name):
+        if name == "faults":
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="candidate 'faults' faulted on the GPU"):
+        tuning.choose("op_f", (1,), ["works", "faults"], bench)
+
+
 def test_choose_measures_in_mirrored_turns_past_a_burst_of_host_load(tuning_dir):
     """Interference only ever slows a measurement down. A burst that covers the second and third
     measurements made one pass over the candidates pick the wrong one (a: 1.0, b: 1.35, c: 1.8

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from fusedpeft.settings import settings
+from fusedpeft.tuning import device_fault
 
 from .layout import next_power_of_2
 
@@ -123,8 +124,9 @@ def tuned_config(key, M, N, element_size, launch_with):
                 launch_with(cfg)  # a stored config that no longer runs is tuned afresh
                 TUNED[memo] = cfg
                 return cfg
-            except Exception:
-                pass
+            except Exception as exc:
+                if device_fault(exc):
+                    raise
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("a fused launch met a new shape key inside a CUDA-graph capture, where its tile "
                            "configs cannot be timed: run the step once eagerly before capturing it")
@@ -143,6 +145,9 @@ def tuned_config(key, M, N, element_size, launch_with):
             if not tune:
                 break
         except Exception as exc:  # compile or resource failure: skip the candidate
+            if device_fault(exc):  # sticky: every later launch of the process would fail, unexplained
+                raise RuntimeError(f"tile config {cand} of {key[0]} (M={M}, N={N}, key {key}) faulted on the GPU, "
+                                   f"which leaves this process's CUDA context unusable: {exc}") from exc
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
     if not timings:
         TUNED[memo] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
