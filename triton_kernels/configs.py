@@ -50,14 +50,26 @@ def _warp_specialization_applies() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
-def candidates(M: int, N: int, element_size: int) -> list:
-    """The tile configs the tuner times for an M x N output of element_size-byte inputs."""
+# Below this many output columns or reduction steps, 128-row tiles run with 8 warps only. Triton
+# 3.6 on the H100 (tools.config_faults, by pointer loads, bf16 and fp16): grad_x of a 960 x 195 ->
+# 13 layer (its GEMM 960 x 13 -> 195) came out wrong (relative error 0.72-0.75, with and without
+# dropout) from the 128 x 128 and 128 x 64 tiles at 4 warps, and the forward's skinny 128 x 16 x
+# 128 tile at 4 warps faulted (an illegal memory access) at the same shape; every other config
+# was right there, and the same configs were right at reductions of 16 and 1000.
+TINY_DIM = 16
+
+
+def candidates(M: int, N: int, element_size: int, K: int | None = None) -> list:
+    """The tile configs the tuner times for an M x N output of element_size-byte inputs, summed over
+    K (None: not known; taken as large)."""
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
         cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
                  and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
+    if min(N, K if K is not None else TINY_DIM) < TINY_DIM:
+        cands = [c for c in cands if not (c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -97,12 +109,12 @@ def _config_from_json(data):
     return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"])
 
 
-def tuned_config(key, M, N, element_size, launch_with):
+def tuned_config(key, M, N, element_size, launch_with, K=None):
     """The tile config for a launch key: known, stored, or timed now over candidates()
     (launch_with(cfg) runs the launch with cfg). Raises NoConfigFits when none can run."""
     forced = settings.tile_config
     if forced is not None:
-        cands = candidates(M, N, element_size)
+        cands = candidates(M, N, element_size, K)
         if forced >= len(cands):
             raise ValueError(f"settings.tile_config={forced}, but this launch has {len(cands)} candidate configs")
         return cands[forced]
@@ -134,7 +146,7 @@ def tuned_config(key, M, N, element_size, launch_with):
 
     t0 = time.perf_counter()
     timings, errors = [], []
-    for cand in candidates(M, N, element_size):
+    for cand in candidates(M, N, element_size, K):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")
