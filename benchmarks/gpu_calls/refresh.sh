@@ -69,8 +69,8 @@ for stage in ${STAGES:-launch tests split serving}; do
         sed -i "s/^PHILOX_ROUNDS = tl.constexpr([0-9]*)/PHILOX_ROUNDS = tl.constexpr($rounds)/" triton_kernels/dropout.py
         profile_dropout > $OUT/philox_$rounds.log 2>&1
       done ;;
-    lora_tests) $PYTEST_TIMED ${TEST_S:-200} $PYTEST tests/test_cuda.py tests/test_cuda_paths.py \
-        -k "sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by" \
+    lora_tests) $PYTEST_TIMED ${TEST_S:-200} $PYTEST tests/test_cuda.py tests/test_cuda_paths.py ${LORA_FILES:-} \
+        -k "${LORA_K:-sweep or replays or lora_matches_float64 or float32_adapters or large_backward or term_by}" \
         > $OUT/lora_tests.log 2>&1 ;;
     profile) profile_dropout > $OUT/profile.log 2>&1 ;;
     fault) for test in $FAULT_TESTS; do  # each alone, launches synchronous, the whole traceback
