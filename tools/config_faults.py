@@ -72,8 +72,8 @@ def main(argv=None):
     from fusedpeft._kernels import triton_kernels
 
     M, K, N = (int(v) for v in args.shape.split("x"))
-    out_cols, reduced = (N, K) if args.launch == "forward" else (K, N)
-    cands = triton_kernels.configs.candidates(M, out_cols, DTYPES[args.dtype].itemsize, reduced)
+    out_cols = N if args.launch == "forward" else K
+    cands = triton_kernels.configs.candidates(M, out_cols, DTYPES[args.dtype].itemsize)
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1" if args.sanitize else "0", "FUSEDPEFT_CACHE_DIR": ""}
     base = [sys.executable, "-m", "tools.config_faults", args.shape, "--r", str(args.r), "--dropout",
             str(args.dropout), "--dtype", args.dtype, "--launch", args.launch]

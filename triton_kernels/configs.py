@@ -21,8 +21,13 @@ def _gemm_configs():
     # Large M: Hopper-sized tiles (the probe's 128x256x64, 8 warps, 3 stages) and neighbours, each
     # with and without warp specialisation; the 128x256 tiles also with the epilogue in two
     # halves (EPI_SUBTILE, less shared memory: the rank-64 epilogue fits beside 3 stages).
-    large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-             (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    # 128-row tiles run with 8 warps (two warpgroups), never 4: under Triton 3.6 on the H100
+    # (tools.config_faults, benchmarks/RESULTS.md) the one-warpgroup 128 x 128 and 128 x 64 tiles
+    # gave grad_x of a 960 x 195 -> 13 layer wrong (relative error 0.72-0.75, bf16 and fp16, with
+    # and without dropout) and faulted in the forward at 518 x 716 -> 704 and 78 x 598 -> 128
+    # (fp16, r = 32), and the skinny 128 x 16 x 128 tile at 4 warps faulted at 960 x 195 -> 13.
+    large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
+             (64, 128, 64, 4, 4)]
     # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W.
     small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4)]
     return ([_config(*c, ws=ws, sub=sub) for c in large for sub in ((True, False) if c[1] == 256 else (False,))
@@ -36,10 +41,10 @@ def _skinny_configs(N):
     # is bound by the mask's integer work (about 8 operations an element), not the read: one
     # program of 4 warps per SM leaves each scheduler one warp to hide the philox chain's latency,
     # so the larger tiles are also tried with 8.
+    # The 128-row tile with 8 warps only (see _gemm_configs).
     bn = max(16, next_power_of_2(N))
     return [_config(bm, bn, bk, w, st) for bm, bk, st, w in [(32, 256, 3, 4), (64, 128, 4, 4), (64, 256, 3, 4),
-                                                            (128, 128, 3, 4), (16, 256, 4, 4), (64, 256, 3, 8),
-                                                            (128, 128, 3, 8)]]
+                                                            (16, 256, 4, 4), (64, 256, 3, 8), (128, 128, 3, 8)]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,26 +55,14 @@ def _warp_specialization_applies() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 10
 
 
-# Below this many output columns or reduction steps, 128-row tiles run with 8 warps only. Triton
-# 3.6 on the H100 (tools.config_faults, by pointer loads, bf16 and fp16): grad_x of a 960 x 195 ->
-# 13 layer (its GEMM 960 x 13 -> 195) came out wrong (relative error 0.72-0.75, with and without
-# dropout) from the 128 x 128 and 128 x 64 tiles at 4 warps, and the forward's skinny 128 x 16 x
-# 128 tile at 4 warps faulted (an illegal memory access) at the same shape; every other config
-# was right there, and the same configs were right at reductions of 16 and 1000.
-TINY_DIM = 16
-
-
-def candidates(M: int, N: int, element_size: int, K: int | None = None) -> list:
-    """The tile configs the tuner times for an M x N output of element_size-byte inputs, summed over
-    K (None: not known; taken as large)."""
+def candidates(M: int, N: int, element_size: int) -> list:
+    """The tile configs the tuner times for an M x N output of element_size-byte inputs."""
     small = M <= 64
     if N <= 64:
         cands = _skinny_configs(N)
     else:
         cands = [c for c in _gemm_configs() if (c.kwargs["BLOCK_M"] <= 64) == small
                  and (_warp_specialization_applies() or not c.kwargs["WARP_SPECIALIZE"])]
-    if min(N, K if K is not None else TINY_DIM) < TINY_DIM:
-        cands = [c for c in cands if not (c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8)]
     if element_size == 4:  # fp32 tiles take twice the shared memory: halve BLOCK_K, fewer stages
         cands = [triton.Config({**c.kwargs, "BLOCK_K": c.kwargs["BLOCK_K"] // 2}, num_warps=c.num_warps,
                                num_stages=min(c.num_stages, 3)) for c in cands]
@@ -109,12 +102,12 @@ def _config_from_json(data):
     return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"])
 
 
-def tuned_config(key, M, N, element_size, launch_with, K=None):
+def tuned_config(key, M, N, element_size, launch_with):
     """The tile config for a launch key: known, stored, or timed now over candidates()
     (launch_with(cfg) runs the launch with cfg). Raises NoConfigFits when none can run."""
     forced = settings.tile_config
     if forced is not None:
-        cands = candidates(M, N, element_size, K)
+        cands = candidates(M, N, element_size)
         if forced >= len(cands):
             raise ValueError(f"settings.tile_config={forced}, but this launch has {len(cands)} candidate configs")
         return cands[forced]
@@ -146,7 +139,7 @@ def tuned_config(key, M, N, element_size, launch_with, K=None):
 
     t0 = time.perf_counter()
     timings, errors = [], []
-    for cand in candidates(M, N, element_size, K):
+    for cand in candidates(M, N, element_size):
         try:
             if tune:
                 ms = triton.testing.do_bench(lambda: launch_with(cand), warmup=5, rep=25, return_mode="median")

@@ -122,7 +122,7 @@ class PersistentGemm:
 
         key = (self.kernel.__name__, rows_class(M, TILE_ROWS_CLASS_MAX), N, gemm.K, gemm.dtype,
                tuple(sorted(flags.items())))
-        cfg = configs.tuned_config(key, M, N, gemm.element_size, launch_with, gemm.K)
+        cfg = configs.tuned_config(key, M, N, gemm.element_size, launch_with)
         try:
             launch_with(cfg)
         except OutOfResources as exc:  # the tuner skips such a config; only a forced one gets here
