@@ -213,8 +213,16 @@ def device_fault(exc: BaseException) -> bool:
     access, say), not a compile, resource or argument failure. CUDA errors are sticky: the
     process's context is unusable after one, so such a candidate cannot lose quietly like one that
     does not compile (every later launch would fail with no word of which candidate it was)."""
-    text = str(exc)
-    return type(exc).__name__ == "AcceleratorError" or "Triton Error [CUDA]" in text or "CUDA error" in text
+    text = str(exc).lower()
+    return any(sticky in text for sticky in _STICKY_CUDA_ERRORS)
+
+
+# The CUDA errors that end a context (cudaErrorIllegalAddress and its kin), as torch and Triton word
+# them; "too many resources requested for launch" and the like are not among them: a candidate
+# raising those only does not fit.
+_STICKY_CUDA_ERRORS = ("illegal memory access", "illegal address", "illegal instruction", "misaligned address",
+                       "unspecified launch failure", "device-side assert", "invalid program counter",
+                       "hardware stack error", "uncorrectable ecc error")
 
 
 def measure_in_turns(names: list, bench: Callable[[str], Optional[float]]):

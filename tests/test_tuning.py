@@ -79,6 +79,9 @@ def test_a_candidate_that_faults_on_the_gpu_is_named_not_skipped(tuning_dir):
 
     with pytest.raises(RuntimeError, match="candidate 'faults' faulted on the GPU"):
         tuning.choose("op_f", (1,), ["works", "faults"], bench)
+    # a launch refused for its resources is no fault: that candidate only loses
+    assert not tuning.device_fault(RuntimeError("Triton Error [CUDA]: too many resources requested for launch"))
+    assert tuning.device_fault(RuntimeError("CUDA error: misaligned address"))
 
 
 def test_choose_measures_in_mirrored_turns_past_a_burst_of_host_load(tuning_dir):
