@@ -40,8 +40,7 @@ def _skinny_configs(N):
     # never won the tuning at the benchmark shapes: benchmarks/RESULTS.md.) With dropout the pass
     # is bound by the mask's integer work (about 8 operations an element), not the read: one
     # program of 4 warps per SM leaves each scheduler one warp to hide the philox chain's latency,
-    # so the larger tiles are also tried with 8.
-    # The 128-row tile with 8 warps only (see _gemm_configs).
+    # so the 64 x 256 tile is also tried with 8; the 128-row tile runs with 8 only (_gemm_configs).
     bn = max(16, next_power_of_2(N))
     return [_config(bm, bn, bk, w, st) for bm, bk, st, w in [(32, 256, 3, 4), (64, 128, 4, 4), (64, 256, 3, 4),
                                                             (16, 256, 4, 4), (64, 256, 3, 8), (128, 128, 3, 8)]]
