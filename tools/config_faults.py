@@ -4,7 +4,10 @@ ends the process's context), optionally under compute-sanitizer's memcheck, whic
 faulting access. Each run also checks the launch's output against a float64 reference.
 
     python -m tools.config_faults 960x195x13 --r 32 --dropout 0.1 [--launch grad_x] [--dtype bf16]
-                                  [--sanitize]
+                                  [--in-loop] [--sanitize]
+
+--in-loop: the rank-r product computed beside the main loop (the 'fused' schedule, as at M <= 64)
+instead of read from memory.
 
 The shape is M x K -> N of the layer (x [M, K], W [N, K]); grad_x's GEMM is then M x N -> K.
 """
@@ -29,30 +32,34 @@ def run_one(args) -> None:
     M, K, N = (int(v) for v in args.shape.split("x"))
     dtype, r, p, s = DTYPES[args.dtype], args.r, args.dropout, 0.75
     torch.manual_seed(0)
-    d = "cuda"
+    d = args.device
     x = torch.randn(M, K, device=d).to(dtype)
     W = (torch.randn(N, K, device=d) / K**0.5).to(dtype)
     A = (torch.randn(r, K, device=d) / K**0.5).to(dtype)
     B = (torch.randn(N, r, device=d) / r**0.5).to(dtype)
     seed = torch.tensor([1234], device=d, dtype=torch.int64)
     keep = lora.dropout_mask(seed, (M, K), p, d).double() if p > 0 else torch.ones(M, K, device=d, dtype=torch.float64)
+    in_loop = args.in_loop
     with settings.override(tile_config=args.child):
         if args.launch == "forward":
             y = torch.empty(M, N, device=d, dtype=dtype)
             u_s = (s * (x.double() * keep) @ A.double().T).to(dtype)
-            lora._launch_lora(lora._FORWARD, x, W, y, A, B, u_s, s, seed, 0.0, bias=None, in_loop=False,
-                              dropout_arg=False)
+            lr = torch.empty_like(u_s) if in_loop else u_s  # written by the launch in the loop
+            lora._launch_lora(lora._FORWARD, x, W, y, A, B, lr, s, seed, p if in_loop else 0.0, bias=None,
+                              in_loop=in_loop, dropout_arg=False)
             ref = x.double() @ W.double().T + u_s.double() @ B.double().T
             got = y
         else:
             grad_y = torch.randn(M, N, device=d).to(dtype)
             g_s = (s * grad_y.double() @ B.double()).to(dtype)
             grad_x = torch.empty(M, K, device=d, dtype=dtype)
-            lora._launch_lora(lora._GRAD_X, grad_y, W.T, grad_x, B.T, A.T, g_s, s, seed, p, bias=None, in_loop=False,
-                              dropout_arg=True)
+            lr = torch.empty_like(g_s) if in_loop else g_s
+            lora._launch_lora(lora._GRAD_X, grad_y, W.T, grad_x, B.T, A.T, lr, s, seed, p, bias=None,
+                              in_loop=in_loop, dropout_arg=True)
             ref = grad_y.double() @ W.double() + keep * (g_s.double() @ A.double())
             got = grad_x
-        torch.cuda.synchronize()
+        if d == "cuda":
+            torch.cuda.synchronize()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     print(f"ran: relative error {err:.2e}")
 
@@ -64,8 +71,10 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--launch", default="grad_x", choices=["forward", "grad_x"])
+    parser.add_argument("--in-loop", action="store_true", help="the rank-r product beside the main loop")
     parser.add_argument("--sanitize", action="store_true", help="run each under compute-sanitizer --tool memcheck")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the child under the interpreter
     args = parser.parse_args(argv)
     if args.child is not None:
         return run_one(args)
@@ -76,7 +85,7 @@ def main(argv=None):
     cands = triton_kernels.configs.candidates(M, out_cols, DTYPES[args.dtype].itemsize)
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1" if args.sanitize else "0", "FUSEDPEFT_CACHE_DIR": ""}
     base = [sys.executable, "-m", "tools.config_faults", args.shape, "--r", str(args.r), "--dropout",
-            str(args.dropout), "--dtype", args.dtype, "--launch", args.launch]
+            str(args.dropout), "--dtype", args.dtype, "--launch", args.launch] + (["--in-loop"] if args.in_loop else [])
     for index, cand in enumerate(cands):
         command = base + ["--child", str(index)]
         if args.sanitize:
