@@ -88,21 +88,18 @@ def _backward(low_rank_first, grad_y, x, weight, lora_A, lora_B, scaling, dropou
     s = scaling / (1.0 - dropout_p)
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     g = grad_y @ lora_B if (need_x or need_A) else None  # (M, r)
-    if low_rank_first and dropout_p > 0 and need_x and need_A:
-        # One draw of the mask for both: the reduction that gives grad_A also writes grad_x's
-        # masked rank-r term, onto which cuBLAS accumulates grad_y W.
-        grad_x = torch.empty(x.shape, dtype=grad_y.dtype, device=x.device)
-        grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)
-        weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p,
-                    update=(grad_x, lora_A.T))
-        grad_x.addmm_(grad_y, weight)
-        need_x = need_A = False  # both done
-    if need_x:
+    # With dropout, low rank first: one draw of the mask for grad_A and grad_x's masked rank-r term
+    # (the reduction writes the term, cuBLAS then accumulates grad_y W onto it).
+    one_draw = low_rank_first and dropout_p > 0 and need_x and need_A
+    if need_x and not one_draw:
         grad_x = _grad_x(low_rank_first, grad_y, weight, g, lora_A, s, dropout_p, seed)
     if need_A:
         if dropout_p > 0:
             grad_A = torch.empty_like(lora_A, dtype=grad_dtypes[0] or lora_A.dtype)  # the reduction stores in it
-            weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p)
+            update = (torch.empty(x.shape, dtype=grad_y.dtype, device=x.device), lora_A.T) if one_draw else None
+            weight_grad(x, g, grad_A, scale=s, transpose_out=True, seed=seed, dropout_p=dropout_p, update=update)
+            if one_draw:
+                grad_x = update[0].addmm_(grad_y, weight)
         else:  # in its master's dtype from the GEMM itself (product_in)
             grad_A = product_in(grad_dtypes[0], g.T, x, s, shape_like=lora_A)
     if need_B:
