@@ -401,6 +401,18 @@ def test_untuned_and_forced_loop_picks_stay_with_their_settings(use_settings, mo
         configs.tuned_config(("k3",), 300, 1024, 2, fault_on_the_second)
     assert str(cands[1]) in str(raised.value)
 
+    class Store:  # a stored winner that faults when it is tried again is named too, not re-tuned over
+        def lookup(self, kind, key):
+            return configs._config_to_json(cands[1])
+
+        def record(self, kind, key, value):
+            raise AssertionError("nothing is tuned after a fault")
+
+    monkeypatch.setattr(configs, "CONFIG_STORE", Store())
+    with pytest.raises(RuntimeError, match="faulted on the GPU") as raised:
+        configs.tuned_config(("k4",), 300, 1024, 2, fault_on_the_second)
+    assert str(cands[1]) in str(raised.value)
+
 
 @pytest.mark.parametrize("dtype,expect", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)],
                          ids=str)

@@ -101,6 +101,11 @@ def _config_from_json(data):
     return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"])
 
 
+def _fault(cfg, key, M, N, exc) -> RuntimeError:
+    return RuntimeError(f"tile config {cfg} of {key[0]} (M={M}, N={N}, key {key}) faulted on the GPU, which leaves "
+                        f"this process's CUDA context unusable: {exc}")
+
+
 def tuned_config(key, M, N, element_size, launch_with):
     """The tile config for a launch key: known, stored, or timed now over candidates()
     (launch_with(cfg) runs the launch with cfg). Raises NoConfigFits when none can run."""
@@ -130,7 +135,7 @@ def tuned_config(key, M, N, element_size, launch_with):
                 return cfg
             except Exception as exc:
                 if device_fault(exc):
-                    raise
+                    raise _fault(cfg, key, M, N, exc) from exc
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("a fused launch met a new shape key inside a CUDA-graph capture, where its tile "
                            "configs cannot be timed: run the step once eagerly before capturing it")
@@ -150,8 +155,7 @@ def tuned_config(key, M, N, element_size, launch_with):
                 break
         except Exception as exc:  # compile or resource failure: skip the candidate
             if device_fault(exc):  # sticky: every later launch of the process would fail, unexplained
-                raise RuntimeError(f"tile config {cand} of {key[0]} (M={M}, N={N}, key {key}) faulted on the GPU, "
-                                   f"which leaves this process's CUDA context unusable: {exc}") from exc
+                raise _fault(cand, key, M, N, exc) from exc
             errors.append(f"{cand}: {type(exc).__name__}: {str(exc)[-1500:]}")
     if not timings:
         TUNED[memo] = "no Triton config could run this GEMM:\n" + "\n".join(errors)
