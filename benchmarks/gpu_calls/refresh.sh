@@ -16,8 +16,8 @@
 #              the float64 comparisons, float32 adapters, CUDA-graph replays, the fresh-process fp32 step
 #   profile    tools.profile_kernels with and without dropout (triton, cublas) at the tree's code
 #   fault      each test of $FAULT_TESTS alone (seed $FAULT_SEED), CUDA_LAUNCH_BLOCKING=1, whole tracebacks
-#   configs    tools.config_faults: each grad_x tile config alone at $FAULT_SHAPE, then under compute-sanitizer
 #   scenarios  tools.config_faults for each ;-separated argument list in $SCENARIOS, concurrently
+#              (with --sanitize, under compute-sanitizer)
 #   wgrad      tools.diag_weight_grad with dropout, writing grad_x's masked term beside and apart
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
@@ -78,10 +78,6 @@ for stage in ${STAGES:-launch tests split serving}; do
           "$test" --tb=long >> $OUT/fault.log 2>&1
       done
       (which compute-sanitizer; ls /usr/local/cuda/bin | grep -i sanit) >> $OUT/fault.log 2>&1 ;;
-    configs) timeout 200 python3 -m tools.config_faults ${FAULT_SHAPE:-960x195x13} --r ${FAULT_R:-32} --dropout 0.1 \
-        > $OUT/configs.log 2>&1; pack
-      timeout 300 python3 -m tools.config_faults ${FAULT_SHAPE:-960x195x13} --r ${FAULT_R:-32} --dropout 0.1 --sanitize \
-        >> $OUT/configs.log 2>&1 ;;
     scenarios) IFS=';' read -ra lines <<< "$SCENARIOS"
       for scenario in "${lines[@]}"; do  # each a tools.config_faults command line, all at once
         (timeout 200 python3 -m tools.config_faults $scenario > "$OUT/scenario_${scenario// /_}.log" 2>&1) &
@@ -118,7 +114,6 @@ grep -h "step" $OUT/philox_*.log 2>/dev/null
 grep -E "passed|failed|FAILED|ERROR" $OUT/lora_tests.log 2>/dev/null | tail -12
 grep -v -i "warn" $OUT/profile.log 2>/dev/null | grep -v "^ *$"
 grep -E "Error|error|passed|failed|^tests|\.py:[0-9]+" $OUT/fault.log 2>/dev/null | tail -40
-cat $OUT/configs.log 2>/dev/null
 for f in $OUT/scenario_*.log; do [ -f "$f" ] && echo "## $f" && grep -E "^\[|error|Error" "$f" | cut -c1-200; done
 grep -v -i "warn" $OUT/wgrad.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
