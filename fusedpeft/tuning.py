@@ -219,9 +219,11 @@ def device_fault(exc: BaseException) -> bool:
 
 # The CUDA errors that end a context (cudaErrorIllegalAddress and its kin), as torch and Triton word
 # them; "too many resources requested for launch" and the like are not among them: a candidate
-# raising those only does not fit.
+# raising those only does not fit, as one whose CUDA-graph capture fails (it synchronises with the
+# host: "operation not permitted when stream is capturing"). "device-side assert triggered" in
+# full: torch ends every CUDA error's message with a hint naming "device-side assertions".
 _STICKY_CUDA_ERRORS = ("illegal memory access", "illegal address", "illegal instruction", "misaligned address",
-                       "unspecified launch failure", "device-side assert", "invalid program counter",
+                       "unspecified launch failure", "device-side assert triggered", "invalid program counter",
                        "hardware stack error", "uncorrectable ecc error")
 
 

@@ -357,6 +357,16 @@ def test_128_row_tiles_take_two_warpgroups(M, N, element_size):
     assert cands and not [c for c in cands if c.kwargs["BLOCK_M"] >= 128 and c.num_warps < 8]
 
 
+@pytest.mark.parametrize("M,N", [(2, 7404), (32, 20), (16, 4096), (64, 399)])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_small_m_candidates_leave_out_the_64_by_32_tile(M, N, element_size):
+    """The 64 x 32 x 128 small-M tile at 4 warps (64 wide in BLOCK_K at float32) is no candidate:
+    its grad_x with the in-loop rank-r product was wrong and faulted on the H100 (configs._gemm_configs)."""
+    cands = configs.candidates(M, N, element_size)
+    assert cands and all(c.kwargs["BLOCK_M"] <= 64 for c in cands)
+    assert not [c for c in cands if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 32) and c.num_warps == 4]
+
+
 def test_forced_tile_config_must_exist(use_settings):
     """settings.tile_config names a candidate by index; one past the list is refused by name."""
     n = len(configs.candidates(300, 1024, 2))

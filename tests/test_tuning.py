@@ -82,6 +82,15 @@ def test_a_candidate_that_faults_on_the_gpu_is_named_not_skipped(tuning_dir):
     # a launch refused for its resources is no fault: that candidate only loses
     assert not tuning.device_fault(RuntimeError("Triton Error [CUDA]: too many resources requested for launch"))
     assert tuning.device_fault(RuntimeError("CUDA error: misaligned address"))
+    # torch's hint after every CUDA error names device-side assertions; a failed capture is no fault
+    hint = ("\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace "
+            "below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with "
+            "`TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+    assert not tuning.device_fault(RuntimeError("CUDA error: operation failed due to a previous error during capture"
+                                                + hint))
+    assert not tuning.device_fault(RuntimeError("CUDA error: operation not permitted when stream is capturing" + hint))
+    assert tuning.device_fault(RuntimeError("CUDA error: device-side assert triggered" + hint))
+    assert tuning.device_fault(RuntimeError("CUDA error: an illegal memory access was encountered" + hint))
 
 
 def test_choose_measures_in_mirrored_turns_past_a_burst_of_host_load(tuning_dir):
