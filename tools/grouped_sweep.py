@@ -54,19 +54,21 @@ def main(argv=None):
         print(f"base accumulating (y.addmm_, beta 1)  {t(lambda: y.addmm_(x, W.T)):8.1f} us")
         distinct = min(G, S)
         print(f"\nshrink: reads x and each row tile's A chunk   ({ideal(2 * M * K + 2 * distinct * R * K)})")
-        for block_k, splits, stages in itertools.product((64, 128, 256), (None, 1, 2, 4, 8), (3, 4)):
+        for block_k, splits, stages in itertools.product((64, 128, 256), (None, 1, 2, 4, 8, 16, 32), (3, 4)):
             try:
                 us = t(lambda: kernels.grouped_shrink(x, A, ranks, group, L, BLOCK_K=block_k, splits=splits,
                                                       num_stages=stages))
                 print(f"  BLOCK_K {block_k:3d} splits {str(splits):4s} stages {stages}  {us:8.1f} us")
             except Exception as exc:  # a config that does not fit (shared memory) is reported
                 print(f"  BLOCK_K {block_k:3d} splits {str(splits):4s} stages {stages}  {type(exc).__name__}")
-        u = kernels.grouped_shrink(x, A, ranks, group, L)
-        print(f"\nexpand: writes y, reads u ({u.shape[0]} splits) and B  ({ideal(2 * M * N + 2 * distinct * R * N)})")
-        for block_n, warps in itertools.product((64, 128, 256), (4, 8)):
-            us = t(lambda: kernels.grouped_expand(u, B, None, group, scalings, ranks, L, dt, BLOCK_N=block_n,
-                                                  num_warps=warps))
-            print(f"  BLOCK_N {block_n:3d} warps {warps}  {us:8.1f} us")
+        print(f"\nexpand: writes y, reads u (summing the shrink's splits) and B  "
+              f"({ideal(2 * M * N + 2 * distinct * R * N)})")
+        for splits in (None, 1, 8, 32):
+            u = kernels.grouped_shrink(x, A, ranks, group, L, splits=splits)
+            for block_n, warps in itertools.product((64, 128, 256), (4, 8)):
+                us = t(lambda: kernels.grouped_expand(u, B, None, group, scalings, ranks, L, dt, BLOCK_N=block_n,
+                                                      num_warps=warps))
+                print(f"  u of {u.shape[0]:2d} splits  BLOCK_N {block_n:3d} warps {warps}  {us:8.1f} us")
         print("\nwhole calls")
         for backend in ("sgmv_cublas", "cublas_batched", "triton", "cuda"):
             with fusedpeft.use_backend(backend):

@@ -19,6 +19,8 @@
 #   scenarios  tools.config_faults for each ;-separated argument list in $SCENARIOS, concurrently
 #              (with --sanitize, under compute-sanitizer)
 #   wgrad      tools.diag_weight_grad with dropout, writing grad_x's masked term beside and apart
+#   gsweep     tools.grouped_sweep at 64 decode rows ($SLOTS adapters): the shrink's splits, the expand's
+#              blocks, the whole calls, each in a CUDA graph
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
@@ -85,6 +87,8 @@ for stage in ${STAGES:-launch tests split serving}; do
     wgrad) timeout 150 python3 -m tools.diag_weight_grad 8192x4096 8192x14336 8192x2048 8192x896 --ranks 16 \
         --per-sm 2,4 --dropout 0.05 --update > $OUT/wgrad.log 2>&1 ;;
     launch) timeout 60 python3 -m tools.launch_path > $OUT/launch.log 2>&1 ;;
+    gsweep) timeout ${GSWEEP_S:-150} python3 -m tools.grouped_sweep --groups 64 --rows-per-group 1 --slots ${SLOTS:-32} \
+        > $OUT/gsweep.log 2>&1 ;;
     tests) TESTS=1 WORKERS=16 TEST_TIMEOUT=${TEST_S:-170} LAYERS=0 MODEL=0 \
       TEST_FILES="tests/test_ops.py tests/test_cuda.py tests/test_cuda_new_ops.py tests/test_serving.py tests/test_cuda_paths.py tests/test_dora.py" \
       TEST_K="product_in or float32_adapters or reductions_write or (sweep and cublas) or per_sequence_matches_float64 or decode_step_captures or cuda_graph_decode_step or dora" \
