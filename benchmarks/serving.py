@@ -80,7 +80,11 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs
         x = torch.randn(seqs, tokens, K, generator=gen, device=device).to(dtype)
         W = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
         seq_slot = torch.arange(seqs, device=device) % n_adapters
-        return x, W, seq_slot, _bank(n_adapters, ranks_mode, K, N, dtype, device, gen)
+        A, *bank = _bank(n_adapters, ranks_mode, K, N, dtype, device, gen)
+        # The A slots right after W's rows in one buffer, as a served model's layers hold them
+        # (fusedpeft.serving.layers: the ``stacked`` backend's GEMM takes the shrink there).
+        held = torch.cat([W, A.reshape(-1, K)])
+        return x, held[:N], seq_slot, (held[N:].view(A.shape), *bank)
 
     def base():
         x, W, _, _ = inputs()

@@ -59,7 +59,8 @@ def test_dora_composed_matches_float64(dtype, lead, K, N, r, monkeypatch, use_se
 
 
 # The GPU candidates of multi_lora_linear (the torch reference aside).
-MULTI_LORA_BACKENDS = ["triton", "bgmv", "bgmv_one", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas"]
+MULTI_LORA_BACKENDS = ["triton", "bgmv", "bgmv_one", "cuda", "cuda_overlap", "cublas_batched", "sgmv_cublas",
+                       "stacked"]
 
 
 def _bank(S, R, K, N, dtype, ranks, device="cuda"):
@@ -69,6 +70,15 @@ def _bank(S, R, K, N, dtype, ranks, device="cuda"):
         A[s, r:] = 0
         B[s, :, r:] = 0
     return A.to(dtype), B.to(dtype)
+
+
+def _stacked(W, A):
+    """W and A moved into one buffer, A's rows right after W's, as the serving layers hold them (the
+    ``stacked`` backend's layout)."""
+    N, K = W.shape
+    buf = torch.empty(N + A.shape[0] * A.shape[1], K, dtype=W.dtype, device=W.device)
+    buf[:N], buf[N:] = W, A.reshape(-1, K)
+    return buf[:N], buf[N:].view(A.shape)
 
 
 @pytest.mark.parametrize("backend", ["torch", *MULTI_LORA_BACKENDS, None])
@@ -87,6 +97,8 @@ def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(dtype)
     bias = torch.randn(N, device="cuda").to(dtype)
     idx = torch.randint(-1, n_slots, (M,), device="cuda")
+    if backend in ("stacked", None):  # the serving layers' layout (the others' measured with it when auto)
+        W, A = _stacked(W, A)
     with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
         y = multi_lora_linear(x, W, bias, A, B, scalings, rank_t, idx)
     # float64 on the GPU: a 4096-cubed reference on the host's CPUs, beside 15 other workers, ran past the
@@ -111,6 +123,8 @@ def test_multi_lora_per_sequence_matches_float64(backend, G, L, K, N, n_slots):
     x = torch.randn(G, L, K, device="cuda").to(torch.bfloat16)
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
     seq = torch.randint(-1, n_slots, (G,), device="cuda")
+    if backend in ("stacked", None):
+        W, A = _stacked(W, A)
     with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
         y = multi_lora_linear(x, W, None, A, B, scalings, rank_t, seq)
     ref = multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), None, A.double(), B.double(),

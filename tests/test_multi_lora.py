@@ -10,7 +10,7 @@ from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lo
 
 from helpers import TOL, rel_err
 
-LORA_BACKENDS = ["torch", "triton", "bgmv", "bgmv_one", "cublas_batched", "sgmv_cublas"]
+LORA_BACKENDS = ["torch", "triton", "bgmv", "bgmv_one", "cublas_batched", "sgmv_cublas", "stacked"]
 # (leading shape of x, K, N): ragged sizes, 3-D input, M = 1 and M = 0, no input features
 SHAPES = [((37,), 40, 24), ((1,), 33, 47), ((0,), 40, 24), ((3, 7), 24, 40), ((70,), 20, 8), ((2, 3), 0, 8)]  # the last: K = 0
 RANKS = [16, 4, 0, 9, 1]  # slot ranks: full, partial, an empty slot, odd, 1
@@ -230,9 +230,55 @@ def test_each_backend_runs_its_own_kernels(lead, monkeypatch):
     _, A, B = _bank(S, R, K, N, torch.float32, RANKS)
     index = torch.tensor([0, 1, -1, 3, 4, 0][:lead[0]])
     expected = {"triton": {"sgmv_kernel"}, "bgmv": {"bgmv_shrink_kernel", "bgmv_expand_kernel"},
-                "bgmv_one": {"bgmv_one_kernel"}, "sgmv_cublas": {"grouped_shrink_kernel", "grouped_expand_kernel"}}
+                "bgmv_one": {"bgmv_one_kernel"}, "sgmv_cublas": {"grouped_shrink_kernel", "grouped_expand_kernel"},
+                "stacked": {"bgmv_shrink_kernel", "bgmv_expand_kernel"}}  # a bank not stacked under W: bgmv's
     for backend, kernels in expected.items():
         launched.clear()
         with torch.no_grad(), fusedpeft.use_backend(backend):
             multi_lora_linear(x, W, None, A, B, torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32), index)
         assert set(launched) == kernels, (backend, launched)
+
+
+def _stacked_bank(S, R, K, N, dtype, ranks):
+    """W (N, K) and A (S, R, K) as views of one (N + S R, K) buffer, A's rows right after W's (as the
+    serving layers allocate them), with _bank's garbage past the ranks; B, and A without the garbage."""
+    A, clean_A, B = _bank(S, R, K, N, dtype, ranks)
+    buf = torch.empty(N + S * R, K, dtype=dtype)
+    buf[:N] = (torch.randn(N, K) / max(K, 1)**0.5).to(dtype)
+    buf[N:] = A.reshape(S * R, K)
+    return buf[:N], buf[N:].view(S, R, K), clean_A, B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_bank_takes_its_shrink_from_the_base_gemm(dtype, lead, K, N, bias, monkeypatch):
+    """A bank whose A slots lie right after W in memory: the ``stacked`` backend runs one GEMM over
+    [W; A] and its expand (no shrink kernel), and matches the float64 reference, garbage past the
+    ranks never read, rows without an adapter, 3-D input, M = 0 and 1, K = 0."""
+    from fusedpeft._kernels import triton_kernels
+    from fusedpeft.ops.multi_lora import stacked_weight
+
+    launched = []
+    real = triton_kernels.fast_launch.cached_launch
+    monkeypatch.setattr(triton_kernels.fast_launch, "cached_launch",
+                        lambda kernel, *a, **kw: launched.append(kernel.fn.__name__) or real(kernel, *a, **kw))
+    S, R = len(RANKS), 16
+    W, A, clean_A, B = _stacked_bank(S, R, K, N, dtype, RANKS)
+    assert stacked_weight(W, A.clone()) is None
+    assert (stacked_weight(W, A) is not None) == (K > 0)
+    x = torch.randn(*lead, K).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
+    M = x.shape[:-1].numel()
+    idx = torch.randint(-1, S, (M,))
+    if M >= 4:
+        idx[:4] = torch.tensor([1, 1, -1, 3])  # garbage (7.0, NaN) past slots 1 and 3's ranks
+    with torch.no_grad(), fusedpeft.use_backend("stacked"):
+        y = multi_lora_linear(x, W, b, A, B, scalings, ranks, idx)
+    ref = multi_lora_linear_reference(x.double().reshape(M, K), W.double(), None if b is None else b.double(),
+                                      clean_A.double(), B.double(), scalings.double(), ranks, idx)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert rel_err(y.reshape(M, N), ref) <= TOL[dtype]
+    if M and K and N:
+        assert launched == ["stacked_expand_kernel"], launched

@@ -258,6 +258,43 @@ def test_unwrap_restores_the_original_modules(base, lora_dirs):
         served.load_adapter("a1", lora_dirs["a1"])
 
 
+def test_lora_layers_stack_their_a_slots_under_the_weight(base, lora_dirs, monkeypatch):
+    """Wrapping moves each LoRA layer's weight and A slots into one buffer, A's rows right after W's
+    (the same Parameter, the same values); the ``stacked`` backend then takes the shrink from the
+    base GEMM, every row as its adapter merged; unwrap gives the weight its own storage back. A
+    buffer that does not fit leaves the layer as it was, and it serves the same."""
+    from fusedpeft.ops.multi_lora import stacked_weight
+    from fusedpeft.serving import layers as serving_layers
+
+    model = copy.deepcopy(base)
+    q = model.model.layers[0].self_attn.q_proj
+    weight, values = q.weight, q.weight.detach().clone()
+    served = MultiAdapterModel(model, target_modules="all-linear", max_adapters=3, max_rank=16)
+    assert all(stacked_weight(layer.base_weight(), layer.lora_A) is not None for layer in served.layers.values())
+    assert q.weight is weight and torch.equal(q.weight, values)
+    for n in ("a0", "a1", "a2"):
+        served.load_adapter(n, lora_dirs[n])
+    ids = torch.randint(1, 96, (4, 5))
+    with torch.no_grad(), fusedpeft.use_backend("stacked"):
+        check_rows(served, base, lora_dirs, ids, ["a0", None, "a1", "a2"])
+    assert fusedpeft.last_backend("multi_lora_linear") == "stacked"
+    assert served.unwrap() is model
+    assert q.weight is weight and torch.equal(q.weight, values)
+    assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(serving_layers.torch, "empty", no_memory)
+    served = MultiAdapterModel(copy.deepcopy(base), target_modules="all-linear", max_adapters=3, max_rank=16)
+    monkeypatch.undo()
+    assert not any(stacked_weight(layer.base_weight(), layer.lora_A) is not None for layer in served.layers.values())
+    for n in ("a0", "a1", "a2"):
+        served.load_adapter(n, lora_dirs[n])
+    with torch.no_grad(), fusedpeft.use_backend("stacked"):  # runs bgmv's schedule on a bank apart from W
+        check_rows(served, base, lora_dirs, ids, ["a2", "a0", None, "a1"])
+
+
 def test_failed_wrap_leaves_the_model_as_it_was(base, monkeypatch):
     """A bank allocation that fails part way (out of memory, say) swaps no layer in, so the model can
     be wrapped again once memory is there."""

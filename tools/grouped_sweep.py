@@ -39,8 +39,10 @@ def main(argv=None):
     G, L, K, S, R = args.groups, args.rows_per_group, args.hidden, args.slots, args.rank
     N, M = K, G * L
     x = torch.randn(M, K, device=dev, dtype=dt)
-    W = (torch.randn(N, K, device=dev) / K**0.5).to(dt)
-    A = (torch.randn(S, R, K, device=dev) / K**0.5).to(dt)
+    # W and the A slots in one buffer, A's rows after W's, as the serving layers hold them (the
+    # ``stacked`` backend's GEMM over both; the other backends read them as two tensors)
+    held = torch.cat([torch.randn(N, K, device=dev) / K**0.5, torch.randn(S * R, K, device=dev) / K**0.5]).to(dt)
+    W, A = held[:N], held[N:].view(S, R, K)
     B = (torch.randn(S, N, R, device=dev) / R**0.5).to(dt)
     scalings = torch.rand(S, device=dev) + 0.5
     ranks = torch.full((S,), R, dtype=torch.int32, device=dev)
@@ -70,7 +72,8 @@ def main(argv=None):
                                                       num_warps=warps))
                 print(f"  u of {u.shape[0]:2d} splits  BLOCK_N {block_n:3d} warps {warps}  {us:8.1f} us")
         print("\nwhole calls")
-        for backend in ("sgmv_cublas", "cublas_batched", "triton", "cuda"):
+        print(f"base with the A slots stacked under W  {t(lambda: x.view(M, K) @ held.T):8.1f} us   (x [W; A]^T)")
+        for backend in ("sgmv_cublas", "cublas_batched", "triton", "cuda", "bgmv", "stacked"):
             with fusedpeft.use_backend(backend):
                 us = t(lambda: multi_lora_linear(x.view(G, L, K), W, None, A, B, scalings, ranks, group))
             print(f"  {backend:15s} {us:8.1f} us")

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedpeft.ops.multi_lora import stacked_weight
+
 from . import fast_launch, layout
 from .core import mma
 from .layout import block_r, cdiv
@@ -178,6 +180,71 @@ def lora_bgmv_one(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_inde
         (y, x, lora_A, lora_B, adapter_index, scalings, ranks, K, N, n_chunk, y.stride(0), x.stride(0),
          lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1)),
         dict(BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R), num_warps=4, num_stages=1 if interp else 3)
+    return y
+
+
+# ----------------------------------------------------------------------------- decode: the shrink in the base GEMM
+# A bank whose A slots lie in memory right after the base weight's rows (the serving layers
+# allocate them so: fusedpeft.serving.layers) makes [W; A[0]; ...; A[S-1]] one (N + S R) x K matrix.
+# One cuBLAS GEMM with it gives every row x W^T and x A[s]^T for every slot s: the shrink costs the
+# GEMM S R more rows of K, which at decode (the GEMM bound by reading its matrix) is 2 S R K more
+# bytes and no launch (32 slots of rank 16 at K = 4096: +4 MiB on W's 32 MiB). A row's u is then a
+# gather from the GEMM's output, done by the expand. Two launches, where bgmv makes three and
+# sgmv_cublas three; at prefill the S R extra output columns are S R / N more tensor-core work for
+# every row, whatever its slot, and the tuner measures it against the grouped schedules. The op's
+# stacked_weight gives the view.
+@triton.jit
+def stacked_expand_kernel(
+    y_ptr, out_ptr, b_ptr, bias_ptr, idx_ptr, scale_ptr, rank_ptr,
+    N, R, stride_ym, stride_om, stride_bs, stride_bn,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y[m, n] = out[m, n] + b[n] + s[i] sum_{r < rank[i]} out[m, N + i R + r] B[i, n, r] over one block
+    of columns, i = idx[m] (-1: out[m, n] + b[n]); out = x [W; A]^T, so out[m, N + i R:] is x[m] A[i]^T."""
+    m = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.load(out_ptr + m * stride_om + n, mask=n_ok, other=0.0).to(tl.float32)
+    i = tl.load(idx_ptr + m).to(tl.int64)
+    rank = tl.load(rank_ptr + tl.maximum(i, 0)) * (i >= 0)
+    if rank > 0:
+        lora = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            u = tl.load(out_ptr + m * stride_om + N + i * R + r, mask=r < rank, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + i * stride_bs + n[:, None] * stride_bn + r[None, :],
+                        mask=n_ok[:, None] & (r[None, :] < rank), other=0.0).to(tl.float32)
+            lora += tl.sum(b * u[None, :], axis=1)
+        acc += lora * tl.load(scale_ptr + i)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+def lora_stacked(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index):
+    """The decode schedule for a bank stacked under the weight (``stacked_weight``): out = x [W; A]^T
+    by cuBLAS, then stacked_expand_kernel writing y = out[:, :N] + b + s[i] u B[i]^T. Bytes past
+    the base GEMM: A's S R rows in the GEMM (2 S R K), B[i] per distinct slot (2 N r, from L2 for
+    rows sharing it), out's rows read back and y written (about 4 M N + 2 M S R). x A[i]^T comes out
+    of the GEMM rounded to the layer's dtype, as peft's lora_A output is. A bank not stacked
+    runs ``lora_bgmv``."""
+    full = stacked_weight(weight, lora_A)
+    M, K = x.shape
+    if full is None or M == 0 or K == 0:
+        return lora_bgmv(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_index)
+    N, R = weight.shape[0], lora_A.shape[1]
+    out = x @ full.T
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return y
+    interp = layout.interpreting()
+    BLOCK_R = 16
+    BLOCK_N = 32 if interp else 256
+    fast_launch.cached_launch(
+        stacked_expand_kernel, (M, cdiv(N, BLOCK_N)),
+        (y, out, lora_B, y if bias is None else bias, adapter_index, scalings, ranks, N, R, y.stride(0),
+         out.stride(0), lora_B.stride(0), lora_B.stride(1)),
+        dict(HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R), num_warps=4, num_stages=1 if interp else 3)
     return y
 
 
@@ -508,3 +575,4 @@ triton_backend = types.SimpleNamespace(lora=lora, ia3=ia3)  # the fused SGMV, an
 bgmv_backend = types.SimpleNamespace(lora=lora_bgmv)  # the decode schedule: base GEMM, shrink, expand
 bgmv_one_backend = types.SimpleNamespace(lora=lora_bgmv_one)  # base GEMM, then shrink and expand in one launch
 sgmv_cublas_backend = types.SimpleNamespace(lora_grouped=lora_grouped)  # the split prefill schedule
+stacked_backend = types.SimpleNamespace(lora=lora_stacked)  # the shrink in the base GEMM (bank under W)

@@ -104,6 +104,10 @@ register("multi_lora_linear", "bgmv_one", load=_kernel("multi_lora", "bgmv_one_b
 # the fused SGMV kernel, whose main loop is slower than cuBLAS's, and against cublas_batched.
 register("multi_lora_linear", "sgmv_cublas", load=_kernel("multi_lora", "sgmv_cublas_backend"), supports=triton_usable,
          priority=6, tunable=True)
+# cuBLAS's GEMM over the weight with the bank's A stacked under it, then one expand (a decode's rows;
+# a bank not so allocated runs bgmv's schedule).
+register("multi_lora_linear", "stacked", load=_kernel("multi_lora", "stacked_backend"), supports=triton_usable,
+         priority=7, tunable=True)
 register("multi_ia3_linear", "triton", load=_kernel("multi_lora", "triton_backend"), supports=triton_usable, priority=10,
          tunable=True)
 for _op in ("ia3_linear", "ssf_linear"):  # one implementation serves both rescaling methods

@@ -102,6 +102,19 @@ for _op in (OP, IA3_OP):
                       priority=0, tunable=True)
 
 
+# ----------------------------------------------------------------------------- bank layout
+def stacked_weight(weight, lora_A):
+    """The (N + S R, K) view of [W; A] where lora_A (S, R, K) lies right after weight (N, K) in one
+    storage, both contiguous (else None; and where K = 0, whose empty storages all look alike)."""
+    N, K = weight.shape
+    S, R = lora_A.shape[:2]
+    if (K > 0 and weight.is_contiguous() and lora_A.is_contiguous() and lora_A.dtype == weight.dtype
+            and lora_A.storage_offset() == weight.storage_offset() + N * K
+            and lora_A.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()):
+        return torch.as_strided(weight, (N + S * R, K), (K, 1))
+    return None
+
+
 # ----------------------------------------------------------------------------- checks
 def _check_index(op, adapter_index, x, slots, device):
     M = x.shape[:-1].numel()
@@ -232,7 +245,10 @@ def run_multi_lora(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_ind
     args = (x2, weight, bias, lora_A, lora_B, scalings, ranks, index, L)
     # The rows per index entry are part of the shape key by size class (a prefill's prompt length
     # varies from call to call; what wins depends on its order of magnitude).
-    impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None, tuning.rows_class(L)),
+    # A bank stacked under the weight (stacked_weight) is a key of its own: one backend's GEMM takes
+    # its shrink there, nowhere else.
+    stacked = stacked_weight(weight, lora_A) is not None
+    impl = _select(OP, x2, weight, (lora_A.shape[1], bias is not None, tuning.rows_class(L), stacked),
                    lambda impl: _run_lora(impl, *args), index.shape[0], graphed)
     y = _run_lora(impl, *args)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])

@@ -8,6 +8,10 @@ its device (they are not parameters: serving is inference):
     MultiLoraLinear   lora_A (S, R, K), lora_B (S, N, R), scalings (S,) float32, ranks (S,) int32
     MultiIA3Linear    ia3_out (S, N) (output scaling), ia3_in (S, K) (feed-forward input scaling)
 
+Once the model is wrapped, each LoRA layer moves its base weight and its A slots into one buffer,
+A's rows right after W's (``stack_bank_under_weight``): one GEMM then gives x W^T and x A[s]^T for
+every slot, the op's ``stacked`` backend, which the tuner measures beside the others.
+
 S = max_adapters and R = max_rank. Slot s holds the same adapter in every layer (the slot table is
 the model's: ``fusedpeft.serving.bank``); a layer the adapter does not touch holds rank 0 and zeros
 in that slot (IA3: ones). Rows of A and columns of B past an adapter's rank are zero, so nothing
@@ -40,7 +44,7 @@ import torch
 from torch import nn
 
 from ..modules.base import is_conv1d, linear_shape
-from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear, run_multi_ia3, run_multi_lora
+from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear, run_multi_ia3, run_multi_lora, stacked_weight
 
 
 class BatchIndex:
@@ -180,6 +184,41 @@ class MultiLoraLinear(_ServingLayer):
 
     def bank_tensors(self) -> dict[str, torch.Tensor]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "scalings": self.scalings, "ranks": self.ranks}
+
+    def stack_bank_under_weight(self) -> bool:
+        """Move the base weight (N, K) and the A slots (S, R, K) into one (N + S R, K) buffer, A's
+        rows right after W's, so that one GEMM gives x W^T and every slot's x A^T (the op's
+        ``stacked`` backend: the decode's shrink inside the base GEMM). The weight stays the same
+        Parameter with the same values (its ``.data`` a view of the buffer), the slots keep theirs.
+        Best effort: a weight that is not a plain contiguous (out, in) tensor, or a buffer that does
+        not fit in memory, leaves both as they are (False); the op runs either layout."""
+        w = self._modules["base_layer"].weight
+        if (self.fan_in_fan_out or type(w.data) is not torch.Tensor or w.dim() != 2 or not w.is_contiguous()
+                or not w.dtype.is_floating_point or stacked_weight(w, self.lora_A) is not None):
+            return False
+        N, K = w.shape
+        S, R = self.slots, self.max_rank
+        try:
+            buf = torch.empty(N + S * R, K, dtype=w.dtype, device=w.device)
+        except (torch.OutOfMemoryError, RuntimeError):  # a CPU allocator's failure is a RuntimeError
+            return False
+        buf[:N].copy_(w.data)
+        buf[N:].copy_(self.lora_A.reshape(S * R, K))
+        w.data = buf[:N]
+        self._buffers["lora_A"] = buf[N:].view(S, R, K)
+        return True
+
+    def unstack_weight(self) -> None:
+        """Give the base weight its own storage again (unwrap: the model keeps no bank rows beside
+        its weight). Where that copy does not fit in memory the weight stays a view of the buffer:
+        the same values, the bank's rows beside it until the layer is dropped."""
+        w = self._modules["base_layer"].weight
+        if stacked_weight(w, self.lora_A) is None:
+            return
+        try:
+            w.data = w.data.clone()
+        except (torch.OutOfMemoryError, RuntimeError):
+            return
 
     def write_slot(self, slot: int, entry, non_blocking: bool) -> None:
         """Fill one slot from a host entry (A (R, K) and B (N, R) already padded with zeros past the

@@ -125,6 +125,8 @@ class MultiAdapterModel(nn.Module):
         for name, layer in layers.items():  # ... before the first layer is swapped in
             parent, child = _parent(model, name)
             setattr(parent, child, layer)
+            if method == "lora":  # best effort, one layer at a time: one weight's copy in flight
+                layer.stack_bank_under_weight()
         object.__setattr__(self, "_was_training", model.training)
         model.eval()
         self.model = model
@@ -274,6 +276,8 @@ class MultiAdapterModel(nn.Module):
         for name, layer in self.bank.layers.items():
             parent, child = _parent(self.model, name)
             setattr(parent, child, layer.base_layer)
+            if isinstance(layer, MultiLoraLinear):
+                layer.unstack_weight()
         self.model.train(self._was_training)
         object.__setattr__(self, "_closed", True)
         return self.model
