@@ -18,6 +18,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+_CONTEXT_LOST = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    yield
+    if HAS_CUDA and call.excinfo is not None:
+        from fusedpeft import tuning
+
+        if tuning.device_fault(call.excinfo.value):
+            item.stash[_CONTEXT_LOST] = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    # A CUDA fault (an illegal address, say) is sticky: every later test of this process would fail
+    # at setup, and a pytest-xdist worker takes a test after another as fast as they fail. Under
+    # xdist the worker ends here, its failure reported; xdist starts a fresh one for the tests left.
+    if item.stash.get(_CONTEXT_LOST, False) and os.environ.get("PYTEST_XDIST_WORKER"):
+        os._exit(70)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A new seed every run (printed on failure through the test id's log) so inputs are random each

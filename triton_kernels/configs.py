@@ -29,8 +29,9 @@ def _gemm_configs():
     large = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4),
              (64, 128, 64, 4, 4)]
     # Small M (decode): W is the traffic; narrow column tiles give every SM a slice of W. Not 64 x 32
-    # x 128 at 4 warps: its grad_x with the rank-r product in the loop was wrong at 2 x 7404 -> 399
-    # (relative error 9.9, memcheck clean) and faulted at 32 x 20 -> 15442 (H100, Triton 3.6).
+    # x 128 at 4 warps and 4 stages: its grad_x with the rank-r product in the loop was wrong at 2 x
+    # 7404 -> 399 (relative error 9.9, memcheck clean) and faulted at 32 x 20 -> 15442, where the
+    # skinny list below gave it (H100, Triton 3.6).
     small = [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 64, 128, 4, 4)]
     return ([_config(*c, ws=ws, sub=sub) for c in large for sub in ((True, False) if c[1] == 256 else (False,))
              for ws in (False, True)] + [_config(*c) for c in small])
@@ -43,8 +44,9 @@ def _skinny_configs(N):
     # is bound by the mask's integer work (about 8 operations an element), not the read: one
     # program of 4 warps per SM leaves each scheduler one warp to hide the philox chain's latency,
     # so the 64 x 256 tile is also tried with 8; the 128-row tile runs with 8 only (_gemm_configs).
+    # (64 x 128 at 4 stages and 4 warps is out: at N = 20 it is _gemm_configs' faulting 64 x 32 x 128.)
     bn = max(16, next_power_of_2(N))
-    return [_config(bm, bn, bk, w, st) for bm, bk, st, w in [(32, 256, 3, 4), (64, 128, 4, 4), (64, 256, 3, 4),
+    return [_config(bm, bn, bk, w, st) for bm, bk, st, w in [(32, 256, 3, 4), (64, 256, 3, 4),
                                                             (16, 256, 4, 4), (64, 256, 3, 8), (128, 128, 3, 8)]]
 
 
