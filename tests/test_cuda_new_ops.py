@@ -155,6 +155,7 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     scalings = torch.ones(S, device="cuda")
     ranks = torch.full((S,), R, dtype=torch.int32, device="cuda")
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    W, A = _stacked(W, A)  # the serving layers' layout: ``stacked`` runs its own GEMM, the others read views
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():

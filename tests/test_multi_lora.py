@@ -101,6 +101,11 @@ def test_multi_lora_follows_the_bank_written_between_calls(backend):
     x = torch.randn(G, L, K)
     W = torch.randn(N, K) / K**0.5
     A, clean_A, B = _bank(S, R, K, N, torch.float32, RANKS)
+    if backend == "stacked":  # its own layout: A's slots right after W's rows, written in place below
+        W, clean_A, _, _ = _stacked_bank(S, R, K, N, torch.float32, RANKS)
+        clean_A[1, RANKS[1]:] = 0
+        clean_A[3, RANKS[3]:] = 0
+        W.copy_(torch.randn(N, K) / K**0.5)
     scalings, ranks = torch.rand(S) + 0.5, torch.tensor(RANKS, dtype=torch.int32)
     seq = torch.tensor([1, 3, -1, 0])
 
