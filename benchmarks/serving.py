@@ -66,6 +66,7 @@ def _bank(n_adapters, ranks_mode, K, N, dtype, device, gen):
 def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs=False):
     import fusedpeft
     from fusedpeft.ops import multi_lora_linear
+    from fusedpeft.ops.multi_lora import stack_bank
 
     label, seqs, tokens = rows
     K = N = hidden
@@ -83,8 +84,8 @@ def cases(rows, n_adapters, ranks_mode, hidden, dtype, device, with_peft, graphs
         A, *bank = _bank(n_adapters, ranks_mode, K, N, dtype, device, gen)
         # The A slots right after W's rows in one buffer, as a served model's layers hold them
         # (fusedpeft.serving.layers: the ``stacked`` backend's GEMM takes the shrink there).
-        held = torch.cat([W, A.reshape(-1, K)])
-        return x, held[:N], seq_slot, (held[N:].view(A.shape), *bank)
+        W, A = stack_bank(W, A)
+        return x, W, seq_slot, (A, *bank)
 
     def base():
         x, W, _, _ = inputs()

@@ -7,6 +7,7 @@ import torch
 import fusedpeft
 from fusedpeft.ops import (dora_linear, dora_linear_reference, multi_ia3_linear, multi_ia3_linear_reference,
                            multi_lora_linear, multi_lora_linear_reference)
+from fusedpeft.ops.multi_lora import stack_bank
 
 from helpers import GPU_TOL, backend_mask, leaf, lora_upstream_grad, pin_dropout_seed, rel_err
 
@@ -72,15 +73,6 @@ def _bank(S, R, K, N, dtype, ranks, device="cuda"):
     return A.to(dtype), B.to(dtype)
 
 
-def _stacked(W, A):
-    """W and A moved into one buffer, A's rows right after W's, as the serving layers hold them (the
-    ``stacked`` backend's layout)."""
-    N, K = W.shape
-    buf = torch.empty(N + A.shape[0] * A.shape[1], K, dtype=W.dtype, device=W.device)
-    buf[:N], buf[N:] = W, A.reshape(-1, K)
-    return buf[:N], buf[N:].view(A.shape)
-
-
 @pytest.mark.parametrize("backend", ["torch", *MULTI_LORA_BACKENDS, None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (7, 1000, 1496), (64, 4096, 4096), (256, 2048, 512),
@@ -98,7 +90,7 @@ def test_multi_lora_matches_float64(backend, dtype, M, K, N, n_slots):
     bias = torch.randn(N, device="cuda").to(dtype)
     idx = torch.randint(-1, n_slots, (M,), device="cuda")
     if backend in ("stacked", None):  # the serving layers' layout (the others' measured with it when auto)
-        W, A = _stacked(W, A)
+        W, A = stack_bank(W, A)
     with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
         y = multi_lora_linear(x, W, bias, A, B, scalings, rank_t, idx)
     # float64 on the GPU: a 4096-cubed reference on the host's CPUs, beside 15 other workers, ran past the
@@ -124,7 +116,7 @@ def test_multi_lora_per_sequence_matches_float64(backend, G, L, K, N, n_slots):
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
     seq = torch.randint(-1, n_slots, (G,), device="cuda")
     if backend in ("stacked", None):
-        W, A = _stacked(W, A)
+        W, A = stack_bank(W, A)
     with torch.no_grad(), fusedpeft.use_backend(backend or "auto"):
         y = multi_lora_linear(x, W, None, A, B, scalings, rank_t, seq)
     ref = multi_lora_linear_reference(x.double().reshape(G * L, K), W.double(), None, A.double(), B.double(),
@@ -155,7 +147,7 @@ def test_multi_lora_decode_step_captures_in_a_cuda_graph():
     scalings = torch.ones(S, device="cuda")
     ranks = torch.full((S,), R, dtype=torch.int32, device="cuda")
     W = (torch.randn(N, K, device="cuda") / K**0.5).to(torch.bfloat16)
-    W, A = _stacked(W, A)  # the serving layers' layout: ``stacked`` runs its own GEMM, the others read views
+    W, A = stack_bank(W, A)  # the serving layers' layout: ``stacked`` runs its own GEMM, the others read views
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     idx = torch.randint(-1, S, (M,), device="cuda")
     with torch.no_grad():

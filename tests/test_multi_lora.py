@@ -7,6 +7,7 @@ import torch
 
 import fusedpeft
 from fusedpeft.ops import multi_ia3_linear, multi_ia3_linear_reference, multi_lora_linear, multi_lora_linear_reference
+from fusedpeft.ops.multi_lora import stack_bank, stacked_weight
 
 from helpers import TOL, rel_err
 
@@ -248,10 +249,8 @@ def _stacked_bank(S, R, K, N, dtype, ranks):
     """W (N, K) and A (S, R, K) as views of one (N + S R, K) buffer, A's rows right after W's (as the
     serving layers allocate them), with _bank's garbage past the ranks; B, and A without the garbage."""
     A, clean_A, B = _bank(S, R, K, N, dtype, ranks)
-    buf = torch.empty(N + S * R, K, dtype=dtype)
-    buf[:N] = (torch.randn(N, K) / max(K, 1)**0.5).to(dtype)
-    buf[N:] = A.reshape(S * R, K)
-    return buf[:N], buf[N:].view(S, R, K), clean_A, B
+    W, A = stack_bank((torch.randn(N, K) / max(K, 1)**0.5).to(dtype), A)
+    return W, A, clean_A, B
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -262,8 +261,6 @@ def test_stacked_bank_takes_its_shrink_from_the_base_gemm(dtype, lead, K, N, bia
     [W; A] and its expand (no shrink kernel), and matches the float64 reference, garbage past the
     ranks never read, rows without an adapter, 3-D input, M = 0 and 1, K = 0."""
     from fusedpeft._kernels import triton_kernels
-    from fusedpeft.ops.multi_lora import stacked_weight
-
     launched = []
     real = triton_kernels.fast_launch.cached_launch
     monkeypatch.setattr(triton_kernels.fast_launch, "cached_launch",

@@ -16,6 +16,7 @@ import torch
 import fusedpeft
 from benchmarks import harness
 from fusedpeft.ops import multi_lora_linear
+from fusedpeft.ops.multi_lora import stack_bank, stacked_weight
 
 
 def _us(fn, warmup_ms, rep_ms):
@@ -41,8 +42,8 @@ def main(argv=None):
     x = torch.randn(M, K, device=dev, dtype=dt)
     # W and the A slots in one buffer, A's rows after W's, as the serving layers hold them (the
     # ``stacked`` backend's GEMM over both; the other backends read them as two tensors)
-    held = torch.cat([torch.randn(N, K, device=dev) / K**0.5, torch.randn(S * R, K, device=dev) / K**0.5]).to(dt)
-    W, A = held[:N], held[N:].view(S, R, K)
+    W, A = stack_bank((torch.randn(N, K, device=dev) / K**0.5).to(dt), (torch.randn(S, R, K, device=dev) / K**0.5).to(dt))
+    held = stacked_weight(W, A)
     B = (torch.randn(S, N, R, device=dev) / R**0.5).to(dt)
     scalings = torch.rand(S, device=dev) + 0.5
     ranks = torch.full((S,), R, dtype=torch.int32, device=dev)

@@ -115,6 +115,18 @@ def stacked_weight(weight, lora_A):
     return None
 
 
+def stack_bank(weight, lora_A):
+    """(weight, lora_A) copied into one new (N + S R, K) buffer, A's rows right after W's, returned
+    as views of it: the layout ``stacked_weight`` recognises (the serving layers hold their banks so).
+    Raises what the allocation raises (out of memory)."""
+    N, K = weight.shape
+    rows = lora_A.shape[0] * lora_A.shape[1]
+    buf = torch.empty(N + rows, K, dtype=weight.dtype, device=weight.device)
+    buf[:N].copy_(weight)
+    buf[N:].copy_(lora_A.reshape(rows, K))
+    return buf[:N], buf[N:].view(lora_A.shape)
+
+
 # ----------------------------------------------------------------------------- checks
 def _check_index(op, adapter_index, x, slots, device):
     M = x.shape[:-1].numel()

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from ..modules.base import is_conv1d, linear_shape
-from ..ops.multi_lora import multi_ia3_linear, multi_lora_linear, run_multi_ia3, run_multi_lora, stacked_weight
+from ..ops.multi_lora import (multi_ia3_linear, multi_lora_linear, run_multi_ia3, run_multi_lora, stack_bank,
+                              stacked_weight)
 
 
 class BatchIndex:
@@ -196,16 +197,10 @@ class MultiLoraLinear(_ServingLayer):
         if (self.fan_in_fan_out or type(w.data) is not torch.Tensor or w.dim() != 2 or not w.is_contiguous()
                 or not w.dtype.is_floating_point or stacked_weight(w, self.lora_A) is not None):
             return False
-        N, K = w.shape
-        S, R = self.slots, self.max_rank
         try:
-            buf = torch.empty(N + S * R, K, dtype=w.dtype, device=w.device)
+            w.data, self._buffers["lora_A"] = stack_bank(w.data, self.lora_A)
         except (torch.OutOfMemoryError, RuntimeError):  # a CPU allocator's failure is a RuntimeError
             return False
-        buf[:N].copy_(w.data)
-        buf[N:].copy_(self.lora_A.reshape(S * R, K))
-        w.data = buf[:N]
-        self._buffers["lora_A"] = buf[N:].view(S, R, K)
         return True
 
     def unstack_weight(self) -> None:
