@@ -340,6 +340,34 @@ def test_bad_input_raises_clear_error(call, match):
         call()
 
 
+def test_a_layer_checked_once_is_checked_again_where_a_call_changes():
+    """The entry checks a call signature once and then runs its plan (ops/_autograd.py ``call``):
+    a later call of the same layer that changes any tensor's shape, dtype or device, or a
+    parameter, is a new signature and is checked again."""
+    x, W, b = torch.randn(3, 6, requires_grad=True), torch.randn(4, 6), torch.randn(4)
+    A, B = torch.randn(2, 6, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    scale, shift = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    for _ in range(2):  # planned: the second call runs the first one's plan
+        lora_linear(x, W, b, A, B, 1.0).sum().backward()
+        ia3_linear(x, W, b, scale, False).sum().backward()
+        ssf_linear(x, W, b, scale, shift).sum().backward()
+    bad = [
+        (lambda: lora_linear(x, W, b, torch.randn(2, 5), B, 1.0), "lora_A must have shape"),
+        (lambda: lora_linear(x, W, b, A, torch.ones(4, 2, dtype=torch.int64), 1.0), "lora_B must be a floating-point"),
+        (lambda: lora_linear(x, W, b, A, B.to("meta"), 1.0), "lora_B is on meta but weight is on cpu"),
+        (lambda: lora_linear(x.detach().bfloat16(), W, b, A, B, 1.0), "x is torch.bfloat16 but the base weight"),
+        (lambda: lora_linear(x, W, b, A, B, 1.0, dropout_p=1.5), "dropout_p must be in"),
+        (lambda: lora_linear(x, W, torch.randn(5), A, B, 1.0), "bias must have shape"),
+        (lambda: ia3_linear(x, W, b, scale.detach().to("meta"), False), "ia3_scale is on meta but weight is on cpu"),
+        (lambda: ia3_linear(x, W, b, scale.detach().long(), False), "ia3_scale must be a floating-point"),
+        (lambda: ssf_linear(x, W, b, scale, shift.detach().long()), "ssf_shift must be a floating-point"),
+        (lambda: ssf_linear(x[:, :5], W, b, scale, shift), "last dimension 5"),
+    ]
+    for call, match in bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+
+
 def test_forced_backend_that_cannot_run_raises():
     x, W = torch.randn(2, 4), torch.randn(3, 4)
     with fusedpeft.use_backend("nonexistent"), pytest.raises(RuntimeError, match="has only"):

@@ -262,6 +262,18 @@ def record_index(op: str, index: int):
     _record(op, _BY_INDEX[(op, index)])
 
 
+def recorder(op: str, index: int):
+    """record_index(op, index) as a callable of no arguments, its look-ups done once."""
+    name = _BY_INDEX[(op, index)].name
+    key = (op, name)
+
+    def record():
+        _LAST[op] = name
+        _COUNTS[key] = _COUNTS.get(key, 0) + 1
+
+    return record
+
+
 def index_of(op: str, impl) -> int:
     """The registration index of the loaded implementation ``impl`` of ``op``."""
     for (name_op, index), backend in _BY_INDEX.items():

@@ -26,9 +26,13 @@ From these the factory builds (``AutogradOp``):
   which case the backward selects again, finds the choice the forward made for that key, and so
   runs the same backend. The gradients wanted are unknown inside a custom op, so its shape keys
   are selected as for training: every tensor but the frozen weight.
-- ``apply(backend_op, x, weight, bias, *adapters, *params)``: the entry point. Under
-  torch.compile it calls the custom ops; without autograd (grad mode off, or nothing requires
-  grad: serving, evaluation) the forward alone, with no node and nothing saved; else the Function.
+- ``apply(backend_op, x, weight, bias, *adapters, *params)``: the entry on 2-D x, inputs checked.
+  Under torch.compile it calls the custom ops; without autograd (grad mode off, or nothing
+  requires grad: serving, evaluation) the forward alone, with no node and nothing saved; else the
+  Function.
+- ``call(backend_op, ...)``: the op's public entry, x of any leading shape, under autocast too. The
+  first call of a signature (devices, dtypes, shapes, gradient flags, parameters, settings) runs
+  the op's checks and makes the choice ``apply`` would make; every later call runs that plan.
 
 An op built with ``composable=True`` chooses its backend before the Function (and hands it the
 index): where the chosen implementation has ``autograd_forward(x, weight, bias, *adapters,
@@ -61,6 +65,8 @@ _BASE_SCHEMA = "Tensor x, Tensor weight, Tensor? bias"
 # Where a composable op runs a backend's autograd_forward. Not on CPU: there the torch backend is
 # the reference the Function's own tests examine (tests widen this to reach the path on CPU).
 COMPOSED_DEVICES = {"cuda"}
+# Whether autocast is on for any device (one cheap call; torch.is_autocast_enabled asks per device).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,7 @@ class AutogradOp:
     forward_op: Any
     backward_op: Any
     apply: Callable[..., torch.Tensor]
+    call: Callable[..., torch.Tensor]
     # composable ops: entry_step(backend_op, args, needs) -> through(impl) -> step (the tuner's
     # measure of a candidate as the entry runs it); None otherwise
     entry_step: Optional[Callable] = None
@@ -102,6 +109,7 @@ def autograd_op(
     saved_shape: Callable[..., tuple],
     composable: bool = False,
     kept_dtype: tuple[str, ...] = (),
+    check: Optional[Callable] = None,
 ) -> AutogradOp:
     """Build the eager autograd Function and the custom-op pair of one op.
 
@@ -123,6 +131,9 @@ def autograd_op(
         has one that ``composes`` the call (see the module docstring); ``select`` then also takes
         ``through``, a zero-argument callable returning entry_step's through(impl) -> step (None:
         no candidate here), for its shape key's bench.
+    check(x, weight, bias, *adapters, *params): raises on bad input, naming the problem; ``call``
+        runs it on the first call of each signature (see ``call``), so it must read nothing of a
+        call but what the signature holds.
     """
     n = 3 + len(_fields(adapters))  # the tensor inputs, each with a gradient slot
     param_types = [field.rsplit(None, 1)[0] for field in _fields(params)]
@@ -218,6 +229,7 @@ def autograd_op(
     function_apply = Function.apply
 
     def apply(backend_op: str, *args):
+        """The entry on 2-D x with the inputs checked, choosing per call (see the module docstring)."""
         if torch.compiler.is_compiling():
             args = cast_adapters(args)
             return forward_op(*args, backends.forced_index(backend_op, args[0], args[1]))[0]
@@ -260,30 +272,92 @@ def autograd_op(
 
         return through
 
-    # The entry's choice per call signature (entry_key): the backend's index and implementation and
-    # whether it composes the call (~5 us a call saved on the CPU machine).
-    memo = tuning.ChoiceMemo()
-
-    def entry_key(backend_op, args, needs):
-        """Everything select and composes read of a call: the settings in force (interned, so their
-        id), devices, dtypes, shapes and strides, which inputs want gradients, the parameters."""
-        x, weight = args[0], args[1]
-        return (backend_op, id(settings.values()), x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape,
-                weight.stride(), needs, *[None if t is None else (t.dtype, t.shape) for t in args[2:n]],
-                *[args[n + i] is None if i in tensor_params else args[n + i] for i in range(len(param_types))])
+    def choose(backend_op, args, needs):
+        """(index, impl, whether impl composes the call) for a training call, measured where the
+        shape key is new."""
+        index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
+        return index, impl, composes(impl, args)
 
     def composed_or_function(backend_op, args, needs):
-        key = entry_key(backend_op, args, needs)
-        hit = memo.get(key)
-        if hit is None:
-            index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
-            hit = (index, impl, composes(impl, args))
-            memo.put(key, hit)
-        index, impl, composed = hit
+        index, impl, composed = choose(backend_op, args, needs)
         if composed:
             backends.record_index(backend_op, index)  # (the Function's forward counts its own calls)
             return impl.autograd_forward(*args)
         return function_apply(*args, index)
 
+    # ------------------------------------------------------------------ the op's public entry
+    # A plan per call signature: the checks passed and the backend chosen, so that a repeated call
+    # (every call of a layer after its first) builds one key and runs its backend. At the small,
+    # host-bound layers the checks, the shape key and the tuner's look-up cost more host time than
+    # the composition they choose (CPU machine, 16 x 64 -> 48: 12 us over a 20 us forward).
+    plans = tuning.ChoiceMemo()
+
+    def in_rows(run):
+        """run(x, ...) on 2-D x -> the same on x of any leading shape (rows flattened, then restored)."""
+        def plan(args):
+            x = args[0]
+            if x.dim() == 2:
+                return run(*args)
+            y = run(_common.flatten_rows(x), *args[1:])
+            return y.reshape(*x.shape[:-1], y.shape[1])
+        return plan
+
+    def make_plan(backend_op, args):
+        """The plan of a checked call: plan(args) -> y."""
+        flat = (_common.flatten_rows(args[0]), *args[1:])
+        if torch.is_grad_enabled():
+            needs = tuple([t is not None and t.requires_grad for t in args[:n]])
+            if True in needs:
+                if not (composable and args[0].device.type in COMPOSED_DEVICES):
+                    return in_rows(lambda *args: function_apply(*args, -1))
+                index, impl, composed = choose(backend_op, flat, needs)
+                if not composed:
+                    return in_rows(lambda *args: function_apply(*args, index))
+                record, compose = backends.recorder(backend_op, index), impl.autograd_forward
+
+                def plan(args):  # in_rows's, inlined: the composed call is the host-bound one
+                    record()  # (the Function's forward counts its own calls)
+                    x = args[0]
+                    if x.dim() == 2:
+                        return compose(*args)
+                    y = compose(_common.flatten_rows(x), *args[1:])
+                    return y.reshape(*x.shape[:-1], y.shape[1])
+                return plan
+        index, _ = select(*cast_adapters(flat), needs=(False,) * n, record=False)
+        return in_rows(lambda *args: forward(*cast_adapters(args), index=index)[0])
+
+    def call(backend_op: str, *args):
+        """The op's public entry: x of any leading shape; ``check(*args)`` (raising on bad input)
+        runs on the first call of each signature, and the plan it leaves runs every later one."""
+        x = args[0]
+        compiling = torch.compiler.is_compiling()
+        if compiling or (_any_autocast() and torch.is_autocast_enabled(x.device.type)):
+            if check is not None:
+                check(*args)
+            if compiling:
+                return _common.apply_linear(lambda *a: apply(backend_op, *a), *args)
+            # Under autocast: x, weight and bias in autocast's dtype, then the planned call with
+            # autocast off (the adapters are cast by the Function or the composition, as always).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            with torch.autocast(x.device.type, enabled=False):
+                return call(backend_op, *map(_common.cast, args[:3], (dtype,) * 3), *args[3:])
+        # The signature: everything the checks and the choice read (inlined: it is most of a hit's
+        # cost): the settings in force (interned, so their id), grad mode, each tensor input's
+        # device, dtype, shape and gradient flag (x's and weight's strides too), the parameters
+        # (tensor parameters by presence).
+        weight = args[1]
+        key = (backend_op, id(settings.values()), torch.is_grad_enabled(),
+               x.device, x.dtype, x.shape, x.stride(), x.requires_grad,
+               weight.device, weight.dtype, weight.shape, weight.stride(), weight.requires_grad,
+               *[None if t is None else (t.device, t.dtype, t.shape, t.requires_grad) for t in args[2:n]],
+               *[args[n + i] is None if i in tensor_params else args[n + i] for i in range(len(param_types))])
+        plan = plans.get(key)
+        if plan is None:
+            if check is not None:
+                check(*args)
+            plan = make_plan(backend_op, args)
+            plans.put(key, plan)
+        return plan(args)
+
     return AutogradOp(name=name, function=Function, forward_op=forward_op, backward_op=backward_op, apply=apply,
-                      entry_step=entry_step if composable else None)
+                      call=call, entry_step=entry_step if composable else None)

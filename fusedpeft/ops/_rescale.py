@@ -169,21 +169,29 @@ def _saved_shape(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
     return (x.shape[0], weight.shape[0]) if save_unscaled and not input_scale else (0,)
 
 
+def _check(x, weight, bias, scale, shift, input_scale, save_unscaled, op):
+    """The op's checks (``_autograd.autograd_op``): the linear inputs, the scale (K,) for input
+    scaling or (N,), the shift (N,), named as the method names them (ia3_scale, ssf_shift)."""
+    _common.check_linear_inputs(op, x, weight, bias)
+    method = op.split("_")[0]
+    N, K = weight.shape
+    _common.check_adapter_tensor(op, f"{method}_scale", scale, (K if input_scale else N,), weight)
+    if shift is not None:
+        _common.check_adapter_tensor(op, f"{method}_shift", shift, (N,), weight)
+
+
 # The eager autograd Function and the custom ops for torch.compile (ops/_autograd.py). They save x,
 # the frozen weight, bias, scale, shift (in x's dtype), and z in "save" mode.
 _OP = _autograd.autograd_op(
     "rescaled_linear", adapters="Tensor scale, Tensor? shift", params="bool input_scale, bool save_unscaled, str op",
-    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True)
+    forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True,
+    check=_check)
 _rescaled_fwd = _OP.forward_op
 
 
 def rescaled_linear(op: str, x, weight, bias, scale, shift, input_scale: bool) -> torch.Tensor:
-    """The checked entry point of ia3_linear / ssf_linear: ``scale`` already (K,) or (N,)."""
+    """The entry point of ia3_linear / ssf_linear, ``scale`` already 1-D; the op checks the call."""
     # The scale and shift keep their dtype here: the autograd Function casts them.
     # z is needed only when grad_scale will be asked for.
     save = not input_scale and scale.requires_grad and torch.is_grad_enabled() and output_grad_mode() == "save"
-    return _common.apply_linear(_apply, x, weight, bias, op, scale, shift, bool(input_scale), save)
-
-
-def _apply(x, weight, bias, op, scale, shift, input_scale, save):
-    return _OP.apply(op, x, weight, bias, scale, shift, input_scale, save, op)
+    return _OP.call(op, x, weight, bias, scale, shift, bool(input_scale), save, op)

@@ -38,16 +38,13 @@ def ia3_linear(
     """IA3 over any leading shape of x. ``ia3_scale`` has in_features entries when ``feedforward``
     (input scaling) and out_features otherwise (output scaling, bias included); peft's (N, 1) and
     (1, K) parameter shapes are accepted as they are."""
-    _common.check_linear_inputs(OP, x, weight, bias)
+    if weight.dim() != 2:
+        _common.check_linear_inputs(OP, x, weight, bias)  # names the problem
     size = weight.shape[1] if feedforward else weight.shape[0]
     shape = ia3_scale.shape
-    # The valid call's checks as one expression (a small layer's step is bound by host time): size
-    # entries as (size,), (1, size) or (size, 1), a float dtype, the weight's device.
-    if not (ia3_scale.numel() == size and (len(shape) == 1 or (len(shape) == 2 and 1 in shape))
-            and ia3_scale.dtype in _common.FLOAT_DTYPES and ia3_scale.device == weight.device):
-        if ia3_scale.numel() != size or ia3_scale.dim() > 2 or max(shape, default=1) != size:
-            kind = "in_features (feedforward: input scaling)" if feedforward else "out_features (output scaling)"
-            raise ValueError(f"{OP}: ia3_scale must have {size} entries, one per {kind}; got shape {tuple(shape)}")
-        _common.check_adapter_tensor(OP, "ia3_scale", ia3_scale.reshape(size), (size,), weight)
+    # size entries as (size,), (1, size) or (size, 1); its dtype and device are the op's checks.
+    if not (ia3_scale.numel() == size and len(shape) <= 2 and max(shape, default=1) == size):
+        kind = "in_features (feedforward: input scaling)" if feedforward else "out_features (output scaling)"
+        raise ValueError(f"{OP}: ia3_scale must have {size} entries, one per {kind}; got shape {tuple(shape)}")
     scale = ia3_scale if len(shape) == 1 else ia3_scale.reshape(size)
     return _rescale.rescaled_linear(OP, x, weight, bias, scale, None, bool(feedforward))

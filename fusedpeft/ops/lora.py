@@ -23,7 +23,6 @@ training step of each, as the entry runs it, on its own inputs; the fastest runs
 """
 from __future__ import annotations
 
-import functools
 import math
 import types
 from typing import Optional
@@ -180,9 +179,11 @@ def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, u, index: int, scali
 _OP = _autograd.autograd_op(
     "lora_linear", adapters="Tensor lora_A, Tensor lora_B", params="float scaling, float dropout_p, Tensor? seed",
     forward=_forward_impl, backward=_backward_impl, select=_select,
-    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), composable=True)
+    saved_shape=lambda x, weight, bias, lora_A, *_: (x.shape[0], lora_A.shape[0]), composable=True,
+    check=lambda x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: _common.check_lora_inputs(
+        OP, x, weight, bias, lora_A, lora_B, dropout_p))
 _lora_fwd = _OP.forward_op
-_apply = functools.partial(_OP.apply, OP)
+_call = _OP.call
 
 
 def _new_seed(device) -> torch.Tensor:
@@ -208,8 +209,9 @@ def lora_linear(
     input only, and only when ``training``. Adapter tensors in another float dtype (float32
     master weights beside a bf16 base) are cast to the compute dtype.
     """
-    _common.check_lora_inputs(OP, x, weight, bias, lora_A, lora_B, dropout_p)
+    if not 0.0 <= dropout_p < 1.0:  # (the op's checks see the p in force: 0 outside training)
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
     # The adapter weights keep their dtype here: the autograd Function casts them.
     p = float(dropout_p) if training else 0.0
     seed = _new_seed(x.device) if p > 0.0 else None
-    return _common.apply_linear(_apply, x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    return _call(OP, x, weight, bias, lora_A, lora_B, float(scaling), p, seed)

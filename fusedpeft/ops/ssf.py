@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _common, _rescale
+from . import _rescale
 
 OP = "ssf_linear"
 _rescale.register_reference(OP)
@@ -34,10 +34,7 @@ def ssf_linear(
     ssf_shift: torch.Tensor,
 ) -> torch.Tensor:
     """SSF over any leading shape of x: ``(x W^T + b) * ssf_scale + ssf_shift``, both (out_features,)."""
-    _common.check_linear_inputs(OP, x, weight, bias)
-    n = weight.shape[0]
     for name, t in (("ssf_scale", ssf_scale), ("ssf_shift", ssf_shift)):
-        if t is None:
+        if t is None:  # (their shapes, dtypes and devices are the op's checks)
             raise ValueError(f"{OP}: {name} is required")
-        _common.check_adapter_tensor(OP, name, t, (n,), weight)
     return _rescale.rescaled_linear(OP, x, weight, bias, ssf_scale, ssf_shift, False)
