@@ -292,9 +292,12 @@ def autograd_op(
     # the composition they choose (CPU machine, 16 x 64 -> 48: 12 us over a 20 us forward).
     plans = tuning.ChoiceMemo()
 
-    def in_rows(run):
-        """run(x, ...) on 2-D x -> the same on x of any leading shape (rows flattened, then restored)."""
+    def in_rows(run, record=None):
+        """run(x, ...) on 2-D x -> the same on x of any leading shape (rows flattened, then restored),
+        after ``record()`` where given."""
         def plan(args):
+            if record is not None:
+                record()
             x = args[0]
             if x.dim() == 2:
                 return run(*args)
@@ -313,16 +316,8 @@ def autograd_op(
                 index, impl, composed = choose(backend_op, flat, needs)
                 if not composed:
                     return in_rows(lambda *args: function_apply(*args, index))
-                record, compose = backends.recorder(backend_op, index), impl.autograd_forward
-
-                def plan(args):  # in_rows's, inlined: the composed call is the host-bound one
-                    record()  # (the Function's forward counts its own calls)
-                    x = args[0]
-                    if x.dim() == 2:
-                        return compose(*args)
-                    y = compose(_common.flatten_rows(x), *args[1:])
-                    return y.reshape(*x.shape[:-1], y.shape[1])
-                return plan
+                # (the Function's forward counts its own calls; the composition is counted here)
+                return in_rows(impl.autograd_forward, backends.recorder(backend_op, index))
         index, _ = select(*cast_adapters(flat), needs=(False,) * n, record=False)
         return in_rows(lambda *args: forward(*cast_adapters(args), index=index)[0])
 
