@@ -5,6 +5,10 @@ the composable ops run their compositions here, and the tuner's pick is set to t
 same arithmetic as plain torch ops, on the same tensors.
 
     python -m tools.host_dispatch [--rows 16 --in 64 --out 48 --r 8] [--lora cublas_autograd] [--ia3 torch]
+                                  [--layers]
+
+``--layers`` adds peft's own LoRA and IA3 layers (peft installed) against the same layers after
+``fusedpeft.from_peft``, on x of shape (2, rows / 2, in): the call as a model makes it.
 
 Meant for comparing two versions of the host code (RESULTS.md quotes it); each process changes the
 registry and the tuner for itself, so run it on its own."""
@@ -65,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--lora", default="cublas_autograd", help="the LoRA backend the tuner is made to pick")
     parser.add_argument("--ia3", default="torch", help="the IA3 backend the tuner is made to pick")
     parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--layers", action="store_true", help="also peft's layers against the same after from_peft")
     args = parser.parse_args(argv)
 
     from fusedpeft import last_backend
@@ -94,6 +99,38 @@ def main(argv=None):
         print(f"{label:28s} fusedpeft forward {fwd:6.1f}  fwd + bwd {step:6.1f}   "
               f"plain torch forward {plain_fwd:6.1f}  fwd + bwd {plain_step:6.1f}")
     print(f"backends that ran: lora_linear {last_backend('lora_linear')}, ia3_linear {last_backend('ia3_linear')}")
+    if args.layers:
+        layer_rows(M, K, N, r, pick, args.calls)
+
+
+def layer_rows(M: int, K: int, N: int, r: int, pick, calls: int):
+    """peft's LoRA and IA3 layers against the same layers after fusedpeft.from_peft, trained
+    weights random (B and the IA3 vector never their initial zeros / ones), x (2, M / 2, K)."""
+    import copy
+
+    import peft
+
+    import fusedpeft
+
+    x = torch.randn(2, max(M // 2, 1), K, requires_grad=True)
+    g = torch.randn(*x.shape[:-1], N)
+    configs = {"LoRA": peft.LoraConfig(r=r, target_modules=["0"]),
+               "IA3": peft.IA3Config(target_modules=["0"], feedforward_modules=[])}
+    print(f"layers, x {tuple(x.shape)}: us a call, best of 7 rounds of {calls}")
+    for label, config in configs.items():
+        peft_model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(K, N)), config)
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p)
+        ours = fusedpeft.from_peft(copy.deepcopy(peft_model))
+        peft_layer, our_layer = peft_model.base_model.model[0], ours.base_model.model[0]
+        our_layer(x)
+        pick()
+        err = (our_layer(x) - peft_layer(x)).abs().max().item()
+        timings = [best_us(f, calls) for layer in (our_layer, peft_layer)
+                   for f in (lambda: layer(x), lambda: layer(x).backward(g))]
+        print(f"{label:5s} {type(our_layer).__name__:15s} forward {timings[0]:6.1f}  fwd + bwd {timings[1]:6.1f}   "
+              f"peft forward {timings[2]:6.1f}  fwd + bwd {timings[3]:6.1f}   (max difference {err:.1e})")
 
 
 if __name__ == "__main__":
