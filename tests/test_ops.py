@@ -576,6 +576,53 @@ def test_lora_composed_path_matches_reference(dtype, adapter_dtype, lead, K, N, 
     assert A.grad.dtype == adapter_dtype and B.grad.dtype == adapter_dtype
 
 
+def test_a_repeated_call_runs_its_plan_without_choosing_again(composed_on_cpu, monkeypatch):
+    """The first call of a signature checks and chooses; every later call of it (a layer's next
+    step) runs the plan: no backend selection, no shape-key look-up, for LoRA, IA3 and DoRA on the
+    composed path and for a forward without gradients. A new signature chooses again."""
+    from fusedpeft import backends
+    from fusedpeft.ops import dora_linear
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    W, b = torch.randn(12, 16), torch.randn(12)
+    A, B = leaf(torch.randn(4, 16)), leaf(torch.randn(12, 4))
+    scale, m = leaf(torch.randn(12)), leaf(torch.rand(12) + 0.5)
+    norm = torch.rand(12) + 0.5
+    def composed(backend, op):  # each op's composed backend, its own settings block
+        def call():
+            with fusedpeft.use_backend(backend):
+                return op()
+        return call
+
+    calls = [composed("cublas_autograd", lambda: lora_linear(x, W, b, A, B, 2.0)),
+             composed("torch", lambda: ia3_linear(x, W, b, scale, False)),
+             composed("cublas_autograd", lambda: dora_linear(x, W, b, A, B, 2.0, m, weight_norm=norm))]
+    selected = []
+    select_index = backends.select_index
+
+    def counted(op, *tensors, index=-1, **kwargs):  # a choice made (index >= 0: one made before, recorded)
+        if index < 0:
+            selected.append(op)
+        return select_index(op, *tensors, index=index, **kwargs)
+
+    monkeypatch.setattr(backends, "select_index", counted)
+    with fusedpeft.settings.override(output_scale_grad="save"):
+        for call in calls:
+            call().sum().backward()
+            with torch.no_grad():
+                call()
+        first = len(selected)
+        assert first >= 6  # each op chose for training and for the forward alone
+        for _ in range(3):
+            for call in calls:
+                call().sum().backward()
+                with torch.no_grad():
+                    call()
+        assert len(selected) == first, f"repeated calls chose again: {selected[first:]}"
+        composed("cublas_autograd", lambda: lora_linear(x[:, :3], W, b, A, B, 2.0))().sum().backward()
+        assert len(selected) > first  # a new shape: a new signature, chosen
+
+
 def test_lora_composed_backend_declines_dropout_and_is_no_candidate_there(monkeypatch):
     """With dropout the composition (which would keep the mask) declines: a forced cublas_autograd
     runs the Function with cublas_after's kernels. Its tuner bench is None there, and for the

@@ -229,17 +229,12 @@ def autograd_op(
     function_apply = Function.apply
 
     def apply(backend_op: str, *args):
-        """The entry on 2-D x with the inputs checked, choosing per call (see the module docstring)."""
+        """The entry on 2-D x with the inputs checked, choosing on this call (no plan kept): under
+        torch.compile the custom ops, else what ``call`` would plan for it."""
         if torch.compiler.is_compiling():
             args = cast_adapters(args)
             return forward_op(*args, backends.forced_index(backend_op, args[0], args[1]))[0]
-        if torch.is_grad_enabled():
-            needs = tuple([t is not None and t.requires_grad for t in args[:n]])
-            if True in needs:
-                if composable and args[0].device.type in COMPOSED_DEVICES:
-                    return composed_or_function(backend_op, args, needs)
-                return function_apply(*args, -1)
-        return forward(*cast_adapters(args))[0]
+        return make_plan(backend_op, args)(args)
 
     def run_entry(impl, index, args):
         """(y, whether the Function ran) of one call through this entry with the backend ``impl``
@@ -249,7 +244,7 @@ def autograd_op(
         return function_apply(*args, index), True
 
     def entry_step(backend_op, args, needs):
-        """through(impl) -> step: one training step of a candidate as composed_or_function runs it,
+        """through(impl) -> step: one training step of a candidate as the planned call runs it,
         on fresh leaves of the call's tensors (the gradients returned, never accumulated), with a
         random upstream gradient; the Function's own count of the call left out. Built only when a
         shape key is measured."""
@@ -277,13 +272,6 @@ def autograd_op(
         shape key is new."""
         index, impl = select(*args, needs=needs, record=False, through=lambda: entry_step(backend_op, args, needs))
         return index, impl, composes(impl, args)
-
-    def composed_or_function(backend_op, args, needs):
-        index, impl, composed = choose(backend_op, args, needs)
-        if composed:
-            backends.record_index(backend_op, index)  # (the Function's forward counts its own calls)
-            return impl.autograd_forward(*args)
-        return function_apply(*args, index)
 
     # ------------------------------------------------------------------ the op's public entry
     # A plan per call signature: the checks passed and the backend chosen, so that a repeated call

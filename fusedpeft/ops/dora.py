@@ -300,8 +300,6 @@ def dora_linear(
     p = float(dropout_p) if training else 0.0
     seed = lora_op._new_seed(x.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
     save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
-    return _common.apply_linear(_apply, x, weight, bias, lora_A, lora_B, magnitude, float(scaling),
-                                weight_norm.detach(), p, seed, bool(save_z))
-
-
-_apply = functools.partial(_OP.apply, OP)
+    # (checked above: the norm needs valid inputs before the op's plan is looked up)
+    return _OP.call(OP, x, weight, bias, lora_A, lora_B, magnitude, float(scaling), weight_norm.detach(), p, seed,
+                    bool(save_z))
