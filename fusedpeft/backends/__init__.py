@@ -44,6 +44,7 @@ neither Triton nor the extension) comes after it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -263,15 +264,8 @@ def record_index(op: str, index: int):
 
 
 def recorder(op: str, index: int):
-    """record_index(op, index) as a callable of no arguments, its look-ups done once."""
-    name = _BY_INDEX[(op, index)].name
-    key = (op, name)
-
-    def record():
-        _LAST[op] = name
-        _COUNTS[key] = _COUNTS.get(key, 0) + 1
-
-    return record
+    """record_index(op, index) as a callable of no arguments, its look-up done once."""
+    return functools.partial(_count, op, _BY_INDEX[(op, index)].name)
 
 
 def index_of(op: str, impl) -> int:
@@ -296,10 +290,13 @@ def uncounted():
         _LAST.update(last)
 
 
+def _count(op: str, name: str) -> None:
+    _LAST[op] = name
+    _COUNTS[(op, name)] = _COUNTS.get((op, name), 0) + 1
+
+
 def _record(op: str, backend: Backend):
-    _LAST[op] = backend.name
-    key = (op, backend.name)
-    _COUNTS[key] = _COUNTS.get(key, 0) + 1
+    _count(op, backend.name)
     return backend.name, backend.impl()
 
 

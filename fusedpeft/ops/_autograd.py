@@ -317,13 +317,11 @@ def autograd_op(
         if compiling or (_any_autocast() and torch.is_autocast_enabled(x.device.type)):
             if check is not None:
                 check(*args)
-            if compiling:
-                return _common.apply_linear(lambda *a: apply(backend_op, *a), *args)
-            # Under autocast: x, weight and bias in autocast's dtype, then the planned call with
-            # autocast off (the adapters are cast by the Function or the composition, as always).
-            dtype = torch.get_autocast_dtype(x.device.type)
-            with torch.autocast(x.device.type, enabled=False):
-                return call(backend_op, *map(_common.cast, args[:3], (dtype,) * 3), *args[3:])
+            # Compiling: the custom ops. Under autocast: x, weight and bias in autocast's dtype, then
+            # the planned call with autocast off (the adapters cast by the Function or the
+            # composition, as always).
+            entry = apply if compiling else call
+            return _common.apply_linear(lambda *a: entry(backend_op, *a), *args)
         # The signature: everything the checks and the choice read (inlined: it is most of a hit's
         # cost): the settings in force (interned, so their id), grad mode, each tensor input's
         # device, dtype, shape and gradient flag (x's and weight's strides too), the parameters
