@@ -165,6 +165,10 @@ class _nothing:
         return False
 
 
+def _target_modules(text: str):
+    return text if text == "all-linear" else [name.strip() for name in text.split(",") if name.strip()]
+
+
 def model_level_setup(args, device, dtype, root):
     """The model-level case: a random Llama-3.2-1B-shaped model (tiny on CPU) served with
     ``args.model_adapters`` random r = 16 adapters written under ``root``, the same base with the
@@ -187,10 +191,10 @@ def model_level_setup(args, device, dtype, root):
     paths = []
     for i in range(n):
         path = f"{root}/a{i}"
-        write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules="all-linear")
+        write_random_lora(base, path, seed=i, r=16, lora_alpha=32, target_modules=args.target_modules)
         paths.append(path)
     compiled = getattr(args, "static_cache", False)
-    served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules="all-linear",
+    served = MultiAdapterModel(copy.deepcopy(base).to(device=device, dtype=dtype), target_modules=args.target_modules,
                                max_adapters=n, max_rank=16, max_batch_size=args.sequences, cuda_graphs=compiled)
     for i, path in enumerate(paths):
         served.load_adapter(f"a{i}", path)
@@ -204,6 +208,23 @@ def model_level_setup(args, device, dtype, root):
     if compiled:  # transformers compiles the decode steps of both models (CUDA graphs) with a static cache
         gen["cache_implementation"] = "static"
     return served, merged, prompt.to(device), names, gen
+
+
+def _decode_bytes_bound(model, target_modules, r, adapters, dtype) -> float:
+    """Weight bytes of a decode step over weight plus adapter bytes: every linear weight is read once per
+    step (the embedding only by row), and each distinct adapter's A (r x in) and B (out x r) of every
+    target layer once more. peft's "all-linear" leaves the output layer out."""
+    size = torch.empty((), dtype=dtype).element_size()
+    weights = adapter = 0
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weights += module.weight.numel() * size
+        leaf = name.rsplit(".", 1)[-1]
+        if (module is not output_layer) if target_modules == "all-linear" else leaf in target_modules:
+            adapter += adapters * r * (module.in_features + module.out_features) * size
+    return weights / (weights + adapter)
 
 
 def model_level(args, device, dtype, log=print) -> list[dict]:
@@ -226,11 +247,15 @@ def model_level(args, device, dtype, log=print) -> list[dict]:
         rows = [{"variant": variant, "seconds": s, "tokens_per_s": args.sequences * args.new_tokens / s}
                 for variant, s in seconds.items()]
     ref = rows[1]["tokens_per_s"]
+    bound = _decode_bytes_bound(merged, args.target_modules, r=16, adapters=min(n, args.sequences), dtype=dtype)
     cache = ", static cache (compiled decode)" if args.static_cache else ""
     lines = [f"{harness.environment(device)}, {args.dtype}; {args.sequences} sequences, {n} adapters, prompt "
              f"{args.prompt_len}, {args.new_tokens} new tokens{cache}", "",
              "| variant | tokens/s | / merged single adapter |", "|---|---:|---:|"]
     lines += [f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref:.3f} |" for r in rows]
+    lines += ["", f"Target modules {args.target_modules}: a decode step of the mixed batch reads the distinct "
+                  f"adapters' A and B beside the weights; if bandwidth-bound it runs at most {bound:.3f}x the "
+                  "merged model's speed."]
     log("\n".join(lines))
     return rows
 
@@ -254,6 +279,9 @@ def main(argv=None, log=print):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--target-modules", type=_target_modules, default="all-linear",
+                        help="--model-level: the adapters' target modules, 'all-linear' or comma-separated names "
+                             "(peft's default for Llama: q_proj,v_proj)")
     parser.add_argument("--graphs", action="store_true",
                         help="time every variant's forward captured in a CUDA graph (replays: GPU time only, as a "
                              "server that captures its decode steps sees it; peft's layer left out: it cannot be "

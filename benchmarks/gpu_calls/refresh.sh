@@ -24,8 +24,10 @@
 #   launch     tools.launch_path: the Triton launch path, and Triton's hooks after torch.profiler
 #   tests      the GPU tests of the cuBLAS LoRA paths, product_in, the serving ops and captures, DoRA
 #   split      tools.layer_split at the host-bound shapes (every layer-table variant)
-#   serving    the serving layer table and generate throughput (issue 14)
-#   dora       DoRA's layer rows (save, recompute, dropout) and model rows, Llama-3-8B shape, r = 16
+#   serving    the serving layer table, peft's mixed batch included, and its plot (issue 14)
+#   generate   generate throughput, mixed batch against the merged adapter, for each of $TARGETS
+#              (default: all-linear, then peft's default q_proj,v_proj)
+#   dora       DoRA's layer rows (save, recompute, dropout) and model rows, Llama-3-8B shape, r = $RANKS (16)
 #   model512   benchmarks.model at 1 x 512, LoRA, LoRA with dropout, IA3, every family
 #   model2048  benchmarks.model at 4 x 2048, LoRA and LoRA with dropout, every family
 #   layers     the LoRA layer table at 8192 tokens, r = 16, every family ($FAMILIES: fewer)
@@ -94,9 +96,13 @@ for stage in ${STAGES:-launch tests split serving}; do
       TEST_K="product_in or float32_adapters or reductions_write or (sweep and cublas) or per_sequence_matches_float64 or decode_step_captures or cuda_graph_decode_step or dora" \
       bash benchmarks/gpu_run.sh > /dev/null 2>&1 ;;
     split) timeout 120 python3 -m tools.layer_split 8192x2048x512 8192x896x128 --r 16 --p 0,0.05 --top 0 > $OUT/split.log 2>&1 ;;
-    serving) timeout 170 python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1
-      timeout 110 python3 -m benchmarks.serving --model-level --repeats 2 >> $OUT/serving.log 2>&1 ;;
-    dora) RANKS=16 MODELS=llama3-8b CURVES=0 LAYER_S=70 MODEL_S=160 bash benchmarks/gpu_calls/dora.sh > /dev/null 2>&1 ;;
+    serving) timeout ${SERVING_S:-170} python3 -m benchmarks.serving --warmup-ms 5 --rep-ms 30 --out $OUT/serving.md --plot $OUT/serving.png > $OUT/serving.log 2>&1 ;;
+    generate) for targets in ${TARGETS:-all-linear q_proj,v_proj}; do
+        timeout ${GENERATE_S:-120} python3 -m benchmarks.serving --model-level --repeats ${REPEATS:-3} --target-modules $targets \
+          >> $OUT/generate.log 2>&1; pack
+      done ;;
+    dora) RANKS=${RANKS:-16} MODELS=${MODELS:-llama3-8b} CURVES=${CURVES:-0} LAYER_S=${LAYER_S:-70} MODEL_S=${DORA_MODEL_S:-160} \
+        bash benchmarks/gpu_calls/dora.sh > /dev/null 2>&1 ;;
     model512) timeout ${MODEL_S:-240} python3 -m benchmarks.model --models $FAMILIES --batches 1x512 --adapters lora,lora-dropout,ia3 \
       --timed-steps 8 --warmup-steps 2 --rounds 3 --curve-steps 0 --out $OUT/model512.md --json $OUT/model512.json > $OUT/model512.log 2>&1 ;;
     model2048) timeout ${MODEL_S:-300} python3 -m benchmarks.model --models $FAMILIES --batches 4x2048 --adapters lora,lora-dropout \
@@ -121,5 +127,5 @@ grep -E "Error|error|passed|failed|^tests|\.py:[0-9]+" $OUT/fault.log 2>/dev/nul
 for f in $OUT/scenario_*.log; do [ -f "$f" ] && echo "## $f" && grep -E "^\[|error|Error" "$f" | cut -c1-200; done
 grep -v -i "warn" $OUT/wgrad.log 2>/dev/null | grep -v "^ *$"
 grep -v -i "warn\|^ *$" $OUT/split.log 2>/dev/null | head -40
-tail -n 6 $OUT/serving.log 2>/dev/null
+tail -n 6 $OUT/serving.log 2>/dev/null; grep -v -i warn $OUT/generate.log 2>/dev/null
 for f in model512 model2048 layers; do tail -n 25 $OUT/$f.log 2>/dev/null; done
