@@ -27,7 +27,7 @@ _FIELDS = {
     "backend": ("FUSEDPEFT_BACKEND", "choice", None),
     "autotune": ("FUSEDPEFT_AUTOTUNE", "bool", None),
     "cache_dir": ("FUSEDPEFT_CACHE_DIR", "path", None),
-    "output_scale_grad": ("FUSEDPEFT_OUTPUT_SCALE_GRAD", "choice", ("save", "recompute")),
+    "output_scale_grad": ("FUSEDPEFT_OUTPUT_SCALE_GRAD", "choice", ("output", "save", "recompute")),
     "lora_schedule": ("FUSEDPEFT_LORA_SCHEDULE", "choice", ("auto", "fused", "split")),
     "fast_launch": ("FUSEDPEFT_FAST_LAUNCH", "bool", None),
     "tensor_descriptors": ("FUSEDPEFT_TENSOR_DESCRIPTORS", "bool", None),
@@ -49,7 +49,9 @@ class Values:
     backend: str = "auto"  # "auto", or a backend name forced for every op ("torch", "triton", ...)
     autotune: bool = True  # False: measure nothing; every op and kernel takes its first candidate
     cache_dir: Optional[str] = None  # tuning file folder; None: $XDG_CACHE_HOME/fusedpeft; "": no file
-    output_scale_grad: str = "save"  # output scaling's grad_scale: z saved, or recomputed
+    # output scaling's gradient needs the unscaled output z: recovered from the layer's own output where
+    # that determines it (DoRA without dropout or bias; "save" elsewhere), saved, or recomputed
+    output_scale_grad: str = "output"
     lora_schedule: str = "auto"  # the Triton LoRA path: one launch ("fused") or rank-r product first
     fast_launch: bool = True  # replay compiled kernels from launch plans instead of Triton's entry
     tensor_descriptors: bool = True  # TMA descriptors where the operands allow; False: pointer loads

@@ -129,9 +129,9 @@ def test_opcheck_dora():
     A, B = torch.randn(4, 32, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     m = (torch.rand(24) + 0.5).requires_grad_()
     norm = dora_ops.dora_weight_norm(W, A, B, 0.5)
-    for save_z in (True, False):
+    for z_source in (dora_ops.Z_SAVED, dora_ops.Z_RECOMPUTED):  # (the custom ops are never given Z_FROM_OUTPUT)
         torch.library.opcheck(dora_ops._OP.forward_op,
-                              (x, W, torch.randn(24), A, B, m, 0.5, norm, 0.0, None, save_z, -1))
+                              (x, W, torch.randn(24), A, B, m, 0.5, norm, 0.0, None, z_source, -1))
 
 
 @pytest.mark.parametrize("lead", [(7,), (3, 5), (0,)])

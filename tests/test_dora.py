@@ -30,12 +30,16 @@ def _dora_rank_weights(W, A, B, scaling, m):
     return B * (m / (W + scaling * B @ A).norm(dim=1))[:, None]
 
 
+# grad_m's z from the output ("output") where the op reads it so (no dropout, no bias), saved or
+# recomputed everywhere
+GRAD_MODES = [(p, bias, mode) for p in (0.0, 0.3) for bias in (True, False) for mode in ("output", "save", "recompute")
+              if mode != "output" or (p == 0.0 and not bias)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("grad_mode", ["save", "recompute"])
+@pytest.mark.parametrize("dropout,bias,grad_mode", GRAD_MODES)
 def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout, grad_mode, monkeypatch, use_settings):
     use_settings(output_scale_grad=grad_mode)
     r = 4
@@ -62,6 +66,83 @@ def test_dora_linear_matches_reference(backend, dtype, lead, K, N, bias, dropout
         if t is not None:
             assert t.grad is not None, f"{what}: no gradient for {name}"
             assert_close(t.grad, ref.grad, dtype, f"{what} grad_{name}")
+
+
+def _dora_call(backend, M=11, K=24, N=40, bias=False):
+    """A random bf16 DoRA call on ``backend``: (x, W, b, A, B, m, y) with the leaves requiring grad."""
+    x = leaf(torch.randn(M, K), torch.bfloat16)
+    W = leaf(torch.randn(N, K) / K**0.5, torch.bfloat16, requires_grad=False)
+    b = leaf(torch.randn(N), torch.bfloat16) if bias else None
+    A, B = leaf(torch.randn(4, K) / K**0.5), leaf(torch.randn(N, 4) / 2)
+    m = leaf(torch.rand(N) + 0.5)
+    with fusedpeft.use_backend(backend):
+        y = dora_linear(x, W, b, A, B, 1.3, m)
+    return x, W, b, A, B, m, y
+
+
+def _reference_grads(x, W, b, A, B, m, g, edit=None):
+    refs = [None if t is None else leaf(t, torch.float64, requires_grad=t.requires_grad) for t in (x, W, b, A, B, m)]
+    y_ref = dora_linear_reference(*refs[:5], 1.3, refs[5])
+    (y_ref if edit is None else edit(y_ref)).backward(g.double())
+    return refs
+
+
+@pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
+@pytest.mark.parametrize("grad_mode", ["output", "save"])
+def test_dora_output_mode_keeps_no_activation_of_the_output_size(backend, grad_mode, use_settings):
+    """"output" (the default): the backward reads z from y itself, so nothing of y's size is saved
+    beside it, where "save" saves z; the gradients match float64 either way."""
+    use_settings(output_scale_grad=grad_mode)
+    saved_shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t):
+        x, W, b, A, B, m, y = _dora_call(backend)
+    assert ((11, 40) in saved_shapes) == (grad_mode == "save"), saved_shapes
+    g = lora_upstream_grad(y, _dora_rank_weights(W, A, B, 1.3, m), max_cond=4.0)
+    y.backward(g)
+    refs = _reference_grads(x, W, b, A, B, m, g)
+    for name, t, ref in zip(["x", "A", "B", "m"], (x, A, B, m), (refs[0], refs[3], refs[4], refs[5])):
+        assert_close(t.grad, ref.grad, torch.bfloat16, f"dora[{backend}] {grad_mode} grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
+def test_dora_output_edited_in_place_still_gives_the_gradients(backend, use_settings):
+    """A caller that edits the output in place before the backward (y *= 2 here) changes what the
+    kept y holds: the backward sees its version move and forms z again, where autograd would raise
+    for a saved tensor. A second backward over a retained graph takes the same way."""
+    use_settings(output_scale_grad="output")
+    x, W, b, A, B, m, y = _dora_call(backend)
+    y.mul_(2.0)
+    g = lora_upstream_grad(y, _dora_rank_weights(W, A, B, 1.3, m), max_cond=4.0)
+    y.backward(g, retain_graph=True)
+    refs = _reference_grads(x, W, b, A, B, m, g, edit=lambda y_ref: y_ref * 2.0)
+    first = [t.grad.clone() for t in (x, A, B, m)]
+    for name, t, ref in zip(["x", "A", "B", "m"], first, (refs[0], refs[3], refs[4], refs[5])):
+        assert_close(t, ref.grad, torch.bfloat16, f"dora[{backend}] edited output grad_{name}")
+    y.backward(g)  # the kept output was released by the first backward
+    for name, t, before in zip(["x", "A", "B", "m"], (x, A, B, m), first):
+        assert_close(t.grad, 2 * before.double(), torch.bfloat16, f"dora[{backend}] second backward grad_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS["dora_linear"])
+def test_dora_backends_read_grad_m_from_an_output_with_bias(backend):
+    """The backends' Z_FROM_OUTPUT with a bias: grad_m = (sum_rows(g y) - b sum_rows(g)) / m. (The
+    op gives it no bias in bf16, where y - b cancels; in float32 it is exact to rounding.)"""
+    from fusedpeft import backends
+
+    impl = backends._REGISTRY["dora_linear"][backend].impl()
+    x, W, b = leaf(torch.randn(13, 24)), leaf(torch.randn(40, 24) / 5, requires_grad=False), leaf(torch.randn(40))
+    A, B, m = leaf(torch.randn(4, 24) / 5), leaf(torch.randn(40, 4) / 2), leaf(torch.rand(40) + 0.5)
+    norm = dora_mod.dora_weight_norm(W, A, B, 1.3)
+    x, W, b, A, B, m = (t.detach() for t in (x, W, b, A, B, m))  # the backend on plain tensors, as the op calls it
+    y, saved = impl.forward(x, W, b, A, B, m, 1.3, norm, 0.0, None, dora_mod.Z_FROM_OUTPUT)
+    assert saved is y
+    g = torch.randn_like(y)
+    grads = impl.backward(g, x, W, b, A, B, m, saved, 1.3, norm, 0.0, None, dora_mod.Z_FROM_OUTPUT,
+                          (True, False, True, True, True, True))
+    refs = _reference_grads(*(t.requires_grad_(t is not W) for t in (x, W, b, A, B, m)), g)
+    for name, got, ref in zip(["x", "b", "A", "B", "m"], [grads[i] for i in (0, 2, 3, 4, 5)],
+                              [refs[i] for i in (0, 2, 3, 4, 5)]):
+        assert_close(got, ref.grad, torch.float32, f"dora[{backend}] output with bias grad_{name}")
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -200,8 +281,8 @@ def test_dora_magnitude_sums_without_z(dtype, M, K, N, r, want_sum, fits, monkey
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("save_z", [True, False])
-def test_dora_recompute_keeps_the_composition_as_a_last_resort(dropout, save_z, monkeypatch):
+@pytest.mark.parametrize("z_source", [dora_mod.Z_RECOMPUTED, dora_mod.Z_SAVED, dora_mod.Z_FROM_OUTPUT])
+def test_dora_recompute_keeps_the_composition_as_a_last_resort(dropout, z_source, monkeypatch):
     """Where "recompute" asks for z to stay out of memory and the Triton kernel can keep it out (p = 0),
     the compositions, whose backward forms z whole, answer tuning.LAST_RESORT unmeasured; with dropout
     (every backend forms z then) or in save mode they are timed like the others."""
@@ -212,8 +293,8 @@ def test_dora_recompute_keeps_the_composition_as_a_last_resort(dropout, save_z, 
     A, B, m = torch.randn(4, 16), torch.randn(12, 4), torch.rand(12) + 0.5
     norm = dora_mod.dora_weight_norm(W, A, B, 1.3)
     needs = (True, False, False, True, True, True)
-    _, bench = dora_mod._tune(x, W, None, A, B, m, 1.3, norm, dropout, torch.tensor([3]), save_z, needs)
-    last = not save_z and dropout == 0.0
+    _, bench = dora_mod._tune(x, W, None, A, B, m, 1.3, norm, dropout, torch.tensor([3]), z_source, needs)
+    last = z_source == dora_mod.Z_RECOMPUTED and dropout == 0.0
     assert bench(backends._REGISTRY["dora_linear"]["torch"].impl()) == (tuning.LAST_RESORT if last else 0.5)
 
 

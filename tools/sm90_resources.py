@@ -272,6 +272,7 @@ def record_dora_launches(M, K, N, r, dtype=torch.bfloat16, save_z=True):
     epilogue, the LoRA backward on the scaled operands, and the magnitude's gradient (column_dot
     over the saved z, or dora_magnitude_grad_kernel recomputing z in recompute mode)."""
     from fusedpeft._kernels import triton_kernels
+    from fusedpeft.ops import dora as dora_op
 
     dora = triton_kernels.dora
 
@@ -279,8 +280,9 @@ def record_dora_launches(M, K, N, r, dtype=torch.bfloat16, save_z=True):
         x, W, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
         A, B = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype)
         m, norm = torch.rand(N) + 0.5, torch.rand(N) + 0.5
-        _, saved = dora.forward(x, W, b, A, B, m, 2.0, norm, 0.0, None, save_z)
-        dora.backward(torch.randn(M, N, dtype=dtype), x, W, b, A, B, m, saved, 2.0, norm, 0.0, None, save_z,
+        z_source = dora_op.Z_SAVED if save_z else dora_op.Z_RECOMPUTED
+        _, saved = dora.forward(x, W, b, A, B, m, 2.0, norm, 0.0, None, z_source)
+        dora.backward(torch.randn(M, N, dtype=dtype), x, W, b, A, B, m, saved, 2.0, norm, 0.0, None, z_source,
                       (True, False, True, True, True, True))
 
     return record_launches(step)

@@ -6,10 +6,11 @@ Without dropout (p = 0), y = c * z + b, z = x W^T + s (x A^T) B^T:
   "save" mode): one launch, the LoRA forward's (after the skinny u_s = s x A^T at large M).
 - backward: the LoRA backward on g_c = c * grad_y: grad_x, grad_A, grad_B. Where K < M the scale
   goes on W and B instead (c * W: 4NK bytes in bf16 and N x K held, against 4MN and M x N for g_c).
-  Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y): in "save" mode one
-  column_dot pass over grad_y and the saved z; in "recompute" mode dora_magnitude_grad_kernel, the
-  GEMM z = x W^T + u_s B^T again with the two column sums reduced in its epilogue, z never stored
-  (one more 2MNK GEMM; the layer holds nothing of size M x N beyond what LoRA holds).
+  Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y): with z from the output
+  (the op's Z_FROM_OUTPUT) one column_dot pass over grad_y and y, (dot - b col_g) / m; with z
+  saved the same pass over z, dot / n; with z recomputed dora_magnitude_grad_kernel, the GEMM
+  z = x W^T + u_s B^T again with the two column sums reduced in its epilogue, z never stored
+  (one more 2MNK GEMM). Only the saved z costs memory (M x N) beyond what LoRA holds.
 
 With dropout (p > 0), peft's y = x W^T + b + (c - 1) * t + c * s u B^T, t = drop(x) W^T, needs a
 GEMM with W on drop(x) besides x W^T, in the forward and in grad_x. drop(x) is formed once per
@@ -22,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedpeft.ops.dora import adapter_delta, output_scale_minus_one
+from fusedpeft.ops.dora import (Z_FROM_OUTPUT, Z_RECOMPUTED, Z_SAVED, adapter_delta, grad_m_from_output,
+                                output_scale_minus_one, saved_for_grad_m)
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch, layout, lora
@@ -170,27 +172,28 @@ def weight_norm(weight, lora_A, lora_B, scaling: float):
     return norm
 
 
-def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+def forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     c = magnitude.float() / norm.float()
     u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)
     if dropout_p == 0.0:
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        z = torch.empty(M, N, dtype=x.dtype, device=x.device) if save_z else None
+        z = torch.empty(M, N, dtype=x.dtype, device=x.device) if z_source == Z_SAVED else None
         fused = lora.schedule(M, r) == "fused"
         if not fused:
             lowrank_product(x, lora_A, u_s, scaling)
         lora._launch_lora(lora._FORWARD, x, weight, y, lora_A, lora_B, u_s, scaling, None, 0.0, bias=bias,
                           in_loop=fused, dropout_arg=False, out_scale=c, z=z)
-        return y, (z if save_z else u_s)
+        return y, saved_for_grad_m(z_source, y, z, u_s)
     lowrank_product(x, lora_A, u_s, scaling / (1.0 - dropout_p), seed, dropout_p)  # s drop(x) A^T
     # y = x W^T + delta, delta = (c - 1) t + c s u B^T with t = drop(x) W^T: the composition's
     # single-rounding delta (fusedpeft.ops.dora.adapter_delta)
     t = torch.mm(lora.dropped(x, seed, dropout_p), weight.T)
     z, delta = adapter_delta(t, torch.mm(u_s, lora_B.T), output_scale_minus_one(magnitude, norm, x.dtype))
     y = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
-    return y.add_(delta), (z if save_z else u_s)
+    y.add_(delta)
+    return y, saved_for_grad_m(z_source, y, z, u_s)
 
 
 def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
@@ -221,7 +224,7 @@ def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_
     return grad_x, None, None, grad_A, grad_B
 
 
-def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed, save_z, needs,
+def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm, dropout_p, seed, z_source, needs,
              grad_dtypes=(None, None, None)):
     """grad_dtypes: the dtypes grad_A, grad_B and grad_m are kept in (float32 masters): the
     reductions write them in those directly."""
@@ -233,14 +236,17 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
     M, r = x.shape[0], lora_A.shape[0]
     keep = 1.0 / (1.0 - dropout_p)
-    if save_z:
-        z = saved
+    # saved: z, u_s or y (z_source); None where the Function found its kept output edited in place
+    output = saved if z_source == Z_FROM_OUTPUT else None
+    z = saved if z_source == Z_SAVED else None
+    if z_source == Z_RECOMPUTED:
+        u_s = saved
+    else:
         u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)
         lowrank_product(x, lora_A, u_s, scaling * keep, seed, dropout_p)
-    else:
-        u_s = saved
-        # without dropout the magnitude's sums come from the GEMM's epilogue (z never formed)
-        z = _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed) if need_m and dropout_p > 0.0 else None
+    if need_m and z is None and output is None and dropout_p > 0.0:
+        # (without dropout the magnitude's sums come from the GEMM's epilogue, z never formed)
+        z = _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed)
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
         grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_1_f32,
@@ -257,7 +263,10 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
             grad_B = torch.empty_like(lora_B, dtype=dtype_B)
             weight_grad(g_c, u_s, grad_B, scale=1.0, transpose_out=False)
     if need_m or need_b:
-        if need_m and z is None:
+        if need_m and output is not None:
+            dot, col_g = _column_dot(grad_y, output, need_b or bias is not None)
+            grad_m = grad_m_from_output(None, None, bias, magnitude, col_g, dot=dot).to(dtype_m)
+        elif need_m and z is None:
             dot, col_g = magnitude_grad_sums(x, weight, lora_B, u_s, grad_y, need_b)
             grad_m = (dot / norm.float()).to(dtype_m)
         elif need_m:

@@ -35,8 +35,9 @@ from . import _autograd, _common
 
 def output_grad_mode() -> str:
     """'save' or 'recompute' (see the module docstring): ``settings.output_scale_grad``
-    (FUSEDPEFT_OUTPUT_SCALE_GRAD)."""
-    return settings.values().output_scale_grad  # values(): dynamo traces it (see backends._forced)
+    (FUSEDPEFT_OUTPUT_SCALE_GRAD), whose "output" (DoRA's z read back from its output) is "save" here."""
+    mode = settings.values().output_scale_grad  # values(): dynamo traces it (see backends._forced)
+    return "save" if mode == "output" else mode
 
 
 # ----------------------------------------------------------------------------- torch backend

@@ -21,9 +21,25 @@ Backward, with c = m / n and z = drop(x) W^T + s (drop(x) A^T) B^T (at p = 0: x 
     grad_A = s ((c grad_y) B)^T drop(x),   grad_B = s (c grad_y)^T (drop(x) A^T)
     grad_m = sum_rows(grad_y * z) / n,     grad_b = sum_rows(grad_y)
 
-grad_m needs z (M x N): saved in the forward, or recomputed in the backward (one more 2MNK GEMM),
-as ``settings.output_scale_grad`` says ("save" / "recompute"), the rule IA3's output scaling
-follows for the same reduction. Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r), m (N,).
+grad_m needs z (M x N), found by the backward in one of three ways (``z_source``, from
+``settings.output_scale_grad``; IA3's output scaling follows the same setting for the same reduction):
+
+- Z_FROM_OUTPUT ("output", the default, at p = 0): from the layer's output y = c z + b itself,
+  sum_rows(grad_y * z) / n = (sum_rows(grad_y * y) - b sum_rows(grad_y)) / m. The layer keeps
+  nothing of size M x N beyond y, which its caller holds through the backward wherever the next op
+  saves its input (v's attention, gate's activation, up's product, a loss) and which is freed at
+  the backward otherwise: DoRA then holds what LoRA holds. The Function keeps y as an alias, not
+  through save_for_backward: where the caller edited y in place by the backward (its version
+  moved), z is recomputed (as Z_RECOMPUTED) instead of autograd raising. A column with m = 0 has
+  c = 0 and keeps no z in y: its grad_m comes out non-finite (peft's own forward is NaN wherever
+  a zero magnitude meets a zero norm, as at a zero row of W). With dropout y is not c z + b, and
+  with a bias y - b loses z's low bits to cancellation where |b| >> |c z| in bf16: the op saves z
+  there instead.
+- Z_SAVED ("save"): z (M x N) written by the forward and saved.
+- Z_RECOMPUTED ("recompute"): z formed again in the backward (one more 2MNK GEMM), from the saved
+  s drop(x) A^T (M x r).
+
+Shapes: x (*, K), W (N, K), b (N,), A (r, K), B (N, r), m (N,).
 """
 from __future__ import annotations
 
@@ -40,6 +56,8 @@ from . import lora as lora_op
 from .lora import _keep_mask, _masked, _torch_dropout_mask
 
 OP = "dora_linear"
+# Where the backward finds z for grad_m (the module docstring): the op's ``z_source`` parameter.
+Z_RECOMPUTED, Z_SAVED, Z_FROM_OUTPUT = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------- the norm
@@ -126,18 +144,36 @@ def adapter_delta(t, lora, c_minus_1):
     return z, torch.addcmul(lora, z, c_minus_1)
 
 
-def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed,
+                         z_source):
     t, u_s = _parts(keep_mask, x, weight, lora_A, lora_B, scaling, dropout_p, seed)
     z, delta = adapter_delta(t, torch.mm(u_s, lora_B.T), output_scale_minus_one(magnitude, norm, x.dtype))
     # p = 0: y = x W^T + delta (t is x W^T). p > 0: y = x W^T + (c - 1) t + c s u B^T, the same delta on drop(x)'s t.
     y = (t if dropout_p == 0.0 else torch.mm(x, weight.T)).add_(delta)
     if bias is not None:
         y.add_(bias)
-    return y, (z if save_z else u_s)
+    return y, saved_for_grad_m(z_source, y, z, u_s)
+
+
+def saved_for_grad_m(z_source, y, z, u_s):
+    """What the forward keeps for grad_m (the module docstring): y itself, z or u_s = s drop(x) A^T."""
+    return y if z_source == Z_FROM_OUTPUT else z if z_source == Z_SAVED else u_s
+
+
+def grad_m_from_output(grad_y, y, bias, magnitude, col_g=None, dot=None):
+    """sum_rows(grad_y * z) / n in float32 (float64 for float64) from the output y = c z + b, c = m / n:
+    (sum_rows(grad_y * y) - b sum_rows(grad_y)) / m. dot: sum_rows(grad_y * y), and col_g:
+    sum_rows(grad_y), where the caller has them (then grad_y and y are not read)."""
+    if dot is None:
+        acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+        dot = (grad_y.to(acc) * y.to(acc)).sum(0)
+    if bias is not None:
+        dot = dot - bias.to(dot.dtype) * (grad_y.sum(0, dtype=dot.dtype) if col_g is None else col_g.to(dot.dtype))
+    return dot / magnitude.to(dot.dtype)
 
 
 def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
-                          dropout_p, seed, save_z, needs, grad_dtypes=(None, None, None)):
+                          dropout_p, seed, z_source, needs, grad_dtypes=(None, None, None)):
     # grad_dtypes: the dtypes the caller casts grad_A, grad_B and grad_m to afterwards; grad_m, a
     # float32 column sum, is rounded to its own once, the products written in theirs by cuBLAS.
     need_x, need_w, need_b, need_A, need_B, need_m = needs
@@ -147,11 +183,13 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
     keep_scale = 1.0 / (1.0 - dropout_p)
     mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
-    if save_z:
-        z, u_s = saved, torch.mm(x_d, lora_A.T).mul_(scaling)
-    else:
-        u_s = saved
-        z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T) if need_m else None
+    # saved: z, u_s or y (z_source); None where the Function found its kept output edited in place
+    output = saved if z_source == Z_FROM_OUTPUT else None
+    u_s = saved if z_source == Z_RECOMPUTED else torch.mm(x_d, lora_A.T).mul_(scaling)
+    if z_source == Z_SAVED:
+        z = saved
+    else:  # formed again where neither z nor the output is at hand
+        z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T) if need_m and output is None else None
     g_B = torch.mm(g_c, lora_B).mul_(scaling)  # s (c grad_y) B, (M, r): the scaling on M x r values, not M x K
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if need_x:  # each M x K product accumulated in place: one M x K buffer, not three
@@ -168,7 +206,9 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
         grad_A = _common.product_in(grad_dtypes[0], g_B.T, x_d)
     if need_B:
         grad_B = _common.product_in(grad_dtypes[1], g_c.T, u_s)
-    if need_m:
+    if need_m and z is None:
+        grad_m = grad_m_from_output(grad_y, output, bias, magnitude).to(grad_dtypes[2] or dtype)
+    elif need_m:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         grad_m = ((grad_y.to(acc) * z.to(acc)).sum(0) / norm.to(acc)).to(grad_dtypes[2] or dtype)
     return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m
@@ -185,7 +225,7 @@ def composition(keep_mask, dropout_mask) -> types.SimpleNamespace:
 torch_backend = composition(_keep_mask, _torch_dropout_mask)
 
 
-def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
+def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source):
     """The composition at p = 0 as differentiable torch ops, for autograd to differentiate (the
     op's composable entry; ``cublas_autograd`` on CUDA): the adapters cast to x's dtype as autograd
     nodes (float32 masters get float32 gradients). c goes into B (N x r, c s B in float32, then
@@ -200,10 +240,10 @@ def _autograd_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm,
     return t + delta if bias is None else torch.add(t, delta).add_(bias)
 
 
-def _composes(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z) -> bool:
+def _composes(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source) -> bool:
     """Without dropout (with it, autograd would keep the mask), and where keeping z is what the
     Function would do (or m takes no gradient: then nothing of size M x N is kept)."""
-    return dropout_p == 0.0 and (save_z or not magnitude.requires_grad)
+    return dropout_p == 0.0 and (z_source == Z_SAVED or not magnitude.requires_grad)
 
 
 def composed(impl) -> types.SimpleNamespace:
@@ -218,55 +258,57 @@ backends.register(OP, "torch", load=lambda: torch_backend, supports=lambda x, we
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, through=None):
+def _tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source, needs, through=None):
     M, K = x.shape
     key = (tuning.rows_class(M), K, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, dropout_p > 0,
-           save_z, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
+           z_source, tuple(needs), x.stride(1) == 1, weight.stride(1) == 1, "entry" if through is not None else "bare")
 
     def bench(impl):  # built into a step only when the key is measured, as lora's (through: see there)
-        if not save_z and needs[5] and dropout_p == 0.0 and getattr(impl, "recomputes_z_whole", False):
+        if z_source == Z_RECOMPUTED and needs[5] and dropout_p == 0.0 and getattr(impl, "recomputes_z_whole", False):
             return tuning.LAST_RESORT  # "recompute" keeps z out of memory where the Triton kernel can
         return tuning.composable_bench(impl, through, tuning.step_bench(
             lambda impl: impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed,
-                                      save_z),
+                                      z_source),
             lambda impl, grad, saved: impl.backward(grad, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
-                                                    norm, dropout_p, seed, save_z, needs),
+                                                    norm, dropout_p, seed, z_source, needs),
             (M, weight.shape[0]), x, any(needs)))
 
     return key, bench
 
 
-def _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, index=-1,
+def _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source, needs, index=-1,
             record=True, through=None):
-    tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs, through)
+    tune = (_tune(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source, needs, through)
             if tuning.measures(x) and index < 0 else None)
     return backends.select_index(OP, x, weight, tune=tune, index=index, record=record)
 
 
-def _forward_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z,
+def _forward_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source,
                   needs=(False,) * 6, index=-1):
-    index, impl = _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z, needs,
+    index, impl = _select(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source, needs,
                           index)
-    y, saved = impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z)
+    y, saved = impl.forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source)
     return y, saved, index
 
 
 def _backward_impl(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, index, scaling, norm, dropout_p, seed,
-                   save_z, needs, grad_dtypes=(None, None, None)):
+                   z_source, needs, grad_dtypes=(None, None, None)):
     impl = backends.impl_at(OP, index)
     return impl.backward(grad_y.contiguous(), x, weight, bias, lora_A, lora_B, magnitude, saved, scaling, norm,
-                         dropout_p, seed, save_z, tuple(needs), grad_dtypes)
+                         dropout_p, seed, z_source, tuple(needs), grad_dtypes)
 
 
-def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, save_z):
-    return (x.shape[0], weight.shape[0]) if save_z else (x.shape[0], lora_A.shape[0])
+def _saved_shape(x, weight, bias, lora_A, lora_B, magnitude, scaling, norm, dropout_p, seed, z_source):
+    return (x.shape[0], lora_A.shape[0]) if z_source == Z_RECOMPUTED else (x.shape[0], weight.shape[0])
 
 
 # The eager autograd Function and the custom ops (ops/_autograd.py). They save x, the frozen weight,
-# A, B (in x's dtype), m (in its own) and z (M x N, "save" mode) or s drop(x) A^T (M x r, "recompute" mode).
+# A, B (in x's dtype), m (in its own) and z (M x N, Z_SAVED) or s drop(x) A^T (M x r, Z_RECOMPUTED);
+# with Z_FROM_OUTPUT the Function keeps its output (the custom ops, whose outputs may not alias, are
+# given Z_SAVED instead).
 _OP = _autograd.autograd_op(
     "dora_linear", adapters="Tensor lora_A, Tensor lora_B, Tensor magnitude",
-    params="float scaling, Tensor norm, float dropout_p, Tensor? seed, bool save_z",
+    params="float scaling, Tensor norm, float dropout_p, Tensor? seed, int z_source",
     forward=_forward_impl, backward=_backward_impl, select=_select, saved_shape=_saved_shape, composable=True,
     kept_dtype=("magnitude",))
 
@@ -299,7 +341,18 @@ def dora_linear(
         raise ValueError(f"{OP}: weight_norm must have shape ({n},), got {tuple(weight_norm.shape)}")
     p = float(dropout_p) if training else 0.0
     seed = lora_op._new_seed(x.device) if p > 0.0 else None  # LoRA's seed source: one generator draw
-    save_z = magnitude.requires_grad and torch.is_grad_enabled() and settings.values().output_scale_grad == "save"
     # (checked above: the norm needs valid inputs before the op's plan is looked up)
     return _OP.call(OP, x, weight, bias, lora_A, lora_B, magnitude, float(scaling), weight_norm.detach(), p, seed,
-                    bool(save_z))
+                    z_source(magnitude, bias, p))
+
+
+def z_source(magnitude, bias, dropout_p) -> int:
+    """Where this call's backward finds z for grad_m (the module docstring), from
+    ``settings.output_scale_grad``: the output only without dropout and bias, and never for the
+    custom ops of a compiled graph; nothing where m takes no gradient."""
+    if not (magnitude.requires_grad and torch.is_grad_enabled()):
+        return Z_RECOMPUTED  # no grad_m: the forward keeps only u_s, M x r
+    mode = settings.values().output_scale_grad
+    if mode == "output" and (dropout_p > 0.0 or bias is not None or torch.compiler.is_compiling()):
+        mode = "save"
+    return {"output": Z_FROM_OUTPUT, "save": Z_SAVED, "recompute": Z_RECOMPUTED}[mode]
