@@ -4,8 +4,9 @@ computes the row norms n and owns autograd). With c = m / n (float32, N):
 Without dropout (p = 0), y = c * z + b, z = x W^T + s (x A^T) B^T:
 - forward: lora_forward_kernel with its DoRA epilogue (c applied before the bias, z written in
   "save" mode): one launch, the LoRA forward's (after the skinny u_s = s x A^T at large M).
-- backward: the LoRA backward on g_c = c * grad_y: grad_x, grad_A, grad_B. Where K < M the scale
-  goes on W and B instead (c * W: 4NK bytes in bf16 and N x K held, against 4MN and M x N for g_c).
+- backward: the LoRA backward on g_c = c * grad_y: grad_x, grad_A, grad_B, g_c never formed at
+  large M: grad_x's GEMM scales grad_y's tiles by c as it loads them, and B and grad_B take c on
+  their N rows (N x r each).
   Then grad_m = sum_rows(grad_y * z) / n and grad_b = sum_rows(grad_y): with z from the output
   (the op's Z_FROM_OUTPUT) one column_dot pass over grad_y and y, (dot - b col_g) / m; with z
   saved the same pass over z, dot / n; with z recomputed dora_magnitude_grad_kernel, the GEMM
@@ -202,25 +203,22 @@ def _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed):
     return torch.addmm(torch.mm(lora.dropped(x, seed, dropout_p), weight.T), u_s, lora_B.T)
 
 
-def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_1_f32, scaling, u_s, needs,
-                          grad_dtypes):
-    """The LoRA backward on g_c = c * grad_y (c scales output columns), p = 0. Where K < M the scale
-    goes on the operands instead of grad_y: g_c W = grad_y (c * W), g_c B = grad_y (c * B) and
-    g_c^T u_s = c * (grad_y^T u_s), so the temporary is c * W (N x K) rather than g_c (M x N).
-    c_minus_1: c - 1 (N,) in grad_y's dtype, c_minus_1_f32 the same in float32
-    (output_scale_minus_one); each t * c is formed as t + t (c - 1)."""
+def _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, c_minus_1, scaling, u_s, needs, grad_dtypes):
+    """The LoRA backward on g_c = c * grad_y (c scales output columns), p = 0, with nothing of size
+    M x N or N x K formed where the split schedule runs (large M): grad_x's GEMM scales grad_y's
+    tiles by c (float32, N) as it loads them (lora.backward's grad_x_scale), g_s = s grad_y (c B)
+    and grad_B = c * (grad_y^T u_s). At the fused schedule's few rows g_c itself is formed (M x N,
+    small there) as grad_y + grad_y (c - 1), c_minus_1 (N) in grad_y's dtype."""
     need_x, need_A, need_B = needs
-    M, K = x.shape
-    c_minus_1, c_minus_1_f32 = c_minus_1[:, None], c_minus_1_f32[:, None]
-    if K >= M:
-        return lora.backward(torch.addcmul(grad_y, grad_y, c_minus_1.T), x, weight, lora_A, lora_B, scaling, 0.0,
-                             None, (need_x, False, False, need_A, need_B), (u_s,), grad_dtypes)
-    weight_c = torch.addcmul(weight, weight, c_minus_1) if need_x else weight
-    grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight_c, lora_A, torch.addcmul(lora_B, lora_B, c_minus_1),
-                                                 scaling, 0.0, None, (need_x, False, False, need_A, need_B), (u_s,),
-                                                 grad_dtypes)
-    if grad_B is not None:
-        grad_B = grad_B.addcmul_(grad_B, c_minus_1_f32.to(grad_B.dtype))
+    lora_needs = (need_x, False, False, need_A, need_B)
+    if c is None:
+        return lora.backward(torch.addcmul(grad_y, grad_y, c_minus_1[None, :]), x, weight, lora_A, lora_B, scaling,
+                             0.0, None, lora_needs, (u_s,), grad_dtypes)
+    lora_B_c = torch.mul(lora_B, c[:, None], out=torch.empty_like(lora_B))  # one rounding of B c
+    grad_x, _, _, grad_A, grad_B = lora.backward(grad_y, x, weight, lora_A, lora_B_c, scaling, 0.0, None, lora_needs,
+                                                 (u_s,), grad_dtypes, grad_x_scale=c if need_x else None)
+    if grad_B is not None:  # grad_y^T u_s from unscaled grad_y: c on its rows
+        grad_B.mul_(c[:, None])
     return grad_x, None, None, grad_A, grad_B
 
 
@@ -230,18 +228,22 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
     reductions write them in those directly."""
     need_x, need_w, need_b, need_A, need_B, need_m = needs
     dtype_A, dtype_B, dtype_m = (d or t.dtype for d, t in zip(grad_dtypes, (lora_A, lora_B, magnitude)))
-    c_minus_1_f32 = output_scale_minus_one(magnitude, norm, torch.float32)
-    c_minus_1 = c_minus_1_f32.to(grad_y.dtype)  # each t * c as t + t (c - 1)
-    # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's)
-    g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
     M, r = x.shape[0], lora_A.shape[0]
     keep = 1.0 / (1.0 - dropout_p)
-    # saved: z, u_s or y (z_source); None where the Function found its kept output edited in place
-    output = saved if z_source == Z_FROM_OUTPUT else None
+    # c = m / n (float32) where the LoRA backward's split schedule scales operands by it (grad_x's
+    # GEMM the split schedule; without grad_x it is split); elsewhere each t * c is formed as
+    # t + t (c - 1) in t's dtype (output_scale_minus_one)
+    split = not need_x or lora.schedule(M, r) == "split"
+    c = magnitude.float() / norm.float() if dropout_p == 0.0 and split else None
+    c_minus_1 = None
+    if c is None or need_w:
+        c_minus_1 = output_scale_minus_one(magnitude, norm, torch.float32).to(grad_y.dtype)
+    # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's)
+    g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
+    # saved: z, u_s or (y, u_s) (z_source); y None where the Function found it edited in place
+    output, u_s = saved if z_source == Z_FROM_OUTPUT else (None, saved if z_source == Z_RECOMPUTED else None)
     z = saved if z_source == Z_SAVED else None
-    if z_source == Z_RECOMPUTED:
-        u_s = saved
-    else:
+    if u_s is None:
         u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)
         lowrank_product(x, lora_A, u_s, scaling * keep, seed, dropout_p)
     if need_m and z is None and output is None and dropout_p > 0.0:
@@ -249,8 +251,8 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         z = _recomputed_z(x, weight, lora_B, u_s, dropout_p, seed)
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if dropout_p == 0.0:
-        grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c_minus_1, c_minus_1_f32,
-                                                             scaling, u_s, (need_x, need_A, need_B), (dtype_A, dtype_B))
+        grad_x, _, _, grad_A, grad_B = _lora_backward_scaled(grad_y, x, weight, lora_A, lora_B, c, c_minus_1, scaling,
+                                                             u_s, (need_x, need_A, need_B), (dtype_A, dtype_B))
     else:
         g_B = g_c @ lora_B
         if need_x:  # grad_y W + mask/(1-p) * ((g_c - grad_y) W + s g_B A)

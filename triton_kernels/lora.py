@@ -45,15 +45,17 @@ from .lowrank import lowrank_into, lowrank_product, weight_grad
 @triton.jit
 def _tile_with_lowrank(acc, lr, a_ptr, a_desc, w_ptr, w_desc, p_ptr, lr_ptr, lr_desc, off_m, off_n, pid_m, pid_n,
                        prev_m, M, N, K, R, stride_am, stride_ak, stride_wn, stride_wk, stride_pr, stride_pk,
-                       stride_lm, lr_scale, seed, dropout_p,
+                       stride_lm, lr_scale, seed, dropout_p, scale_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                        W_KMAJOR: tl.constexpr, USE_DESC: tl.constexpr, LR_IN_LOOP: tl.constexpr,
-                       DROPOUT_IN: tl.constexpr, EVEN_R: tl.constexpr, LR_DESC: tl.constexpr):
+                       DROPOUT_IN: tl.constexpr, EVEN_R: tl.constexpr, LR_DESC: tl.constexpr,
+                       SCALE_A: tl.constexpr = False):
     """One output tile's main loop and its scaled rank-r activation (acc, lr, lr_s). LR_IN_LOOP:
     lr = (a * mask) @ p^T is computed beside the main loop when the tile's row block differs from
     the program's previous tile's (lr depends on the row block only: the extra MMA is paid once per
     row block run, not per tile), and lr_scale * lr written to lr_ptr from the tiles of column
-    block 0. Otherwise lr_s is read from lr_ptr, where lowrank_product wrote it scaled."""
+    block 0. Otherwise lr_s is read from lr_ptr, where lowrank_product wrote it scaled, and with
+    SCALE_A the main loop's a tiles are scaled by scale[k] first (core.k_loop's prologue)."""
     rows = off_m + tl.arange(0, BLOCK_M)
     if LR_IN_LOOP:
         if pid_m != prev_m:
@@ -68,7 +70,8 @@ def _tile_with_lowrank(acc, lr, a_ptr, a_desc, w_ptr, w_desc, p_ptr, lr_ptr, lr_
         lr_s = lr * lr_scale
     else:
         acc = k_loop(acc, a_ptr, a_desc, w_ptr, w_desc, off_m, off_n, M, N, K, stride_am, stride_ak, stride_wn,
-                     stride_wk, a_ptr, seed, dropout_p, K, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
+                     stride_wk, scale_ptr, seed, dropout_p, K, BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC,
+                     SCALE_A)
         lr_s = load_tile(lr_ptr, lr_desc, off_m, 0, M, R, stride_lm, 1, BLOCK_M, BLOCK_R, LR_DESC, EVEN_R)
     return acc, lr, lr_s
 
@@ -124,8 +127,9 @@ def lora_forward_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc, u, u_s = _tile_with_lowrank(acc, u, x_ptr, x_desc, w_ptr, w_desc, lora_A_ptr, u_ptr, u_desc, off_m, off_n,
                                          pid_m, pid_n, prev_m, M, N, K, R, stride_xm, stride_xk, stride_wn, stride_wk,
-                                         stride_ar, stride_ak, stride_um, u_scale, seed, dropout_p, BLOCK_M, BLOCK_N,
-                                         BLOCK_K, BLOCK_R, W_KMAJOR, USE_DESC, U_IN_LOOP, DROPOUT, EVEN_R, LR_DESC)
+                                         stride_ar, stride_ak, stride_um, u_scale, seed, dropout_p, x_ptr, BLOCK_M,
+                                         BLOCK_N, BLOCK_K, BLOCK_R, W_KMAJOR, USE_DESC, U_IN_LOOP, DROPOUT, EVEN_R,
+                                         LR_DESC)
         if U_IN_LOOP:
             prev_m = pid_m
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -145,12 +149,12 @@ def lora_forward_kernel(
 
 @triton.jit
 def lora_grad_x_kernel(
-    grad_y_ptr, w_ptr, grad_x_ptr, lora_B_ptr, lora_A_ptr, g_ptr, seed_ptr,
+    grad_y_ptr, w_ptr, grad_x_ptr, lora_B_ptr, lora_A_ptr, g_ptr, seed_ptr, scale_ptr,
     M, N, K, R,
     stride_gym, stride_gyk, stride_wn, stride_wk, stride_gxm, stride_bk, stride_br, stride_an, stride_ar, stride_gm,
     g_scale, dropout_p,
     W_KMAJOR: tl.constexpr, G_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr, EVEN_R: tl.constexpr,
-    USE_DESC: tl.constexpr, LR_DESC: tl.constexpr, A_RMAJOR: tl.constexpr,
+    USE_DESC: tl.constexpr, LR_DESC: tl.constexpr, A_RMAJOR: tl.constexpr, SCALE_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     EPI_SUBTILE: tl.constexpr,
@@ -161,7 +165,10 @@ def lora_grad_x_kernel(
     logical [N, K] = W^T (W stored [out, in]: not W_KMAJOR), B is [K, R] (its strides stride_bk,
     stride_br), A^T is the [N, R] factor of the epilogue (A stored [R, N]: not A_RMAJOR). mask: the
     forward's keep-mask at [m, n] of x (row length N), on the rank-r term only.
-    G_IN_LOOP ('fused'): g_s computed beside the main loop and written to g_ptr; otherwise read."""
+    G_IN_LOOP ('fused'): g_s computed beside the main loop and written to g_ptr; otherwise read.
+    SCALE_G (read g_s only): grad_y's columns scaled by scale[k] in the main loop's prologue, DoRA's
+    (c grad_y) W with c = m / n, where the caller's g_s is already s (c grad_y) B: no M x N or
+    N x K temporary, the scale a register multiply per grad_y tile."""
     seed = load_seed(seed_ptr, DROPOUT)
     num_pid_m, num_pid_n, gy_desc, w_desc = gemm_setup(grad_y_ptr, w_ptr, M, N, K, stride_gym, stride_wn, stride_wk,
                                                        BLOCK_M, BLOCK_N, BLOCK_K, W_KMAJOR, USE_DESC)
@@ -181,9 +188,9 @@ def lora_grad_x_kernel(
         # B^T is the in-loop factor p ([R, K]): B's strides swapped, no copy.
         acc, g, g_s = _tile_with_lowrank(acc, g, grad_y_ptr, gy_desc, w_ptr, w_desc, lora_B_ptr, g_ptr, g_desc, off_m,
                                          off_n, pid_m, pid_n, prev_m, M, N, K, R, stride_gym, stride_gyk, stride_wn,
-                                         stride_wk, stride_br, stride_bk, stride_gm, g_scale, seed, dropout_p, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, BLOCK_R, W_KMAJOR, USE_DESC, G_IN_LOOP, False, EVEN_R,
-                                         LR_DESC)
+                                         stride_wk, stride_br, stride_bk, stride_gm, g_scale, seed, dropout_p, scale_ptr,
+                                         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, W_KMAJOR, USE_DESC, G_IN_LOOP, False,
+                                         EVEN_R, LR_DESC, SCALE_G)
         if G_IN_LOOP:
             prev_m = pid_m
         rows = off_m + tl.arange(0, BLOCK_M)
@@ -227,11 +234,12 @@ def _rmajor(q):
 
 
 def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bias, in_loop, dropout_arg,
-                 out_scale=None, z=None):
+                 out_scale=None, z=None, a_scale=None):
     """One launch of lora_forward_kernel or lora_grad_x_kernel: out = a @ w_mat^T (+ bias) + the
     rank-r term (see each kernel; p: [R, K] for the in-loop product, q: [N, R] for the epilogue,
     lr: [M, R] written or read). The forward's DoRA epilogue: out_scale [N] (float32) scales the
-    result before the bias, and z [M, N] receives it unscaled. When no tile config can hold the
+    result before the bias, and z [M, N] receives it unscaled. grad_x's a_scale [K] (read lr
+    only): a's columns scaled by it in the main loop's prologue. When no tile config can hold the
     rank-r epilogue, the GEMM runs alone and the update follows (_lowrank_apart)."""
     M, K = a.shape
     N, R = q.shape
@@ -240,17 +248,19 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
     forward = gemm is _FORWARD
     tensors = ((a, w, out, a if bias is None else bias, p, q, lr, a if out_scale is None else out_scale,
                 a if z is None else z, seed if dropout else a) if forward
-               else (a, w, out, p.T, q.T, lr, seed if dropout else a))
+               else (a, w, out, p.T, q.T, lr, seed if dropout else a, a if a_scale is None else a_scale))
     scalars = (float(lr_scale), float(dropout_p))
     plan_key = None
     if fast_launch.enabled():
         meta = fast_launch.meta
         plan_key = (a.get_device(), meta(a), meta(w), meta(out), meta(bias), meta(p), meta(q), meta(lr),
-                    meta(out_scale), meta(z), in_loop, dropout, settings.generation)
+                    meta(out_scale), meta(z), meta(a_scale), in_loop, dropout, settings.generation)
         if gemm.replay(plan_key, tensors, scalars) is not NOT_PLANNED:
             return out
     dora_epilogue = out_scale is not None or z is not None
-    if settings.separate_lowrank and not in_loop and not dora_epilogue:
+    if a_scale is not None and in_loop:
+        raise ValueError("_launch_lora: a_scale scales the main loop's a tiles only where lr is read (not in_loop)")
+    if settings.separate_lowrank and not in_loop and not dora_epilogue and a_scale is None:
         return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     q_stored, q_rmajor = _rmajor(q)
     lr_desc = bool(settings.lowrank_tma and not in_loop and q_stored is not None and descriptor_ok(lr, q_stored))
@@ -267,15 +277,18 @@ def _launch_lora(gemm, a, w_mat, out, p, q, lr, lr_scale, seed, dropout_p, *, bi
         flags.update(HAS_BIAS=bias is not None, U_IN_LOOP=in_loop, B_RMAJOR=q_rmajor, OUT_SCALE=out_scale is not None,
                      SAVE_Z=z is not None)
     else:
-        flags.update(G_IN_LOOP=in_loop, A_RMAJOR=q_rmajor)
+        flags.update(G_IN_LOOP=in_loop, A_RMAJOR=q_rmajor, SCALE_G=a_scale is not None)
     try:
         gemm.launch(plan_key, tensors, ints, scalars, flags,
-                    Gemm(M, N, K, a.dtype, a.element_size(), descriptors=use_desc or lr_desc, in_loop=in_loop))
+                    Gemm(M, N, K, a.dtype, a.element_size(), descriptors=use_desc or lr_desc, in_loop=in_loop,
+                         scales_a=a_scale is not None))
     except configs.NoConfigFits:
         if in_loop:
             raise
         if dora_epilogue:
             return _dora_apart(a, w_mat, out, bias, q, lr, out_scale, z)
+        if a_scale is not None:  # the scaled a formed whole (M x K), then the unscaled fallback
+            a = torch.mul(a, a_scale.to(a.dtype))
         return _lowrank_apart(a, w_mat, out, bias, q, lr, seed, dropout_p, dropout_arg)
     return out
 
@@ -312,7 +325,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, (u_s,)
 
 
-def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved, grad_dtypes=(None, None)):
+def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs, saved, grad_dtypes=(None, None),
+             grad_x_scale=None):
+    """grad_x_scale [N] (float32): grad_x from (grad_y * grad_x_scale) W, the scale applied to grad_y's
+    tiles as grad_x's GEMM loads them (DoRA's c = m / n, whose caller passes B scaled alike: g_s =
+    s (c grad_y) B = s grad_y (c B)); it takes the split schedule."""
     need_x, need_w, need_b, need_A, need_B = needs
     (u_s,) = saved  # s * drop(x) A^T
     M, K = x.shape
@@ -321,13 +338,13 @@ def backward(grad_y, x, weight, lora_A, lora_B, scaling, dropout_p, seed, needs,
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_A:
         g_s = torch.empty(M, r, dtype=grad_y.dtype, device=x.device)  # s * grad_y B
-        fused = need_x and schedule(M, r) == "fused"
+        fused = need_x and schedule(M, r) == "fused" and grad_x_scale is None
         if not fused:
             lowrank_product(grad_y, lora_B.T, g_s, s)
         if need_x:  # without it (a frozen input: the first layer over frozen embeddings) g_s alone
             grad_x = torch.empty(M, K, dtype=x.dtype, device=x.device)
             _launch_lora(_GRAD_X, grad_y, weight.T, grad_x, lora_B.T, lora_A.T, g_s, s, seed, dropout_p, bias=None,
-                         in_loop=fused, dropout_arg=True)
+                         in_loop=fused, dropout_arg=True, a_scale=grad_x_scale)
     if need_A:  # grad_A = s g^T drop(x) = g_s^T drop(x)
         # In the caller's dtype for it (float32 masters): the reduction stores in out's dtype.
         grad_A = torch.empty(r, K, dtype=grad_dtypes[0] or lora_A.dtype, device=x.device)

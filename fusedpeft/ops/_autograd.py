@@ -12,11 +12,11 @@ the factory three functions on 2-D x:
 index (fusedpeft.backends): the backward runs the backend at that index, so it always runs the
 forward's backend (and regenerates the same dropout mask), even when a ``use_backend`` block has
 been left by then. ``saved`` is the one activation the forward keeps for the backward, or None;
-``needs`` says which tensor inputs want a gradient (None where the answer is no). A forward that
-returns y itself as ``saved`` keeps its output (DoRA reads z back from it): the Function holds an
-alias of y, not a saved tensor, and hands the backward y, or None where the caller has edited y in
-place since (its version moved), so that the op forms what it needs again rather than autograd
-raising; the alias is dropped by the backward.
+``needs`` says which tensor inputs want a gradient (None where the answer is no). A forward whose
+``saved`` is the pair (y itself, other) keeps its output (DoRA reads z back from it): the Function
+holds an alias of y, not a saved tensor, saves ``other``, and hands the backward (y, other), or
+(None, other) where the caller has edited y in place since (its version moved), so that the op
+forms what it needs again rather than autograd raising; the alias is dropped by the backward.
 
 From these the factory builds (``AutogradOp``):
 
@@ -166,9 +166,9 @@ def autograd_op(
             ctx.adapter_dtypes = [None if a is None else a.dtype for a in args[3:n]]
             args = cast_adapters(args)
             y, saved, ctx.index = forward(*args, needs=ctx.needs_input_grad[:n], index=index)
-            ctx.keeps_output = saved is y
+            ctx.keeps_output = isinstance(saved, tuple)
             if ctx.keeps_output:  # an alias: the same storage and version counter, no reference to this node
-                ctx.output, ctx.output_version, saved = y.detach(), y._version, None
+                ctx.output, ctx.output_version, saved = y.detach(), y._version, saved[1]
             ctx.save_for_backward(*args[:n], saved)
             ctx.params = args[n:]
             return y
@@ -178,7 +178,7 @@ def autograd_op(
             *inputs, saved = ctx.saved_tensors
             if ctx.keeps_output:  # y as the forward left it, or None (edited in place, or a second backward)
                 output, ctx.output = ctx.output, None
-                saved = output if output is not None and output._version == ctx.output_version else None
+                saved = (output if output is not None and output._version == ctx.output_version else None, saved)
             grads = backward(grad_y, *inputs, saved, ctx.index, *ctx.params, needs=ctx.needs_input_grad[:n],
                              grad_dtypes=ctx.adapter_dtypes)
             return (*grads[:3], *map(_common.cast, grads[3:], ctx.adapter_dtypes), *no_grads)

@@ -156,8 +156,9 @@ def _composition_forward(keep_mask, x, weight, bias, lora_A, lora_B, magnitude, 
 
 
 def saved_for_grad_m(z_source, y, z, u_s):
-    """What the forward keeps for grad_m (the module docstring): y itself, z or u_s = s drop(x) A^T."""
-    return y if z_source == Z_FROM_OUTPUT else z if z_source == Z_SAVED else u_s
+    """What the forward keeps for the backward (the module docstring): (y itself, u_s), z, or u_s =
+    s drop(x) A^T (M x r)."""
+    return (y, u_s) if z_source == Z_FROM_OUTPUT else z if z_source == Z_SAVED else u_s
 
 
 def grad_m_from_output(grad_y, y, bias, magnitude, col_g=None, dot=None):
@@ -183,9 +184,10 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
     keep_scale = 1.0 / (1.0 - dropout_p)
     mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
-    # saved: z, u_s or y (z_source); None where the Function found its kept output edited in place
-    output = saved if z_source == Z_FROM_OUTPUT else None
-    u_s = saved if z_source == Z_RECOMPUTED else torch.mm(x_d, lora_A.T).mul_(scaling)
+    # saved: z, u_s or (y, u_s) (z_source); y None where the Function found it edited in place
+    output, u_s = saved if z_source == Z_FROM_OUTPUT else (None, saved if z_source == Z_RECOMPUTED else None)
+    if u_s is None:
+        u_s = torch.mm(x_d, lora_A.T).mul_(scaling)
     if z_source == Z_SAVED:
         z = saved
     else:  # formed again where neither z nor the output is at hand
