@@ -344,13 +344,32 @@ def composable_bench(impl, through, bare: Callable) -> Optional[float]:
     return bare(impl)
 
 
-def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0) -> float:
+def _l2_scrub(device) -> torch.Tensor:
+    """A buffer of twice the L2 cache (H100 50 MB, H200 60 MB; 128 MiB where torch does not say):
+    zeroing it evicts what a step left in L2. Freed by the caller's scope; the caching allocator
+    keeps the memory for the next candidate's measurement."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+
+
+def time_ms(step: Callable[[], None], rounds: int = 7, round_ms: float = 2.0, cold_l2: bool = False) -> float:
     """Median time of one ``step`` on the current CUDA stream, in ms. Each round times enough
     back-to-back steps to fill about ``round_ms`` between two events, so a host-bound step is
     charged its host time, as it is inside a model. The first call (compilation, Triton's own
-    tuning) is left out. Inside measure_in_turns each call takes ROUNDS_PER_PASS rounds."""
+    tuning) is left out. Inside measure_in_turns each call takes ROUNDS_PER_PASS rounds.
+    cold_l2: each step runs after the L2 cache is overwritten (the overwrite's time, the same for
+    every candidate, is in the figure), as a layer runs inside a model whose other layers' weights
+    pass through L2 between two of its calls: back-to-back steps of a layer whose operands exceed
+    L2 by little rank candidates by how much of them stays there."""
     if _rounds is not None:
         rounds = _rounds
+    if cold_l2:
+        scrub = _l2_scrub(torch.cuda.current_device())
+        inner = step
+
+        def step():
+            scrub.zero_()
+            inner()
     step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -409,11 +428,7 @@ def time_graphed_ms(step: Callable[[], None], rounds: int = 7, replays_per_round
     if _rounds is not None:
         rounds = _rounds
     replay = graphed(step)
-    device = torch.cuda.current_device()
-    # Twice the L2 cache (H100 50 MB, H200 60 MB; 128 MiB where torch does not say), written between
-    # replays and freed after: the caching allocator keeps it for the next candidate's measurement.
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-    scrub = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
+    scrub = _l2_scrub(torch.cuda.current_device())  # written between replays
     replay()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(rounds * replays_per_round)]

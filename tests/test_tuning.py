@@ -272,3 +272,19 @@ def test_lora_cublas_zero_rows_and_every_gradient_subset():
             assert (t.grad is None) == (r.grad is None)
             if t.grad is not None:
                 assert_close(t.grad, r.grad, torch.float32)
+
+
+@pytest.mark.cuda
+def test_time_ms_with_cold_l2_runs_each_step_after_an_overwrite(monkeypatch):
+    """cold_l2 (the serving ops' eager tuning): every step, the first included, follows one zeroing of
+    the scrub buffer (twice L2), and the figure is a positive time."""
+    order = []
+    scrub = torch.empty(1024, dtype=torch.int32, device="cuda")
+    real_zero = scrub.zero_
+    monkeypatch.setattr(tuning, "_l2_scrub", lambda device: scrub)
+    monkeypatch.setattr(scrub, "zero_", lambda: (order.append("scrub"), real_zero())[1])
+    data = torch.randn(1 << 20, device="cuda")
+    ms = tuning.time_ms(lambda: (order.append("step"), data.sum())[1], rounds=3, round_ms=0.5, cold_l2=True)
+    assert ms > 0
+    assert order[0] == "scrub" and order.count("scrub") == order.count("step") > 3
+    assert all(a != b for a, b in zip(order, order[1:]))  # scrub, step, scrub, step, ...
