@@ -263,19 +263,24 @@ def save_figure(fig, path: str):
     pyplot().close(fig)
 
 
-def plot(results: list[Result], base: str, path: str, title: str, variants: Optional[Sequence[str]] = None):
-    """Bars of time / base per group, forward and training step side by side (``variants``: which
-    to draw, default all but the base)."""
+def plot(results: list[Result], base: str, path: str, title: str, variants: Optional[Sequence[str]] = None,
+         panels=(("fwd_ms", "forward"), ("train_ms", "forward + backward")), log: bool = False):
+    """Bars of time / base per group, one panel per (Result attribute, title) of ``panels`` (the
+    forward and the training step by default), on a log scale with ``log`` (ratios that span
+    orders of magnitude); ``variants``: which to draw, default all but the base."""
     groups = list(dict.fromkeys(r.group for r in results))
     present = [v for v in dict.fromkeys(r.variant for r in results) if v != base]
     variants = present if variants is None else [v for v in variants if v in present]
     index = {(r.group, r.variant): r for r in results}
     # 1.3 inch per group up to 60 inches; past that the groups share the width (bars get thinner).
-    fig, axes = pyplot().subplots(1, 2, figsize=(min(60, max(10, 1.3 * len(groups))), 5), sharey=False)
-    for ax, attr, label in ((axes[0], "fwd_ms", "forward"), (axes[1], "train_ms", "forward + backward")):
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(min(60, max(10, 1.3 * len(groups))), 5), sharey=False,
+                                  squeeze=False)
+    for ax, (attr, label) in zip(axes.flat, panels):
         ratio_bars(ax, groups, variants,
                    lambda g, v: getattr(index[(g, v)], attr) / getattr(index[(g, base)], attr) if (g, v) in index else None,
-                   f"time / {base}")
+                   f"time / {base}" + (" (log scale)" if log else ""))
+        if log:
+            ax.set_yscale("log")
         ax.set_title(label)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
