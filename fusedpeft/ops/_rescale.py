@@ -10,8 +10,9 @@ Backward, with g = grad_y:
     "save":      the forward also writes z and saves it: + M*N activations, no extra FLOPs;
     "recompute": the backward recomputes z = x W^T + b (one more 2MNK GEMM) and reduces g * z in
                  that GEMM's epilogue: no memory beyond x, +50% of the layer's training FLOPs.
-  (Saving y itself and dividing by scale would cost nothing, but loses z wherever scale is zero
-  and breaks on in-place edits of y: not done.)
+  (Reading z back from y itself would keep nothing more, as DoRA's "output" mode does (ops/dora.py:
+  the Function keeps y and answers an in-place edit of it by recomputing), but a zero scale leaves
+  no z in its column and SSF's shift cancels in bf16: here "output" is "save".)
 - input scaling:  h = g W, grad_x = h * scale, grad_scale = sum_rows(h * x), grad_b = sum_rows(g).
 
 The method files (ia3.py, ssf.py) hold their references and public functions; this file holds the
