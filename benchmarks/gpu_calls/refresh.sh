@@ -5,7 +5,8 @@
 #   probe      the extension's error paths, each in a fresh process; its GPU tests; generate throughput
 #   graphs     the serving layer table with every forward captured in a CUDA graph (GPU time)
 #   static     generate with a static cache (transformers compiles the decode steps of both models)
-#   dora_tests the GPU tests of DoRA (the op at real sizes, every backend and mode; $DORA_K narrows them)
+#   dora_tests the GPU tests of DoRA (the op at real sizes, every backend and mode; $DORA_K narrows them;
+#              about 630 cases: 374 took 170 s on an H100, so $DORA_TEST_S is 300 unless set)
 #   fp32       every float32 GPU test of test_cuda.py and test_cuda_new_ops.py (LoRA's and DoRA's Triton paths)
 #   dora_split tools.dora_norm_parts (the norm: composition and kernel), tools.layer_split --method dora
 #   serving_split  tools.serving_split: the tuner's serving choices, decode and prefill layers kernel by
@@ -60,7 +61,7 @@ for stage in ${STAGES:-launch tests split serving}; do
     graphs) timeout ${SERVING_S:-150} python3 -m benchmarks.serving --no-peft --graphs --adapters ${ADAPTERS:-8,32,128} --ranks ${RANKS:-16,mixed} \
         --warmup-ms 5 --rep-ms 30 --out $OUT/serving_graphs.md > $OUT/serving_graphs.log 2>&1 ;;
     static) timeout ${MODEL_S:-300} python3 -m benchmarks.serving --model-level --static-cache --repeats 5 > $OUT/model_static.log 2>&1 ;;
-    dora_tests) $PYTEST_TIMED ${TEST_S:-170} $PYTEST tests/test_cuda_new_ops.py tests/test_dora.py \
+    dora_tests) $PYTEST_TIMED ${DORA_TEST_S:-300} $PYTEST tests/test_cuda_new_ops.py tests/test_dora.py \
         -k "${DORA_K:-dora}" > $OUT/dora_tests.log 2>&1 ;;
     fp32) $PYTEST_TIMED ${TEST_S:-170} $PYTEST tests/test_cuda.py tests/test_cuda_new_ops.py \
         -k "float32" > $OUT/fp32_tests.log 2>&1 ;;
