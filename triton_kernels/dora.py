@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedpeft.ops.dora import (Z_FROM_OUTPUT, Z_RECOMPUTED, Z_SAVED, adapter_delta, grad_m_from_output,
-                                output_scale_minus_one, saved_for_grad_m)
+from fusedpeft.ops.dora import (Z_SAVED, adapter_delta, grad_m_from_output, output_scale_minus_one,
+                                saved_for_grad_m, unpack_saved)
 from fusedpeft.settings import settings
 
 from . import configs, fast_launch, layout, lora
@@ -240,9 +240,7 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, magnitude, saved, scaling,
         c_minus_1 = output_scale_minus_one(magnitude, norm, torch.float32).to(grad_y.dtype)
     # g_c = c * grad_y (M x N) only where a product needs it whole (dropout's)
     g_c = torch.addcmul(grad_y, grad_y, c_minus_1) if dropout_p > 0.0 else None
-    # saved: z, u_s or (y, u_s) (z_source); y None where the Function found it edited in place
-    output, u_s = saved if z_source == Z_FROM_OUTPUT else (None, saved if z_source == Z_RECOMPUTED else None)
-    z = saved if z_source == Z_SAVED else None
+    output, z, u_s = unpack_saved(z_source, saved)
     if u_s is None:
         u_s = torch.empty(M, r, dtype=x.dtype, device=x.device)
         lowrank_product(x, lora_A, u_s, scaling * keep, seed, dropout_p)

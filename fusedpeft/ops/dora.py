@@ -58,6 +58,7 @@ from .lora import _keep_mask, _masked, _torch_dropout_mask
 OP = "dora_linear"
 # Where the backward finds z for grad_m (the module docstring): the op's ``z_source`` parameter.
 Z_RECOMPUTED, Z_SAVED, Z_FROM_OUTPUT = 0, 1, 2
+_Z_SOURCES = {"output": Z_FROM_OUTPUT, "save": Z_SAVED, "recompute": Z_RECOMPUTED}  # by output_scale_grad
 
 
 # ----------------------------------------------------------------------------- the norm
@@ -161,6 +162,14 @@ def saved_for_grad_m(z_source, y, z, u_s):
     return (y, u_s) if z_source == Z_FROM_OUTPUT else z if z_source == Z_SAVED else u_s
 
 
+def unpack_saved(z_source, saved):
+    """(y, z, u_s) from what saved_for_grad_m kept, None for each piece not kept (y also where the
+    Function found it edited in place)."""
+    if z_source == Z_FROM_OUTPUT:
+        return saved[0], None, saved[1]
+    return (None, saved, None) if z_source == Z_SAVED else (None, None, saved)
+
+
 def grad_m_from_output(grad_y, y, bias, magnitude, col_g=None, dot=None):
     """sum_rows(grad_y * z) / n in float32 (float64 for float64) from the output y = c z + b, c = m / n:
     (sum_rows(grad_y * y) - b sum_rows(grad_y)) / m. dot: sum_rows(grad_y * y), and col_g:
@@ -184,14 +193,11 @@ def _composition_backward(keep_mask, grad_y, x, weight, bias, lora_A, lora_B, ma
     keep_scale = 1.0 / (1.0 - dropout_p)
     mask = keep_mask(seed, x.shape, dropout_p, x.device)  # drawn once for drop(x) and grad_x
     x_d = x if mask is None else _masked(x, mask) * keep_scale  # drop(x)
-    # saved: z, u_s or (y, u_s) (z_source); y None where the Function found it edited in place
-    output, u_s = saved if z_source == Z_FROM_OUTPUT else (None, saved if z_source == Z_RECOMPUTED else None)
+    output, z, u_s = unpack_saved(z_source, saved)
     if u_s is None:
         u_s = torch.mm(x_d, lora_A.T).mul_(scaling)
-    if z_source == Z_SAVED:
-        z = saved
-    else:  # formed again where neither z nor the output is at hand
-        z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T) if need_m and output is None else None
+    if need_m and z is None and output is None:  # formed again where neither z nor the output is at hand
+        z = torch.addmm(torch.mm(x_d, weight.T), u_s, lora_B.T)
     g_B = torch.mm(g_c, lora_B).mul_(scaling)  # s (c grad_y) B, (M, r): the scaling on M x r values, not M x K
     grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
     if need_x:  # each M x K product accumulated in place: one M x K buffer, not three
@@ -357,4 +363,5 @@ def z_source(magnitude, bias, dropout_p) -> int:
     mode = settings.values().output_scale_grad
     if mode == "output" and (dropout_p > 0.0 or bias is not None or torch.compiler.is_compiling()):
         mode = "save"
-    return {"output": Z_FROM_OUTPUT, "save": Z_SAVED, "recompute": Z_RECOMPUTED}[mode]
+    return _Z_SOURCES[mode]
+
